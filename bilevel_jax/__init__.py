@@ -1,0 +1,22 @@
+"""bilevel_jax: differentiable bilevel optimization in JAX.
+
+Namespaces:
+  bilevel_jax.bda          BDA / RHG / truncated RHG unrolled hypergradients.
+  bilevel_jax.upper        the Optax-driven upper loop.
+  bilevel_jax.schedules    aggregation schedules alpha_k.
+  bilevel_jax.prox         proximal operators for nonsmooth lower levels.
+  bilevel_jax.projections  projections onto the upper feasible set X.
+  bilevel_jax.problems     test problems (Example 1, quadratic, hyper-cleaning).
+  bilevel_jax.data         offline datasets.
+"""
+from bilevel_jax import bda
+from bilevel_jax import data
+from bilevel_jax import problems
+from bilevel_jax import projections
+from bilevel_jax import prox
+from bilevel_jax import schedules
+from bilevel_jax import upper
+
+__version__ = "0.1.0"
+
+__all__ = ["bda", "data", "problems", "projections", "prox", "schedules", "upper"]

@@ -1,0 +1,3 @@
+from bilevel_jax.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Experiments run by the CLI (`bilevel-jax run CONFIG`), one module each."""

@@ -1,0 +1,87 @@
+"""Data hyper-cleaning (Liu et al. 2020, Section 5.2; Franceschi et al. 2017).
+
+Softmax regression y = (W, b); per-sample weights sigma(x_i):
+
+    f(x, y) = (1/n_tr) sum_i sigma(x_i) CE(y; u_i, v_i)       (training set)
+    F(x, y) = (1/n_val) [sum_j CE(y; u_j, v_j) + lambda ||y||^2]   (validation)
+
+These are the paper's objectives divided by n_tr and n_val, which leaves
+their minimizers unchanged and only rescales the step sizes.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class CleaningData(NamedTuple):
+  """Features in [0, 1] and integer labels; ``corrupted`` marks the training
+  samples whose label was replaced."""
+  x_train: jax.Array
+  y_train: jax.Array
+  x_val: jax.Array
+  y_val: jax.Array
+  x_test: jax.Array
+  y_test: jax.Array
+  corrupted: jax.Array
+
+
+def cross_entropy(params, features, labels):
+  """Per-sample softmax cross-entropy of the linear model ``params``."""
+  logits = features @ params["W"] + params["b"]
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  return logz - jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+
+
+class HyperCleaning(NamedTuple):
+  """The bilevel objectives over ``data`` (a pytree, so it can be vmapped)."""
+  data: CleaningData
+  l2: float = 1e-4
+
+  @property
+  def num_classes(self) -> int:
+    return int(max(np.max(self.data.y_train), np.max(self.data.y_val)) + 1)
+
+  def init_params(self, num_classes: int | None = None, dtype=None):
+    d = self.data.x_train.shape[-1]
+    c = num_classes or self.num_classes
+    dtype = dtype or self.data.x_train.dtype
+    return {"W": jnp.zeros((d, c), dtype), "b": jnp.zeros((c,), dtype)}
+
+  def init_weights(self, dtype=None):
+    dtype = dtype or self.data.x_train.dtype
+    return jnp.zeros(self.data.y_train.shape, dtype)
+
+  def lower(self, x, params):
+    losses = cross_entropy(params, self.data.x_train, self.data.y_train)
+    return jnp.mean(jax.nn.sigmoid(x) * losses)
+
+  def upper(self, x, params):
+    del x
+    sq = sum(jnp.sum(p ** 2) for p in jax.tree_util.tree_leaves(params))
+    losses = cross_entropy(params, self.data.x_val, self.data.y_val)
+    return (jnp.sum(losses) + self.l2 * sq) / losses.shape[0]
+
+  def lower_smoothness(self) -> float:
+    """Upper bound on L_f: softmax CE has Hessian <= (1/2) [u;1][u;1]^T per
+    sample, so L_f <= lambda_max(U^T U) / (2 n) with U = [features, 1]."""
+    u = np.asarray(self.data.x_train, dtype=np.float64)
+    u = np.concatenate([u, np.ones((u.shape[0], 1))], axis=1)
+    return float(np.linalg.eigvalsh(u.T @ u / u.shape[0])[-1] / 2)
+
+
+def accuracy(params, features, labels):
+  logits = features @ params["W"] + params["b"]
+  return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+
+
+def detection_f1(x, corrupted):
+  """F1 score of flagging sample i as corrupted when sigma(x_i) < 1/2."""
+  flagged = x < 0
+  tp = jnp.sum(flagged & corrupted)
+  precision = tp / jnp.maximum(jnp.sum(flagged), 1)
+  recall = tp / jnp.maximum(jnp.sum(corrupted), 1)
+  return jnp.where(tp > 0, 2 * precision * recall / (precision + recall), 0.0)

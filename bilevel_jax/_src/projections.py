@@ -1,0 +1,57 @@
+"""Euclidean projections onto simple sets, acting on pytrees.
+
+Used for the upper-level constraint x in X (Example 1 has X = [-100, 100])
+and, through `prox.from_projection`, as proximal maps of indicator functions.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from bilevel_jax._src import tree as tree_ops
+from bilevel_jax._src import validation
+
+Projection = Callable[[Any], Any]
+
+
+def _broadcast_like(bound, tree):
+  """A bound is a scalar (applied to every leaf) or a pytree like ``tree``."""
+  if jax.tree_util.tree_structure(bound) == jax.tree_util.tree_structure(tree):
+    return bound
+  return jax.tree_util.tree_map(lambda _: bound, tree)
+
+
+def box(lower, upper) -> Projection:
+  """P(y) = clip(y, lower, upper); bounds are scalars or pytrees like y."""
+  lo, hi = validation.concrete_value(lower), validation.concrete_value(upper)
+  if lo is not None and hi is not None and lo.dtype != object and (lo > hi).any():
+    raise ValueError(f"`lower` must be <= `upper`, got {lower} and {upper}.")
+
+  def project(tree):
+    return jax.tree_util.tree_map(jnp.clip, tree, _broadcast_like(lower, tree),
+                                  _broadcast_like(upper, tree))
+
+  return project
+
+
+def nonnegative() -> Projection:
+  """P(y) = max(y, 0) leaf by leaf."""
+
+  def project(tree):
+    return jax.tree_util.tree_map(lambda v: jnp.maximum(v, 0), tree)
+
+  return project
+
+
+def l2_ball(radius: float) -> Projection:
+  """P(y) = y * min(1, radius / ||y||), with ||.|| over the whole pytree."""
+  validation.check_positive("radius", radius)
+
+  def project(tree):
+    norm = tree_ops.tree_norm(tree)
+    scale = jnp.minimum(1.0, radius / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny))
+    return jax.tree_util.tree_map(lambda v: (scale * v).astype(v.dtype), tree)
+
+  return project

@@ -1,0 +1,296 @@
+"""BDA, RHG and truncated RHG: unrolled lower iterations differentiated in
+reverse mode (Liu, Mu, Yuan, Zeng, Zhang, ICML 2020).
+
+Bilevel problem (eq. 1-2): min_{x in X} F(x, y) s.t. y in argmin_y f(x, y).
+
+The lower iterations (eq. 10) aggregate the two descent directions
+
+    d_k^F = s_u grad_y F(x, y_k),   d_k^f = s_l grad_y f(x, y_k),
+    y_{k+1} = y_k - (alpha_{k+1} d_k^F + (1 - alpha_{k+1}) d_k^f),
+
+for k = 0, ..., K-1, and phi_K(x) = F(x, y_K(x)) (eq. 9) is differentiated by
+reverse-mode autodiff through `lax.scan`. ``alpha = 0`` is RHG (eq. 4).
+
+With a nonsmooth lower level f + g (Supplement D.2, eq. 12-13) the lower
+direction becomes the proximal-gradient step
+
+    d_k^h = y_k - prox_{s_l g(x, .)}(y_k - s_l grad_y f(x, y_k)),
+    y_{k+1} = y_k - (alpha_{k+1} d_k^F + (1 - alpha_{k+1}) d_k^h).
+
+Eq. (13) in the supplement prints the weights the other way round (alpha_k on
+d^h); with alpha_k -> 0 that would drop the lower direction, contradicting
+Proposition 6, so we keep the convention of eq. (10): alpha weights the
+upper direction, and alpha = 0 is plain proximal gradient.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bilevel_jax._src import schedules
+from bilevel_jax._src import tree as tree_ops
+from bilevel_jax._src import validation
+
+Objective = Callable[[Any, Any], jax.Array]
+Checkpoint = Union[bool, str, int]
+
+SUCCESS = 0
+NONFINITE = 1
+STATUS_MESSAGES = {SUCCESS: "success", NONFINITE: "non-finite value in the lower iterates"}
+
+
+class BDAInfo(NamedTuple):
+  """Diagnostics of one unrolled solve. All fields are arrays.
+
+  Attributes:
+    num_steps: K, the number of lower iterations run.
+    upper_value: F(x, y_K).
+    lower_value: f(x, y_K) (without the nonsmooth part g).
+    lower_residual: norm of the lower gradient mapping at y_K,
+      ||y_K - prox(y_K - s_l grad_y f)|| / s_l (= ||grad_y f|| without prox).
+    nonfinite: True if any iterate y_1..y_K had a NaN or infinity.
+    status: `SUCCESS` (0) or `NONFINITE` (1).
+    upper_history: F(x, y_k) for k = 0..K-1 when ``record_history``, else None.
+    lower_history: f(x, y_k) for k = 0..K-1 when ``record_history``, else None.
+  """
+  num_steps: jax.Array
+  upper_value: jax.Array
+  lower_value: jax.Array
+  lower_residual: jax.Array
+  nonfinite: jax.Array
+  status: jax.Array
+  upper_history: Optional[jax.Array] = None
+  lower_history: Optional[jax.Array] = None
+
+
+class BDASolution(NamedTuple):
+  """Result of `solve`: ``y`` is y_K(x), differentiable in x."""
+  y: Any
+  info: BDAInfo
+
+
+def _segment_length(checkpoint: Checkpoint, steps: int) -> int:
+  """Steps per rematerialized segment: 1 for per-step, ~sqrt(K) for 'sqrt'."""
+  if checkpoint is True or checkpoint == "step":
+    return 1
+  if checkpoint == "sqrt":
+    return max(1, int(round(math.sqrt(steps))))
+  if isinstance(checkpoint, int) and not isinstance(checkpoint, bool) and checkpoint > 0:
+    return checkpoint
+  raise ValueError("`checkpoint` must be False, True/'step', 'sqrt' or a "
+                   f"positive int segment length, got {checkpoint!r}.")
+
+
+def _scan(step, carry, ks, checkpoint: Checkpoint):
+  """`lax.scan` over ``ks``, optionally rematerializing the backward pass.
+
+  With segments of length S, reverse mode stores one carry per segment and
+  recomputes the segment's S steps, so memory goes from O(K) step residuals
+  to O(K / S + S).
+  """
+  if not checkpoint:
+    return lax.scan(step, carry, ks)
+  steps = ks.shape[0]
+  seg = _segment_length(checkpoint, steps)
+  if seg == 1:
+    return lax.scan(jax.checkpoint(step), carry, ks)
+  n_full = steps // seg
+
+  @jax.checkpoint
+  def segment(c, ks_seg):
+    return lax.scan(step, c, ks_seg)
+
+  carry, out = lax.scan(segment, carry, ks[: n_full * seg].reshape(n_full, seg))
+  out = jax.tree_util.tree_map(lambda o: o.reshape((n_full * seg,) + o.shape[2:]), out)
+  if n_full * seg < steps:
+    carry, rest = lax.scan(step, carry, ks[n_full * seg:])
+    out = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), out, rest)
+  return carry, out
+
+
+def _validate(upper_fn, lower_fn, x, y0, steps, upper_lr, lower_lr, truncate, prox):
+  steps = validation.check_positive_int("steps", steps)
+  if not callable(upper_fn):
+    raise TypeError(f"`upper_fn` must be callable, got {type(upper_fn).__name__}.")
+  if not callable(lower_fn):
+    raise TypeError(f"`lower_fn` must be callable, got {type(lower_fn).__name__}.")
+  validation.check_float_leaves("x", x)
+  validation.check_float_leaves("y0", y0)
+  validation.check_positive("upper_lr", upper_lr)
+  validation.check_positive("lower_lr", lower_lr)
+  validation.check_scalar_output("upper_fn", upper_fn, x, y0)
+  validation.check_scalar_output("lower_fn", lower_fn, x, y0)
+  if truncate is not None:
+    truncate = validation.check_positive_int("truncate", truncate)
+    if truncate > steps:
+      raise ValueError(f"`truncate` ({truncate}) cannot exceed `steps` ({steps}).")
+  if prox is not None:
+    if not callable(prox):
+      raise TypeError(f"`prox` must be a callable (x, y, step) -> y, got "
+                      f"{type(prox).__name__}.")
+    out = jax.eval_shape(prox, x, y0, lower_lr)
+    validation.check_same_structure("prox", y0, out, "prox(x, y0, lower_lr)")
+  return steps, truncate
+
+
+def _check_schedule_range(schedule, steps: int) -> None:
+  """Checks alpha_1..alpha_K lie in [0, 1] when the schedule is concrete."""
+  try:
+    with jax.ensure_compile_time_eval():
+      values = schedule(jnp.arange(1, steps + 1))
+  except Exception as err:  # noqa: BLE001
+    raise TypeError(f"`alpha` schedule failed on k = 1..{steps}: {err}") from err
+  if jnp.shape(values) != (steps,):
+    raise ValueError(f"`alpha` schedule must map k (shape ({steps},)) to an "
+                     f"array of the same shape, got shape {jnp.shape(values)}.")
+  concrete = validation.concrete_value(values)
+  if concrete is not None and not ((concrete >= 0) & (concrete <= 1)).all():
+    bad = concrete[~((concrete >= 0) & (concrete <= 1))][0]
+    raise ValueError(f"`alpha` schedule must return values in [0, 1], got {bad}.")
+
+
+def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
+          upper_lr, lower_lr, alpha, truncate: Optional[int] = None,
+          prox=None, checkpoint: Checkpoint = False,
+          record_history: bool = False) -> BDASolution:
+  """Runs K aggregated lower iterations (BDA eq. 10, or eq. 13 with ``prox``).
+
+  Args:
+    upper_fn: F(x, y) -> scalar, the upper objective.
+    lower_fn: f(x, y) -> scalar, the smooth part of the lower objective.
+    x: upper variable (any pytree of float arrays).
+    y0: initial lower iterate (any pytree of float arrays).
+    steps: K, number of lower iterations (static).
+    upper_lr: s_u > 0, step on grad_y F inside the lower iterations.
+    lower_lr: s_l > 0, step on grad_y f.
+    alpha: aggregation weight: a number in [0, 1] (``0`` is RHG) or a
+      schedule ``k -> alpha_k`` from `bilevel_jax.schedules`.
+    truncate: if set to M, the gradient flows only through the last M steps
+      (truncated RHG/BDA); the first K - M steps are treated as constants.
+    prox: optional ``prox(x, y, step)`` of the nonsmooth lower part g.
+    checkpoint: ``False``; ``True``/``'step'`` to rematerialize each step;
+      ``'sqrt'`` or an int S to rematerialize segments of ~sqrt(K) or S steps.
+    record_history: also return F(x, y_k) and f(x, y_k) for every k in info.
+
+  Returns:
+    `BDASolution` with ``y`` = y_K(x), differentiable in ``x`` (and in the step
+    sizes, alpha and any data the objectives close over), and ``info``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from bilevel_jax import bda
+    >>> F = lambda x, y: 0.5 * (x - y[1]) ** 2 + 0.5 * (y[0] - 1.0) ** 2
+    >>> f = lambda x, y: 0.5 * y[0] ** 2 - x * y[0]
+    >>> sol = bda.solve(F, f, 1.0, jnp.array([2.0, 2.0]), steps=64,
+    ...                 upper_lr=0.7, lower_lr=0.2, alpha=0.5)
+    >>> sol.y.round(2)
+    Array([1., 1.], dtype=float32)
+  """
+  steps, truncate = _validate(upper_fn, lower_fn, x, y0, steps, upper_lr,
+                              lower_lr, truncate, prox)
+  schedule, rhg = schedules.as_schedule(alpha)
+  if callable(alpha):
+    _check_schedule_range(schedule, steps)
+
+  def direction(x, y, a, s_u, s_l):
+    """alpha s_u grad F + (1 - alpha) d^f (or d^h with a prox)."""
+    if prox is None:
+      if rhg:
+        return tree_ops.tree_scale(s_l, jax.grad(lower_fn, argnums=1)(x, y))
+      # One backward pass for both directions.
+      combined = lambda yy: a * s_u * upper_fn(x, yy) + (1 - a) * s_l * lower_fn(x, yy)
+      return jax.grad(combined)(y)
+    g_f = jax.grad(lower_fn, argnums=1)(x, y)
+    d_h = tree_ops.tree_sub(y, prox(x, tree_ops.tree_axpy(-s_l, g_f, y), s_l))
+    if rhg:
+      return d_h
+    g_F = jax.grad(upper_fn, argnums=1)(x, y)
+    return jax.tree_util.tree_map(lambda gF, dh: a * s_u * gF + (1 - a) * dh, g_F, d_h)
+
+  def make_step(x, s_u, s_l):
+    def step(carry, k):
+      y, finite = carry
+      a = schedule(k)
+      y_next = tree_ops.tree_cast_like(
+          tree_ops.tree_sub(y, direction(x, y, a, s_u, s_l)), y)
+      finite = jnp.logical_and(finite, tree_ops.tree_all_finite(y_next))
+      if record_history:
+        out = (upper_fn(x, y), lower_fn(x, y))
+      else:
+        out = None
+      return (y_next, finite), out
+    return step
+
+  ks = jnp.arange(1, steps + 1)
+  carry = (y0, jnp.asarray(True))
+  if truncate is not None and truncate < steps:
+    head = steps - truncate
+    sg = lax.stop_gradient
+    carry, head_out = _scan(make_step(sg(x), sg(upper_lr), sg(lower_lr)),
+                            sg(carry), ks[:head], False)
+    carry = sg(carry)
+    carry, tail_out = _scan(make_step(x, upper_lr, lower_lr), carry, ks[head:],
+                            checkpoint)
+    history = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]),
+                                     head_out, tail_out)
+  else:
+    carry, history = _scan(make_step(x, upper_lr, lower_lr), carry, ks, checkpoint)
+  y_final, finite = carry
+
+  g_f = jax.grad(lower_fn, argnums=1)(x, y_final)
+  if prox is None:
+    residual = tree_ops.tree_norm(g_f)
+  else:
+    moved = prox(x, tree_ops.tree_axpy(-lower_lr, g_f, y_final), lower_lr)
+    residual = tree_ops.tree_norm(tree_ops.tree_sub(y_final, moved)) / lower_lr
+  nonfinite = jnp.logical_not(finite)
+  info = BDAInfo(
+      num_steps=jnp.asarray(steps),
+      upper_value=upper_fn(x, y_final),
+      lower_value=lower_fn(x, y_final),
+      lower_residual=residual,
+      nonfinite=nonfinite,
+      status=jnp.where(nonfinite, NONFINITE, SUCCESS),
+      upper_history=history[0] if record_history else None,
+      lower_history=history[1] if record_history else None,
+  )
+  return BDASolution(y=y_final, info=info)
+
+
+def hypergradient(upper_fn: Objective, lower_fn: Objective, x, y0, *,
+                  return_info: bool = False, **kwargs):
+  """phi_K(x) = F(x, y_K(x)) and its gradient in x by reverse mode (eq. 9).
+
+  Takes the keyword arguments of `solve`. Returns ``(value, grad)``, or
+  ``(value, grad, solution)`` with ``return_info=True``; ``grad`` has the
+  structure of ``x``.
+  """
+  def phi(x):
+    solution = solve(upper_fn, lower_fn, x, y0, **kwargs)
+    return upper_fn(x, solution.y), solution
+
+  (value, solution), grad = jax.value_and_grad(phi, has_aux=True)(x)
+  if return_info:
+    return value, grad, solution
+  return value, grad
+
+
+def make_hypergradient(upper_fn: Objective, lower_fn: Objective, *,
+                       jit: bool = True, **kwargs):
+  """Builds the hypergradient function that `bilevel_jax.upper.optimize` takes.
+
+  Returns ``fn(x, y0) -> (value, grad, y_K)``. The upper loop passes the same
+  y0 every time, or y_K of the previous upper step with ``warm_start=True``.
+  ``kwargs`` are those of `solve`.
+  """
+
+  def fn(x, y0):
+    value, grad, solution = hypergradient(upper_fn, lower_fn, x, y0,
+                                          return_info=True, **kwargs)
+    return value, grad, solution.y
+
+  return jax.jit(fn) if jit else fn

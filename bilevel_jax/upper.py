@@ -1,0 +1,6 @@
+"""Upper-level drivers: any Optax optimizer on the hypergradient."""
+from bilevel_jax._src.upper_loop import OptimizeInfo
+from bilevel_jax._src.upper_loop import OptimizeResult
+from bilevel_jax._src.upper_loop import optimize
+
+__all__ = ["OptimizeInfo", "OptimizeResult", "optimize"]
