@@ -31,7 +31,7 @@ class CleaningData(NamedTuple):
 
 def cross_entropy(params, features, labels):
   """Per-sample softmax cross-entropy of the linear model ``params``."""
-  logits = features @ params["W"] + params["b"]
+  logits = features @ params["W"] + params["b"][None, :]
   logz = jax.nn.logsumexp(logits, axis=-1)
   return logz - jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
 
@@ -74,7 +74,7 @@ class HyperCleaning(NamedTuple):
 
 
 def accuracy(params, features, labels):
-  logits = features @ params["W"] + params["b"]
+  logits = features @ params["W"] + params["b"][None, :]
   return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
 
 

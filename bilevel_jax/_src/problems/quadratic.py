@@ -54,7 +54,7 @@ def make_quadratic(key, *, dim_x: int = 5, dim_y: int = 10, condition: float = 1
   k1, k2, k3 = jax.random.split(key, 3)
   q, _ = jnp.linalg.qr(jax.random.normal(k1, (dim_y, dim_y), dtype))
   eigs = jnp.linspace(1.0, condition, dim_y, dtype=dtype)
-  A = (q * eigs) @ q.T
+  A = (q * eigs[None, :]) @ q.T
   A = 0.5 * (A + A.T)
   B = jax.random.normal(k2, (dim_y, dim_x), dtype) / jnp.sqrt(dim_x)
   c = jax.random.normal(k3, (dim_y,), dtype)
