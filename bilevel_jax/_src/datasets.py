@@ -128,7 +128,11 @@ def hypercleaning_split(features: np.ndarray, labels: np.ndarray, *, n_train: in
   training labels corrupted.
   """
   n = labels.size
-  n_test = n - n_train - n_val if n_test is None else n_test
+  if n_test is None:
+    if n_train + n_val >= n:
+      raise ValueError(f"n_train + n_val = {n_train + n_val} exceeds the {n} samples "
+                       "available, leaving none for the test set.")
+    n_test = n - n_train - n_val
   for name, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
     if value <= 0:
       raise ValueError(f"`{name}` must be positive, got {value}.")

@@ -1,0 +1,85 @@
+"""Configs validate; the CLI runs one end to end and reports bad keys clearly."""
+import glob
+import json
+import os
+
+import pytest
+
+from bilevel_jax import cli
+from bilevel_jax._src import config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.toml"),
+                                             recursive=True)))
+def test_every_shipped_config_validates(path):
+  module, name, cfg = cli.load_experiment_config(path)
+  assert name in ("example1", "hypercleaning", "quadratic")
+  assert set(cfg) == set(module.SCHEMA)
+
+
+def _write(tmp_path, text, name="exp.toml"):
+  path = tmp_path / name
+  path.write_text(text)
+  return str(path)
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+  path = _write(tmp_path, 'experiment = "example1"\n[lower]\nK = [4]\nstep_size = 0.1\n')
+  with pytest.raises(config.ConfigError, match=r"exp\.toml: unknown key `step_size` in \[lower\]"):
+    cli.load_experiment_config(path)
+
+
+@pytest.mark.parametrize("body, match", [
+    ("[lower]\nK = [0]", r"\[lower\] `K` = \[0\] must be > 0"),
+    ("[lower]\nupper_lr = \"fast\"", r"\[lower\] `upper_lr` = 'fast' must be a number"),
+    ("[lower]\nalphas = [\"2/k\"]", r"`alphas`"),
+    ("[upper]\noptimizer = \"lbfgs\"", r"`optimizer` = 'lbfgs' must be one of"),
+    ("[solver]\nx = 1", r"unknown section \[solver\]"),
+])
+def test_bad_values_name_the_key(tmp_path, body, match):
+  path = _write(tmp_path, 'experiment = "example1"\n' + body + "\n")
+  with pytest.raises(config.ConfigError, match=match):
+    cli.load_experiment_config(path)
+
+
+def test_unknown_experiment_and_missing_file(tmp_path):
+  with pytest.raises(config.ConfigError, match="unknown experiment 'nope'"):
+    cli.load_experiment_config(_write(tmp_path, 'experiment = "nope"\n'))
+  with pytest.raises(config.ConfigError, match="does not exist"):
+    cli.load_experiment_config(str(tmp_path / "missing.toml"))
+
+
+def test_cli_error_exit_code(tmp_path, capsys):
+  path = _write(tmp_path, 'experiment = "example1"\n[lower]\nbogus = 1\n')
+  assert cli.main(["run", path]) == 2
+  assert "unknown key `bogus`" in capsys.readouterr().err
+
+
+def test_cli_run_writes_results(tmp_path, capsys):
+  path = _write(tmp_path, """
+experiment = "example1"
+[lower]
+K = [4, 8]
+alphas = ["0.9/k", 0]
+[upper]
+steps = 10
+[figures]
+enabled = false
+""")
+  out = tmp_path / "out"
+  assert cli.main(["run", path, "--out", str(out), "--quiet"]) == 0
+  printed = capsys.readouterr().out
+  assert "| method" in printed and "RHG" in printed and "BDA" in printed
+  payload = json.loads((out / "results.json").read_text())
+  assert len(payload["rows"]) == 4
+  assert payload["machine"]["jax"]
+  assert len(payload["histories"]["BDA K=8 alpha=0.9/k"]["x_err"]) == 10
+  assert (out / "table.md").exists()
+
+
+def test_cli_list(capsys, monkeypatch):
+  monkeypatch.chdir(REPO)
+  assert cli.main(["list"]) == 0
+  assert "quickstart.toml" in capsys.readouterr().out
