@@ -62,6 +62,8 @@ def cmd_run(args) -> int:
 
 def cmd_list(args) -> int:
   paths = sorted(glob.glob(os.path.join(args.dir, "**", "*.toml"), recursive=True))
+  bench = [p for p in paths if os.sep + "bench" + os.sep in p]
+  paths = [p for p in paths if p not in bench]
   if not paths:
     print(f"no configs under {args.dir}/")
     return 1
@@ -72,6 +74,9 @@ def cmd_list(args) -> int:
       print(f"{path:45s} {name:14s} {description}")
     except config.ConfigError as err:
       print(f"{path:45s} INVALID: {err}")
+  for path in bench:
+    print(f"{path:45s} {'benchmark':14s} {config.description(path)} "
+          f"(run: python benchmarks/bench_{os.path.splitext(os.path.basename(path))[0]}.py {path})")
   return 0
 
 

@@ -11,8 +11,26 @@ from bilevel_jax._src import config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.toml"),
-                                             recursive=True)))
+EXPERIMENT_CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "**", "*.toml"),
+                                                recursive=True) if "/bench/" not in p)
+BENCH_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "bench", "*.toml")))
+
+
+@pytest.mark.parametrize("path", BENCH_CONFIGS)
+def test_benchmark_configs_validate(path):
+  import importlib.util
+  name = os.path.splitext(os.path.basename(path))[0]
+  script = os.path.join(REPO, "benchmarks", f"bench_{name}.py")
+  spec = importlib.util.spec_from_file_location(f"bench_{name}", script)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  with open(path, "rb") as handle:
+    raw = config.tomllib.load(handle)
+  raw.pop("description", None)
+  config.validate(raw, module.SCHEMA, path)
+
+
+@pytest.mark.parametrize("path", EXPERIMENT_CONFIGS)
 def test_every_shipped_config_validates(path):
   module, name, cfg = cli.load_experiment_config(path)
   assert name in ("example1", "hypercleaning", "quadratic")
@@ -83,3 +101,45 @@ def test_cli_list(capsys, monkeypatch):
   monkeypatch.chdir(REPO)
   assert cli.main(["list"]) == 0
   assert "quickstart.toml" in capsys.readouterr().out
+
+
+def test_cli_hypercleaning_and_quadratic_small(tmp_path, capsys):
+  hc = _write(tmp_path, """
+experiment = "hypercleaning"
+[data]
+dataset = "digits"
+n_train = 200
+n_val = 20
+[lower]
+K = [10]
+truncate = 5
+[upper]
+steps = 5
+[baselines]
+steps = 50
+""", "hc.toml")
+  assert cli.main(["run", hc, "--out", str(tmp_path / "hc"), "--quiet", "--no-plot"]) == 0
+  rows = json.loads((tmp_path / "hc" / "results.json").read_text())["rows"]
+  assert [r["method"] for r in rows[:3]] == ["RHG", "T-RHG", "BDA"]
+  assert all(0 <= r["test_acc"] <= 100 for r in rows)
+  assert rows[3]["method"] == "validation set only"
+  quad = _write(tmp_path, """
+experiment = "quadratic"
+[lower]
+K = [1, 400]
+alphas = [0]
+theorem2 = false
+""", "quad.toml")
+  assert cli.main(["run", quad, "--out", str(tmp_path / "q"), "--quiet", "--no-plot", "--x64"]) == 0
+  rows = json.loads((tmp_path / "q" / "results.json").read_text())["rows"]
+  assert rows[0]["rel_error"] > 0.1 and rows[1]["rel_error"] < 1e-8
+  capsys.readouterr()
+
+
+def test_python_dash_m_entry_point():
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-m", "bilevel_jax", "list", "--dir",
+                        os.path.join(REPO, "configs")], capture_output=True, text=True,
+                       timeout=120, check=True)
+  assert "example1" in out.stdout

@@ -258,7 +258,9 @@ def _call(**overrides):
     ({"lower_lr": -0.1}, ValueError, "`lower_lr` must be > 0"),
     ({"alpha": 1.5}, ValueError, "`alpha` must lie in"),
     ({"alpha": -0.1}, ValueError, "`alpha` must lie in"),
-    ({"alpha": lambda k: 2.0 / k}, ValueError, "`alpha` schedule must return values in"),
+    ({"alpha": lambda k: 2.0 / k}, ValueError, r"values in \[0, 1\], got alpha_1 = 2"),
+    ({"alpha": True}, TypeError, "`alpha` must be a number"),
+    ({"checkpoint": ""}, ValueError, "`checkpoint`"),
     ({"truncate": 9}, ValueError, "`truncate`"),
     ({"checkpoint": "sometimes"}, ValueError, "`checkpoint`"),
     ({"prox": lambda x, y, s: (y, y)}, ValueError, "`prox`"),
@@ -292,3 +294,11 @@ def test_theorem2_schedule_values():
   np.testing.assert_allclose(sched(k), np.minimum(1.0 / (k * (1 - beta)), 0.9))
   np.testing.assert_allclose(schedules.harmonic(0.5)(k), 0.5 / k)
   np.testing.assert_allclose(schedules.geometric(0.5, 0.9)(k), 0.5 * 0.9 ** (k - 1))
+
+
+def test_scalar_schedule_and_numpy_int_checkpoint(quad):
+  kw = _kw(quad, steps=10)
+  ref = bda.hypergradient(quad.upper, quad.lower, X, jnp.zeros(6), **dict(kw, alpha=0.5))
+  got = bda.hypergradient(quad.upper, quad.lower, X, jnp.zeros(6),
+                          **dict(kw, alpha=lambda k: 0.5, checkpoint=np.int64(3)))
+  np.testing.assert_allclose(got[1], ref[1], rtol=1e-12)

@@ -155,3 +155,23 @@ def test_bad_input(quad, kwargs, error, match):
   optimizer = args.pop("optimizer", optax.sgd(0.1))
   with pytest.raises(error, match=match):
     upper.optimize(_hg(quad), jnp.zeros(3), optimizer, **args)
+
+
+def test_resuming_a_finished_run_returns_its_last_y(quad, tmp_path):
+  path = str(tmp_path / "run.npz")
+  first = upper.optimize(_hg(quad), jnp.zeros(3), optax.sgd(0.1), steps=4, y0=jnp.ones(6),
+                         checkpoint_path=path)
+  again = upper.optimize(_hg(quad), jnp.zeros(3), optax.sgd(0.1), steps=4, y0=jnp.ones(6),
+                         checkpoint_path=path)
+  assert again.info.resumed_from == 4
+  np.testing.assert_allclose(again.y, first.y, rtol=1e-12)
+  np.testing.assert_allclose(again.x, first.x, rtol=1e-12)
+
+
+def test_checkpoint_beyond_steps_is_rejected(quad, tmp_path):
+  path = str(tmp_path / "run.npz")
+  upper.optimize(_hg(quad), jnp.zeros(3), optax.sgd(0.1), steps=5, y0=jnp.zeros(6),
+                 checkpoint_path=path)
+  with pytest.raises(ValueError, match="beyond `steps` = 2"):
+    upper.optimize(_hg(quad), jnp.zeros(3), optax.sgd(0.1), steps=2, y0=jnp.zeros(6),
+                   checkpoint_path=path)

@@ -71,6 +71,10 @@ def theorem2(*, upper_lr: float, sigma: float, smoothness: float,
              gamma: float = 1.0, epsilon: float = 1e-2) -> Schedule:
   """alpha_k = min(2 gamma / (k (1 - beta)), 1 - epsilon) (Prop. 1, Thm. 2).
 
+  The constants are Python numbers checked when the schedule is built (so
+  this factory cannot be vmapped over them; vmap over a constant alpha
+  instead). Theorem 2 also needs s_l <= 1 / L_f for the lower step.
+
   Args:
     upper_lr: s_u, the upper step size used inside the lower iterations.
     sigma: strong-convexity modulus of F(x, .).
@@ -84,7 +88,8 @@ def theorem2(*, upper_lr: float, sigma: float, smoothness: float,
     raise ValueError(f"`epsilon` must lie in (0, 1), got {epsilon}.")
   beta = theorem2_beta(upper_lr, sigma, smoothness)
   if beta >= 1.0:
-    raise ValueError("beta = 1: F(x, .) must be strongly convex (`sigma` > 0).")
+    raise ValueError(f"beta rounds to 1 for `upper_lr` = {upper_lr} and `sigma` = {sigma}: "
+                     "alpha_k would be infinite; increase them.")
   scale = 2.0 * gamma / (1.0 - beta)
 
   def schedule(k):
@@ -100,6 +105,8 @@ def as_schedule(alpha) -> tuple[Schedule, bool]:
   Returns the schedule and whether it is statically zero (RHG), in which case
   the solver skips the upper-level gradient inside the lower iterations.
   """
+  if isinstance(alpha, bool):
+    raise TypeError("`alpha` must be a number in [0, 1] or a callable, got a bool.")
   if callable(alpha):
     return alpha, False
   concrete = validation.concrete_value(alpha)

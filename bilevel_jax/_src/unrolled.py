@@ -29,6 +29,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bilevel_jax._src import schedules
@@ -75,12 +76,13 @@ class BDASolution(NamedTuple):
 
 def _segment_length(checkpoint: Checkpoint, steps: int) -> int:
   """Steps per rematerialized segment: 1 for per-step, ~sqrt(K) for 'sqrt'."""
-  if checkpoint is True or checkpoint == "step":
+  if checkpoint is True or (isinstance(checkpoint, str) and checkpoint == "step"):
     return 1
-  if checkpoint == "sqrt":
+  if isinstance(checkpoint, str) and checkpoint == "sqrt":
     return max(1, int(round(math.sqrt(steps))))
-  if isinstance(checkpoint, int) and not isinstance(checkpoint, bool) and checkpoint > 0:
-    return checkpoint
+  if (isinstance(checkpoint, (int, np.integer)) and not isinstance(checkpoint, bool)
+      and checkpoint > 0):
+    return int(checkpoint)
   raise ValueError("`checkpoint` must be False, True/'step', 'sqrt' or a "
                    f"positive int segment length, got {checkpoint!r}.")
 
@@ -92,7 +94,7 @@ def _scan(step, carry, ks, checkpoint: Checkpoint):
   recomputes the segment's S steps, so memory goes from O(K) step residuals
   to O(K / S + S).
   """
-  if not checkpoint:
+  if checkpoint is False or checkpoint is None:
     return lax.scan(step, carry, ks)
   steps = ks.shape[0]
   seg = _segment_length(checkpoint, steps)
@@ -107,7 +109,7 @@ def _scan(step, carry, ks, checkpoint: Checkpoint):
   carry, out = lax.scan(segment, carry, ks[: n_full * seg].reshape(n_full, seg))
   out = jax.tree_util.tree_map(lambda o: o.reshape((n_full * seg,) + o.shape[2:]), out)
   if n_full * seg < steps:
-    carry, rest = lax.scan(step, carry, ks[n_full * seg:])
+    carry, rest = segment(carry, ks[n_full * seg:])
     out = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), out, rest)
   return carry, out
 
@@ -139,18 +141,22 @@ def _validate(upper_fn, lower_fn, x, y0, steps, upper_lr, lower_lr, truncate, pr
 
 def _check_schedule_range(schedule, steps: int) -> None:
   """Checks alpha_1..alpha_K lie in [0, 1] when the schedule is concrete."""
+  ks = jnp.arange(1, steps + 1)
   try:
     with jax.ensure_compile_time_eval():
-      values = schedule(jnp.arange(1, steps + 1))
+      values = schedule(ks)
   except Exception as err:  # noqa: BLE001
     raise TypeError(f"`alpha` schedule failed on k = 1..{steps}: {err}") from err
-  if jnp.shape(values) != (steps,):
+  if jnp.shape(values) not in ((steps,), ()):
     raise ValueError(f"`alpha` schedule must map k (shape ({steps},)) to an "
-                     f"array of the same shape, got shape {jnp.shape(values)}.")
+                     f"array of the same shape or a scalar, got shape {jnp.shape(values)}.")
   concrete = validation.concrete_value(values)
-  if concrete is not None and not ((concrete >= 0) & (concrete <= 1)).all():
-    bad = concrete[~((concrete >= 0) & (concrete <= 1))][0]
-    raise ValueError(f"`alpha` schedule must return values in [0, 1], got {bad}.")
+  if concrete is not None:
+    concrete = np.broadcast_to(concrete, (steps,))
+    bad = np.flatnonzero(~((concrete >= 0) & (concrete <= 1)))
+    if bad.size:
+      raise ValueError(f"`alpha` schedule must return values in [0, 1], got "
+                       f"alpha_{bad[0] + 1} = {concrete[bad[0]]}.")
 
 
 def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,

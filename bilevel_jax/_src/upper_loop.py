@@ -47,7 +47,8 @@ class OptimizeResult(NamedTuple):
   ``history`` maps names to NumPy arrays with one entry per upper step:
   ``value`` (phi_K(x_t)), ``grad_norm``, ``step_time`` (seconds, after
   `block_until_ready`, excluding compilation) and every metric returned by
-  ``metrics_fn``.
+  ``metrics_fn``. A run stopped on a non-finite value keeps that step's
+  entry, so its history has ``info.steps + 1`` entries.
   """
   x: Any
   y: Any
@@ -120,44 +121,49 @@ def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransforma
     return x_new, opt_state, y_carry, y_next, metrics
 
   step_jit = jax.jit(step_fn)
-  x = x0
   opt_state = optimizer.init(x0)
-  y = y0
   history: dict[str, list] = {}
-  start = 0
+  # Everything the loop carries, replaced as one object after each step, so an
+  # interruption never sees x from step t+1 with the step count of t.
+  # (x, opt_state, y0 of the next step, y_K of the last step, steps completed)
+  state = (x0, opt_state, y0, y0, 0)
 
-  if checkpoint_path is not None and resume:
-    if os.path.exists(checkpoint_path):
-      templates = {"x": x, "opt_state": opt_state}
-      if with_y:
-        templates["y"] = y
-      trees, meta = checkpointing.load(checkpoint_path, templates)
-      x, opt_state = trees["x"], trees["opt_state"]
-      y = trees.get("y", y)
-      start = int(meta.pop("step"))
-      history = {k[len("history."):]: list(v) for k, v in meta.items()
-                 if k.startswith("history.")}
-  resumed_from = start
+  if checkpoint_path is not None and resume and os.path.exists(checkpoint_path):
+    templates = {"x": x0, "opt_state": opt_state}
+    if with_y:
+      templates["y"] = y0
+      templates["y_last"] = y0
+    trees, meta = checkpointing.load(checkpoint_path, templates)
+    done = int(meta.pop("step"))
+    if done > steps:
+      raise ValueError(f"checkpoint {checkpoint_path!r} is at step {done}, beyond "
+                       f"`steps` = {steps}; raise `steps` or use another path.")
+    state = (trees["x"], trees["opt_state"], trees.get("y", y0), trees.get("y_last", y0), done)
+    history = {k[len("history."):]: list(v) for k, v in meta.items()
+               if k.startswith("history.")}
+  resumed_from = state[4]
 
-  def save(completed):
+  def save(state):
     if checkpoint_path is None:
       return
+    x, opt_state, y, y_last, completed = state
     trees = {"x": x, "opt_state": opt_state}
     if with_y:
       trees["y"] = y
+      trees["y_last"] = y_last
     meta = {"step": completed}
     meta.update({f"history.{k}": np.asarray(v[:completed]) for k, v in history.items()})
     checkpointing.save(checkpoint_path, trees, meta)
 
   compile_start = time.perf_counter()
-  compiled = step_jit.lower(x, opt_state, y).compile()
+  compiled = step_jit.lower(state[0], state[1], state[2]).compile()
   compile_time = time.perf_counter() - compile_start
 
-  status, y_last, completed = SUCCESS, None, start
+  status = SUCCESS
   try:
-    for t in range(start, steps):
+    for t in range(state[4], steps):
       tic = time.perf_counter()
-      x_new, opt_state_new, y_new, y_next, metrics = compiled(x, opt_state, y)
+      x_new, opt_state_new, y_new, y_next, metrics = compiled(*state[:3])
       jax.block_until_ready((x_new, metrics))
       elapsed = time.perf_counter() - tic
       metrics = {k: float(v) for k, v in metrics.items()}
@@ -168,20 +174,20 @@ def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransforma
         status = NONFINITE
         if stop_on_nonfinite:
           break
-      x, opt_state, y, y_last = x_new, opt_state_new, y_new, y_next
-      completed = t + 1
-      if log_every and (completed % log_every == 0 or completed == steps):
-        print(f"  upper step {completed:>6d}/{steps}  phi={metrics['value']:.6g}  "
+      state = (x_new, opt_state_new, y_new, y_next, t + 1)
+      if log_every and ((t + 1) % log_every == 0 or t + 1 == steps):
+        print(f"  upper step {t + 1:>6d}/{steps}  phi={metrics['value']:.6g}  "
               f"|grad|={metrics['grad_norm']:.3g}  {1e3 * elapsed:.2f} ms/step",
               file=log, flush=True)
-      if checkpoint_path is not None and completed % checkpoint_every == 0:
-        save(completed)
+      if checkpoint_path is not None and (t + 1) % checkpoint_every == 0:
+        save(state)
   except KeyboardInterrupt:
-    save(completed)
+    save(state)
     raise
-  save(completed)
+  save(state)
+  x, opt_state, y, y_last, completed = state
   history_arrays = {k: np.asarray(v) for k, v in history.items()}
   info = OptimizeInfo(steps=completed, status=status, message=STATUS_MESSAGES[status],
                       resumed_from=resumed_from, compile_time=compile_time)
-  return OptimizeResult(x=x, y=y_last if y_last is not None else y,
-                        opt_state=opt_state, history=history_arrays, info=info)
+  return OptimizeResult(x=x, y=y_last, opt_state=opt_state, history=history_arrays,
+                        info=info)
