@@ -193,8 +193,10 @@ def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
     >>> f = lambda x, y: 0.5 * y[0] ** 2 - x * y[0]
     >>> sol = bda.solve(F, f, 1.0, jnp.array([2.0, 2.0]), steps=64,
     ...                 upper_lr=0.7, lower_lr=0.2, alpha=0.5)
-    >>> sol.y.round(2)
-    Array([1., 1.], dtype=float32)
+    >>> [round(float(v), 3) for v in sol.y]
+    [1.0, 1.0]
+    >>> int(sol.info.status)
+    0
   """
   steps, truncate = _validate(upper_fn, lower_fn, x, y0, steps, upper_lr,
                               lower_lr, truncate, prox)

@@ -1,0 +1,26 @@
+"""The README's Python example and the docstring examples run as written."""
+import doctest
+import os
+import re
+
+import bilevel_jax._src.unrolled as unrolled
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_docstring_examples():
+  result = doctest.testmod(unrolled, optionflags=doctest.ELLIPSIS)
+  assert result.attempted > 0 and result.failed == 0
+
+
+def test_readme_python_example(tmp_path, monkeypatch):
+  with open(os.path.join(REPO, "README.md")) as handle:
+    blocks = re.findall(r"```python\n(.*?)```", handle.read(), flags=re.S)
+  assert blocks
+  monkeypatch.chdir(tmp_path)
+  namespace = {}
+  for block in blocks:
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+  result = namespace["result"]
+  assert abs(float(result.x) - 1.0) < 1e-2
+  assert (tmp_path / "run.npz").exists()
