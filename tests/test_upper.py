@@ -118,13 +118,17 @@ def test_interrupted_run_leaves_a_resumable_checkpoint(quad, tmp_path):
   assert resumed.history["value"].shape == (15,)
 
 
-def test_checkpoint_of_another_run_is_rejected(quad, tmp_path):
+@pytest.mark.parametrize("second_optimizer, second_steps, match", [
+    (optax.adam(0.1), 4, "does not match this run"),   # another run's state
+    (optax.sgd(0.1), 2, "beyond `steps` = 2"),         # further along than asked
+])
+def test_unusable_checkpoint_is_rejected(quad, tmp_path, second_optimizer, second_steps, match):
   path = str(tmp_path / "run.npz")
-  upper.optimize(_hg(quad), jnp.zeros(3), optax.sgd(0.1), steps=2, y0=jnp.zeros(6),
+  upper.optimize(_hg(quad), jnp.zeros(3), optax.sgd(0.1), steps=3, y0=jnp.zeros(6),
                  checkpoint_path=path)
-  with pytest.raises(ValueError, match="does not match this run"):
-    upper.optimize(_hg(quad), jnp.zeros(3), optax.adam(0.1), steps=4, y0=jnp.zeros(6),
-                   checkpoint_path=path)
+  with pytest.raises(ValueError, match=match):
+    upper.optimize(_hg(quad), jnp.zeros(3), second_optimizer, steps=second_steps,
+                   y0=jnp.zeros(6), checkpoint_path=path)
 
 
 def test_nonfinite_stops_and_is_reported():
@@ -166,12 +170,3 @@ def test_resuming_a_finished_run_returns_its_last_y(quad, tmp_path):
   assert again.info.resumed_from == 4
   np.testing.assert_allclose(again.y, first.y, rtol=1e-12)
   np.testing.assert_allclose(again.x, first.x, rtol=1e-12)
-
-
-def test_checkpoint_beyond_steps_is_rejected(quad, tmp_path):
-  path = str(tmp_path / "run.npz")
-  upper.optimize(_hg(quad), jnp.zeros(3), optax.sgd(0.1), steps=5, y0=jnp.zeros(6),
-                 checkpoint_path=path)
-  with pytest.raises(ValueError, match="beyond `steps` = 2"):
-    upper.optimize(_hg(quad), jnp.zeros(3), optax.sgd(0.1), steps=2, y0=jnp.zeros(6),
-                   checkpoint_path=path)
