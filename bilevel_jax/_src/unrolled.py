@@ -279,7 +279,7 @@ def hypergradient(upper_fn: Objective, lower_fn: Objective, x, y0, *,
   """
   def phi(x):
     solution = solve(upper_fn, lower_fn, x, y0, **kwargs)
-    return upper_fn(x, solution.y), solution
+    return solution.info.upper_value, solution  # F(x, y_K(x)), computed once
 
   (value, solution), grad = jax.value_and_grad(phi, has_aux=True)(x)
   if return_info:

@@ -52,14 +52,24 @@ def _run(cfg, K, alpha, x0, y0):
 
 def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
   prob, low, figs = cfg["problem"], cfg["lower"], cfg["figures"]
-  rows, histories = [], {}
+  default_init = (prob["x0"], tuple(prob["y0"]))
+  results, histories = {}, {}
+
+  def get(K, alpha, init=default_init):
+    """Runs (K, alpha, init) once; the table and all three figures share runs."""
+    name = f"{common.method_name(alpha)} K={K} alpha={common.alpha_label(alpha)}"
+    if init != default_init:
+      name += f" x0={init[0]:g} y0=({init[1][0]:g},{init[1][1]:g})"
+    if name not in results:
+      common.progress(f"[example1] {name}", quiet)
+      results[name] = _run(cfg, K, alpha, init[0], list(init[1]))
+      histories[name] = {k: v.tolist() for k, v in results[name].history.items()}
+    return results[name], histories[name]
+
+  rows = []
   for K in low["K"]:
     for alpha in low["alphas"]:
-      name = f"{common.method_name(alpha)} K={K} alpha={common.alpha_label(alpha)}"
-      common.progress(f"[example1] {name}", quiet)
-      result = _run(cfg, K, alpha, prob["x0"], prob["y0"])
-      hist = {k: v.tolist() for k, v in result.history.items()}
-      histories[name] = hist
+      result, hist = get(K, alpha)
       rows.append({
           "method": common.method_name(alpha), "K": K,
           "alpha": common.alpha_label(alpha), "x": float(result.x),
@@ -71,32 +81,15 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
 
   figures = {}
   if figs["enabled"]:
-    fig_alpha = figs["alpha"]
-    init_runs = {}
     if len(figs["init_x"]) != len(figs["init_y"]):
       raise config.ConfigError("[figures] `init_x` and `init_y` must have the same length.")
-    for x0, y0 in zip(figs["init_x"], figs["init_y"]):
-      for alpha in (fig_alpha, 0):
-        name = f"{common.method_name(alpha)} x0={x0:g} y0=({y0[0]:g},{y0[1]:g})"
-        common.progress(f"[example1] figure 1: {name}", quiet)
-        init_runs[name] = {k: v.tolist() for k, v in
-                           _run(cfg, figs["K"], alpha, x0, y0).history.items()}
-    histories.update({f"fig1 {k}": v for k, v in init_runs.items()})
-    k_runs = {}
-    for K in low["K"]:
-      for alpha in (fig_alpha, 0):
-        name = f"{common.method_name(alpha)} K={K} alpha={common.alpha_label(alpha)}"
-        if name not in histories:
-          histories[name] = {k: v.tolist() for k, v in _run(
-              cfg, K, alpha, prob["x0"], prob["y0"]).history.items()}
-        k_runs[f"{common.method_name(alpha)} K={K}"] = histories[name]
-    a_runs = {}
-    for alpha in low["alphas"]:
-      name = f"{common.method_name(alpha)} K={figs['K']} alpha={common.alpha_label(alpha)}"
-      if name not in histories:
-        histories[name] = {k: v.tolist() for k, v in _run(
-            cfg, figs["K"], alpha, prob["x0"], prob["y0"]).history.items()}
-      a_runs[f"alpha={common.alpha_label(alpha)}"] = histories[name]
+    pair = (figs["alpha"], 0)  # BDA with the figure's schedule, and RHG
+    init_runs = {
+        f"{common.method_name(a)} x0={x0:g} y0=({y0[0]:g},{y0[1]:g})":
+            get(figs["K"], a, (x0, tuple(y0)))[1]
+        for x0, y0 in zip(figs["init_x"], figs["init_y"]) for a in pair}
+    k_runs = {f"{common.method_name(a)} K={K}": get(K, a)[1] for K in low["K"] for a in pair}
+    a_runs = {f"alpha={common.alpha_label(a)}": get(figs["K"], a)[1] for a in low["alphas"]}
     dashed = lambda name: {"linestyle": "--" if name.startswith("RHG") else "-"}
     figures = {
         "figure1_initialization.png": common.plot_metric_grid(
