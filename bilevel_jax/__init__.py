@@ -8,6 +8,7 @@ Namespaces:
   bilevel_jax.projections  projections onto the upper feasible set X.
   bilevel_jax.problems     test problems (Example 1, quadratic, hyper-cleaning).
   bilevel_jax.data         offline datasets.
+  bilevel_jax.sharding     batches of problems sharded over devices and hosts.
 """
 from bilevel_jax import bda
 from bilevel_jax import data
@@ -15,8 +16,10 @@ from bilevel_jax import problems
 from bilevel_jax import projections
 from bilevel_jax import prox
 from bilevel_jax import schedules
+from bilevel_jax import sharding
 from bilevel_jax import upper
 
 __version__ = "0.1.0"
 
-__all__ = ["bda", "data", "problems", "projections", "prox", "schedules", "upper"]
+__all__ = ["bda", "data", "problems", "projections", "prox", "schedules", "sharding",
+           "upper"]
