@@ -8,6 +8,8 @@ Namespaces:
   bilevel_jax.projections  projections onto the upper feasible set X.
   bilevel_jax.problems     test problems (Example 1, quadratic, hyper-cleaning).
   bilevel_jax.data         offline datasets.
+  bilevel_jax.smoothing    smoothing families g_mu (plus function, Moreau envelopes).
+  bilevel_jax.value        entropic / quadratic smoothed value functions, (VFP_eps) solver.
   bilevel_jax.sharding     batches of problems sharded over devices and hosts.
 """
 from bilevel_jax import bda
@@ -16,10 +18,12 @@ from bilevel_jax import problems
 from bilevel_jax import projections
 from bilevel_jax import prox
 from bilevel_jax import schedules
+from bilevel_jax import smoothing
 from bilevel_jax import sharding
 from bilevel_jax import upper
+from bilevel_jax import value
 
 __version__ = "0.1.0"
 
 __all__ = ["bda", "data", "problems", "projections", "prox", "schedules", "sharding",
-           "upper"]
+           "smoothing", "upper", "value"]

@@ -1,0 +1,1 @@
+"""Smoothed value functions (entropic, quadratic) and the (VFP_eps) solver."""

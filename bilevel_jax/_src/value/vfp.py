@@ -1,0 +1,237 @@
+"""The smoothing method for (VFP_eps) (Proposition 2.13).
+
+For a decreasing sequence mu_1 > mu_2 > ... > mu_K, solve
+
+    min_{x in X, y in Y} f_mu(x, y)  s.t.  c_mu(x, y) = g_mu(x, y) - v_mu(x) - eps <= 0   (VFP^mu_eps)
+
+and report, for each mu_k, the multiplier lambda_k and the residual of the
+KKT system (2.4):
+
+    0 in grad f_mu + lambda grad g_mu - lambda (grad v_mu, 0) + N_{X x Y},
+    lambda >= 0,  c_mu <= 0,  lambda c_mu = 0.
+
+Proposition 2.13: if the (x_k, y_k, lambda_k) stay bounded, their
+accumulation points are stationary for (VFP_eps).
+
+Practical choices (ours):
+
+* Each subproblem is solved by the augmented Lagrangian method (PHR form for
+  one inequality),
+
+      L_rho(x, y; lambda) = f_mu + ((lambda + rho c_mu)_+^2 - lambda^2) / (2 rho),
+
+  minimized over (x, y) by ``inner_steps`` projected Optax steps
+  (``params <- P_{X x Y}(params + optimizer.update(grad L))``), followed by
+  lambda <- (lambda + rho c_mu)_+; ``outer_steps`` such rounds per mu_k. When a
+  round reduces the violation c_+ by less than a factor 4, rho is multiplied
+  by ``rho_growth`` (up to ``rho_max``). We chose the augmented Lagrangian over
+  an exact penalty because it yields the multiplier lambda_k that (2.4) and
+  Proposition 2.13 are about, and its subproblems are smooth.
+* (x, y, lambda, rho) carry over from mu_k to mu_{k+1} (warm start); the
+  Optax state is reset at each mu_k (the objective changed).
+* Stationarity is measured by the natural residual
+  ||(x, y) - P_{X x Y}((x, y) - grad_{x,y}(f_mu + lambda c_mu))||; the KKT
+  residual is max(stationarity, c_+, |lambda c|).
+* Everything is one jitted program: `lax.scan` over mu_k, over the rounds and
+  over the inner steps; v_mu is whatever ``value_fn`` computes (entropic or
+  quadratic), differentiated through its own custom rule.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from bilevel_jax._src import tree as tree_ops
+from bilevel_jax._src import validation
+from bilevel_jax._src.value import common
+
+
+class VFPInfo(NamedTuple):
+  """One entry per mu_k (arrays of length K), plus the final status.
+
+  Attributes:
+    mus: the smoothing parameters mu_k.
+    lambdas: multipliers lambda_k after the rounds at mu_k.
+    kkt_residual: max(stationarity, feasibility, complementarity) of (2.4).
+    stationarity: natural residual of the first line of (2.4).
+    feasibility: max(0, c_mu(x_k, y_k)).
+    complementarity: |lambda_k c_mu(x_k, y_k)|.
+    constraint: c_mu(x_k, y_k) = g_mu - v_mu - eps.
+    upper_value: f_mu(x_k, y_k).
+    rho: penalty parameter at the end of mu_k.
+    xs, ys: the iterates (x_k, y_k), stacked along a leading axis.
+    status: SUCCESS, NONFINITE, or MAX_STEPS (the last KKT residual is above
+      ``kkt_tol`` when one is given).
+  """
+  mus: jax.Array
+  lambdas: jax.Array
+  kkt_residual: jax.Array
+  stationarity: jax.Array
+  feasibility: jax.Array
+  complementarity: jax.Array
+  constraint: jax.Array
+  upper_value: jax.Array
+  rho: jax.Array
+  xs: Any
+  ys: Any
+  status: jax.Array
+
+
+class VFPSolution(NamedTuple):
+  """Final (x, y), the multiplier ``lam`` and the per-mu_k ``info``."""
+  x: Any
+  y: Any
+  lam: jax.Array
+  info: VFPInfo
+
+
+def geometric_mus(mu0: float, factor: float, count: int) -> np.ndarray:
+  """mu_k = mu0 factor^k, k = 0..count-1 (a decreasing schedule)."""
+  validation.check_positive("mu0", mu0)
+  if not 0 < factor < 1:
+    raise ValueError(f"`factor` must lie in (0, 1), got {factor}.")
+  count = validation.check_positive_int("count", count)
+  return mu0 * factor ** np.arange(count)
+
+
+def _check_mus(mus) -> None:
+  concrete = validation.concrete_value(mus)
+  if concrete is None:
+    return
+  if concrete.ndim != 1 or concrete.size == 0:
+    raise ValueError(f"`mus` must be a non-empty 1-D array, got shape {concrete.shape}.")
+  validation.check_positive("mus", concrete)
+  if np.any(np.diff(concrete) > 0):
+    raise ValueError(f"`mus` must be non-increasing, got {concrete}.")
+
+
+def solve_vfp(f: Callable, g: Callable, value_fn: Callable, x0, y0, *, mus,
+              epsilon, optimizer: optax.GradientTransformation,
+              projection_x: Optional[Callable] = None,
+              projection_y: Optional[Callable] = None, inner_steps: int = 200,
+              outer_steps: int = 10, rho: float = 10.0, rho_growth: float = 2.0,
+              rho_max: float = 1e4, lam0: float = 0.0, pass_mu: bool = False,
+              kkt_tol: Optional[float] = None) -> VFPSolution:
+  """Smoothing method for (VFP_eps): augmented Lagrangian on (VFP^mu_eps).
+
+  Args:
+    f: upper objective f_mu(x, y) (or f(x, y, mu) with ``pass_mu``).
+    g: lower objective g_mu(x, y) (or g(x, y, mu) with ``pass_mu``), the same
+      smoothing used inside ``value_fn``.
+    value_fn: (x, mu) -> v_mu(x) or a solution with ``.value``, e.g.
+      ``lambda x, mu: value.entropic(g, x, mu=mu, box=box)``.
+    x0, y0: initial points (pytrees of float arrays).
+    mus: decreasing smoothing parameters mu_1 >= ... >= mu_K > 0.
+    epsilon: eps > 0 of (VFP_eps).
+    optimizer: Optax transformation for the inner steps on (x, y).
+    projection_x, projection_y: projections onto X and Y (default: identity).
+    inner_steps: Optax steps per augmented-Lagrangian round (static).
+    outer_steps: rounds (multiplier updates) per mu_k (static).
+    rho, rho_growth, rho_max: penalty parameter, its growth factor and cap.
+    lam0: initial multiplier >= 0.
+    pass_mu: call f and g with mu as the third argument.
+    kkt_tol: if given, status is MAX_STEPS when the last KKT residual exceeds it.
+
+  Returns:
+    `VFPSolution` (x, y, lam, info) with per-mu_k multipliers and KKT residuals.
+  """
+  f3, g3 = common.lower_fn(f, pass_mu), common.lower_fn(g, pass_mu)
+  if not callable(value_fn):
+    raise TypeError(f"`value_fn` must be callable, got {type(value_fn).__name__}.")
+  inner_steps = validation.check_positive_int("inner_steps", inner_steps)
+  outer_steps = validation.check_positive_int("outer_steps", outer_steps)
+  validation.check_positive("epsilon", epsilon)
+  validation.check_positive("rho", rho)
+  validation.check_positive("rho_max", rho_max)
+  if validation.concrete_value(rho_growth) is not None and float(rho_growth) < 1:
+    raise ValueError(f"`rho_growth` must be >= 1, got {rho_growth}.")
+  if validation.concrete_value(lam0) is not None and float(lam0) < 0:
+    raise ValueError(f"`lam0` must be >= 0, got {lam0}.")
+  _check_mus(mus)
+  validation.check_float_leaves("x0", x0)
+  validation.check_float_leaves("y0", y0)
+  dtype = common.floating_dtype(x0)
+  mus = jnp.asarray(mus, dtype)
+  mu_probe = mus[0]
+  validation.check_scalar_output("f", f3, x0, y0, mu_probe)
+  validation.check_scalar_output("g", g3, x0, y0, mu_probe)
+  validation.check_scalar_output("value_fn", lambda x, m: common.value_of(value_fn(x, m)),
+                                 x0, mu_probe)
+  px = projection_x if projection_x is not None else (lambda t: t)
+  py = projection_y if projection_y is not None else (lambda t: t)
+  project = lambda params: (px(params[0]), py(params[1]))
+  eps = jnp.asarray(epsilon, dtype)
+
+  def constraint(params, mu):
+    x, y = params
+    return g3(x, y, mu) - common.value_of(value_fn(x, mu)) - eps
+
+  def lagrangian(params, mu, lam, rho_):
+    c = constraint(params, mu)
+    return (f3(params[0], params[1], mu)
+            + (jnp.square(jnp.maximum(lam + rho_ * c, 0.0)) - lam * lam) / (2.0 * rho_))
+
+  grad_l = jax.grad(lagrangian)
+
+  def inner(params, mu, lam, rho_):
+    def step(carry, _):
+      params, state = carry
+      grads = grad_l(params, mu, lam, rho_)
+      updates, state = optimizer.update(grads, state, params)
+      params = project(optax.apply_updates(params, updates))
+      params = tree_ops.tree_cast_like(params, carry[0])
+      return (params, state), None
+    (params, _), _ = lax.scan(step, (params, optimizer.init(params)), None,
+                              length=inner_steps)
+    return params
+
+  def round_(carry, _):
+    params, lam, rho_, mu = carry
+    viol_before = jnp.maximum(constraint(params, mu), 0.0)
+    params = inner(params, mu, lam, rho_)
+    c = constraint(params, mu)
+    lam = jnp.maximum(lam + rho_ * c, 0.0)
+    viol = jnp.maximum(c, 0.0)
+    slow = (viol > 0.25 * viol_before) & (viol > 0)
+    rho_ = jnp.where(slow, jnp.minimum(rho_ * rho_growth, rho_max), rho_)
+    return (params, lam, rho_, mu), None
+
+  def kkt(params, mu, lam):
+    def lag(p):
+      return f3(p[0], p[1], mu) + lam * constraint(p, mu)
+    grads = jax.grad(lag)(params)
+    moved = project(tree_ops.tree_sub(params, grads))
+    stat = tree_ops.tree_norm(tree_ops.tree_sub(params, moved))
+    c = constraint(params, mu)
+    return stat, jnp.maximum(c, 0.0), jnp.abs(lam * c), c
+
+  def per_mu(carry, mu):
+    params, lam, rho_ = carry
+    (params, lam, rho_, _), _ = lax.scan(round_, (params, lam, rho_, mu), None,
+                                         length=outer_steps)
+    stat, feas, comp, c = kkt(params, mu, lam)
+    out = dict(lam=lam, stat=stat, feas=feas, comp=comp, c=c, rho=rho_,
+               f=f3(params[0], params[1], mu), x=params[0], y=params[1])
+    return (params, lam, rho_), out
+
+  params0 = project((x0, y0))
+  carry0 = (params0, jnp.asarray(lam0, dtype), jnp.asarray(rho, dtype))
+  (params, lam, _), out = lax.scan(per_mu, carry0, mus)
+  kkt_res = jnp.maximum(jnp.maximum(out["stat"], out["feas"]), out["comp"])
+  finite = (tree_ops.tree_all_finite(params) & jnp.isfinite(lam)
+            & jnp.all(jnp.isfinite(kkt_res)))
+  status = jnp.where(~finite, common.NONFINITE, common.SUCCESS)
+  if kkt_tol is not None:
+    validation.check_positive("kkt_tol", kkt_tol)
+    status = jnp.where(finite & (kkt_res[-1] > kkt_tol), common.MAX_STEPS, status)
+  info = VFPInfo(mus=mus, lambdas=out["lam"], kkt_residual=kkt_res,
+                 stationarity=out["stat"], feasibility=out["feas"],
+                 complementarity=out["comp"], constraint=out["c"],
+                 upper_value=out["f"], rho=out["rho"], xs=out["x"], ys=out["y"],
+                 status=status)
+  return VFPSolution(x=params[0], y=params[1], lam=lam, info=info)

@@ -1,0 +1,289 @@
+"""Entropic and quadratic value functions: closed forms, rates in mu,
+gradients (custom rules) against finite differences, gradient consistency,
+transformations, float32, status codes and bad input."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.scipy.special import erf
+
+from bilevel_jax import projections
+from bilevel_jax import smoothing
+from bilevel_jax import value
+from tests.helpers import TraceCounter, finite_difference_grad
+
+BOX1 = (jnp.array([-1.0]), jnp.array([1.0]))
+BOX_PROJ = projections.box(-1.0, 1.0)
+
+
+def bilinear(x, y):
+  """g(x, y) = x y on Y = [-1, 1]: v(x) = -|x|, nonsmooth at 0."""
+  return x * y[0]
+
+
+def entropic_bilinear_exact(x, mu):
+  """-mu ln int_{-1}^{1} exp(-x y / mu) dy = -mu ln(2 mu sinh(x/mu) / x)."""
+  a = np.abs(x) / mu
+  # ln(2 mu sinh(a) / |x|) = a + ln(1 - e^{-2a}) - ln(a) ... computed stably
+  return -mu * (a + np.log1p(-np.exp(-2 * a)) - np.log(a))
+
+
+def entropic_square_exact(x, mu):
+  """g = (y - x)^2 on [-1, 1]: -mu ln(sqrt(pi mu)/2 [erf((1-x)/sqrt mu) + erf((1+x)/sqrt mu)])."""
+  s = jnp.sqrt(mu)
+  return -mu * jnp.log(0.5 * jnp.sqrt(jnp.pi * mu) * (erf((1 - x) / s) + erf((1 + x) / s)))
+
+
+# ---------------------------------------------------------------- entropic
+@pytest.mark.parametrize("x", [0.5, -0.3, 1e-3])
+@pytest.mark.parametrize("mu", [1e-1, 1e-2])
+def test_entropic_bilinear_closed_form_and_gradient(x, mu):
+  fn = jax.jit(lambda xx: value.entropic(bilinear, xx, mu=mu, box=BOX1, order=10, panels=64).value)
+  sol = value.entropic(bilinear, x, mu=mu, box=BOX1, order=10, panels=64)
+  np.testing.assert_allclose(float(sol.value), entropic_bilinear_exact(x, mu), rtol=1e-10, atol=1e-12)
+  assert int(sol.info.status) == value.SUCCESS and float(sol.info.integration_error) < 1e-8
+  grad = float(jax.grad(fn)(x))
+  exact_fd = (entropic_bilinear_exact(x + 1e-6, mu) - entropic_bilinear_exact(x - 1e-6, mu)) / 2e-6
+  np.testing.assert_allclose(grad, exact_fd, rtol=1e-6, atol=1e-8)
+  np.testing.assert_allclose(grad, finite_difference_grad(fn, jnp.array(x))[()], rtol=1e-6, atol=1e-8)
+  np.testing.assert_allclose(float(sol.y[0]), grad, rtol=1e-10, atol=1e-12)  # E_alpha[y] = grad
+
+
+def test_entropic_rate_in_mu_and_theorem_bounds():
+  """g = (y - x)^2, Y = [-1, 1], |x| < 1: v = 0 and v_mu = -(mu/2) ln(pi mu) + o(mu),
+  so (v_mu - v) / (mu ln(1/mu)) -> 1/2; the bounds of Theorem 4.3 hold:
+  v - mu ln vol(Y) <= v_mu <= v - mu ln(mu vol(Y)) for mu small."""
+  x = 0.3
+  ratios = []
+  for mu in (1e-2, 1e-3, 1e-4, 1e-5):
+    # Fine panels so that the Gibbs width sqrt(mu) is resolved.
+    sol = value.entropic(lambda xx, y: (y[0] - xx) ** 2, x, mu=mu, box=BOX1, order=12, panels=128)
+    exact = float(entropic_square_exact(x, mu))
+    np.testing.assert_allclose(float(sol.value), exact, rtol=1e-9, atol=1e-12)
+    assert -mu * np.log(2.0) <= exact <= -mu * np.log(2.0 * mu)
+    ratios.append(exact / (mu * np.log(1 / mu)))
+  np.testing.assert_allclose(ratios, 0.5 - 0.5 * np.log(np.pi) / np.log(1 / np.array(
+      [1e-2, 1e-3, 1e-4, 1e-5])), rtol=1e-6)
+  assert all(abs(b - 0.5) < abs(a - 0.5) for a, b in zip(ratios, ratios[1:]))
+
+
+@pytest.mark.parametrize("m, rule", [(2, "gauss-legendre"), (3, "gauss-legendre"), (4, "halton")])
+def test_entropic_separable_closed_form_and_error_estimate(m, rule):
+  """A separable g integrates to a product of 1-D closed forms."""
+  x = jnp.linspace(-0.4, 0.4, m)
+  mu = 0.05
+  g = lambda xx, y: jnp.sum((y - xx) ** 2)
+  box = (-jnp.ones(m), jnp.ones(m))
+  kw = dict(order=8, panels=4) if rule == "gauss-legendre" else dict(num_points=4096)
+  sol = value.entropic(g, x, mu=mu, box=box, rule=rule, **kw)
+  exact = float(jnp.sum(jax.vmap(lambda xi: entropic_square_exact(xi, mu))(x)))
+  err = abs(float(sol.value) - exact)
+  assert float(sol.info.integration_error) > 0
+  assert err <= 3 * float(sol.info.integration_error) + 1e-12, (err, sol.info.integration_error)
+  assert err < (1e-6 if rule == "gauss-legendre" else 2e-3)
+  grad = jax.grad(lambda xx: value.entropic(g, xx, mu=mu, box=box, rule=rule, **kw).value)(x)
+  exact_grad = jax.grad(lambda xx: jnp.sum(jax.vmap(lambda xi: entropic_square_exact(xi, mu))(xx)))(x)
+  np.testing.assert_allclose(grad, exact_grad, atol=1e-5 if rule == "gauss-legendre" else 5e-2)
+
+
+def test_entropic_user_points_and_unbounded_box():
+  g = lambda x, y: 0.5 * (y[0] - x) ** 2
+  ref = value.entropic(g, 0.2, mu=0.1, box=BOX1, order=8, panels=8)
+  t, w = np.polynomial.legendre.leggauss(64)
+  user = value.entropic(g, 0.2, mu=0.1, points=t[:, None], weights=w)
+  np.testing.assert_allclose(float(user.value), float(ref.value), rtol=1e-12)
+  assert np.isnan(float(user.info.integration_error))
+  # Y = R: v_mu = -mu ln sqrt(2 pi mu) (the Gaussian integral), tails negligible.
+  radius = value.log_radius(2.0)
+  for mu in (0.1, 0.01):
+    sol = value.entropic(g, 0.2, mu=mu, box=(jnp.array([-jnp.inf]), jnp.array([jnp.inf])),
+                         radius=radius, order=8, panels=64)
+    np.testing.assert_allclose(float(sol.value), -mu * np.log(np.sqrt(2 * np.pi * mu)), rtol=1e-8)
+    np.testing.assert_allclose(float(sol.info.log_volume), np.log(2 * float(radius(mu))), rtol=1e-12)
+  # The schedule meets Theorem 4.13: mu ln vol(Y_mu) -> 0.
+  terms = [mu * np.log(2 * float(radius(mu))) for mu in (1e-2, 1e-4, 1e-6, 1e-8)]
+  assert all(b < a for a, b in zip(terms, terms[1:])) and terms[-1] < 1e-6
+  with pytest.raises(ValueError, match="`box` is unbounded: pass `radius`"):
+    value.entropic(g, 0.2, mu=0.1, box=(jnp.array([-jnp.inf]), jnp.array([1.0])))
+
+
+def test_entropic_derivatives_in_mu_box_and_closure():
+  """The custom VJP also gives exact derivatives in mu, the box and closed-over arrays."""
+  c = jnp.array(0.7)
+
+  def v(args):
+    mu, hi, c = args
+    g = lambda x, y: c * (y[0] - x) ** 2
+    return value.entropic(g, 0.3, mu=mu, box=(jnp.array([-1.0]), jnp.array([hi])),
+                          order=10, panels=32).value
+
+  args = jnp.array([0.05, 1.2, c])
+  flat = jax.jit(lambda a: v((a[0], a[1], a[2])))
+  grad = jax.grad(flat)(args)
+  np.testing.assert_allclose(grad, finite_difference_grad(flat, args),
+                             rtol=1e-6, atol=1e-9)
+
+
+def test_entropic_nonconvex_double_well():
+  """g = (y^2 - 1)^2 - x y has two wells; v(x) ~ -|x| near 0 (the well y = sign x)."""
+  g = lambda x, y: (y[0] ** 2 - 1) ** 2 - x * y[0]
+  box = (jnp.array([-2.0]), jnp.array([2.0]))
+  ys = jnp.linspace(-2, 2, 400_001)
+  for x in (0.3, -0.2):
+    sol = value.entropic(g, x, mu=1e-3, box=box, order=10, panels=64)
+    v = float(jnp.min(g(x, ys[None])))
+    assert v - 1e-3 * np.log(4.0) - 1e-9 <= float(sol.value) <= v + 1e-2
+    assert np.sign(float(sol.y[0])) == np.sign(x)
+
+
+# ---------------------------------------------------------------- quadratic
+@pytest.mark.parametrize("x", [0.5, -0.3, 3e-3, 0.0])
+@pytest.mark.parametrize("mu", [1e-1, 1e-2, 1e-4])
+def test_quadratic_bilinear_is_huber(x, mu):
+  """min_{|y|<=1} x y + mu y^2/2 = Huber: -x^2/(2 mu) if |x| <= mu else -|x| + mu/2,
+  S_mu(x) = clip(-x/mu, -1, 1), grad v_mu = S_mu (Prop. 3.4); |v_mu - v| <= mu/2."""
+  sol = value.quadratic(bilinear, x, mu=mu, y0=jnp.zeros(1), projection=BOX_PROJ)
+  exact = -x * x / (2 * mu) if abs(x) <= mu else -abs(x) + mu / 2
+  np.testing.assert_allclose(float(sol.value), exact, rtol=1e-10, atol=1e-12)
+  assert 0 <= float(sol.value) + abs(x) <= mu / 2 + 1e-15
+  np.testing.assert_allclose(float(sol.y[0]), np.clip(-x / mu, -1, 1), atol=1e-9)
+  fn = jax.jit(jax.grad(
+      lambda xx: value.quadratic(bilinear, xx, mu=mu, y0=jnp.zeros(1), projection=BOX_PROJ).value))
+  np.testing.assert_allclose(float(fn(x)), np.clip(-x / mu, -1, 1), atol=1e-9)
+  assert int(sol.info.status) == value.SUCCESS
+
+
+@pytest.fixture(scope="module")
+def lasso():
+  key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
+  A = jax.random.normal(key_a, (12, 6))
+  b = jax.random.normal(key_b, (12,))
+
+  def g(x, y, mu):
+    """Hyperparameter lower level (3.5): loss + x_1 ||y||_1 + x_2 hinge-type penalty."""
+    return (0.5 * jnp.sum((A @ y["w"] - b) ** 2) + x["l1"] * smoothing.l1(y["w"], mu)
+            + x["box"] * smoothing.moreau_box(y["w"], mu, -0.5, 0.5))
+  return g
+
+
+def test_quadratic_pytree_gradient_matches_finite_differences(lasso):
+  x = {"l1": jnp.array(0.3), "box": jnp.array(0.8)}
+  y0 = {"w": jnp.zeros(6)}
+  fn = jax.jit(lambda xx: value.quadratic(lasso, xx, mu=1e-2, y0=y0, pass_mu=True).value)
+  grad = jax.grad(fn)(x)
+  flat = lambda a: fn({"l1": a[0], "box": a[1]})
+  fd = finite_difference_grad(flat, jnp.array([0.3, 0.8]), eps=1e-5)
+  np.testing.assert_allclose([grad["l1"], grad["box"]], fd, rtol=1e-6, atol=1e-8)
+  # The derivative in mu: ||y*||^2 / 2 + d g_mu / d mu at y*.
+  vm = jax.jit(lambda m: value.quadratic(lasso, x, mu=m, y0=y0, pass_mu=True).value)
+  np.testing.assert_allclose(float(jax.grad(vm)(1e-2)),
+                             finite_difference_grad(lambda m: vm(m[0]), jnp.array([1e-2]), 1e-6)[0],
+                             rtol=1e-5)
+
+
+def test_quadratic_rate_on_nonsmooth_lasso():
+  """g = (y - b)^2/2 + x |y| (one dimension), smoothed with the CHKS plus function:
+  v(x) = b^2/2 if |b| <= x else x|b| - x^2/2, and |v_mu - v| <= (kappa x + y*^2/2) mu = O(mu)."""
+  b, x = 1.3, 0.4
+  v = x * abs(b) - x * x / 2
+  g = lambda xx, y, mu: 0.5 * (y[0] - b) ** 2 + xx * smoothing.abs(y[0], mu, "chks")
+  gaps = []
+  for mu in (1e-1, 1e-2, 1e-3, 1e-4):
+    sol = value.quadratic(g, x, mu=mu, y0=jnp.zeros(1), pass_mu=True)
+    gap = float(sol.value) - v
+    assert 0 <= gap <= (2.0 * x + 0.5 * (b - x) ** 2) * mu + 1e-12
+    gaps.append(gap)
+  rates = np.log10(np.array(gaps[:-1]) / np.array(gaps[1:]))
+  np.testing.assert_allclose(rates, 1.0, atol=0.1)  # first order in mu
+  np.testing.assert_allclose(rates[1:], 1.0, atol=0.01)
+
+
+# ---------------------------------------------------------------- both
+ENTROPIC = functools.partial(value.entropic, bilinear, box=BOX1, order=8, panels=64)
+QUADRATIC = functools.partial(value.quadratic, bilinear, y0=jnp.zeros(1), projection=BOX_PROJ)
+
+
+@pytest.mark.parametrize("method", [ENTROPIC, QUADRATIC], ids=["entropic", "quadratic"])
+def test_gradient_consistency_at_the_kink(method):
+  """v(x) = -|x|, partial v(0) = [-1, 1]: distances -> 0. Against the wrong set
+  {-1} (the gradient on one side only) the check reports a distance > 0."""
+  mus = jnp.array([1e-1, 1e-2, 1e-3])
+  fn = lambda x, mu: method(x, mu=mu)
+  right = value.consistency_check(fn, 0.0, mus=mus, subdifferential=jnp.array([[-1.0], [1.0]]))
+  assert float(jnp.max(right.distances)) < 1e-8
+  estimated = value.consistency_check(fn, 0.0, mus=mus, reference_grad=jax.grad(lambda x: -jnp.abs(x)))
+  assert estimated.estimated_from == "reference_grad"
+  assert float(jnp.max(estimated.distances)) < 1e-8
+  wrong = value.consistency_check(fn, 0.0, mus=mus, subdifferential=jnp.array([[-1.0]]))
+  assert float(jnp.min(wrong.max_distance)) > 0.2
+  # Away from the kink the limit is the gradient -sign(x).
+  # (entropic: |grad v_mu(x) + 1| ~ mu / x, quadratic: 0 once mu < x).
+  smooth = value.consistency_check(fn, 0.5, mus=mus, subdifferential=jnp.array([[-1.0]]))
+  assert float(smooth.max_distance[-1]) < 3e-3
+  assert all(np.diff(np.asarray(smooth.max_distance)) <= 1e-12)
+
+
+@pytest.mark.parametrize("method", [ENTROPIC, QUADRATIC], ids=["entropic", "quadratic"])
+def test_vmap_over_x_and_mu_matches_loop_and_jit_does_not_retrace(method):
+  xs = jnp.array([-0.5, -1e-3, 0.0, 0.2, 0.9])
+  mus = jnp.array([1e-1, 1e-2, 1e-2, 1e-3, 1e-1])
+  fn = lambda x, mu: method(x, mu=mu).value
+  batched = jax.jit(jax.vmap(jax.value_and_grad(fn)))(xs, mus)
+  single = jax.jit(jax.value_and_grad(fn))
+  for i in range(xs.shape[0]):
+    v, g = single(xs[i], mus[i])
+    np.testing.assert_allclose(batched[0][i], v, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(batched[1][i], g, rtol=1e-10, atol=1e-12)
+  counter = TraceCounter(jax.value_and_grad(fn))
+  jitted = jax.jit(counter)
+  first = jitted(xs[0], mus[0])
+  second = jitted(xs[3], mus[3])
+  assert counter.count == 1
+  np.testing.assert_allclose(second[0], batched[0][3], rtol=1e-12)
+  np.testing.assert_allclose(first[1], batched[1][0], rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", [ENTROPIC, QUADRATIC], ids=["entropic", "quadratic"])
+def test_float32_finite_at_small_mu(method):
+  x = jnp.array([0.5, -0.2, 1e-5, 0.0], jnp.float32)
+  kw = {"y0": jnp.zeros(1, jnp.float32)} if method is QUADRATIC else {}
+  fn = lambda xx: method(xx, mu=1e-4, **kw).value
+  values, grads = jax.jit(jax.vmap(jax.value_and_grad(fn)))(x)
+  assert values.dtype == jnp.float32 and grads.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(values))) and bool(jnp.all(jnp.isfinite(grads)))
+  np.testing.assert_allclose(values[:2], -jnp.abs(x[:2]), atol=2e-3)
+  np.testing.assert_allclose(grads[:2], -jnp.sign(x[:2]), atol=2e-2)
+
+
+def test_status_reports_runtime_problems(lasso):
+  # mu far below the node spacing: the estimate flags the rule as too coarse.
+  sol = value.entropic(bilinear, 0.5, mu=1e-5, box=BOX1)
+  assert int(sol.info.status) == value.INACCURATE and float(sol.info.max_weight) > 0.9
+  q = value.quadratic(lasso, {"l1": 0.3, "box": 0.8}, mu=1e-3, y0={"w": jnp.zeros(6)},
+                      max_steps=3, pass_mu=True)
+  assert int(q.info.status) == value.MAX_STEPS and float(q.info.residual) > 1e-6
+  nan = value.entropic(lambda x, y: jnp.log(x - 1.0) * y[0], 0.5, mu=0.1, box=BOX1)
+  assert int(nan.info.status) == value.NONFINITE
+
+
+def test_bad_input_names_the_argument():
+  for bad in (0.0, -1e-3):
+    with pytest.raises(ValueError, match="`mu` must be > 0"):
+      value.entropic(bilinear, 0.5, mu=bad, box=BOX1)
+    with pytest.raises(ValueError, match="`mu` must be > 0"):
+      value.quadratic(bilinear, 0.5, mu=bad, y0=jnp.zeros(1))
+  with pytest.raises(ValueError, match=r"`box`: lower bound must be below .* lower\[1\]"):
+    value.entropic(bilinear, 0.5, mu=0.1, box=(jnp.array([0.0, 1.0]), jnp.array([1.0, 1.0])))
+  with pytest.raises(ValueError, match="`box`: lower bound"):
+    value.entropic(bilinear, 0.5, mu=0.1, box=(jnp.array([2.0]), jnp.array([1.0])))
+  vector_g = lambda x, y: x * y
+  with pytest.raises(ValueError, match="`g` must return a scalar"):
+    value.entropic(vector_g, 0.5, mu=0.1, box=BOX1)
+  with pytest.raises(ValueError, match="`g` must return a scalar"):
+    value.quadratic(vector_g, 0.5, mu=0.1, y0=jnp.zeros(1))
+  with pytest.raises(ValueError, match="`rule` must be one of"):
+    value.entropic(bilinear, 0.5, mu=0.1, box=BOX1, rule="simpson")
+  with pytest.raises(ValueError, match="`weights` must be > 0"):
+    value.entropic(bilinear, 0.5, mu=0.1, points=jnp.zeros((2, 1)), weights=jnp.array([1.0, -1.0]))
