@@ -23,8 +23,8 @@ Practical choices (ours):
   minimized over (x, y) by ``inner_steps`` projected Optax steps
   (``params <- P_{X x Y}(params + optimizer.update(grad L))``), followed by
   lambda <- (lambda + rho c_mu)_+; ``outer_steps`` such rounds per mu_k. When a
-  round reduces the violation c_+ by less than a factor 4, rho is multiplied
-  by ``rho_growth`` (up to ``rho_max``). We chose the augmented Lagrangian over
+  round reduces the violation c_+ by less than a factor 4 (and c_+ >
+  ``feas_tol``), rho is multiplied by ``rho_growth`` (up to ``rho_max``). We chose the augmented Lagrangian over
   an exact penalty because it yields the multiplier lambda_k that (2.4) and
   Proposition 2.13 are about, and its subproblems are smooth.
 * (x, y, lambda, rho) carry over from mu_k to mu_{k+1} (warm start); the
@@ -115,7 +115,8 @@ def solve_vfp(f: Callable, g: Callable, value_fn: Callable, x0, y0, *, mus,
               projection_x: Optional[Callable] = None,
               projection_y: Optional[Callable] = None, inner_steps: int = 200,
               outer_steps: int = 10, rho: float = 10.0, rho_growth: float = 2.0,
-              rho_max: float = 1e4, lam0: float = 0.0, pass_mu: bool = False,
+              rho_max: float = 1e4, feas_tol: float = 1e-6, lam0: float = 0.0,
+              pass_mu: bool = False,
               kkt_tol: Optional[float] = None) -> VFPSolution:
   """Smoothing method for (VFP_eps): augmented Lagrangian on (VFP^mu_eps).
 
@@ -133,6 +134,7 @@ def solve_vfp(f: Callable, g: Callable, value_fn: Callable, x0, y0, *, mus,
     inner_steps: Optax steps per augmented-Lagrangian round (static).
     outer_steps: rounds (multiplier updates) per mu_k (static).
     rho, rho_growth, rho_max: penalty parameter, its growth factor and cap.
+    feas_tol: violations c_+ below this never increase rho.
     lam0: initial multiplier >= 0.
     pass_mu: call f and g with mu as the third argument.
     kkt_tol: if given, status is MAX_STEPS when the last KKT residual exceeds it.
@@ -148,6 +150,7 @@ def solve_vfp(f: Callable, g: Callable, value_fn: Callable, x0, y0, *, mus,
   validation.check_positive("epsilon", epsilon)
   validation.check_positive("rho", rho)
   validation.check_positive("rho_max", rho_max)
+  validation.check_positive("feas_tol", feas_tol)
   if validation.concrete_value(rho_growth) is not None and float(rho_growth) < 1:
     raise ValueError(f"`rho_growth` must be >= 1, got {rho_growth}.")
   if validation.concrete_value(lam0) is not None and float(lam0) < 0:
@@ -197,7 +200,7 @@ def solve_vfp(f: Callable, g: Callable, value_fn: Callable, x0, y0, *, mus,
     c = constraint(params, mu)
     lam = jnp.maximum(lam + rho_ * c, 0.0)
     viol = jnp.maximum(c, 0.0)
-    slow = (viol > 0.25 * viol_before) & (viol > 0)
+    slow = (viol > 0.25 * viol_before) & (viol > feas_tol)
     rho_ = jnp.where(slow, jnp.minimum(rho_ * rho_growth, rho_max), rho_)
     return (params, lam, rho_, mu), None
 
