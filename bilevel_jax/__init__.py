@@ -11,9 +11,11 @@ Namespaces:
   bilevel_jax.smoothing    smoothing families g_mu (plus function, Moreau envelopes).
   bilevel_jax.value        entropic / quadratic smoothed value functions, (VFP_eps) solver.
   bilevel_jax.sharding     batches of problems sharded over devices and hosts.
+  bilevel_jax.meta         few-shot meta-learning: episodes, datasets, the bilevel model.
 """
 from bilevel_jax import bda
 from bilevel_jax import data
+from bilevel_jax import meta
 from bilevel_jax import problems
 from bilevel_jax import projections
 from bilevel_jax import prox
@@ -25,5 +27,5 @@ from bilevel_jax import value
 
 __version__ = "0.1.0"
 
-__all__ = ["bda", "data", "problems", "projections", "prox", "schedules", "sharding",
+__all__ = ["bda", "data", "meta", "problems", "projections", "prox", "schedules", "sharding",
            "smoothing", "upper", "value"]

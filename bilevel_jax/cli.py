@@ -13,7 +13,9 @@ from bilevel_jax._src import report
 
 def _experiments():
   from bilevel_jax._src.experiments import example1, hypercleaning, quadratic
-  return {"example1": example1, "hypercleaning": hypercleaning, "quadratic": quadratic}
+  from bilevel_jax._src.experiments import fewshot
+  return {"example1": example1, "hypercleaning": hypercleaning, "quadratic": quadratic,
+          "fewshot": fewshot}
 
 
 def load_experiment_config(path: str):

@@ -1,0 +1,1 @@
+"""Few-shot meta-learning: episodes, datasets and the bilevel model."""

@@ -1,0 +1,140 @@
+"""Few-shot meta-learning as a bilevel problem (BDA paper, Section 5.3).
+
+A shared representation h(x; u) (a small tanh network with parameters x)
+feeds one multinomial logistic head y^j = (W^j, b^j) per task j. With
+l(x, y^j; D) the mean cross-entropy of softmax(W^j^T h(x; u) + b^j) on D,
+
+    lower:  f(x, {y^j}) = sum_j [ l(x, y^j; D_tr^j) + (l2 / 2) ||W^j||^2 ],
+    upper:  F(x, {y^j}) = sum_j l(x, y^j; D_val^j).
+
+Both objectives are sums of per-task terms and y^j enters only term j, so
+every lower iteration of BDA (eq. 10), with grad_{y^j} F = grad_{y^j} F_j,
+updates each head from its own task alone: K joint iterations on {y^j} are
+exactly K iterations per task run side by side, and
+
+    d phi_K / dx = sum_j d F_j(x, y^j_K(x)) / dx.
+
+This module therefore writes one task's hypergradient and vmaps it over
+tasks; `bilevel_jax.sharding.shard_hypergradient` then splits the tasks over
+devices (``reduce='sum'`` is the paper's F, ``'mean'`` the same direction
+divided by the number of tasks).
+
+At test time a new task only has its training split: its head is fitted by
+K steps of gradient descent on the lower objective from y0 = 0 (alpha = 0,
+since the validation labels are what is being predicted).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from bilevel_jax._src import unrolled
+
+
+def init_representation(key: jax.Array, sizes: Sequence[int], dtype=jnp.float32) -> list:
+  """Parameters x of a tanh network with layer widths ``sizes`` (input first).
+
+  Weights are N(0, 1 / fan_in), biases zero; returns a list of
+  ``{"w": (fan_in, fan_out), "b": (fan_out,)}``.
+  """
+  sizes = [int(s) for s in sizes]
+  if len(sizes) < 2 or any(s <= 0 for s in sizes):
+    raise ValueError(f"`sizes` must list at least two positive widths, got {sizes}.")
+  keys = jax.random.split(key, len(sizes) - 1)
+  return [{"w": jax.random.normal(k, (a, b), dtype) / math.sqrt(a),
+           "b": jnp.zeros((b,), dtype)} for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
+
+
+def represent(x: list, inputs: jax.Array) -> jax.Array:
+  """h(x; u): the meta features of ``inputs`` (..., d), each entry in [-1, 1]."""
+  h = inputs
+  for layer in x:
+    h = jnp.tanh(_affine(h, layer["w"], layer["b"]))
+  return h
+
+
+def _affine(h: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+  """h W + b with b broadcast explicitly over the leading axes of h."""
+  z = h @ w
+  return z + jnp.reshape(b, (1,) * (z.ndim - 1) + b.shape)
+
+
+def init_heads(num_tasks: int, feature_dim: int, ways: int, dtype=jnp.float32) -> dict:
+  """y0 = 0 for ``num_tasks`` heads: {"w": (T, feature_dim, ways), "b": (T, ways)}."""
+  return {"w": jnp.zeros((num_tasks, feature_dim, ways), dtype),
+          "b": jnp.zeros((num_tasks, ways), dtype)}
+
+
+def logits(x: list, head: dict, inputs: jax.Array) -> jax.Array:
+  return _affine(represent(x, inputs), head["w"], head["b"])
+
+
+def cross_entropy(x: list, head: dict, inputs: jax.Array, labels: jax.Array) -> jax.Array:
+  """l(x, y; D): mean softmax cross-entropy of one head on (inputs, labels)."""
+  z = logits(x, head, inputs)
+  picked = jnp.take_along_axis(z, labels[:, None], axis=-1)[:, 0]
+  return jnp.mean(jax.nn.logsumexp(z, axis=-1) - picked)
+
+
+def task_lower(x: list, head: dict, task, l2: float) -> jax.Array:
+  """f_j = l(x, y^j; D_tr^j) + (l2 / 2) ||W^j||^2 for one task (an `Episodes` row)."""
+  return (cross_entropy(x, head, task.x_train, task.y_train)
+          + 0.5 * l2 * jnp.sum(head["w"] ** 2))
+
+
+def task_upper(x: list, head: dict, task) -> jax.Array:
+  """F_j = l(x, y^j; D_val^j)."""
+  return cross_entropy(x, head, task.x_val, task.y_val)
+
+
+def lower_smoothness(feature_dim: int, l2: float) -> float:
+  """A bound on the Lipschitz constant of grad_y f_j: features lie in [-1, 1]^h,
+  so the softmax cross-entropy's Hessian is at most (h + 1) / 2, plus l2."""
+  return 0.5 * (feature_dim + 1) + l2
+
+
+def task_hypergradient(x: list, y0: dict, task, *, l2: float, **solve_kwargs):
+  """(F_j(x, y^j_K), d F_j(x, y^j_K(x)) / dx, y^j_K) for one task.
+
+  ``solve_kwargs`` are those of `bilevel_jax.bda.solve` (steps, upper_lr,
+  lower_lr, alpha, truncate, ...): alpha = 0 is RHG, truncate = M truncated
+  RHG.
+  """
+  value, grad, solution = unrolled.hypergradient(
+      lambda x, y: task_upper(x, y, task), lambda x, y: task_lower(x, y, task, l2),
+      x, y0, return_info=True, **solve_kwargs)
+  return value, grad, solution.y
+
+
+def batched_hypergradient(*, l2: float, **solve_kwargs):
+  """``fn(x, y0, tasks) -> (values (T,), grads (T, ...x), y_K (T, ...))``,
+  `task_hypergradient` vmapped over the task axis of ``y0`` and ``tasks``;
+  give it to `bilevel_jax.sharding.shard_hypergradient` with
+  ``in_axes=(None, 0, 0)``."""
+  def one(x, y0, task):
+    return task_hypergradient(x, y0, task, l2=l2, **solve_kwargs)
+  return jax.vmap(one, in_axes=(None, 0, 0))
+
+
+def adapt(x: list, tasks, y0: dict, *, steps: int, lower_lr: float, l2: float) -> dict:
+  """Fits each task's head on its training split: K gradient steps on f_j."""
+  def one(y0, task):
+    lower = lambda x, y: task_lower(x, y, task, l2)
+    return unrolled.solve(lower, lower, x, y0, steps=steps, upper_lr=1.0,
+                          lower_lr=lower_lr, alpha=0.0).y
+  return jax.vmap(one)(y0, tasks)
+
+
+def accuracy(x: list, heads: dict, inputs: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-task accuracy of the heads (T, ...) on inputs (T, n, d), labels (T, n)."""
+  predicted = jnp.argmax(jax.vmap(lambda h, u: logits(x, h, u))(heads, inputs), axis=-1)
+  return jnp.mean(predicted == labels, axis=-1)
+
+
+def evaluate(x: list, tasks, y0: dict, *, steps: int, lower_lr: float, l2: float) -> jax.Array:
+  """Query-set accuracy of each test task after `adapt` (shape (T,))."""
+  heads = adapt(x, tasks, y0, steps=steps, lower_lr=lower_lr, l2=l2)
+  return accuracy(x, heads, tasks.x_val, tasks.y_val)
