@@ -1,0 +1,419 @@
+"""Nondecreasing epi-polyhedral functions h as data (Solla & Royset, (2.6)).
+
+A block is
+
+    h_b(z) = max_j (<a_j, z> - alpha_j) + indicator{ <b_i, z> <= beta_i for all i },
+
+with a_j, b_i >= 0 entrywise (h nondecreasing).  An ``h`` is a *separable sum*
+of blocks, each reading its own coordinates of z:
+
+    h(z) = sum_b h_b(z[index_b]).
+
+Blocks of the same shape are stored stacked (a group), so the elastic net's
+h(z1, z2) = sum_i max(z1_i, z2_i) is one group of d blocks with two pieces
+each, not one max with 2^d pieces.  Coordinates of z that no block reads
+contribute 0 to h.
+
+What the solver needs from h, per block, comes from one routine
+(`_block_prox`): the proximal point w = prox_{alpha h}(z), the multipliers
+(sigma, tau) of the representation (2.2) of p = (z - w) / alpha, and the set S
+of active pieces.  The prox of a block is found exactly by enumerating the
+candidate active sets S (at most 2^(J+I); blocks are small by design) and
+solving the KKT system of each; the valid candidate with the most pieces
+wins.  From S follows the basis of the critical cone K_{h*}(p, w) in (5.1) and
+(2.4): span{a_j - a_j0 : j in J(w)} + span{b_i : i in I(w)}, used as an
+orthogonal projector.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bilevel_jax._src import validation
+
+# Candidate active sets per block are enumerated: 2^(J+I) of them.
+MAX_PIECES_PER_BLOCK = 12
+
+
+class Blocks(NamedTuple):
+  """A group of ``nb`` blocks of equal shape (J pieces, I constraints, k coords).
+
+  Attributes:
+    a: (nb, J, k) slopes a_j >= 0.
+    alpha: (nb, J) offsets alpha_j.
+    b: (nb, I, k) constraint normals b_i >= 0 (I may be 0).
+    beta: (nb, I) constraint levels beta_i.
+    index: (nb, k) int coordinates of z read by each block.
+  """
+  a: Any
+  alpha: Any
+  b: Any
+  beta: Any
+  index: Any
+
+
+@jax.tree_util.register_pytree_node_class
+class Polyhedral:
+  """A nondecreasing epi-polyhedral h: R^s -> R u {inf}, as a separable sum.
+
+  Build it with `polyhedral`, `nonpositive`, `l1`, `hinge`, `maximum`,
+  `linear` and `separable`; evaluate with `value`, `prox`, `active`.
+  """
+
+  def __init__(self, groups: tuple, size: int):
+    self.groups = tuple(groups)
+    self.size = int(size)
+
+  def tree_flatten(self):
+    return (self.groups,), self.size
+
+  @classmethod
+  def tree_unflatten(cls, size, children):
+    return cls(children[0], size)
+
+  def __call__(self, z):
+    """h(z), +inf outside dom h."""
+    return value(self, z)
+
+  def prox(self, z, step):
+    """prox_{step h}(z) = argmin_w h(w) + |w - z|^2 / (2 step)."""
+    return prox(self, z, step)[0]
+
+  def active_pieces(self, z):
+    """Per group, (nb, J + I) bools: the pieces attaining the max, J(z), then
+    the active constraints, I(z), at z in dom h (to rounding)."""
+    return active_pieces(self, z)
+
+  def critical_cone_projector(self, z, step):
+    """The (s, s) orthogonal projector onto K_{h*}(p, w) at w = prox_{step
+    h}(z), p = (z - w)/step: the span of a_j - a_j0 over active pieces and
+    b_i over active constraints (5.1), (2.4)."""
+    _, states = prox(self, z, step)
+    eye = jnp.eye(self.size, dtype=jnp.result_type(z))
+    return jax.vmap(lambda col: project_dual(self, states, col), 1, 1)(eye)
+
+  def critical_cone_basis(self, z, step):
+    """An orthonormal basis of K_{h*}(p, w), as (s, dim) with dim found at
+    run time: returns (basis (s, s) whose first `dim` columns span the cone,
+    dim).  Needs concrete values (not jittable: dim is data dependent)."""
+    proj = np.asarray(self.critical_cone_projector(z, step))
+    u, sv, _ = np.linalg.svd(proj)
+    dim = int(np.sum(sv > 0.5))
+    return u[:, :dim], dim
+
+  def __repr__(self):
+    parts = ", ".join(f"{g.a.shape[0]}x(J={g.a.shape[1]}, I={g.b.shape[1]}, "
+                      f"k={g.a.shape[2]})" for g in self.groups)
+    return f"Polyhedral(size={self.size}, blocks=[{parts}])"
+
+
+# ----------------------------------------------------------------- builders
+
+
+def _check_nonnegative(name: str, value) -> None:
+  concrete = validation.concrete_value(value)
+  if concrete is not None and concrete.size and np.any(concrete < 0):
+    raise ValueError(
+        f"`{name}` has a negative entry ({concrete.min():g}): h must be "
+        "nondecreasing (2.6), so every a_j and b_i must be >= 0. Write a "
+        "decreasing term through G instead, e.g. |y| = max(y, -y) with "
+        "G = (y, -y) and h = l1(...).")
+
+
+def polyhedral(a, alpha=None, b=None, beta=None) -> Polyhedral:
+  """h(z) = max_j (<a_j, z> - alpha_j) + indicator{<b_i, z> <= beta_i} (2.6).
+
+  Args:
+    a: (J, s) slopes, each entry >= 0; None for h = 0 plus the indicator.
+    alpha: (J,) offsets (default 0).
+    b: (I, s) constraint normals, each entry >= 0, or None.
+    beta: (I,) constraint levels (default 0).
+
+  One block over all s coordinates; J + I must be at most
+  MAX_PIECES_PER_BLOCK (write larger h as a `separable` sum).
+  """
+  if a is None and b is None:
+    raise ValueError("`a` and `b` cannot both be None: give h's pieces or its "
+                     "constraints.")
+  if b is not None:
+    b = jnp.atleast_2d(jnp.asarray(b))
+    s = b.shape[1]
+  if a is not None:
+    a = jnp.atleast_2d(jnp.asarray(a))
+    s = a.shape[1]
+  else:
+    a = jnp.zeros((1, s), b.dtype)
+  if b is None:
+    b = jnp.zeros((0, s), a.dtype)
+  dtype = jnp.result_type(a, b, float)
+  a, b = a.astype(dtype), b.astype(dtype)
+  if a.shape[1] != b.shape[1]:
+    raise ValueError(f"`a` has {a.shape[1]} columns but `b` has {b.shape[1]}; "
+                     "both must match the size of z.")
+  alpha = jnp.zeros(a.shape[0], dtype) if alpha is None else jnp.asarray(alpha, dtype)
+  beta = jnp.zeros(b.shape[0], dtype) if beta is None else jnp.asarray(beta, dtype)
+  if alpha.shape != (a.shape[0],):
+    raise ValueError(f"`alpha` must have shape ({a.shape[0]},), got {alpha.shape}.")
+  if beta.shape != (b.shape[0],):
+    raise ValueError(f"`beta` must have shape ({b.shape[0]},), got {beta.shape}.")
+  _check_nonnegative("a", a)
+  _check_nonnegative("b", b)
+  return _from_blocks(a[None], alpha[None], b[None], beta[None],
+                      np.arange(s)[None], size=s)
+
+
+def _from_blocks(a, alpha, b, beta, index, size) -> Polyhedral:
+  pieces = a.shape[1] + b.shape[1]
+  if pieces > MAX_PIECES_PER_BLOCK:
+    raise ValueError(
+        f"`h` has a block with {pieces} pieces and constraints; at most "
+        f"{MAX_PIECES_PER_BLOCK} are supported per block (the prox enumerates "
+        "2^pieces active sets). Write h as a `separable` sum of small blocks.")
+  index = np.asarray(index, dtype=np.int32)
+  return Polyhedral((Blocks(a, alpha, b, beta, jnp.asarray(index)),), size)
+
+
+def _repeat(a, alpha, b, beta, nb):
+  """Stacks one block's data nb times."""
+  tile = lambda v: jnp.broadcast_to(jnp.asarray(v, float), (nb,) + np.shape(v))
+  return tile(a), tile(alpha), tile(b), tile(beta)
+
+
+def nonpositive(s: int) -> Polyhedral:
+  """h(z) = indicator{z <= 0} on R^s: inequality constraints G(x, y) <= 0
+  (Example 3.6 without the objective piece)."""
+  s = validation.check_positive_int("s", s)
+  a, alpha, b, beta = _repeat([[0.0]], [0.0], [[1.0]], [0.0], s)
+  return _from_blocks(a, alpha, b, beta, np.arange(s)[:, None], size=s)
+
+
+def linear(c) -> Polyhedral:
+  """h(z) = <c, z> with c >= 0, one block per coordinate."""
+  c = jnp.asarray(c, float)
+  if c.ndim != 1:
+    raise ValueError(f"`c` must be a vector, got shape {c.shape}.")
+  _check_nonnegative("c", c)
+  s = c.shape[0]
+  return _from_blocks(c[:, None, None], jnp.zeros((s, 1), c.dtype),
+                      jnp.zeros((s, 0, 1), c.dtype), jnp.zeros((s, 0), c.dtype),
+                      np.arange(s)[:, None], size=s)
+
+
+def l1(d: int, scale=1.0) -> Polyhedral:
+  """h(z1, z2) = scale * sum_i max(z1_i, z2_i) on R^(2d), as in (6.1).
+
+  With G(x, y) = (y, -y) this is scale * ||y||_1; scale may be a traced value
+  (the elastic net's exp(lambda_1) can go either into scale or into G).
+  """
+  d = validation.check_positive_int("d", d)
+  validation.check_positive("scale", scale)
+  a = scale * jnp.broadcast_to(jnp.eye(2), (d, 2, 2))
+  _, alpha, b, beta = _repeat([[0.0]], [0.0, 0.0], np.zeros((0, 2)), np.zeros(0), d)
+  index = np.stack([np.arange(d), d + np.arange(d)], axis=1)
+  return _from_blocks(a, alpha, b, beta, index, size=2 * d)
+
+
+def hinge(s: int, scale=1.0) -> Polyhedral:
+  """h(z) = scale * sum_i max(z_i, 0) on R^s (hinge losses when G_i = 1 - t_i)."""
+  s = validation.check_positive_int("s", s)
+  validation.check_positive("scale", scale)
+  a = scale * jnp.broadcast_to(jnp.array([[1.0], [0.0]]), (s, 2, 1))
+  _, alpha, b, beta = _repeat([[0.0]], [0.0, 0.0], np.zeros((0, 1)), np.zeros(0), s)
+  return _from_blocks(a, alpha, b, beta, np.arange(s)[:, None], size=s)
+
+
+def maximum(s: int) -> Polyhedral:
+  """h(z) = max_i z_i on R^s (minimax lower levels); s <= MAX_PIECES_PER_BLOCK."""
+  s = validation.check_positive_int("s", s)
+  return polyhedral(jnp.eye(s))
+
+
+def separable(*hs: Polyhedral) -> Polyhedral:
+  """h(z) = h_1(z[:s_1]) + h_2(z[s_1:s_1+s_2]) + ... (a separable sum)."""
+  if not hs:
+    raise ValueError("`separable` needs at least one h.")
+  groups, offset = [], 0
+  for i, h in enumerate(hs):
+    if not isinstance(h, Polyhedral):
+      raise TypeError(f"argument {i} of `separable` must be a Polyhedral, got "
+                      f"{type(h).__name__}.")
+    groups += [g._replace(index=g.index + offset) for g in h.groups]
+    offset += h.size
+  return Polyhedral(tuple(groups), offset)
+
+
+def check_h(name: str, h) -> Polyhedral:
+  if not isinstance(h, Polyhedral):
+    raise TypeError(f"`{name}` must be a bilevel_jax.composite.Polyhedral (built "
+                    f"with composite.polyhedral, l1, ...), got {type(h).__name__}.")
+  return h
+
+
+# ------------------------------------------------------------ block algebra
+
+
+def _subsets(num_pieces: int, num_constraints: int) -> np.ndarray:
+  """All candidate active sets with at least one max piece, smallest first."""
+  rows = [s for s in itertools.product((0, 1), repeat=num_pieces + num_constraints)
+          if any(s[:num_pieces])]
+  rows.sort(key=lambda r: -sum(r))
+  return np.array(rows, dtype=bool)
+
+
+def _tolerance(dtype) -> float:
+  return float(1e3 * jnp.finfo(dtype).eps)
+
+
+def _block_prox(a, alpha, b, beta, z, step):
+  """prox_{step h_b}(z) for one block by enumerating active sets.
+
+  For an active set S, the KKT conditions of min_w h_b(w) + |w - z|^2/(2 step)
+  with w = z - step * (a_S^T sigma + b_S^T tau) are linear in
+  (sigma, tau, t):  <c_r, w> - c0_r = t [r is a piece]  for r in S,
+  sum sigma = 1, and zero multipliers off S.  A candidate is valid when its
+  multipliers are >= 0 and the pieces off S are not above t (constraints
+  satisfied).
+
+  Returns:
+    (w, lam, active, ok, weak): lam = (sigma, tau) so that (z - w) / step =
+    a^T sigma + b^T tau; active the chosen S, the smallest valid one; ok
+    whether a valid S was found; weak whether a piece off S is active too
+    (with a zero multiplier: the relative interior condition fails there).
+  """
+  num_j = a.shape[0]
+  rows = jnp.concatenate([a, b], axis=0)              # (n, k)
+  offsets = jnp.concatenate([alpha, beta])            # (n,)
+  n = rows.shape[0]
+  is_piece = jnp.arange(n) < num_j
+  subsets = jnp.asarray(_subsets(num_j, n - num_j))   # (2^n, n)
+  gram = rows @ rows.T
+  dtype = z.dtype
+  scale = 1 + jnp.max(jnp.abs(z)) + jnp.max(jnp.abs(offsets)) + step * jnp.max(gram)
+  tol = _tolerance(dtype) * scale
+
+  def candidate(mask):
+    # Unknowns (lam_0..lam_{n-1}, t).
+    top = jnp.where(mask[:, None],
+                    jnp.concatenate([step * gram, is_piece[:, None].astype(dtype)], 1),
+                    jnp.concatenate([jnp.eye(n, dtype=dtype), jnp.zeros((n, 1), dtype)], 1))
+    last = jnp.concatenate([is_piece.astype(dtype), jnp.zeros(1, dtype)])[None]
+    matrix = jnp.concatenate([top, last], 0)
+    rhs = jnp.concatenate([jnp.where(mask, rows @ z - offsets, 0), jnp.ones(1, dtype)])
+    sol = jnp.linalg.solve(matrix, rhs)
+    lam, t = sol[:n], sol[n]
+    w = z - step * (rows.T @ lam)
+    slack = rows @ w - offsets - jnp.where(is_piece, t, 0)
+    violation = jnp.maximum(jnp.max(jnp.where(mask, -lam, -jnp.inf)),
+                            jnp.max(jnp.where(mask, -jnp.inf, slack)))
+    finite = jnp.all(jnp.isfinite(sol))
+    lam_scale = 1 + jnp.max(jnp.abs(jnp.where(finite, lam, 0)))
+    weak = jnp.any(~mask & (jnp.abs(slack) <= tol))
+    return w, lam, jnp.where(finite, violation / lam_scale, jnp.inf), weak
+
+  ws, lams, violations, weak = jax.vmap(candidate)(subsets)
+  valid = violations <= tol
+  # Smallest valid set first (subsets are sorted by size): the pieces with
+  # positive multipliers, J+ and I+ of (2.3); else the least violation.
+  choice = jnp.where(jnp.any(valid), jnp.argmax(valid), jnp.argmin(violations))
+  return ws[choice], lams[choice], subsets[choice], jnp.any(valid), weak[choice]
+
+
+def _block_projector(a, b, active, dtype):
+  """Orthogonal projector onto span{a_j - a_j0 (j active), b_i (i active)}:
+  the critical cone K_{h*}(p, w) of (5.1)/(2.4), a subspace under the relative
+  interior condition."""
+  num_j = a.shape[0]
+  first = jnp.argmax(active[:num_j])
+  diffs = jnp.where(active[:num_j, None], a - a[first], 0)
+  normals = jnp.where(active[num_j:, None], b, 0)
+  span = jnp.concatenate([diffs, normals], axis=0).T.astype(dtype)  # (k, n)
+  u, sv, _ = jnp.linalg.svd(span, full_matrices=False)
+  keep = sv > _tolerance(dtype) * (1 + jnp.max(sv, initial=0.0)) * 10
+  u = jnp.where(keep[None, :], u, 0)
+  return u @ u.T
+
+
+class BlockState(NamedTuple):
+  """Per-group results of the prox: what the solver and the derivative use."""
+  projector: Any   # (nb, k, k)
+  lam: Any         # (nb, n) multipliers (sigma, tau)
+  active: Any      # (nb, n) bool
+  ok: Any          # (nb,) bool
+  weak: Any        # (nb,) bool: an active piece with zero multiplier
+
+
+def prox(h: Polyhedral, z, step):
+  """w = prox_{step h}(z) and, per group, the BlockState at w."""
+  w = z
+  states = []
+  for g in h.groups:
+    zb = z[g.index]
+    wb, lam, active, ok, weak = jax.vmap(_block_prox, (0, 0, 0, 0, 0, None))(
+        g.a.astype(z.dtype), g.alpha.astype(z.dtype), g.b.astype(z.dtype),
+        g.beta.astype(z.dtype), zb, step)
+    proj = jax.vmap(_block_projector, (0, 0, 0, None))(g.a, g.b, active, z.dtype)
+    w = w.at[g.index].set(wb)
+    states.append(BlockState(proj, lam, active, ok, weak))
+  return w, tuple(states)
+
+
+def project_dual(h: Polyhedral, states, v):
+  """Applies the projector onto K_{h*} (block diagonal) to a vector v in R^s.
+  Coordinates no block reads map to 0 (there p is fixed at 0)."""
+  out = jnp.zeros_like(v)
+  for g, st in zip(h.groups, states):
+    out = out.at[g.index].set(jnp.einsum("bij,bj->bi", st.projector.astype(v.dtype), v[g.index]))
+  return out
+
+
+def value(h: Polyhedral, z):
+  """h(z), +inf outside dom h."""
+  total = jnp.zeros((), z.dtype)
+  for g in h.groups:
+    zb = z[g.index]
+    pieces = jnp.einsum("bjk,bk->bj", g.a.astype(z.dtype), zb) - g.alpha
+    slack = jnp.einsum("bik,bk->bi", g.b.astype(z.dtype), zb) - g.beta
+    feasible = jnp.all(slack <= _tolerance(z.dtype) * (1 + jnp.abs(g.beta)), axis=-1)
+    total = total + jnp.sum(jnp.where(feasible, jnp.max(pieces, axis=-1), jnp.inf))
+  return total
+
+
+def active_pieces(h: Polyhedral, z):
+  out = []
+  for g in h.groups:
+    zb = z[g.index]
+    pieces = jnp.einsum("bjk,bk->bj", g.a.astype(z.dtype), zb) - g.alpha
+    slack = jnp.einsum("bik,bk->bi", g.b.astype(z.dtype), zb) - g.beta
+    tol = _tolerance(z.dtype) * (1 + jnp.max(jnp.abs(zb), axis=1, keepdims=True))
+    top = pieces >= jnp.max(pieces, axis=1, keepdims=True) - tol
+    out.append(jnp.concatenate([top, jnp.abs(slack) <= tol], axis=1))
+  return tuple(out)
+
+
+def max_part(h: Polyhedral, z):
+  """h(z) without the indicator (for points known to lie in dom h)."""
+  total = jnp.zeros((), z.dtype)
+  for g in h.groups:
+    pieces = jnp.einsum("bjk,bk->bj", g.a.astype(z.dtype), z[g.index]) - g.alpha
+    total = total + jnp.sum(jnp.max(pieces, axis=-1))
+  return total
+
+
+def ri_violated(states):
+  """True where some piece is active at w = prox(z) (to rounding) but carries
+  a zero multiplier in the representation (2.2) of p: the relative interior
+  condition of Theorem 3.2 fails there, and the derivative uses the active set
+  found by the solver (the pieces with positive multipliers)."""
+  return jnp.any(jnp.stack([jnp.any(st.weak) for st in states]))
+
+
+def count_active(states):
+  return sum(jnp.sum(st.active) for st in states)
+
+
+def prox_ok(states):
+  return jnp.all(jnp.stack([jnp.all(st.ok) for st in states]))

@@ -1,0 +1,201 @@
+"""Small quadratic programs of the gradient-sampling methods, solved in JAX.
+
+`min_norm_hull`: the minimum-norm element of con{w_1, ..., w_N} (Algorithm 1
+of Solla & Royset), by Wolfe's (1976) finite active-set algorithm on the
+Gram matrix; exact up to rounding, a few dozen linear solves of size <= N + 1.
+
+`sqp_direction`: the subproblem (5.5) of Algorithm 2 through its dual, a
+concave QP over a simplex times r capped simplices, by accelerated projected
+gradient with restarts, stopped on the duality gap.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class MinNormResult(NamedTuple):
+  point: Any      # the min-norm element w = W^T lam
+  weights: Any    # lam on the simplex
+  steps: Any      # major iterations of Wolfe's method
+  gap: Any        # |w|^2 - min_i <w, w_i>  (0 at the optimum)
+
+
+def _affine_min_norm(gram, mask):
+  """Min-norm point of the affine hull of the masked points: weights mu with
+  sum mu = 1, (gram mu)_S = const, mu = 0 off S (tiny ridge for safety)."""
+  n = gram.shape[0]
+  dtype = gram.dtype
+  ridge = jnp.finfo(dtype).eps * 10 * (1 + jnp.max(jnp.abs(jnp.diag(gram))))
+  mf = mask.astype(dtype)
+  top = jnp.where(mask[:, None] & mask[None, :], gram + ridge * jnp.eye(n, dtype=dtype),
+                  jnp.eye(n, dtype=dtype) * (1 - mf)[:, None])
+  matrix = jnp.block([[top, -mf[:, None]], [mf[None, :], jnp.zeros((1, 1), dtype)]])
+  rhs = jnp.concatenate([jnp.zeros(n, dtype), jnp.ones(1, dtype)])
+  return jnp.linalg.solve(matrix, rhs)[:n]
+
+
+def min_norm_hull(points, *, max_steps: int | None = None, tol=None) -> MinNormResult:
+  """argmin |w| over w in con{points[i]} (points: (N, n)).
+
+  Wolfe's algorithm: keep a corral S of affinely independent points whose
+  affine-hull min-norm point lies in their relative interior; add the point
+  most "below" the current w; when the affine min-norm point leaves the
+  simplex, step back to its boundary and drop the points that reach zero.
+  """
+  points = jnp.asarray(points)
+  n_pts = points.shape[0]
+  dtype = points.dtype
+  gram = points @ points.T
+  max_steps = max_steps or 4 * n_pts + 10
+  eps = jnp.finfo(dtype).eps
+  tol = tol if tol is not None else 1e3 * eps
+  scale = jnp.max(jnp.diag(gram))
+
+  first = jnp.argmin(jnp.diag(gram))
+  lam0 = jnp.zeros(n_pts, dtype).at[first].set(1)
+  mask0 = jnp.arange(n_pts) == first
+
+  def gap_of(lam):
+    v = gram @ lam
+    return jnp.vdot(lam, v) - jnp.min(v), jnp.argmin(v)
+
+  def minor(state):
+    lam, mask = state
+
+    def cond(s):
+      lam, mask, mu, k = s
+      return jnp.any(mask & (mu <= 0)) & (k < n_pts)
+
+    def body(s):
+      lam, mask, mu, k = s
+      bad = mask & (mu <= 0)
+      ratios = jnp.where(bad, lam / jnp.maximum(lam - mu, eps), jnp.inf)
+      theta = jnp.clip(jnp.min(ratios), 0, 1)
+      lam = jnp.where(mask, lam + theta * (mu - lam), 0)
+      mask = mask & (lam > eps * 10)
+      lam = jnp.where(mask, lam, 0)
+      lam = lam / jnp.sum(lam)
+      mu = _affine_min_norm(gram, mask)
+      return lam, mask, mu, k + 1
+
+    mu = _affine_min_norm(gram, mask)
+    lam, mask, mu, _ = jax.lax.while_loop(cond, body, (lam, mask, mu, 0))
+    return jnp.where(mask, mu, 0), mask
+
+  def cond(state):
+    lam, mask, k, done = state
+    return (~done) & (k < max_steps)
+
+  def body(state):
+    lam, mask, k, _ = state
+    gap, j = gap_of(lam)
+    done = (gap <= tol * scale) | mask[j]
+    new_mask = mask.at[j].set(True)
+    lam_n, mask_n = minor((lam, new_mask))
+    lam = jnp.where(done, lam, lam_n)
+    mask = jnp.where(done, mask, mask_n)
+    return lam, mask, k + 1, done
+
+  lam, mask, steps, _ = jax.lax.while_loop(cond, body, (lam0, mask0, 0, jnp.array(False)))
+  gap, _ = gap_of(lam)
+  return MinNormResult(points.T @ lam, lam, steps, gap)
+
+
+# ------------------------------------------------------------------- (5.5)
+
+
+def project_simplex(v, total=1.0):
+  """Euclidean projection onto {x >= 0, sum x = total} (sort-based)."""
+  n = v.shape[-1]
+  u = jnp.sort(v)[::-1]
+  css = jnp.cumsum(u) - total
+  ind = jnp.arange(1, n + 1, dtype=v.dtype)
+  cond = u - css / ind > 0
+  rho = jnp.max(jnp.where(cond, jnp.arange(n), 0))
+  theta = css[rho] / (rho + 1)
+  return jnp.maximum(v - theta, 0)
+
+
+def project_capped_simplex(v):
+  """Projection onto {x >= 0, sum x <= 1}."""
+  clipped = jnp.maximum(v, 0)
+  return jnp.where(jnp.sum(clipped) <= 1, clipped, project_simplex(v))
+
+
+class SQPDirection(NamedTuple):
+  direction: Any   # d minimizing q(d) of (5.5)
+  model_value: Any  # q(d)
+  dual_value: Any
+  steps: Any
+
+
+def sqp_direction(f_value, f_grads, c_values, c_grads, rho, *, max_steps: int = 5000,
+                  tol=None) -> SQPDirection:
+  """Solves (5.5) with the sampled gradients:
+
+      min_d rho max_i (f + <w_i, d>) + sum_k max_i max(c_k + <w_ki, d>, 0) + |d|^2/2.
+
+  Dual: max over lam in simplex, mu_k in {mu >= 0, sum mu <= 1} of
+  rho f + sum_k c_k sum(mu_k) - |v|^2/2 with v = rho W^T lam + sum_k W_k^T mu_k,
+  and d = -v.  Accelerated projected gradient (FISTA with adaptive restart)
+  on the dual; stops when q(d) - dual <= tol (1 + |q(d)|).
+
+  Args:
+    f_value: f at x (scalar); f_grads: (N, n).
+    c_values: (r,); c_grads: (r, N, n).
+    rho: penalty weight.
+  """
+  dtype = f_grads.dtype
+  tol = tol if tol is not None else 1e2 * jnp.finfo(dtype).eps ** 0.75
+  r, n_pts = c_grads.shape[0], f_grads.shape[0]
+  stacked = jnp.concatenate([rho * f_grads[None], c_grads], axis=0)  # (r+1, N, n)
+  flat = stacked.reshape(-1, stacked.shape[-1])
+  lipschitz = jnp.linalg.norm(flat @ flat.T, ord=2)
+  step = 1 / jnp.maximum(lipschitz, jnp.finfo(dtype).tiny)
+  lin = jnp.concatenate([jnp.zeros((1, n_pts), dtype),
+                         jnp.broadcast_to(c_values[:, None], (r, n_pts))], 0)
+
+  def project(z):
+    first = project_simplex(z[0])[None]
+    rest = jax.vmap(project_capped_simplex)(z[1:])
+    return jnp.concatenate([first, rest], 0)
+
+  def primal(z):
+    v = jnp.einsum("kj,kjn->n", z, stacked)
+    d = -v
+    q = rho * jnp.max(f_value + f_grads @ d)
+    q = q + jnp.sum(jnp.max(jnp.maximum(c_values[:, None] + jnp.einsum("kjn,n->kj", c_grads, d), 0), axis=1))
+    q = q + 0.5 * jnp.vdot(d, d)
+    dual = rho * f_value + jnp.sum(lin * z) - 0.5 * jnp.vdot(v, v)
+    return d, q, dual
+
+  def grad(z):
+    v = jnp.einsum("kj,kjn->n", z, stacked)
+    return lin - jnp.einsum("kjn,n->kj", stacked, v)
+
+  z0 = jnp.concatenate([jnp.full((1, n_pts), 1 / n_pts, dtype), jnp.zeros((r, n_pts), dtype)], 0)
+
+  def cond(state):
+    z, _, _, k, gap = state
+    return (gap > tol) & (k < max_steps)
+
+  def body(state):
+    z, y, t, k, _ = state
+    z_new = project(y + step * grad(y))
+    t_new = (1 + jnp.sqrt(1 + 4 * t * t)) / 2
+    y_new = z_new + ((t - 1) / t_new) * (z_new - z)
+    # Adaptive restart when the momentum points uphill for the dual.
+    restart = jnp.sum(grad(y) * (z_new - z)) < 0
+    y_new = jnp.where(restart, z_new, y_new)
+    t_new = jnp.where(restart, 1.0, t_new)
+    _, q, dual = primal(z_new)
+    gap = (q - dual) / (1 + jnp.abs(q))
+    return z_new, y_new, t_new, k + 1, gap
+
+  one = jnp.ones((), dtype)
+  z, _, _, steps, _ = jax.lax.while_loop(cond, body, (z0, z0, one, 0, jnp.asarray(jnp.inf, dtype)))
+  d, q, dual = primal(z)
+  return SQPDirection(d, q, dual, steps)

@@ -1,0 +1,32 @@
+"""Composite convex lower levels g + h(G) with epi-polyhedral h, regularized
+(Moreau envelope + Tikhonov) and differentiated through the primal-dual
+solution map (Solla & Royset 2026, Sections 2-5).
+
+    h = composite.l1(d)                           # h(z1, z2) = sum max(z1_i, z2_i)
+    sol = composite.solve(g, G, h, x, y0=y0, alpha=1e-6, beta=1e-6)
+    sol.y, sol.p, sol.info                        # y, p differentiable in x
+
+See `bilevel_jax._src.composite.solver` for the method and the equations.
+"""
+from bilevel_jax._src.composite.polyhedral import MAX_PIECES_PER_BLOCK
+from bilevel_jax._src.composite.polyhedral import Polyhedral
+from bilevel_jax._src.composite.polyhedral import hinge
+from bilevel_jax._src.composite.polyhedral import l1
+from bilevel_jax._src.composite.polyhedral import linear
+from bilevel_jax._src.composite.polyhedral import maximum
+from bilevel_jax._src.composite.polyhedral import nonpositive
+from bilevel_jax._src.composite.polyhedral import polyhedral
+from bilevel_jax._src.composite.polyhedral import separable
+from bilevel_jax._src.composite.solver import CompositeInfo
+from bilevel_jax._src.composite.solver import CompositeSolution
+from bilevel_jax._src.composite.solver import LINESEARCH_FAILED
+from bilevel_jax._src.composite.solver import MAX_STEPS
+from bilevel_jax._src.composite.solver import NONFINITE
+from bilevel_jax._src.composite.solver import STATUS_MESSAGES
+from bilevel_jax._src.composite.solver import SUCCESS
+from bilevel_jax._src.composite.solver import solve
+
+__all__ = ["CompositeInfo", "CompositeSolution", "LINESEARCH_FAILED",
+           "MAX_PIECES_PER_BLOCK", "MAX_STEPS", "NONFINITE", "Polyhedral",
+           "STATUS_MESSAGES", "SUCCESS", "hinge", "l1", "linear", "maximum",
+           "nonpositive", "polyhedral", "separable", "solve"]
