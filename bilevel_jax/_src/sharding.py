@@ -25,6 +25,24 @@ way as long as they are vmappable.
 Uneven batches (B not a multiple of D) are padded by repeating the last task
 and the padded copies are masked out of every reduction; the batched outputs
 are cut back to B. ``pad=False`` rejects them instead.
+
+Several hosts (or processes): start every process with the same program and
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU only
+    jax.distributed.initialize(coordinator_address="10.0.0.1:1234",
+                               num_processes=P, process_id=p)
+    mesh = make_mesh()                       # all devices of all processes
+    tasks = process_local_batch(my_tasks, mesh)  # this process's B / P tasks
+    x = replicate(x0, mesh)                  # the same x0 in every process
+    value, grad, y_k = shard_hypergradient(batched, mesh, in_axes=(None, 0, 0),
+                                           reduce="mean")(x, y0, tasks)
+
+The reduced outputs are replicated on every device (read them with
+``value.addressable_data(0)``); ``jax.experimental.multihost_utils.
+process_allgather`` collects the batched ones. tests/multihost_worker.py is a
+complete example, run by the test suite as two processes over loopback. On
+GPU clusters with a scheduler (SLURM, Open MPI, Kubernetes),
+`jax.distributed.initialize()` without arguments finds these values itself.
 """
 from __future__ import annotations
 
@@ -160,7 +178,8 @@ def shard_hypergradient(fn: Callable, mesh: Mesh, *, in_axes: Sequence[Optional[
       which matters to plain SGD.
     reduced_outputs: indices of the outputs reduced over the batch (by
       default the value and the hypergradient); the others stay batched and
-      come back with shape (B, ...), sharded over the mesh axis.
+      come back with shape (B, ...), split over the mesh axis when B is a
+      multiple of its size.
     axis_name: the mesh axis to split along (default: the mesh's only axis).
     pad: pad a batch whose size is not a multiple of the axis size by
       repeating its last task, and mask the copies out of the reductions;
