@@ -13,9 +13,12 @@ from bilevel_jax._src import report
 
 def _experiments():
   from bilevel_jax._src.experiments import example1, hypercleaning, quadratic
-  from bilevel_jax._src.experiments import fewshot
+  from bilevel_jax._src.experiments import (value_doublewell, value_example1, value_hyper,
+                                            value_nonsmooth)
+  value_experiments = {m.__name__.rsplit(".", 1)[-1]: m for m in (
+      value_doublewell, value_example1, value_hyper, value_nonsmooth)}
   return {"example1": example1, "hypercleaning": hypercleaning, "quadratic": quadratic,
-          "fewshot": fewshot}
+          **value_experiments}
 
 
 def load_experiment_config(path: str):

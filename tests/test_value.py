@@ -37,8 +37,7 @@ def entropic_square_exact(x, mu):
 
 
 # ---------------------------------------------------------------- entropic
-@pytest.mark.parametrize("x", [0.5, -0.3, 1e-3])
-@pytest.mark.parametrize("mu", [1e-1, 1e-2])
+@pytest.mark.parametrize("x, mu", [(0.5, 1e-1), (-0.3, 1e-2), (1e-3, 1e-2)])
 def test_entropic_bilinear_closed_form_and_gradient(x, mu):
   fn = jax.jit(lambda xx: value.entropic(bilinear, xx, mu=mu, box=BOX1, order=10, panels=64).value)
   sol = value.entropic(bilinear, x, mu=mu, box=BOX1, order=10, panels=64)
@@ -56,12 +55,14 @@ def test_entropic_rate_in_mu_and_theorem_bounds():
   so (v_mu - v) / (mu ln(1/mu)) -> 1/2; the bounds of Theorem 4.3 hold:
   v - mu ln vol(Y) <= v_mu <= v - mu ln(mu vol(Y)) for mu small."""
   x = 0.3
+  mus = jnp.array([1e-2, 1e-3, 1e-4, 1e-5])
+  # Fine panels so that the Gibbs width sqrt(mu) is resolved.
+  values = jax.jit(jax.vmap(lambda mu: value.entropic(
+      lambda xx, y: (y[0] - xx) ** 2, x, mu=mu, box=BOX1, order=12, panels=128).value))(mus)
   ratios = []
-  for mu in (1e-2, 1e-3, 1e-4, 1e-5):
-    # Fine panels so that the Gibbs width sqrt(mu) is resolved.
-    sol = value.entropic(lambda xx, y: (y[0] - xx) ** 2, x, mu=mu, box=BOX1, order=12, panels=128)
+  for mu, v in zip(np.asarray(mus), np.asarray(values)):
     exact = float(entropic_square_exact(x, mu))
-    np.testing.assert_allclose(float(sol.value), exact, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(v, exact, rtol=1e-9, atol=1e-12)
     assert -mu * np.log(2.0) <= exact <= -mu * np.log(2.0 * mu)
     ratios.append(exact / (mu * np.log(1 / mu)))
   np.testing.assert_allclose(ratios, 0.5 - 0.5 * np.log(np.pi) / np.log(1 / np.array(
@@ -77,14 +78,14 @@ def test_entropic_separable_closed_form_and_error_estimate(m, rule):
   g = lambda xx, y: jnp.sum((y - xx) ** 2)
   box = (-jnp.ones(m), jnp.ones(m))
   kw = dict(order=8, panels=4) if rule == "gauss-legendre" else dict(num_points=4096)
-  sol = value.entropic(g, x, mu=mu, box=box, rule=rule, **kw)
-  exact = float(jnp.sum(jax.vmap(lambda xi: entropic_square_exact(xi, mu))(x)))
-  err = abs(float(sol.value) - exact)
+  fn = lambda xx: value.entropic(g, xx, mu=mu, box=box, rule=rule, **kw)
+  sol, grad = jax.jit(lambda xx: (fn(xx), jax.grad(lambda z: fn(z).value)(xx)))(x)
+  exact_fn = lambda xx: jnp.sum(jax.vmap(lambda xi: entropic_square_exact(xi, mu))(xx))
+  exact, exact_grad = jax.jit(jax.value_and_grad(exact_fn))(x)
+  err = abs(float(sol.value) - float(exact))
   assert float(sol.info.integration_error) > 0
   assert err <= 3 * float(sol.info.integration_error) + 1e-12, (err, sol.info.integration_error)
   assert err < (1e-6 if rule == "gauss-legendre" else 2e-3)
-  grad = jax.grad(lambda xx: value.entropic(g, xx, mu=mu, box=box, rule=rule, **kw).value)(x)
-  exact_grad = jax.grad(lambda xx: jnp.sum(jax.vmap(lambda xi: entropic_square_exact(xi, mu))(xx)))(x)
   np.testing.assert_allclose(grad, exact_grad, atol=1e-5 if rule == "gauss-legendre" else 5e-2)
 
 
@@ -97,9 +98,11 @@ def test_entropic_user_points_and_unbounded_box():
   assert np.isnan(float(user.info.integration_error))
   # Y = R: v_mu = -mu ln sqrt(2 pi mu) (the Gaussian integral), tails negligible.
   radius = value.log_radius(2.0)
+  unbounded = jax.jit(lambda mu: value.entropic(
+      g, 0.2, mu=mu, box=(jnp.array([-jnp.inf]), jnp.array([jnp.inf])), radius=radius,
+      order=8, panels=64))
   for mu in (0.1, 0.01):
-    sol = value.entropic(g, 0.2, mu=mu, box=(jnp.array([-jnp.inf]), jnp.array([jnp.inf])),
-                         radius=radius, order=8, panels=64)
+    sol = unbounded(mu)
     np.testing.assert_allclose(float(sol.value), -mu * np.log(np.sqrt(2 * np.pi * mu)), rtol=1e-8)
     np.testing.assert_allclose(float(sol.info.log_volume), np.log(2 * float(radius(mu))), rtol=1e-12)
   # The schedule meets Theorem 4.13: mu ln vol(Y_mu) -> 0.
@@ -139,20 +142,25 @@ def test_entropic_nonconvex_double_well():
 
 
 # ---------------------------------------------------------------- quadratic
-@pytest.mark.parametrize("x", [0.5, -0.3, 3e-3, 0.0])
 @pytest.mark.parametrize("mu", [1e-1, 1e-2, 1e-4])
-def test_quadratic_bilinear_is_huber(x, mu):
+def test_quadratic_bilinear_is_huber(mu):
   """min_{|y|<=1} x y + mu y^2/2 = Huber: -x^2/(2 mu) if |x| <= mu else -|x| + mu/2,
   S_mu(x) = clip(-x/mu, -1, 1), grad v_mu = S_mu (Prop. 3.4); |v_mu - v| <= mu/2."""
-  sol = value.quadratic(bilinear, x, mu=mu, y0=jnp.zeros(1), projection=BOX_PROJ)
-  exact = -x * x / (2 * mu) if abs(x) <= mu else -abs(x) + mu / 2
-  np.testing.assert_allclose(float(sol.value), exact, rtol=1e-10, atol=1e-12)
-  assert 0 <= float(sol.value) + abs(x) <= mu / 2 + 1e-15
-  np.testing.assert_allclose(float(sol.y[0]), np.clip(-x / mu, -1, 1), atol=1e-9)
-  fn = jax.jit(jax.grad(
-      lambda xx: value.quadratic(bilinear, xx, mu=mu, y0=jnp.zeros(1), projection=BOX_PROJ).value))
-  np.testing.assert_allclose(float(fn(x)), np.clip(-x / mu, -1, 1), atol=1e-9)
-  assert int(sol.info.status) == value.SUCCESS
+  xs = np.array([0.5, -0.3, 3e-3, 0.0, -5e-5])
+
+  def solve(x):
+    sol = value.quadratic(bilinear, x, mu=mu, y0=jnp.zeros(1), projection=BOX_PROJ)
+    return sol.value, sol.y[0], sol.info.status
+
+  values, ys, status = jax.jit(jax.vmap(solve))(jnp.asarray(xs))
+  grads = jax.jit(jax.vmap(jax.grad(lambda x: solve(x)[0])))(jnp.asarray(xs))
+  exact = np.where(np.abs(xs) <= mu, -xs * xs / (2 * mu), -np.abs(xs) + mu / 2)
+  np.testing.assert_allclose(values, exact, rtol=1e-10, atol=1e-12)
+  gap = np.asarray(values) + np.abs(xs)
+  assert gap.min() >= 0 and gap.max() <= mu / 2 + 1e-15
+  np.testing.assert_allclose(ys, np.clip(-xs / mu, -1, 1), atol=1e-9)
+  np.testing.assert_allclose(grads, np.clip(-xs / mu, -1, 1), atol=1e-9)
+  assert np.all(np.asarray(status) == value.SUCCESS)
 
 
 @pytest.fixture(scope="module")

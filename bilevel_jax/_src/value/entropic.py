@@ -170,16 +170,24 @@ def _check_box(box):
   return lo, hi, unbounded
 
 
+def _per_axis(name, value, m):
+  """An int or a sequence of m positive ints -> a tuple of m ints."""
+  values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * m
+  if len(values) != m:
+    raise ValueError(f"`{name}` must be an int or a sequence of {m} ints, got {value!r}.")
+  return tuple(validation.check_positive_int(name, v) for v in values)
+
+
 def _box_rule(box, mu, dtype, rule, order, panels, num_points, randomizations,
               key, radius):
   """Nodes (R, n, m), log-weights (R, n), ln vol and the coarse GL rule."""
   lo, hi, unbounded = _check_box(box)
   m = lo.shape[0]
   lo, hi = lo.astype(dtype), hi.astype(dtype)
-  if unbounded:
-    if radius is None:
-      raise ValueError("`box` is unbounded: pass `radius` (a schedule mu -> r_mu "
-                       "such as `log_radius()`, Theorem 4.13).")
+  if unbounded and radius is None:
+    raise ValueError("`box` is unbounded: pass `radius` (a schedule mu -> r_mu "
+                     "such as `log_radius()`, Theorem 4.13).")
+  if radius is not None:  # Y_mu = Y cap [-r_mu, r_mu]^m whenever a radius is given
     r = radius(mu) if callable(radius) else radius
     validation.check_positive("radius", r)
     r = jnp.asarray(r, dtype)
@@ -190,13 +198,13 @@ def _box_rule(box, mu, dtype, rule, order, panels, num_points, randomizations,
     rule = "gauss-legendre" if m <= 3 else "halton"
   if rule == "gauss-legendre":
     d_order, d_panels = _GL_DEFAULTS.get(m, (3, 2))
-    order = validation.check_positive_int("order", order if order is not None else d_order)
-    panels = validation.check_positive_int("panels", panels if panels is not None else d_panels)
-    if order < 2:
+    orders = _per_axis("order", order if order is not None else d_order, m)
+    counts = _per_axis("panels", panels if panels is not None else d_panels, m)
+    if min(orders) < 2:
       raise ValueError(f"`order` must be >= 2 (the error estimate halves it), got {order}.")
     out = []
-    for q in (order, max(1, order // 2)):
-      u, w = rules.gauss_legendre(m, q, panels)
+    for qs in (orders, tuple(max(1, q // 2) for q in orders)):
+      u, w = rules.gauss_legendre(qs, counts)
       nodes = lo[None] + width[None] * jnp.asarray(u, dtype)
       out.append((nodes[None], (jnp.log(jnp.asarray(w, dtype)) + log_vol)[None]))
     return out[0], out[1], log_vol
@@ -225,7 +233,7 @@ def _user_rule(points, weights, dtype):
 
 
 def entropic(g: Callable, x, *, mu, box=None, rule: str = "auto",
-             order: Optional[int] = None, panels: Optional[int] = None,
+             order=None, panels=None,
              num_points: int = 2048, randomizations: int = 8, key=None,
              points=None, weights=None, radius=None, pass_mu: bool = False,
              tol: float = 1e-4) -> EntropicSolution:
@@ -241,14 +249,16 @@ def entropic(g: Callable, x, *, mu, box=None, rule: str = "auto",
       entries make Y unbounded; then ``radius`` is required (Y_mu of (4.20)).
     rule: "auto" (Gauss-Legendre for m <= 3, Halton for m > 3),
       "gauss-legendre", "halton", or "points" (use ``points``/``weights``).
-    order, panels: Gauss-Legendre nodes per panel and panels per axis
-      (defaults: m=1 (8, 32), m=2 (6, 12), m=3 (4, 6)).
+    order, panels: Gauss-Legendre nodes per panel and panels per axis, ints
+      or one per axis (defaults: m=1 (8, 32), m=2 (6, 12), m=3 (4, 6)).
     num_points, randomizations: Halton points per randomization and the
       number R of random shifts (R * num_points evaluations of g).
     key: PRNG key for the shifts (default ``PRNGKey(0)``: deterministic).
     points, weights: a user rule, arrays (N, m) and (N,) with positive
       weights that include the volume (int ~ sum_i w_i f(y_i)).
     radius: schedule mu -> r_mu (or a number) for unbounded Y; see `log_radius`.
+      When given, Y_mu = Y cap [-r_mu, r_mu]^m is used even if ``box`` is
+      bounded (a box traced under jit cannot be inspected for infinities).
     pass_mu: call g(x, y, mu).
     tol: ``info.status`` is INACCURATE when the error estimate exceeds tol.
 

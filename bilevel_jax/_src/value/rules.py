@@ -28,19 +28,22 @@ _PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 6
 
 
 @functools.lru_cache(maxsize=64)
-def gauss_legendre(m: int, order: int, panels: int):
-  """Composite tensor Gauss-Legendre rule on [0, 1]^m.
+def gauss_legendre(orders: tuple, panels: tuple):
+  """Composite tensor Gauss-Legendre rule on [0, 1]^m, m = len(orders).
 
+  Axis j has ``panels[j]`` equal panels with ``orders[j]`` nodes each.
   Returns ``(nodes, weights)``: NumPy arrays of shapes (N, m) and (N,) with
-  N = (order * panels)^m and weights summing to 1.
+  N = prod_j orders[j] panels[j] and weights summing to 1.
   """
-  t, w = np.polynomial.legendre.leggauss(order)  # on [-1, 1], sum w = 2
-  edges = np.arange(panels, dtype=np.float64) / panels
-  nodes_1d = (edges[:, None] + (t[None, :] + 1.0) / (2.0 * panels)).ravel()
-  weights_1d = np.tile(w / (2.0 * panels), panels)
-  grids = np.meshgrid(*([nodes_1d] * m), indexing="ij")
+  axes_nodes, axes_weights = [], []
+  for order, count in zip(orders, panels):
+    t, w = np.polynomial.legendre.leggauss(order)  # on [-1, 1], sum w = 2
+    edges = np.arange(count, dtype=np.float64) / count
+    axes_nodes.append((edges[:, None] + (t[None, :] + 1.0) / (2.0 * count)).ravel())
+    axes_weights.append(np.tile(w / (2.0 * count), count))
+  grids = np.meshgrid(*axes_nodes, indexing="ij")
   nodes = np.stack([g.ravel() for g in grids], axis=-1)
-  wgrids = np.meshgrid(*([weights_1d] * m), indexing="ij")
+  wgrids = np.meshgrid(*axes_weights, indexing="ij")
   weights = np.prod(np.stack([g.ravel() for g in wgrids], axis=-1), axis=-1)
   return nodes, weights
 
