@@ -17,8 +17,9 @@ def _experiments():
                                             value_nonsmooth)
   value_experiments = {m.__name__.rsplit(".", 1)[-1]: m for m in (
       value_doublewell, value_example1, value_hyper, value_nonsmooth)}
+  from bilevel_jax._src.experiments import fewshot
   return {"example1": example1, "hypercleaning": hypercleaning, "quadratic": quadratic,
-          **value_experiments}
+          "fewshot": fewshot, **value_experiments}
 
 
 def load_experiment_config(path: str):
