@@ -66,8 +66,8 @@ def _tol(dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-@pytest.mark.parametrize("num_tasks", [8, 7, 3])  # even, uneven (padded), fewer than devices
-@pytest.mark.parametrize("reduce", ["mean", "sum"])
+@pytest.mark.parametrize("num_tasks, reduce", [
+    (8, "mean"), (7, "sum"), (3, "mean")])  # even, uneven (padded), fewer tasks than devices
 def test_bda_sharded_equals_single_device(dtype, num_tasks, reduce):
   args = _bda_inputs(num_tasks, dtype)
   expected = _reference(BDA, args, reduce)

@@ -57,6 +57,12 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+if hasattr(jax, "shard_map"):  # JAX >= 0.6
+  _shard_map, _UNCHECKED = jax.shard_map, {"check_vma": False}
+else:  # pragma: no cover - older JAX
+  from jax.experimental.shard_map import shard_map as _shard_map
+  _UNCHECKED = {"check_rep": False}
+
 REDUCTIONS = ("mean", "sum")
 DEFAULT_AXIS = "batch"
 
@@ -269,11 +275,11 @@ def shard_hypergradient(fn: Callable, mesh: Mesh, *, in_axes: Sequence[Optional[
     num_outputs = _count_outputs(fn, local_args, reduced)
     out_specs = tuple(P() if i in reduced else P(axis) for i in range(num_outputs))
     in_specs = tuple(P(axis) if ax == 0 else P() for ax in in_axes)
-    # check_vma=False: `fn` is arbitrary user code (a lax.scan whose carry
+    # Unchecked (check_vma=False): `fn` is arbitrary user code (a lax.scan whose carry
     # starts as a constant, for one) that need not annotate which values vary
     # across devices. The reduced outputs are replicated by the psum above.
-    outputs = jax.shard_map(per_device, mesh=mesh, in_specs=in_specs,
-                            out_specs=out_specs, check_vma=False)(*args)
+    outputs = _shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         **_UNCHECKED)(*args)
     if padded != size:
       outputs = tuple(out if i in reduced else jax.tree_util.tree_map(lambda a: a[:size], out)
                       for i, out in enumerate(outputs))
