@@ -112,15 +112,17 @@ def test_entropic_user_points_and_unbounded_box():
     value.entropic(g, 0.2, mu=0.1, box=(jnp.array([-jnp.inf]), jnp.array([1.0])))
 
 
-def test_entropic_derivatives_in_mu_box_and_closure():
-  """The custom VJP also gives exact derivatives in mu, the box and closed-over arrays."""
+@pytest.mark.parametrize("batch_size", [None, 48])
+def test_entropic_derivatives_in_mu_box_and_closure(batch_size):
+  """The custom VJP also gives exact derivatives in mu, the box and closed-over
+  arrays, evaluated at once or in chunks of nodes (320 = 6 x 48 + 32)."""
   c = jnp.array(0.7)
 
   def v(args):
     mu, hi, c = args
     g = lambda x, y: c * (y[0] - x) ** 2
     return value.entropic(g, 0.3, mu=mu, box=(jnp.array([-1.0]), jnp.array([hi])),
-                          order=10, panels=32).value
+                          order=10, panels=32, batch_size=batch_size).value
 
   args = jnp.array([0.05, 1.2, c])
   flat = jax.jit(lambda a: v((a[0], a[1], a[2])))

@@ -37,6 +37,10 @@ Practical choices (the paper has no algorithm; these are ours):
   exact derivatives in mu, (v - E_alpha g) / mu (+ E_alpha d g / d mu with
   ``pass_mu``), in the nodes (alpha_i grad_y g, so the box bounds are
   differentiable) and in arrays g closes over.
+* By default g is evaluated at all N nodes at once (vmap): the (N, ...)
+  intermediates of g then dominate memory in the forward pass as much as in
+  a backward pass. ``batch_size`` evaluates chunks with `lax.map` and
+  accumulates the backward VJP over chunks with `lax.scan`.
 """
 from __future__ import annotations
 
@@ -99,8 +103,38 @@ def log_radius(r0: float = 10.0) -> Callable:
 
 
 # ---------------------------------------------------------------- core rule
-def _node_values(gp, p, mu, nodes):
-  return jax.vmap(jax.vmap(lambda y: gp(p, y, mu)))(nodes)
+def _node_values(gp, p, mu, nodes, batch_size=None):
+  """g at every node, shape (R, n); in chunks of ``batch_size`` nodes if set."""
+  if batch_size is None:
+    return jax.vmap(jax.vmap(lambda y: gp(p, y, mu)))(nodes)
+  flat = nodes.reshape(-1, nodes.shape[-1])
+  return jax.lax.map(lambda y: gp(p, y, mu), flat, batch_size=batch_size).reshape(
+      nodes.shape[:2])
+
+
+def _weighted_vjp(gp, p, mu, nodes, weights, batch_size):
+  """VJP of (p, mu, nodes) -> g(p, nodes, mu) with cotangent ``weights`` (R, n),
+  accumulated over chunks of ``batch_size`` nodes so that only one chunk's
+  residuals are alive at a time."""
+  shape = nodes.shape
+  flat, w = nodes.reshape(-1, shape[-1]), weights.reshape(-1)
+  pad = (-flat.shape[0]) % batch_size
+  flat = jnp.concatenate([flat, jnp.broadcast_to(flat[:1], (pad, shape[-1]))])
+  w = jnp.concatenate([w, jnp.zeros((pad,), w.dtype)])
+  chunks = flat.reshape(-1, batch_size, shape[-1])
+  w_chunks = w.reshape(-1, batch_size)
+
+  def body(acc, chunk):
+    y, wc = chunk
+    _, vjp = jax.vjp(lambda pp, mm, yy: jax.vmap(lambda yi: gp(pp, yi, mm))(yy), p, mu, y)
+    d_p, d_mu, d_y = vjp(wc)
+    acc = jax.tree_util.tree_map(jnp.add, acc, (d_p, d_mu))
+    return acc, d_y
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, (p, mu))
+  (d_p, d_mu), d_nodes = jax.lax.scan(body, zeros, (chunks, w_chunks))
+  d_nodes = d_nodes.reshape(-1, shape[-1])[: shape[0] * shape[1]].reshape(shape)
+  return d_p, d_mu, d_nodes
 
 
 def _soft_min(gvals, mu, logw):
@@ -113,13 +147,13 @@ def _soft_min(gvals, mu, logw):
   return -mu * total, alpha, per_rand - total
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gibbs(gp, p, mu, nodes, logw):
-  return _gibbs_fwd(gp, p, mu, nodes, logw)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _gibbs(gp, batch_size, p, mu, nodes, logw):
+  return _gibbs_fwd(gp, batch_size, p, mu, nodes, logw)[0]
 
 
-def _gibbs_fwd(gp, p, mu, nodes, logw):
-  gvals = _node_values(gp, p, mu, nodes)
+def _gibbs_fwd(gp, batch_size, p, mu, nodes, logw):
+  gvals = _node_values(gp, p, mu, nodes, batch_size)
   v, alpha, rel = _soft_min(gvals, mu, logw)
   num_rand = nodes.shape[0]
   if num_rand > 1:
@@ -132,14 +166,19 @@ def _gibbs_fwd(gp, p, mu, nodes, logw):
   return (v, aux), (p, mu, nodes, logw, v)
 
 
-def _gibbs_bwd(gp, residuals, cotangents):
+def _gibbs_bwd(gp, batch_size, residuals, cotangents):
   """Cotangents of (4.2)-(4.3): one VJP of sum_i alpha_i g(x, y_i)."""
   p, mu, nodes, logw, v = residuals
   ct = cotangents[0]
-  gvals, vjp = jax.vjp(lambda pp, mm, nn: _node_values(gp, pp, mm, nn), p, mu, nodes)
-  _, alpha, _ = _soft_min(gvals, mu, logw)
+  if batch_size is None:
+    gvals, vjp = jax.vjp(lambda pp, mm, nn: _node_values(gp, pp, mm, nn), p, mu, nodes)
+    _, alpha, _ = _soft_min(gvals, mu, logw)
+    d_p, d_mu, d_nodes = vjp(ct * alpha)
+  else:
+    gvals = _node_values(gp, p, mu, nodes, batch_size)
+    _, alpha, _ = _soft_min(gvals, mu, logw)
+    d_p, d_mu, d_nodes = _weighted_vjp(gp, p, mu, nodes, ct * alpha, batch_size)
   mean_g = jnp.sum(alpha * gvals)
-  d_p, d_mu, d_nodes = vjp(ct * alpha)
   d_mu = d_mu + ct * (v - mean_g) / mu
   d_logw = -mu * ct * alpha
   return d_p, d_mu, d_nodes, d_logw
@@ -236,7 +275,7 @@ def entropic(g: Callable, x, *, mu, box=None, rule: str = "auto",
              order=None, panels=None,
              num_points: int = 2048, randomizations: int = 8, key=None,
              points=None, weights=None, radius=None, pass_mu: bool = False,
-             tol: float = 1e-4) -> EntropicSolution:
+             tol: float = 1e-4, batch_size: Optional[int] = None) -> EntropicSolution:
   """Entropic value function v_mu(x) = -mu ln int_Y exp(-g(x, y)/mu) dy (4.1).
 
   Args:
@@ -261,6 +300,9 @@ def entropic(g: Callable, x, *, mu, box=None, rule: str = "auto",
       bounded (a box traced under jit cannot be inspected for infinities).
     pass_mu: call g(x, y, mu).
     tol: ``info.status`` is INACCURATE when the error estimate exceeds tol.
+    batch_size: evaluate g (and its VJP in the backward pass) on chunks of
+      this many nodes (`lax.map` / `lax.scan`) instead of all nodes at once,
+      so memory is O(batch_size) evaluations of g rather than O(N).
 
   Returns:
     `EntropicSolution` (value, y, info). ``value`` has a custom VJP (4.2)-(4.3).
@@ -292,10 +334,12 @@ def entropic(g: Callable, x, *, mu, box=None, rule: str = "auto",
   common.check_g(g3, x, nodes[0, 0], mu)
   gp, consts = common.convert(g3, x, nodes[0, 0], mu)
   p = (x, consts)
-  v, (max_w, ess, mean_g, mean_y, rel_se) = _gibbs(gp, p, mu, nodes, logw)
+  if batch_size is not None:
+    batch_size = validation.check_positive_int("batch_size", batch_size)
+  v, (max_w, ess, mean_g, mean_y, rel_se) = _gibbs(gp, batch_size, p, mu, nodes, logw)
   sg = jax.lax.stop_gradient
   if coarse is not None:
-    v_coarse = _soft_min(_node_values(gp, sg(p), sg(mu), sg(coarse[0])), sg(mu),
+    v_coarse = _soft_min(_node_values(gp, sg(p), sg(mu), sg(coarse[0]), batch_size), sg(mu),
                          sg(coarse[1]))[0]
     error = jnp.abs(sg(v) - v_coarse)
   elif nodes.shape[0] > 1:
