@@ -1,0 +1,34 @@
+"""Pieces shared by the Section 6 experiments of Solla & Royset."""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from bilevel_jax._src.composite import solver
+from bilevel_jax._src.problems import regression
+
+
+def retrain(data, lower_fn, x, reg):
+  """The model refit at x with alpha = beta = reg (the papers' 'retraining'),
+  and its validation and test errors."""
+  low = lower_fn(data)
+  sol = solver.solve(low.g, low.G, low.h, x, y0=low.y0, alpha=reg, beta=reg)
+  coef = low.to_model(sol.y)
+  return (regression.mse(data.a_val, data.b_val, coef),
+          regression.mse(data.a_test, data.b_test, coef), sol.info.status)
+
+
+def timed(fn, *args):
+  """(result, compile seconds, run seconds) of a jitted fn on args."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  out = jax.block_until_ready(compiled(*args))
+  return out, compile_s, time.perf_counter() - start
+
+
+def mean(values) -> float:
+  return float(jnp.mean(jnp.asarray(values)))

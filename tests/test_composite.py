@@ -1,0 +1,316 @@
+"""Composite lower levels: h as data, the regularized solve (3.1) and the
+derivative (3.6) against finite differences, closed forms and limits."""
+import itertools
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bilevel_jax import composite
+from tests.helpers import TraceCounter
+
+TIGHT = dict(tol=1e-12, max_steps=200)
+
+
+def _fd_jacobian(fn, x, eps=1e-6):
+  cols = []
+  for i in range(x.shape[0]):
+    e = jnp.zeros_like(x).at[i].set(eps)
+    cols.append((fn(x + e) - fn(x - e)) / (2 * eps))
+  return jnp.stack(cols, axis=-1)
+
+
+def _check_jacobian(g, G, h, x, y0, alpha, beta, rtol=1e-5):
+  @jax.jit
+  def solve(xx):
+    return composite.solve(g, G, h, xx, y0=y0, alpha=alpha, beta=beta, **TIGHT)
+
+  def yp(xx):
+    sol = solve(xx)
+    return jnp.concatenate([sol.y, sol.p])
+
+  sol = solve(x)
+  assert int(sol.info.status) == composite.SUCCESS, sol.info
+  jac = jax.jit(jax.jacrev(yp))(x)
+  fd = _fd_jacobian(yp, x)
+  np.testing.assert_allclose(jac, fd, rtol=rtol, atol=rtol * (1 + np.max(np.abs(fd))))
+  return sol
+
+
+# ------------------------------------------------------------- Polyhedral h
+
+
+def test_l1_value_prox_and_multipliers():
+  h = composite.l1(3, scale=2.0)
+  y = jnp.array([1.0, -0.3, 0.05])
+  z = jnp.concatenate([y, -y])
+  assert float(h(z)) == pytest.approx(2.0 * float(jnp.sum(jnp.abs(y))))
+  w = h.prox(z, 0.1)
+  np.testing.assert_allclose(w, [0.8, -0.3, -0.1, -1.0, 0.1, -0.1], atol=1e-14)
+  p = (z - w) / 0.1
+  # p in dh(w): each block's p lies on the segment 2 * conv{e1, e2}.
+  np.testing.assert_allclose(p[:3] + p[3:], 2.0, atol=1e-12)
+  assert np.all(p >= -1e-12)
+
+
+@pytest.mark.parametrize("builder", [
+    lambda: composite.separable(composite.nonpositive(2), composite.hinge(2),
+                                composite.maximum(3)),
+    lambda: composite.polyhedral(a=[[1.0, 0.0, 0.5], [0.0, 1.0, 0.2]], alpha=[0.0, 0.3],
+                                 b=[[1.0, 1.0, 0.0]], beta=[1.0]),
+])
+def test_prox_is_optimal(builder):
+  # No random point near w does better in the prox objective.
+  h = builder()
+  step = 0.3
+  objective = jax.jit(jax.vmap(lambda v, z: h(v) + jnp.sum((v - z) ** 2) / (2 * step),
+                               in_axes=(0, None)))
+  prox = jax.jit(lambda z: h.prox(z, step))
+  rng = np.random.default_rng(1)
+  for _ in range(5):
+    z = jnp.asarray(rng.normal(size=h.size) * 2)
+    w = prox(z)
+    best = objective(w[None], z)[0]
+    assert np.isfinite(best)
+    scales = np.repeat([1e-3, 1e-2, 1e-1, 1.0], 100)[:, None]
+    candidates = w[None] + jnp.asarray(rng.normal(size=(400, h.size)) * scales)
+    assert float(jnp.min(objective(candidates, z))) >= float(best) - 1e-10
+
+
+def test_critical_cone_of_example_3_6():
+  # h(z) = z0 + indicator{z_1..z_3 <= 0}: the basis of K_{h*} consists of
+  # e_{i+1} for the active constraints (Example 3.6).
+  h = composite.polyhedral(a=[[1.0, 0, 0, 0]],
+                           b=[[0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+  z = jnp.array([0.3, 0.5, -2.0, 0.7])       # constraints 1 and 3 violated -> active at prox
+  proj = h.critical_cone_projector(z, 0.1)
+  np.testing.assert_allclose(proj, np.diag([0, 1.0, 0, 1.0]), atol=1e-12)
+  basis, dim = h.critical_cone_basis(z, 0.1)
+  assert dim == 2 and basis.shape == (4, 2)
+
+
+def test_bad_h_is_rejected():
+  with pytest.raises(ValueError, match="`a`"):
+    composite.polyhedral(a=[[1.0, -0.5]])
+  with pytest.raises(ValueError, match="`b`"):
+    composite.polyhedral(a=[[1.0, 0.5]], b=[[-1.0, 0.0]])
+  with pytest.raises(ValueError, match="separable"):
+    composite.maximum(13)
+  with pytest.raises(TypeError, match="`h`"):
+    composite.solve(lambda x, y: jnp.sum(y ** 2), lambda x, y: y, jnp.abs,
+                    jnp.zeros(1), y0=jnp.zeros(2), alpha=1.0, beta=1.0)
+
+
+# --------------------------------------------------------------- the solve
+
+
+def _example_5_5(x, alpha, beta):
+  """Closed form of Y_{alpha,beta}(x) for Example 5.5 of the paper."""
+  a, b = alpha, beta
+  if x <= (2 + b) / (1 + b):
+    return -x / (2 + b)
+  if x < (1 + 100 * (2 * a + b * a + 1)) / (3 * a + a * b + 2):
+    return (1 - (a + 1) * x) / (2 * a + a * b + 1)
+  return (-99 - a * x) / (2 * a + a * b + 2)
+
+
+def _g55(x, y):
+  return y[0] ** 2 + x * y[0]
+
+
+def _G55(x, y):
+  return jnp.array([x + y[0] - 1, x - y[0] - 100])
+
+
+def test_example_5_5_closed_form():
+  # All three pieces of Y_{alpha,beta}, including x > 50.5 where the actual
+  # lower level is infeasible; one compiled, vmapped call.
+  h = composite.nonpositive(2)
+  solve = jax.jit(jax.vmap(lambda x, a, b: composite.solve(
+      _g55, _G55, h, x, y0=jnp.zeros(1), alpha=a, beta=b)))
+  xs = jnp.array([0.5, 10.0, 60.0, 200.0] * 2)
+  alphas = jnp.array([0.5] * 4 + [1e-3] * 4)
+  betas = jnp.array([0.2] * 4 + [1e-3] * 4)
+  sol = solve(xs, alphas, betas)
+  assert np.all(np.asarray(sol.info.status) == composite.SUCCESS)
+  expected = [_example_5_5(float(x), float(a), float(b)) for x, a, b in zip(xs, alphas, betas)]
+  np.testing.assert_allclose(sol.y[:, 0], expected, rtol=1e-9, atol=1e-10)
+
+
+def test_jacobian_inequality_constrained_qp():
+  rng = np.random.default_rng(0)
+  m, s, n = 5, 4, 3
+  q = rng.normal(size=(m, m))
+  Q = jnp.asarray(q @ q.T + np.eye(m))
+  C = jnp.asarray(rng.normal(size=(m, n)))
+  A = jnp.asarray(rng.normal(size=(s, m)))
+  D = jnp.asarray(rng.normal(size=(s, n)))
+  g = lambda x, y: 0.5 * y @ Q @ y - (C @ x) @ y
+  G = lambda x, y: A @ y - 0.2 - D @ x
+  sol = _check_jacobian(g, G, composite.nonpositive(s), jnp.asarray(rng.normal(size=n)),
+                        jnp.zeros(m), 1e-2, 1e-3)
+  assert int(sol.info.num_active) > 0
+
+
+def test_jacobian_lasso():
+  rng = np.random.default_rng(1)
+  n_obs, d = 12, 6
+  A = jnp.asarray(rng.normal(size=(n_obs, d)))
+  b = jnp.asarray(rng.normal(size=n_obs))
+  g = lambda x, y: jnp.sum((A @ y - b - x[1]) ** 2)
+  G = lambda x, y: jnp.exp(x[0]) * jnp.concatenate([y, -y])
+  sol = _check_jacobian(g, G, composite.l1(d), jnp.array([1.5, 0.1]), jnp.zeros(d),
+                        1e-3, 1e-3)
+  assert np.sum(np.abs(np.asarray(sol.y)) < 1e-3) >= 1   # some coordinates at (near) 0
+
+
+def test_jacobian_minimax():
+  rng = np.random.default_rng(2)
+  m, s, n = 3, 4, 2
+  A = jnp.asarray(rng.normal(size=(s, m)))
+  C = jnp.asarray(rng.normal(size=(s, n)))
+  g = lambda x, y: 0.5 * jnp.sum((y - x[0]) ** 2)
+  G = lambda x, y: A @ y + C @ x
+  _check_jacobian(g, G, composite.maximum(s), jnp.array([0.3, -0.7]), jnp.zeros(m),
+                  1e-2, 1e-2)
+
+
+def test_jacobian_nonlinear_G():
+  # Ball constraints |y - c_i(x)|^2 <= r^2: G convex and nonlinear in y.
+  centers = jnp.array([[0.0, 0.0], [1.0, 0.5]])
+  g = lambda x, y: 0.5 * jnp.sum((y - x) ** 2) + 0.1 * jnp.sum(jnp.exp(y))
+  G = lambda x, y: jnp.sum((y[None, :] - centers - 0.1 * x[None, :]) ** 2, axis=1) - 1.0
+  sol = _check_jacobian(g, G, composite.nonpositive(2), jnp.array([2.0, -1.5]),
+                        jnp.zeros(2), 1e-2, 1e-3)
+  assert int(sol.info.num_active) >= 1
+
+
+def test_regularized_solution_approaches_lasso_solution():
+  # Proposition 4.1: Y_{a,b}(x) -> Y(x) as a, b -> 0.  Reference: FISTA on
+  # the (strongly convex) elastic net itself.
+  rng = np.random.default_rng(3)
+  A = rng.normal(size=(20, 8))
+  b = rng.normal(size=20)
+  lam1, lam2 = 3.0, 0.5
+  L = 2 * np.linalg.norm(A, 2) ** 2 + lam2
+  y = v = np.zeros(8)
+  t = 1.0
+  for _ in range(20000):
+    grad = 2 * A.T @ (A @ v - b) + lam2 * v
+    u = v - grad / L
+    y_new = np.sign(u) * np.maximum(np.abs(u) - lam1 / L, 0)
+    t_new = (1 + np.sqrt(1 + 4 * t * t)) / 2
+    v = y_new + (t - 1) / t_new * (y_new - y)
+    y, t = y_new, t_new
+  g = lambda x, yy: jnp.sum((jnp.asarray(A) @ yy - jnp.asarray(b)) ** 2) + 0.5 * lam2 * jnp.sum(yy ** 2)
+  G = lambda x, yy: lam1 * jnp.concatenate([yy, -yy])
+  solve = jax.jit(jax.vmap(lambda reg: composite.solve(
+      g, G, composite.l1(8), jnp.zeros(1), y0=jnp.zeros(8), alpha=reg, beta=reg).y))
+  errors = list(np.max(np.abs(np.asarray(solve(jnp.array([1e-1, 1e-3, 1e-5, 1e-7]))) - y),
+                       axis=1))
+  assert all(e2 < e1 for e1, e2 in zip(errors, errors[1:])), errors
+  assert errors[-1] < 1e-5, errors
+
+
+def test_unregularized_formula_matches_regularized_limit():
+  # A QP with strict complementarity and LICQ: (3.14) and (3.6) at tiny
+  # alpha, beta agree.
+  Q = jnp.array([[2.0, 0.3], [0.3, 1.0]])
+  g = lambda x, y: 0.5 * y @ Q @ y - x @ y
+  G = lambda x, y: jnp.array([y[0] + y[1] - 1.0])
+  x = jnp.array([3.0, 2.0])
+
+  def first(derivative, reg):
+    return lambda xx: composite.solve(g, G, composite.nonpositive(1), xx, y0=jnp.zeros(2),
+                                      alpha=reg, beta=reg, derivative=derivative).y
+  jac_u = jax.jit(jax.jacrev(first("unregularized", 1e-9)))(x)
+  jac_r = jax.jit(jax.jacrev(first("regularized", 1e-9)))(x)
+  np.testing.assert_allclose(jac_u, jac_r, atol=1e-6)
+  # Closed form on the active face y0 + y1 = 1.
+  np.testing.assert_allclose(jac_u @ jnp.ones(2), 0.0, atol=1e-8)
+
+
+def test_gradients_in_alpha_beta_and_data():
+  rng = np.random.default_rng(4)
+  A = jnp.asarray(rng.normal(size=(10, 4)))
+  b = jnp.asarray(rng.normal(size=10))
+
+  def f(params):
+    a_mat, alpha, beta = params
+    g = lambda x, y: jnp.sum((a_mat @ y - b) ** 2)
+    G = lambda x, y: x * jnp.concatenate([y, -y])
+    sol = composite.solve(g, G, composite.l1(4), jnp.asarray(2.0), y0=jnp.zeros(4),
+                          alpha=alpha, beta=beta, **TIGHT)
+    return jnp.sum(sol.y * jnp.arange(1.0, 5.0))
+
+  params = (A, jnp.asarray(0.05), jnp.asarray(0.02))
+  grads = jax.jit(jax.grad(f))(params)
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  f_flat = jax.jit(lambda v: f(unravel(v))[None])
+  fd = _fd_jacobian(f_flat, flat)[0]
+  np.testing.assert_allclose(jax.flatten_util.ravel_pytree(grads)[0], fd, rtol=1e-5, atol=1e-7)
+
+
+def test_vmap_over_x_and_data_and_no_retrace():
+  rng = np.random.default_rng(5)
+  As = jnp.asarray(rng.normal(size=(3, 10, 4)))
+  b = jnp.asarray(rng.normal(size=10))
+  def value_fn(a_mat, x):
+    g = lambda xx, y: jnp.sum((a_mat @ y - b) ** 2)
+    G = lambda xx, y: xx * jnp.concatenate([y, -y])
+    return jnp.sum(composite.solve(g, G, composite.l1(4), x, y0=jnp.zeros(4),
+                                   alpha=1e-4, beta=1e-4).y ** 2)
+
+  counter = TraceCounter(value_fn)
+  value = jax.jit(counter)
+  xs = jnp.array([0.5, 1.0, 3.0])
+  batched = jax.vmap(value)(As, xs)
+  looped = jnp.stack([value(As[i], xs[i]) for i in range(3)])
+  np.testing.assert_allclose(batched, looped, rtol=1e-10)
+  grads = jax.vmap(jax.grad(value, argnums=1))(As, xs)
+  assert np.all(np.isfinite(grads))
+  before = counter.count
+  value(As[0], xs[1])
+  assert counter.count == before
+
+
+def test_float32_and_info():
+  A = jnp.asarray(np.random.default_rng(6).normal(size=(10, 4)), jnp.float32)
+  b = jnp.ones(10, jnp.float32)
+  g = lambda x, y: jnp.sum((A @ y - b) ** 2)
+  G = lambda x, y: x * jnp.concatenate([y, -y])
+  solve = lambda x: composite.solve(g, G, composite.l1(4), x, y0=jnp.zeros(4, jnp.float32),
+                                    alpha=1e-3, beta=1e-3)
+  sol, grad = jax.jit(lambda x: (solve(x), jax.grad(lambda xx: jnp.sum(solve(xx).y))(x)))(
+      jnp.float32(1.0))
+  assert sol.y.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(sol.y)))
+  assert int(sol.info.status) == composite.SUCCESS
+  assert grad.dtype == jnp.float32 and np.isfinite(grad)
+
+
+def test_bad_arguments_are_named():
+  g = lambda x, y: jnp.sum(y ** 2)
+  G = lambda x, y: jnp.concatenate([y, -y])
+  h = composite.l1(2)
+  kwargs = dict(y0=jnp.zeros(2), alpha=1.0, beta=1.0)
+  with pytest.raises(ValueError, match="`alpha`"):
+    composite.solve(g, G, h, 0.0, **{**kwargs, "alpha": 0.0})
+  with pytest.raises(ValueError, match="`beta`"):
+    composite.solve(g, G, h, 0.0, **{**kwargs, "beta": -1.0})
+  with pytest.raises(ValueError, match="`G`.*size 4"):
+    composite.solve(g, lambda x, y: y, h, 0.0, **kwargs)
+  with pytest.raises(ValueError, match="`g`"):
+    composite.solve(lambda x, y: y, G, h, 0.0, **kwargs)
+  with pytest.raises(ValueError, match="`derivative`"):
+    composite.solve(g, G, h, 0.0, derivative="exact", **kwargs)
+
+
+def test_nonconvergence_is_reported():
+  g = lambda x, y: jnp.sum((y - 3.0) ** 2)
+  G = lambda x, y: jnp.concatenate([y, -y])
+  sol = composite.solve(g, G, composite.l1(2), 0.0, y0=jnp.zeros(2), alpha=1e-3,
+                        beta=1e-3, max_steps=1, method="newton")
+  assert int(sol.info.status) == composite.MAX_STEPS
+  assert float(sol.info.relative_residual) > 1e-10
