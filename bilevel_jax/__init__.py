@@ -1,6 +1,7 @@
 """bilevel_jax: differentiable bilevel optimization in JAX.
 
 Namespaces:
+  bilevel_jax.composite    composite lower levels g + h(G): regularized solve, (3.6) hypergradient.
   bilevel_jax.bda          BDA / RHG / truncated RHG unrolled hypergradients.
   bilevel_jax.upper        the Optax-driven upper loop.
   bilevel_jax.schedules    aggregation schedules alpha_k.
@@ -14,6 +15,7 @@ Namespaces:
   bilevel_jax.meta         few-shot meta-learning: episodes, datasets, the bilevel model.
 """
 from bilevel_jax import bda
+from bilevel_jax import composite
 from bilevel_jax import data
 from bilevel_jax import meta
 from bilevel_jax import problems
@@ -27,5 +29,5 @@ from bilevel_jax import value
 
 __version__ = "0.1.0"
 
-__all__ = ["bda", "data", "meta", "problems", "projections", "prox", "schedules", "sharding",
-           "smoothing", "upper", "value"]
+__all__ = ["bda", "composite", "data", "meta", "problems", "projections", "prox", "schedules",
+           "sharding", "smoothing", "upper", "value"]

@@ -18,8 +18,10 @@ def _experiments():
   value_experiments = {m.__name__.rsplit(".", 1)[-1]: m for m in (
       value_doublewell, value_example1, value_hyper, value_nonsmooth)}
   from bilevel_jax._src.experiments import fewshot
+  from bilevel_jax._src.experiments import elasticnet, poisoning
   return {"example1": example1, "hypercleaning": hypercleaning, "quadratic": quadratic,
-          "fewshot": fewshot, **value_experiments}
+          "fewshot": fewshot, "elasticnet": elasticnet, "poisoning": poisoning,
+          **value_experiments}
 
 
 def load_experiment_config(path: str):
@@ -35,7 +37,7 @@ def load_experiment_config(path: str):
 
 def cmd_run(args) -> int:
   module, name, cfg = load_experiment_config(args.config)
-  if args.x64:
+  if args.x64 or getattr(module, "X64", False):
     import jax
     jax.config.update("jax_enable_x64", True)
   stem = os.path.splitext(os.path.basename(args.config))[0]
