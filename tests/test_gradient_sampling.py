@@ -1,0 +1,127 @@
+"""Gradient sampling (Algorithms 1 and 2) and their small QPs."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bilevel_jax import composite
+from bilevel_jax import upper
+from bilevel_jax._src import minnorm
+
+
+def _brute_min_norm(points):
+  """Min-norm point of the hull by enumerating supports (affine min-norm
+  point of each subset, kept when its weights are >= 0)."""
+  best = None
+  n = points.shape[0]
+  for size in range(1, n + 1):
+    for subset in itertools.combinations(range(n), size):
+      pts = points[list(subset)]
+      gram = pts @ pts.T
+      kkt = np.block([[gram, -np.ones((size, 1))], [np.ones((1, size)), np.zeros((1, 1))]])
+      try:
+        sol = np.linalg.solve(kkt, np.concatenate([np.zeros(size), [1.0]]))
+      except np.linalg.LinAlgError:
+        continue
+      weights = sol[:size]
+      if np.all(weights >= -1e-12):
+        norm = np.linalg.norm(pts.T @ weights)
+        if best is None or norm < best:
+          best = norm
+  return best
+
+
+@pytest.mark.parametrize("seed,num,dim", [(0, 6, 3), (1, 5, 2), (2, 7, 4), (3, 4, 6)])
+def test_min_norm_matches_brute_force(seed, num, dim):
+  rng = np.random.default_rng(seed)
+  points = rng.normal(size=(num, dim)) + (0.5 if seed % 2 else 0.0)
+  result = jax.jit(upper.min_norm_hull)(jnp.asarray(points))
+  assert float(jnp.linalg.norm(result.point)) == pytest.approx(_brute_min_norm(points),
+                                                               rel=1e-9, abs=1e-12)
+  np.testing.assert_allclose(jnp.sum(result.weights), 1.0, atol=1e-12)
+  assert np.all(np.asarray(result.weights) >= 0)
+  # Optimality: <w, w_i> >= |w|^2 for every point.
+  w = np.asarray(result.point)
+  assert np.all(points @ w >= w @ w - 1e-10)
+
+
+def test_sqp_direction_against_min_norm():
+  # With no constraints (r = 0) and rho = 1, (5.5)'s d is minus the min-norm
+  # element of the hull of the sampled gradients.
+  rng = np.random.default_rng(4)
+  grads = jnp.asarray(rng.normal(size=(6, 3)) + 0.3)
+  qp = minnorm.sqp_direction(jnp.asarray(1.0), grads, jnp.zeros(0), jnp.zeros((0, 6, 3)),
+                             jnp.asarray(1.0))
+  np.testing.assert_allclose(qp.direction, -upper.min_norm_hull(grads).point, atol=1e-6)
+  assert float(qp.model_value - qp.dual_value) <= 1e-8 * (1 + abs(float(qp.model_value)))
+
+
+def _nonsmooth(x, alpha, beta):
+  del alpha, beta
+  return jnp.abs(x[0] - 1.0) + 2.0 * jnp.abs(x[1] + 0.5) + 0.1 * jnp.sum(x ** 2)
+
+
+def test_gradient_sampling_finds_the_kink_and_vmaps():
+  run = jax.jit(jax.vmap(lambda x0, key: upper.gradient_sampling(
+      _nonsmooth, x0, key=key, num_samples=4, max_iter=300)))
+  x0 = jnp.array([[3.0, 2.0], [-2.0, -3.0]])
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  result = run(x0, keys)
+  # The minimizer of |x0 - 1| + 2|x1 + 0.5| + 0.1|x|^2 is (1, -0.5).
+  np.testing.assert_allclose(result.x, [[1.0, -0.5]] * 2, atol=1e-3)
+  assert np.all(np.asarray(result.info.status) == upper.SUCCESS)
+  assert np.all(np.asarray(result.info.target_hits) >= 17)
+  values = np.asarray(result.info.history["value"][0])
+  values = values[np.isfinite(values)]
+  assert np.all(np.diff(values) <= 1e-12)       # monotone decrease of f
+
+
+def test_gradient_sampling_on_example_5_5():
+  # min y^2 s.t. y solves (5.3): the only stationary point is x = 0 even
+  # though the actual lower level is infeasible for x > 50.5.
+  h = composite.nonpositive(2)
+  g = lambda x, y: y[0] ** 2 + x[0] * y[0]
+  G = lambda x, y: jnp.array([x[0] + y[0] - 1, x[0] - y[0] - 100])
+
+  def fun(x, alpha, beta):
+    return composite.solve(g, G, h, x, y0=jnp.zeros(1), alpha=alpha, beta=beta).y[0] ** 2
+
+  result = jax.jit(lambda x0: upper.gradient_sampling(
+      fun, x0, key=jax.random.PRNGKey(1), num_samples=3, max_iter=400))(jnp.array([70.0]))
+  assert abs(float(result.x[0])) < 1e-3
+  assert int(result.info.status) == upper.SUCCESS
+
+
+def test_sqp_gradient_sampling_constrained():
+  # min |x - c|_1 + |x|^2/10 s.t. |x|^2 <= 1 with c outside the ball.
+  c = jnp.array([2.0, 1.0])
+
+  def fun(x, alpha, beta):
+    del alpha, beta
+    return jnp.sum(jnp.abs(x - c)) + 0.1 * jnp.sum(x ** 2)
+
+  result = jax.jit(lambda x0: upper.sqp_gradient_sampling(
+      fun, lambda x: jnp.sum(x ** 2) - 1.0, x0, key=jax.random.PRNGKey(2),
+      num_samples=4, rho0=1.0, eps0=0.1, eps_opt=1e-4, eta=1.0, max_iter=500))(jnp.zeros(2))
+  x = np.asarray(result.x)
+  # Solution: on the unit circle where the gradient of the objective, (-1, -1)
+  # + 0.2 x, is normal to the circle: x = (1, 1)/sqrt(2).
+  np.testing.assert_allclose(x, [2 ** -0.5, 2 ** -0.5], atol=5e-3)
+  assert float(np.sum(x ** 2)) - 1.0 < 1e-3
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="`num_samples`"):
+    upper.gradient_sampling(_nonsmooth, jnp.zeros(2), key=jax.random.PRNGKey(0),
+                            num_samples=2)
+  with pytest.raises(ValueError, match="`mu_eps`"):
+    upper.gradient_sampling(_nonsmooth, jnp.zeros(2), key=jax.random.PRNGKey(0),
+                            num_samples=3, mu_eps=1.5)
+  with pytest.raises(ValueError, match="`eta0`"):
+    upper.gradient_sampling(_nonsmooth, jnp.zeros(2), key=jax.random.PRNGKey(0),
+                            num_samples=3, eta0=0.0)
+  with pytest.raises(ValueError, match="`constraints`"):
+    upper.sqp_gradient_sampling(_nonsmooth, lambda x: jnp.ones((2, 2)), jnp.zeros(2),
+                                key=jax.random.PRNGKey(0), num_samples=3)
