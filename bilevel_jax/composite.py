@@ -24,9 +24,10 @@ from bilevel_jax._src.composite.solver import MAX_STEPS
 from bilevel_jax._src.composite.solver import NONFINITE
 from bilevel_jax._src.composite.solver import STATUS_MESSAGES
 from bilevel_jax._src.composite.solver import SUCCESS
+from bilevel_jax._src.composite.solver import make_hypergradient
 from bilevel_jax._src.composite.solver import solve
 
 __all__ = ["CompositeInfo", "CompositeSolution", "LINESEARCH_FAILED",
            "MAX_PIECES_PER_BLOCK", "MAX_STEPS", "NONFINITE", "Polyhedral",
-           "STATUS_MESSAGES", "SUCCESS", "hinge", "l1", "linear", "maximum",
+           "STATUS_MESSAGES", "SUCCESS", "hinge", "l1", "linear", "make_hypergradient", "maximum",
            "nonpositive", "polyhedral", "separable", "solve"]

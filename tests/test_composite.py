@@ -314,3 +314,29 @@ def test_nonconvergence_is_reported():
                         beta=1e-3, max_steps=1, method="newton")
   assert int(sol.info.status) == composite.MAX_STEPS
   assert float(sol.info.relative_residual) > 1e-10
+
+
+def test_optax_driver_tunes_the_l1_weight():
+  # The composite hypergradient in upper.optimize: Adam on log(lambda_1) of a
+  # lasso decreases the validation error, warm-starting y.
+  import optax
+  from bilevel_jax import upper
+  rng = np.random.default_rng(7)
+  truth = np.zeros(10)
+  truth[:3] = 1.0
+  a_tr, a_val = rng.normal(size=(15, 10)), rng.normal(size=(40, 10))
+  b_tr = a_tr @ truth + 0.5 * rng.normal(size=15)
+  b_val = a_val @ truth + 0.5 * rng.normal(size=40)
+  g = lambda lam, y: jnp.sum((a_tr @ y - b_tr) ** 2)
+  G = lambda lam, y: jnp.exp(lam) * jnp.concatenate([y, -y])
+  val = lambda lam, y: jnp.mean((a_val @ y - b_val) ** 2)
+  hg = composite.make_hypergradient(val, g, G, composite.l1(10), alpha=1e-4, beta=1e-4)
+  result = upper.optimize(hg, jnp.asarray(-3.0), optax.adam(0.3), steps=30,
+                          y0=jnp.zeros(10), warm_start=True)
+  values = np.asarray(result.history["value"])
+  assert int(result.info.status) == upper.SUCCESS
+  # It ends near the best validation error over a grid of lambda.
+  grid = jnp.linspace(-3.0, 4.0, 57)
+  on_grid = jax.jit(jax.vmap(lambda lam: hg(lam, jnp.zeros(10))[0]))(grid)
+  assert values[-1] < values[0]
+  assert values[-1] <= float(jnp.min(on_grid)) + 1e-3 * float(jnp.min(on_grid))

@@ -103,6 +103,11 @@ def _history(max_iter, dtype, names):
   return {name: jnp.full((max_iter,), jnp.nan, dtype) for name in names}
 
 
+def _record(history, k, **values):
+  """Writes this iteration's values into the per-iteration history arrays."""
+  return {name: history[name].at[k].set(value) for name, value in values.items()}
+
+
 def gradient_sampling(fun: Callable, x0, *, key, num_samples: int,
                       eps0=1.0, eps_opt=1e-5, alpha0=1.0, alpha_opt=1e-5,
                       beta0=1.0, beta_opt=1e-5, eta0=1.0, eta_opt=1e-5,
@@ -154,10 +159,12 @@ def gradient_sampling(fun: Callable, x0, *, key, num_samples: int,
   def body(s):
     key, sample_key = jax.random.split(s["key"])
     points = _sample_ball(sample_key, s["x"], s["eps"], num_samples)
-    _, grads = value_and_grad(points, s["alpha"], s["beta"])
+    # f at the center rides along in the batch (one traced solve, not two).
+    values, grads = value_and_grad(jnp.concatenate([s["x"][None], points]),
+                                   s["alpha"], s["beta"])
+    fx, grads = values[0], grads[1:]
     w = minnorm.min_norm_hull(grads).point
     norm_w = jnp.linalg.norm(w)
-    fx = f(s["x"], s["alpha"], s["beta"])
     stop = (norm_w <= eta_opt) & (s["eps"] <= eps_opt) & (s["alpha"] <= alpha_opt) & \
         (s["beta"] <= beta_opt)
     hit = norm_w <= s["eta"]
@@ -170,10 +177,8 @@ def gradient_sampling(fun: Callable, x0, *, key, num_samples: int,
     move = (~hit) & (~stop) & ok & finite
     shrink = hit & (~stop)
     k = s["k"]
-    hist = s["history"]
-    hist = {"value": hist["value"].at[k].set(fx), "stationarity": hist["stationarity"].at[k].set(norm_w),
-            "eps": hist["eps"].at[k].set(s["eps"]), "alpha": hist["alpha"].at[k].set(s["alpha"]),
-            "step": hist["step"].at[k].set(jnp.where(move, t, 0))}
+    hist = _record(s["history"], k, value=fx, stationarity=norm_w, eps=s["eps"],
+                   alpha=s["alpha"], step=jnp.where(move, t, 0))
     status = jnp.where(~finite, NONFINITE, jnp.where(stop, SUCCESS, -1))
     return {
         "x": jnp.where(move, s["x"] + t * d, s["x"]),
@@ -262,11 +267,12 @@ def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
   def body(s):
     key, kf, kc = jax.random.split(s["key"], 3)
     points = _sample_ball(kf, s["x"], s["eps"], num_samples)
-    _, grads = value_and_grad(points, s["alpha"], s["beta"])
+    values, grads = value_and_grad(jnp.concatenate([s["x"][None], points]),
+                                   s["alpha"], s["beta"])
+    fx, grads = values[0], grads[1:]
     c_points = _sample_ball(kc, s["x"], s["eps"], num_samples * r).reshape(r, num_samples, n)
     c_grads = jax.vmap(lambda k, pts: jax.vmap(jax.grad(lambda xx: cons(xx)[k]))(pts))(
         jnp.arange(r), c_points)                                       # (r, N, n)
-    fx = f(s["x"], s["alpha"], s["beta"])
     cx = cons(s["x"])
     qp = minnorm.sqp_direction(fx, grads, cx, c_grads, s["rho"], max_steps=qp_max_steps)
     phi = s["rho"] * fx + jnp.sum(jnp.maximum(cx, 0))
@@ -281,11 +287,8 @@ def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
                          phi, qp.direction, delta * dq, gamma, max_backtracks)
     move = (~target) & ok & finite
     k = s["k"]
-    hist = s["history"]
-    hist = {"value": hist["value"].at[k].set(fx), "stationarity": hist["stationarity"].at[k].set(dq),
-            "eps": hist["eps"].at[k].set(s["eps"]), "alpha": hist["alpha"].at[k].set(s["alpha"]),
-            "step": hist["step"].at[k].set(jnp.where(move, t, 0)),
-            "infeasibility": hist["infeasibility"].at[k].set(infeasible)}
+    hist = _record(s["history"], k, value=fx, stationarity=dq, eps=s["eps"],
+                   alpha=s["alpha"], step=jnp.where(move, t, 0), infeasibility=infeasible)
     status = jnp.where(~finite, NONFINITE, jnp.where(stop, SUCCESS, -1))
     return {
         "x": jnp.where(move, s["x"] + t * qp.direction, s["x"]),

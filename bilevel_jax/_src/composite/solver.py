@@ -216,24 +216,25 @@ def _newton(model, h, x, consts, y0, alpha, beta, options):
     direction = _schur_solve(lin, h, states, alpha, -grad, options)
     slope = jnp.vdot(grad, direction)
 
+    # Armijo backtracking; each trial is a full evaluation, so the accepted one
+    # is reused (one traced evaluation inside the loop body).
     def ls_cond(ls):
-      t, k, phi_new = ls
+      t, k, ev = ls
       slack = 10 * eps * (1 + jnp.abs(phi))
-      accepted = phi_new <= phi + 1e-4 * t * slope + slack
-      return (~accepted) & (k < options.max_backtracks)
+      accepted = jnp.isfinite(ev[0]) & (ev[0] <= phi + 1e-4 * t * slope + slack)
+      return (k == 0) | ((~accepted) & (k <= options.max_backtracks))
 
     def ls_body(ls):
       t, k, _ = ls
-      t = 0.5 * t
-      phi_t = _evaluate(model, h, x, consts, y + t * direction, alpha, beta)[0]
-      return t, k + 1, jnp.where(jnp.isfinite(phi_t), phi_t, jnp.inf)
+      t = jnp.where(k == 0, t, 0.5 * t)
+      return t, k + 1, _evaluate(model, h, x, consts, y + t * direction, alpha, beta)
 
-    phi_full = _evaluate(model, h, x, consts, y + direction, alpha, beta)[0]
-    phi_full = jnp.where(jnp.isfinite(phi_full), phi_full, jnp.inf)
-    t, k, _ = jax.lax.while_loop(ls_cond, ls_body, (jnp.ones((), y.dtype), 0, phi_full))
-    failed = k >= options.max_backtracks
+    current = (phi, p, grad, states, scale)
+    t, k, trial = jax.lax.while_loop(ls_cond, ls_body, (jnp.ones((), y.dtype), 0, current))
+    failed = k > options.max_backtracks
     y_new = jnp.where(failed, y, y + t * direction)
-    phi_n, p_n, grad_n, states_n, scale_n = _evaluate(model, h, x, consts, y_new, alpha, beta)
+    phi_n, p_n, grad_n, states_n, scale_n = jax.tree_util.tree_map(
+        lambda new, old: jnp.where(failed, old, new), trial, current)
     rel = jnp.max(jnp.abs(grad_n)) / scale_n
     finite = jnp.all(jnp.isfinite(y_new)) & jnp.isfinite(phi_n) & poly.prox_ok(states_n)
     status = jnp.where(~finite, NONFINITE,
@@ -440,3 +441,22 @@ def solve(g, G, h, x, *, y0, alpha, beta, tol=None, max_steps: int = 100,
   y, p, info = _solution(model, options, x, (tuple(g_consts), tuple(G_consts)), h,
                          alpha, beta, y0_flat)
   return CompositeSolution(unravel(y), p, info)
+
+
+def make_hypergradient(upper_fn, g, G, h, *, alpha, beta, jit: bool = True, **kwargs):
+  """The hypergradient of x -> upper_fn(x, Y_{alpha,beta}(x)) for the Optax
+  driver `bilevel_jax.upper.optimize`.
+
+  Returns ``fn(x, y0) -> (value, grad, y)``; with ``warm_start=True`` the
+  driver passes the previous y back as y0.  The gradient chains
+  grad_x upper_fn with (3.6); ``kwargs`` are those of `solve`.
+  """
+  def value(x, y0):
+    sol = solve(g, G, h, x, y0=y0, alpha=alpha, beta=beta, **kwargs)
+    return upper_fn(x, sol.y), sol.y
+
+  def fn(x, y0):
+    (val, y), grad = jax.value_and_grad(value, has_aux=True)(x, y0)
+    return val, grad, y
+
+  return jax.jit(fn) if jit else fn
