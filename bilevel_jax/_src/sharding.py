@@ -19,7 +19,7 @@ where g_j = d phi_j / dx is task j's hypergradient. For the few-shot problem
 of BDA Section 5.3 (F = sum_j l(x, y^j; D_val^j)), ``reduce='sum'`` is the
 gradient of the paper's upper objective and ``'mean'`` is the same direction
 scaled by 1 / B. Nothing depends on how the batched function computes its
-outputs: BDA, RHG, implicit or closed-form hypergradients all shard the same
+outputs: BDA, RHG, implicit, closed-form or value-function hypergradients shard the same
 way as long as they are vmappable.
 
 Uneven batches (B not a multiple of D) are padded by repeating the last task
