@@ -17,7 +17,8 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", [
-    "value_doublewell", "value_example1",
+    "value_doublewell",
+    pytest.param("value_example1", marks=pytest.mark.slow),
     pytest.param("value_hyper", marks=pytest.mark.slow),
     pytest.param("value_nonsmooth", marks=pytest.mark.slow)])
 def test_value_experiment_runs(tmp_path, capsys, name):
