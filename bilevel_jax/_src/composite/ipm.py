@@ -32,7 +32,7 @@ import jax.numpy as jnp
 class _Group(NamedTuple):
   rows: Any      # (nb, n, k) constraint rows C
   offsets: Any   # (nb, n) c0
-  is_piece: Any  # (n,) 1.0 for max pieces, 0.0 for constraints
+  is_piece: Any  # (1, n) 1.0 for max pieces, 0.0 for constraints
   index: Any     # (nb, k)
 
 
@@ -42,7 +42,7 @@ def _groups(h, dtype):
     num_j = g.a.shape[1]
     rows = jnp.concatenate([g.a, g.b], axis=1).astype(dtype)
     offsets = jnp.concatenate([g.alpha, g.beta], axis=1).astype(dtype)
-    is_piece = (jnp.arange(rows.shape[1]) < num_j).astype(dtype)
+    is_piece = (jnp.arange(rows.shape[1]) < num_j).astype(dtype)[None, :]  # (1, n)
     out.append(_Group(rows, offsets, is_piece, g.index))
   return out
 
@@ -83,7 +83,7 @@ def solve(g_fn, G_fn, hess_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=N
       pb = (z[gr.index] - w) / alpha
       p = p.at[gr.index].set(pb)
       r_w = -pb + jnp.einsum("bnk,bn->bk", gr.rows, lam)
-      r_t = 1 - jnp.einsum("n,bn->b", gr.is_piece, lam)
+      r_t = 1 - jnp.einsum("n,bn->b", gr.is_piece[0], lam)
       r_p = jnp.einsum("bnk,bk->bn", gr.rows, w) - gr.offsets - gr.is_piece * t[:, None] + s
       out.append((r_w, r_t, r_p))
     r_y = jax.grad(g_fn)(y) + beta * y + vjp(p)[0]
@@ -122,14 +122,14 @@ def solve(g_fn, G_fn, hess_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=N
       crow = gr.rows                                       # (nb, n, k)
       k_ = crow.shape[2]
       # Block matrix in (dw, dt).
-      top_left = jnp.eye(k_, dtype=dtype) / alpha + jnp.einsum("bnk,bn,bnl->bkl", crow, d, crow)
-      top_right = -jnp.einsum("bnk,bn,n->bk", crow, d, gr.is_piece)
-      corner = jnp.einsum("n,bn->b", gr.is_piece * gr.is_piece, d)
+      top_left = jnp.eye(k_, dtype=dtype)[None] / alpha + jnp.einsum("bnk,bn,bnl->bkl", crow, d, crow)
+      top_right = -jnp.einsum("bnk,bn,n->bk", crow, d, gr.is_piece[0])
+      corner = jnp.einsum("n,bn->b", gr.is_piece[0], d)
       kmat = jnp.concatenate([
           jnp.concatenate([top_left, top_right[:, :, None]], axis=2),
           jnp.concatenate([top_right[:, None, :], corner[:, None, None]], axis=2)], axis=1)
       f_w = -r_w - jnp.einsum("bnk,bn->bk", crow, e)
-      f_t = -r_t + jnp.einsum("n,bn->b", gr.is_piece, e)
+      f_t = -r_t + jnp.einsum("n,bn->b", gr.is_piece[0], e)
       f = jnp.concatenate([f_w, f_t[:, None]], axis=1)          # (nb, k+1)
       kinv = jnp.linalg.inv(kmat)                                # (nb, k+1, k+1)
       q = kinv[:, :k_, :k_]                                      # E^T K^-1 E

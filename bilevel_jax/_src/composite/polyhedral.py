@@ -328,7 +328,7 @@ def _block_projector(a, b, active, dtype):
   interior condition."""
   num_j = a.shape[0]
   first = jnp.argmax(active[:num_j])
-  diffs = jnp.where(active[:num_j, None], a - a[first], 0)
+  diffs = jnp.where(active[:num_j, None], a - a[first][None, :], 0)
   normals = jnp.where(active[num_j:, None], b, 0)
   span = jnp.concatenate([diffs, normals], axis=0).T.astype(dtype)  # (k, n)
   u, sv, _ = jnp.linalg.svd(span, full_matrices=False)
