@@ -30,5 +30,17 @@ def timed(fn, *args):
   return out, compile_s, time.perf_counter() - start
 
 
+BATCHING = ("map", "vmap")
+
+
+def batched(fn, batching: str):
+  """fn(data, key) over stacked instances in one jitted call: `jax.vmap`
+  (lanes in lockstep: every lane runs until the slowest instance stops) or
+  `jax.lax.map` (one instance after another inside the same computation)."""
+  if batching == "vmap":
+    return jax.vmap(fn)
+  return lambda data, keys: jax.lax.map(lambda args: fn(*args), (data, keys))
+
+
 def mean(values) -> float:
   return float(jnp.mean(jnp.asarray(values)))
