@@ -337,3 +337,27 @@ def test_optax_driver_tunes_the_l1_weight():
   on_grid = jax.jit(jax.vmap(lambda lam: hg(lam, jnp.zeros(10))[0]))(grid)
   assert values[-1] < values[0]
   assert values[-1] <= float(jnp.min(on_grid)) + 1e-3 * float(jnp.min(on_grid))
+
+
+def test_matrix_free_newton_matches_dense():
+  # method="newton" with CG (matrix-free) against the default dense path, for
+  # the solution and for the derivative (3.6).
+  rng = np.random.default_rng(8)
+  A = jnp.asarray(rng.normal(size=(12, 5)))
+  b = jnp.asarray(rng.normal(size=12))
+  g = lambda x, y: jnp.sum((A @ y - b) ** 2) + 0.1 * jnp.sum(y ** 2)
+  G = lambda x, y: jnp.exp(x) * jnp.concatenate([y, -y])
+
+  def value(x, **kwargs):
+    sol = composite.solve(g, G, composite.l1(5), x, y0=jnp.zeros(5), alpha=1e-2, beta=1e-2,
+                          max_steps=300, **kwargs)
+    return jnp.sum(sol.y * jnp.arange(1.0, 6.0)), sol.info.status
+
+  both = jax.jit(lambda x: (jax.value_and_grad(value, has_aux=True)(x),
+                            jax.value_and_grad(lambda xx: value(xx, method="newton",
+                                                                linear_solver="cg"),
+                                               has_aux=True)(x)))
+  ((v_dense, s_dense), g_dense), ((v_cg, s_cg), g_cg) = both(jnp.asarray(0.5))
+  assert int(s_dense) == composite.SUCCESS and int(s_cg) == composite.SUCCESS
+  np.testing.assert_allclose(v_cg, v_dense, rtol=1e-8)
+  np.testing.assert_allclose(g_cg, g_dense, rtol=1e-6)

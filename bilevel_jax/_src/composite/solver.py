@@ -118,7 +118,6 @@ class _Model(NamedTuple):
   """Closure-converted g and G with flat y; x stays a pytree."""
   g: Any
   G: Any
-  unravel: Any
 
 
 def _lagrangian_grad(model, x, consts, y, p, beta):
@@ -182,7 +181,7 @@ def _schur_solve(lin, h, states, alpha, rhs, options):
     return lin.hvp(v) + lin.vjp(poly.project_dual(h, states, lin.jvp(v))) / alpha
 
   sol, _ = jax.scipy.sparse.linalg.cg(matvec, rhs, maxiter=options.cg_max_steps,
-                                      tol=float(jnp.finfo(rhs.dtype).eps) * 10)
+                                      tol=float(jnp.finfo(rhs.dtype).eps) ** 0.75)
   return sol
 
 
@@ -434,7 +433,7 @@ def solve(g, G, h, x, *, y0, alpha, beta, tol=None, max_steps: int = 100,
 
   g_conv, g_consts = jax.closure_convert(g_flat, x, y0_flat)
   G_conv, G_consts = jax.closure_convert(G_flat, x, y0_flat)
-  model = _Model(g_conv, G_conv, None)
+  model = _Model(g_conv, G_conv)
   dtype = y0_flat.dtype
   alpha = jnp.asarray(alpha, dtype)
   beta = jnp.asarray(beta, dtype)
