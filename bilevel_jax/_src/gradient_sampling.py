@@ -103,6 +103,16 @@ def _history(max_iter, dtype, names):
   return {name: jnp.full((max_iter,), jnp.nan, dtype) for name in names}
 
 
+def _result(s, f, unravel, last):
+  """The GSResult of a finished loop state; ``last`` names the state entry
+  reported as info.eta (eta for Algorithm 1, rho for Algorithm 2)."""
+  status = jnp.where(s["status"] < 0, MAX_ITER, s["status"]).astype(jnp.int32)
+  value = f(s["x"], s["alpha"], s["beta"])
+  info = GSInfo(s["k"], status, s["stationarity"], s["eps"], s["alpha"], s["beta"],
+                s[last], s["hits"], s["failures"], s["history"])
+  return GSResult(unravel(s["x"]), value, info)
+
+
 def _record(history, k, **values):
   """Writes this iteration's values into the per-iteration history arrays."""
   return {name: history[name].at[k].set(value) for name, value in values.items()}
@@ -198,12 +208,7 @@ def gradient_sampling(fun: Callable, x0, *, key, num_samples: int,
           "stationarity": c(jnp.inf), "hits": jnp.array(0, jnp.int32),
           "failures": jnp.array(0, jnp.int32),
           "history": _history(max_iter, dtype, ("value", "stationarity", "eps", "alpha", "step"))}
-  s = jax.lax.while_loop(cond, body, init)
-  status = jnp.where(s["status"] < 0, MAX_ITER, s["status"]).astype(jnp.int32)
-  value = f(s["x"], s["alpha"], s["beta"])
-  info = GSInfo(s["k"], status, s["stationarity"], s["eps"], s["alpha"], s["beta"],
-                s["eta"], s["hits"], s["failures"], s["history"])
-  return GSResult(unravel(s["x"]), value, info)
+  return _result(jax.lax.while_loop(cond, body, init), f, unravel, "eta")
 
 
 def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
@@ -310,9 +315,4 @@ def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
           "hits": jnp.array(0, jnp.int32), "failures": jnp.array(0, jnp.int32),
           "history": _history(max_iter, dtype, ("value", "stationarity", "eps", "alpha",
                                                 "step", "infeasibility"))}
-  s = jax.lax.while_loop(cond, body, init)
-  status = jnp.where(s["status"] < 0, MAX_ITER, s["status"]).astype(jnp.int32)
-  value = f(s["x"], s["alpha"], s["beta"])
-  info = GSInfo(s["k"], status, s["stationarity"], s["eps"], s["alpha"], s["beta"],
-                s["rho"], s["hits"], s["failures"], s["history"])
-  return GSResult(unravel(s["x"]), value, info)
+  return _result(jax.lax.while_loop(cond, body, init), f, unravel, "rho")
