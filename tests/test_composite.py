@@ -1,6 +1,5 @@
 """Composite lower levels: h as data, the regularized solve (3.1) and the
 derivative (3.6) against finite differences, closed forms and limits."""
-import itertools
 
 import jax
 import jax.flatten_util
