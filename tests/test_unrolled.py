@@ -118,6 +118,24 @@ def test_checkpoint_gives_identical_gradients(quad, checkpoint):
   np.testing.assert_allclose(got[1], ref[1], rtol=1e-12)
 
 
+@pytest.mark.parametrize("unroll,checkpoint,truncate", [
+    (True, False, None), (5, False, None), (4, "sqrt", None), (3, False, 10)])
+def test_unroll_gives_the_same_gradients(quad, unroll, checkpoint, truncate):
+  y0 = jnp.zeros(6)
+  kw = _kw(quad, steps=23)
+  ref = bda.hypergradient(quad.upper, quad.lower, X, y0, checkpoint=checkpoint,
+                          truncate=truncate, **kw)
+  got = bda.hypergradient(quad.upper, quad.lower, X, y0, checkpoint=checkpoint,
+                          truncate=truncate, unroll=unroll, **kw)
+  np.testing.assert_allclose(got[1], ref[1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("unroll", [0, -2, 1.5, "all"])
+def test_bad_unroll_is_named(quad, unroll):
+  with pytest.raises(ValueError, match="`unroll`"):
+    bda.solve(quad.upper, quad.lower, X, jnp.zeros(6), unroll=unroll, **_kw(quad))
+
+
 def test_truncate_equal_to_steps_is_full_backprop(quad):
   y0 = jnp.zeros(6)
   kw = _kw(quad, steps=20)
