@@ -1,4 +1,4 @@
-"""Command line: ``bilevel-jax run CONFIG`` and ``bilevel-jax list``."""
+"""Command line: ``bilevel-jax run CONFIG``, ``bilevel-jax bench CONFIG``, ``bilevel-jax list``."""
 from __future__ import annotations
 
 import argparse
@@ -68,6 +68,16 @@ def cmd_run(args) -> int:
   return 0
 
 
+def cmd_bench(args) -> int:
+  from bilevel_jax._src.bench import runner
+  if args.x64:
+    import jax
+    jax.config.update("jax_enable_x64", True)
+  runner.run(args.config, out_dir=args.out, quiet=args.quiet, setup_peers=args.setup_peers,
+             peers=not args.no_peers, plot=not args.no_plot)
+  return 0
+
+
 def cmd_list(args) -> int:
   paths = sorted(glob.glob(os.path.join(args.dir, "**", "*.toml"), recursive=True))
   bench = [p for p in paths if os.sep + "bench" + os.sep in p]
@@ -82,9 +92,15 @@ def cmd_list(args) -> int:
       print(f"{path:45s} {name:14s} {description}")
     except config.ConfigError as err:
       print(f"{path:45s} INVALID: {err}")
+  from bilevel_jax._src.bench import runner
   for path in bench:
-    print(f"{path:45s} {'benchmark':14s} {config.description(path)} "
-          f"(run: python benchmarks/bench_{os.path.splitext(os.path.basename(path))[0]}.py {path})")
+    try:
+      _, suite, _ = runner.read_config(path)
+      print(f"{path:45s} {'bench:' + suite:14s} {config.description(path)}")
+    except config.ConfigError:
+      script = f"benchmarks/bench_{os.path.splitext(os.path.basename(path))[0]}.py"
+      print(f"{path:45s} {'benchmark':14s} {config.description(path)} (run: python {script} "
+            f"{path})")
   return 0
 
 
@@ -98,6 +114,19 @@ def main(argv=None) -> int:
   run_p.add_argument("--no-plot", action="store_true", help="skip PNG figures")
   run_p.add_argument("--x64", action="store_true", help="enable float64")
   run_p.set_defaults(func=cmd_run)
+  bench_p = sub.add_parser("bench", help="run the benchmark suite a TOML config in "
+                           "configs/bench/ describes (JSON, markdown table, plot)")
+  bench_p.add_argument("config")
+  bench_p.add_argument("--out", default=os.path.join("benchmarks", "results"),
+                       help="output folder (default benchmarks/results)")
+  bench_p.add_argument("--quiet", action="store_true", help="no progress lines")
+  bench_p.add_argument("--no-plot", action="store_true", help="skip the PNG figure")
+  bench_p.add_argument("--x64", action="store_true", help="enable float64")
+  bench_p.add_argument("--setup-peers", action="store_true",
+                       help="create missing peer virtual environments (needs the package "
+                       "index)")
+  bench_p.add_argument("--no-peers", action="store_true", help="run our side only")
+  bench_p.set_defaults(func=cmd_bench)
   list_p = sub.add_parser("list", help="list the configs in a folder")
   list_p.add_argument("--dir", default="configs")
   list_p.set_defaults(func=cmd_list)

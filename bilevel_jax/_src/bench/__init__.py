@@ -1,0 +1,1 @@
+"""The benchmark runner behind ``bilevel-jax bench CONFIG`` (private)."""

@@ -1,0 +1,1 @@
+"""Peer implementations run as subprocesses in their own virtual environments."""

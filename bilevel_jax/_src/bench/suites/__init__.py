@@ -1,0 +1,1 @@
+"""Benchmark suites: each module has ``SCHEMA``, ``TITLE`` and ``run(cfg, ctx)``."""
