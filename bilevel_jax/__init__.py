@@ -17,6 +17,7 @@ Namespaces:
 from bilevel_jax import bda
 from bilevel_jax import composite
 from bilevel_jax import data
+from bilevel_jax import implicit
 from bilevel_jax import meta
 from bilevel_jax import problems
 from bilevel_jax import projections
@@ -29,5 +30,5 @@ from bilevel_jax import value
 
 __version__ = "0.1.0"
 
-__all__ = ["bda", "composite", "data", "meta", "problems", "projections", "prox", "schedules",
-           "sharding", "smoothing", "upper", "value"]
+__all__ = ["bda", "composite", "data", "implicit", "meta", "problems", "projections", "prox",
+           "schedules", "sharding", "smoothing", "upper", "value"]
