@@ -110,16 +110,17 @@ def load_split(cfg: dict) -> tuple[str, hc.CleaningData]:
 
 
 def initial_lower(features: int, classes: int, std: float, seed: int) -> dict:
-  """y_0 = (W, b): W ~ N(0, std^2) of shape (d, c), b = 0 (float32)."""
+  """y_0 = (W, b): W ~ N(0, std^2) of shape (c, d) (`HyperCleaning`'s layout),
+  b = 0 (float32)."""
   rng = np.random.default_rng(seed)
-  return {"W": (std * rng.standard_normal((features, classes))).astype(np.float32),
+  return {"W": (std * rng.standard_normal((features, classes))).astype(np.float32).T.copy(),
           "b": np.zeros((classes,), np.float32)}
 
 
 def write_data(path: str, split: hc.CleaningData, y0: dict) -> None:
   """The .npz the BOAT script reads: the split and the initial lower model."""
   np.savez(path, **{k: np.asarray(v) for k, v in split._asdict().items()},
-           W0=y0["W"], b0=y0["b"])
+           W0=y0["W"].T, b0=y0["b"])  # the script reads W0 as (d, c)
 
 
 def alpha_for(method: str, alpha_init: float, alpha_decay: float):
