@@ -169,3 +169,15 @@ def test_ridge_benchmark_problem_has_the_closed_form_hypergradient():
   _, got = jax.vmap(lambda x, d: scaling.ridge_hypergradient(x, d, steps=3000,
                                                                   alpha=0.0))(xs, dat)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-10)
+
+
+def test_unrolled_cost_extrapolation_matches_the_full_unroll():
+  """cost(K) from 4 and 8 unrolled steps equals the fully unrolled K-step
+  hyper-cleaning program's (XLA counts a loop body once, hence unrolling)."""
+  prob = scaling._synthetic_cleaning(12, 40, jnp.float32)
+  x = jnp.zeros(40, jnp.float32)
+  make = lambda k: scaling._cleaning_fns(prob, k, "bda", unroll=True)[0]
+  got = scaling.unrolled_cost(make, x, 14)
+  want = roofline.cost(jax.jit(make(14)).lower(x).compile())
+  assert got["flops"] == pytest.approx(want["flops"], rel=0.01)
+  assert got["bytes"] == pytest.approx(want["bytes"], rel=0.01)

@@ -5,7 +5,8 @@ the memory bandwidth and P the peak arithmetic rate of the device. We take
 bytes and FLOPs from XLA's cost analysis of the compiled program. XLA counts
 a loop body once, whatever its trip count, so the program analyzed must have
 its loops unrolled (``bda.solve(..., unroll=True)``); the timed program may
-keep its loop. XLA's "bytes accessed" sums the operands and results of every
+keep its loop. (The scaling suite extrapolates the cost of K unrolled steps
+from 1 and 2 steps, which is exact for a repeated step.) XLA's "bytes accessed" sums the operands and results of every
 fused kernel: it assumes no reuse through caches, so for data that fits in
 L2 (the H100's is 50 MB) the true HBM traffic is lower and the bound looser.
 
