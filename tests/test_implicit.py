@@ -70,6 +70,8 @@ def test_logistic_hypergradient_matches_finite_differences():
   phi = jax.jit(lambda l: upper_fn(l, implicit.solve(lower, l, jnp.zeros(4), **kw).y))
   np.testing.assert_allclose(grad, finite_difference_grad(phi, lam, eps=1e-5),
                              rtol=1e-7, atol=1e-10)
+  _, grad_lbfgs = implicit.hypergradient(upper_fn, lower, lam, jnp.zeros(4), tol=1e-12)
+  np.testing.assert_allclose(grad_lbfgs, grad, rtol=1e-9, atol=1e-12)
 
 
 def test_grad_through_solve_and_closed_over_data():

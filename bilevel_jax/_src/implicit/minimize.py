@@ -1,35 +1,45 @@
 """Lower-level solvers for min_y f(y), y a flat vector, stopped on the gradient.
 
-Each solver runs a `lax.while_loop` until
+Each solver runs one `lax.while_loop` until
 
-    ||grad f(y_k)||_2 <= tol,   or k = max_steps,   or a non-finite iterate,
+    ||grad f(y_k)||_2 <= tol,   or k = max_steps,   or a non-finite value,
 
-and returns ``(y, steps, value, grad_norm, status)``; a backtracking search
-that finds no decrease in 40 halvings stops the loop at the last accepted
-point with LINESEARCH_FAILED (usually: tol below what rounding allows). They are never
+and returns ``(y, steps, value, grad_norm, status)``. They are never
 differentiated (the solution map gets its derivative from the implicit
 function theorem, see `solver.py`), so the loops need no reverse-mode
 support.
 
-  lbfgs   `optax.lbfgs` (memory m) with its zoom line search (strong Wolfe
-          conditions); the value and gradient the line search accepted are
-          reused, so one step costs the line search's evaluations only.
-  gd      y_{k+1} = y_k - s grad f(y_k) with a fixed step s, or, without
-          one, Armijo backtracking (c1 = 1/2, so that on a quadratic the
-          accepted step is in (1/(2L), 1/L]) from twice the previous step.
+  lbfgs   L-BFGS (memory m, two-loop recursion) with Armijo backtracking
+          from the unit step.
+  gd      y_{k+1} = y_k - s grad f(y_k) with a fixed step s (gradients only),
+          or, without one, Armijo backtracking (c1 = 1/2, so that on a
+          quadratic the accepted step lies in (1/(2L), 1/L]: no zig-zag at
+          2/L) from twice the previous step.
   newton  y_{k+1} = y_k - t H^{-1} grad f(y_k) with the dense Hessian
-          H = hess f(y_k) and Armijo backtracking on t (from t = 1); the
-          gradient step is taken where the Newton step is not a descent
-          direction. For small y only: each step forms H (m Hessian-vector
-          products) and factors it (O(m^3)).
+          H = hess f(y_k) and Armijo backtracking on t from t = 1. For small
+          y only: each evaluation forms H (m Hessian-vector products) and
+          factors it (O(m^3)).
+
+Where a direction is not one of descent, the solvers step along -grad f.
+
+The backtracking solvers share one loop (`_search`) in which each pass
+evaluates f and grad f at one trial point y + t d: accepted, it becomes the
+next iterate and the next direction is computed; rejected, t is halved.
+There is no inner loop, so an accepted unit step costs one evaluation and
+no line-search bookkeeping. (`optax.lbfgs` with its zoom line search took
+as many steps on the benchmark problems of `bench/suites/implicit_peers.py`
+but about 10 us more per step on a CPU, which dominated on small problems,
+and twice the compile time.)
+After `_MAX_BACKTRACKS` halvings without decrease the loop stops at the
+last accepted point with LINESEARCH_FAILED (usually: a tol below what
+rounding allows).
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import optax
 
 SUCCESS = 0
 MAX_STEPS = 1
@@ -37,9 +47,9 @@ NONFINITE = 2
 LINESEARCH_FAILED = 3
 SOLVERS = ("lbfgs", "gd", "newton")
 _RUNNING = -1
-_ARMIJO_NEWTON = 1e-4  # sufficient-decrease constants c1 of the backtracking searches
-_ARMIJO_GD = 0.5       # (c1 = 1/2 accepts t <= 1/L on a quadratic: no zig-zag at 2/L)
-_MAX_BACKTRACKS = 40  # halvings per backtracking search
+_ARMIJO = 1e-4        # sufficient-decrease constant c1 (L-BFGS, Newton)
+_ARMIJO_GD = 0.5      # c1 of backtracking gradient descent
+_MAX_BACKTRACKS = 40  # halvings of t before the search fails
 
 
 class Options(NamedTuple):
@@ -51,15 +61,33 @@ class Options(NamedTuple):
   memory_size: int
 
 
-def _status(finite, grad_norm, tol, searched=True):
-  """SUCCESS, NONFINITE, LINESEARCH_FAILED or still running (-1)."""
-  return jnp.where(~finite, NONFINITE, jnp.where(
-      grad_norm <= tol, SUCCESS, jnp.where(searched, _RUNNING, LINESEARCH_FAILED)))
+class _Method(NamedTuple):
+  """A descent method for `_search`.
+
+  direction(aux, y, grad) -> (d, aux): the search direction at an accepted
+    point (aux: the method's state, e.g. the L-BFGS memory).
+  update(aux, s, dg) -> aux: after accepting y + s, with dg = grad change.
+  first_step(aux, grad, t) -> t0: the first trial step (t: the last accepted).
+  """
+  direction: Callable
+  update: Callable
+  first_step: Callable
+  c1: float
+  aux: Any
 
 
-def _keep_if_failed(ok, new, old):
-  """The new (y, value, grad) where the line search succeeded, else the old."""
-  return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+class _State(NamedTuple):
+  y: Any
+  value: Any
+  grad: Any
+  direction: Any
+  slope: Any       # <grad, direction>
+  t: Any           # the current trial step
+  backtracks: Any  # halvings in the current search
+  aux: Any
+  grad_norm: Any
+  steps: Any
+  status: Any
 
 
 def _finish(y, steps, value, grad_norm, status):
@@ -67,123 +95,185 @@ def _finish(y, steps, value, grad_norm, status):
   return y, steps, value, grad_norm, status
 
 
-def _start(fun, y0, tol):
-  value, grad = jax.value_and_grad(fun)(y0)
-  grad_norm = jnp.linalg.norm(grad)
-  finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
-  return value, grad, grad_norm, _status(finite, grad_norm, tol)
-
-
 def _loop(body, init, max_steps):
-  """Runs ``body`` while the status (last entry of the carry) is running."""
+  """Runs ``body`` while the status (last field) is running and steps remain."""
   def cond(carry):
     return (carry[-1] == _RUNNING) & (carry[-2] < max_steps)
   return jax.lax.while_loop(cond, body, init)
 
 
-def _armijo(fun, y, value, grad, direction, t0, c1):
-  """Backtracking from t0 until f(y + t d) <= f(y) + c1 t <grad, d>.
+def _descent(method, aux, y, grad):
+  """The method's direction, or -grad where that is no descent direction."""
+  d, aux = method.direction(aux, y, grad)
+  slope = jnp.vdot(grad, d)
+  ok = jnp.isfinite(slope) & (slope < 0)
+  return jnp.where(ok, d, -grad), jnp.where(ok, slope, -jnp.vdot(grad, grad)), aux, ok
 
-  Near the minimizer the decrease falls below the rounding of f and this
-  test fails for every t; there the approximate Armijo condition of Hager
-  and Zhang (SIAM J. Optim. 2005, (4.2)), exact for quadratics, is used:
 
-      <grad f(y + t d), d> <= (2 c1 - 1) <grad, d>   where   |f(y + t d) - f(y)|
-                                                          <= 100 eps (1 + |f(y)|).
+def _search(fun: Callable, y0, options: Options, method: _Method):
+  """The backtracking loop shared by lbfgs, gd (without a step) and newton.
 
-  Returns ``(t, y + t d, value, grad, accepted)`` at the accepted point (or
-  at the last trial when none was accepted in `_MAX_BACKTRACKS` halvings).
+  A trial y + t d is accepted when f(y + t d) <= f(y) + c1 t <grad, d>, or,
+  where the decrease is below the rounding of f (|f(y + t d) - f(y)| <=
+  100 eps (1 + |f(y)|)), by the approximate Armijo condition of Hager and
+  Zhang (SIAM J. Optim. 2005, (4.2)), exact for quadratics:
+  <grad f(y + t d), d> <= (2 c1 - 1) <grad, d>.
   """
-  slope = jnp.vdot(grad, direction)
   value_and_grad = jax.value_and_grad(fun)
-  noise = 100 * jnp.finfo(y.dtype).eps * (1 + jnp.abs(value))
+  eps = jnp.finfo(y0.dtype).eps
+  c1 = method.c1
 
-  def trial(t):
-    y_new = y + t * direction
-    v, g = value_and_grad(y_new)
-    decrease = v <= value + c1 * t * slope
-    approximate = (jnp.abs(v - value) <= noise) & (jnp.vdot(g, direction) <= (2 * c1 - 1) * slope)
-    return y_new, v, g, jnp.isfinite(v) & (decrease | approximate)
+  value, grad = value_and_grad(y0)
+  grad_norm = jnp.linalg.norm(grad)
+  d, slope, aux, _ = _descent(method, method.aux, y0, grad)
+  t = method.first_step(aux, grad, jnp.ones((), y0.dtype))
+  finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+  status = jnp.where(~finite, NONFINITE, jnp.where(grad_norm <= options.tol, SUCCESS, _RUNNING))
+  init = _State(y0, value, grad, d, slope, t, jnp.array(0, jnp.int32), aux, grad_norm,
+                jnp.array(0, jnp.int32), status)
 
-  def cond(state):
-    return (~state[-1]) & (state[1] < _MAX_BACKTRACKS)
+  def body(s: _State):
+    y_try = s.y + s.t * s.direction
+    v, g = value_and_grad(y_try)
+    noise = 100 * eps * (1 + jnp.abs(s.value))
+    decrease = v <= s.value + c1 * s.t * s.slope
+    approximate = (jnp.abs(v - s.value) <= noise) & (
+        jnp.vdot(g, s.direction) <= (2 * c1 - 1) * s.slope)
+    accept = jnp.isfinite(v) & (decrease | approximate)
 
-  def body(state):
-    t = 0.5 * state[0]
-    return (t, state[1] + 1) + trial(t)
+    # Accepted: the next iterate, its direction and first trial step.
+    aux = method.update(s.aux, y_try - s.y, g - s.grad)
+    d, slope, aux, _ = _descent(method, aux, y_try, g)
+    t_next = method.first_step(aux, g, s.t)
+    g_norm = jnp.linalg.norm(g)
+    accepted = _State(y_try, v, g, d, slope, t_next, jnp.zeros_like(s.backtracks), aux,
+                      g_norm, s.steps + 1,
+                      jnp.where(~jnp.isfinite(g_norm), NONFINITE,
+                                jnp.where(g_norm <= options.tol, SUCCESS, _RUNNING)))
+    # Rejected: halve t.
+    failed = s.backtracks + 1 >= _MAX_BACKTRACKS
+    rejected = s._replace(t=0.5 * s.t, backtracks=s.backtracks + 1,
+                          status=jnp.where(failed, LINESEARCH_FAILED, s.status))
+    return jax.tree_util.tree_map(lambda a, r: jnp.where(accept, a, r), accepted, rejected)
 
-  t, _, y_new, v, g, ok = jax.lax.while_loop(cond, body, (t0, 0) + trial(t0))
-  return t, y_new, v, g, ok
+  s = _loop(body, init, options.max_steps)
+  return _finish(s.y, s.steps, s.value, s.grad_norm, s.status)
 
 
-def _in_dtype(fun, dtype):
-  return lambda y: fun(jnp.asarray(y, dtype))
+# ------------------------------------------------------------------ L-BFGS
+
+
+def _two_loop(grad, memory):
+  """H_k grad by the L-BFGS two-loop recursion (Nocedal & Wright, Alg. 7.4)
+  over the ``count`` newest pairs of the circular memory, H_k^0 = gamma I."""
+  s_mem, y_mem, rho, count, newest, gamma = memory
+  m = rho.shape[0]
+
+  def newest_first(j, carry):
+    q, alphas = carry
+    i = (newest - j) % m
+    a = jnp.where(j < count, rho[i] * jnp.vdot(s_mem[i], q), 0.0)
+    return q - a * y_mem[i], alphas.at[i].set(a)
+
+  def oldest_first(j, r):
+    k = m - 1 - j
+    i = (newest - k) % m
+    b = rho[i] * jnp.vdot(y_mem[i], r)
+    return r + jnp.where(k < count, alphas[i] - b, 0.0) * s_mem[i]
+
+  q, alphas = jax.lax.fori_loop(0, m, newest_first, (grad, jnp.zeros_like(rho)))
+  return jax.lax.fori_loop(0, m, oldest_first, gamma * q)
+
+
+def _lbfgs_method(y0, memory_size):
+  """L-BFGS: a pair (s, dg) is stored when s^T dg > eps |s| |dg|. On a
+  strongly convex f every step has s^T dg >= mu |s|^2 > 0, the curvature
+  condition a Wolfe line search exists to enforce, so backtracking suffices;
+  a direction that is no descent direction empties the memory."""
+  m, dtype = memory_size, y0.dtype
+  eps = jnp.finfo(dtype).eps
+
+  def direction(memory, y, grad):
+    d = -_two_loop(grad, memory)
+    descent = jnp.vdot(grad, d) < 0
+    return d, memory[:3] + (jnp.where(descent, memory[3], 0),) + memory[4:]
+
+  def update(memory, s, dg):
+    s_mem, y_mem, rho, count, newest, gamma = memory
+    sy = jnp.vdot(s, dg)
+    store = sy > eps * jnp.linalg.norm(s) * jnp.linalg.norm(dg)
+    slot = (newest + 1) % m
+    new = (s_mem.at[slot].set(s), y_mem.at[slot].set(dg),
+           rho.at[slot].set(1 / jnp.where(store, sy, 1)), jnp.minimum(count + 1, m), slot,
+           sy / jnp.where(store, jnp.vdot(dg, dg), 1))
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(store, a, b), new, memory)
+
+  def first_step(memory, grad, t):
+    # Unit step, except from steepest descent (empty memory): |t d| <= 1.
+    return jnp.where(memory[3] == 0, jnp.minimum(1.0, 1.0 / jnp.linalg.norm(grad)),
+                     1.0).astype(dtype)
+
+  memory = (jnp.zeros((m,) + y0.shape, dtype), jnp.zeros((m,) + y0.shape, dtype),
+            jnp.zeros((m,), dtype), jnp.array(0, jnp.int32), jnp.array(m - 1, jnp.int32),
+            jnp.ones((), dtype))
+  return _Method(direction, update, first_step, _ARMIJO, memory)
 
 
 def lbfgs(fun: Callable, y0, options: Options):
-  opt = optax.lbfgs(memory_size=options.memory_size)
-  # With x64 on, the zoom line search's step sizes are float64 and promote
-  # float32 trial points; the objective sees y in its own dtype.
-  fun = _in_dtype(fun, y0.dtype)
-  value0, grad, grad_norm, status = _start(fun, y0, options.tol)
+  return _search(fun, y0, options, _lbfgs_method(y0, options.memory_size))
 
-  def body(carry):
-    y, state, value, grad, _, steps, _ = carry
-    updates, state = opt.update(grad, state, y, value=value, grad=grad, value_fn=fun)
-    y = optax.apply_updates(y, updates).astype(y0.dtype)
-    value = optax.tree.get(state, "value").astype(value0.dtype)
-    grad = optax.tree.get(state, "grad").astype(y0.dtype)
-    grad_norm = jnp.linalg.norm(grad)
-    finite = jnp.all(jnp.isfinite(y)) & jnp.isfinite(value) & jnp.isfinite(grad_norm)
-    return y, state, value, grad, grad_norm, steps + 1, _status(finite, grad_norm, options.tol)
 
-  init = (y0, opt.init(y0), value0, grad, grad_norm, jnp.array(0, jnp.int32), status)
-  y, _, value, _, grad_norm, steps, status = _loop(body, init, options.max_steps)
-  return _finish(y, steps, value, grad_norm, status)
+# ---------------------------------------------------------- gradient descent
 
 
 def gd(fun: Callable, y0, options: Options):
-  value, grad, grad_norm, status = _start(fun, y0, options.tol)
-  fixed = options.stepsize is not None
-  t0 = jnp.asarray(options.stepsize if fixed else 1.0, y0.dtype)
+  if options.stepsize is not None:
+    return _gd_fixed(fun, y0, options)
+  method = _Method(direction=lambda aux, y, grad: (-grad, aux),
+                   update=lambda aux, s, dg: aux,
+                   first_step=lambda aux, grad, t: 2 * t,
+                   c1=_ARMIJO_GD, aux=())
+  return _search(fun, y0, options, method)
+
+
+def _gd_fixed(fun: Callable, y0, options: Options):
+  """Fixed steps need gradients only; f is evaluated once, at the end."""
+  grad_fn = jax.grad(fun)
+  step = jnp.asarray(options.stepsize, y0.dtype)
+
+  def norm_status(grad):
+    grad_norm = jnp.linalg.norm(grad)
+    return grad_norm, jnp.where(~jnp.isfinite(grad_norm), NONFINITE,
+                                jnp.where(grad_norm <= options.tol, SUCCESS, _RUNNING))
 
   def body(carry):
-    y, value, grad, t, _, steps, _ = carry
-    if fixed:
-      y = y - t * grad
-      value, grad = jax.value_and_grad(fun)(y)
-      ok = True
-    else:
-      t, *new, ok = _armijo(fun, y, value, grad, -grad, 2 * t, _ARMIJO_GD)
-      y, value, grad = _keep_if_failed(ok, tuple(new), (y, value, grad))
-    grad_norm = jnp.linalg.norm(grad)
-    finite = jnp.all(jnp.isfinite(y)) & jnp.isfinite(value) & jnp.isfinite(grad_norm)
-    return y, value, grad, t, grad_norm, steps + 1, _status(finite, grad_norm, options.tol, ok)
+    y, grad, _, steps, _ = carry
+    y = y - step * grad
+    grad = grad_fn(y)
+    grad_norm, status = norm_status(grad)
+    return y, grad, grad_norm, steps + 1, status
 
-  init = (y0, value, grad, t0, grad_norm, jnp.array(0, jnp.int32), status)
-  y, value, _, _, grad_norm, steps, status = _loop(body, init, options.max_steps)
+  grad0 = grad_fn(y0)
+  grad_norm0, status0 = norm_status(grad0)
+  init = (y0, grad0, grad_norm0, jnp.array(0, jnp.int32), status0)
+  y, _, grad_norm, steps, status = _loop(body, init, options.max_steps)
+  value = fun(y)
+  status = jnp.where(jnp.isfinite(value), status, NONFINITE)
   return _finish(y, steps, value, grad_norm, status)
+
+
+# ------------------------------------------------------------------ Newton
 
 
 def newton(fun: Callable, y0, options: Options):
-  value, grad, grad_norm, status = _start(fun, y0, options.tol)
   hessian = jax.hessian(fun)
 
-  def body(carry):
-    y, value, grad, _, steps, _ = carry
-    step = jnp.linalg.solve(hessian(y), grad)
-    descent = jnp.all(jnp.isfinite(step)) & (jnp.vdot(grad, step) > 0)
-    direction = -jnp.where(descent, step, grad)
-    _, *new, ok = _armijo(fun, y, value, grad, direction, jnp.ones((), y.dtype),
-                           _ARMIJO_NEWTON)
-    y, value, grad = _keep_if_failed(ok, tuple(new), (y, value, grad))
-    grad_norm = jnp.linalg.norm(grad)
-    finite = jnp.all(jnp.isfinite(y)) & jnp.isfinite(value) & jnp.isfinite(grad_norm)
-    return y, value, grad, grad_norm, steps + 1, _status(finite, grad_norm, options.tol, ok)
+  def direction(aux, y, grad):
+    return -jnp.linalg.solve(hessian(y), grad), aux
 
-  init = (y0, value, grad, grad_norm, jnp.array(0, jnp.int32), status)
-  y, value, _, grad_norm, steps, status = _loop(body, init, options.max_steps)
-  return _finish(y, steps, value, grad_norm, status)
+  method = _Method(direction=direction, update=lambda aux, s, dg: aux,
+                   first_step=lambda aux, grad, t: jnp.ones_like(t), c1=_ARMIJO, aux=())
+  return _search(fun, y0, options, method)
 
 
 def minimize(fun: Callable, y0, options: Options):

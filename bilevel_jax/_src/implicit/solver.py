@@ -215,9 +215,10 @@ def solve(lower_fn: Callable, x, y0, *, solver: str = "lbfgs", tol: Optional[flo
     x: upper variable, any pytree of float arrays.
     y0: starting point; fixes the structure, shapes and dtype of y (any
       pytree of float arrays).
-    solver: "lbfgs" (`optax.lbfgs` with its zoom line search), "gd"
-      (gradient descent: fixed ``stepsize``, or Armijo backtracking) or
-      "newton" (dense Hessian, Armijo backtracking; small y only).
+    solver: "lbfgs" (L-BFGS with Armijo backtracking), "gd" (gradient
+      descent: fixed ``stepsize``, or Armijo backtracking) or "newton"
+      (dense Hessian, Armijo backtracking; small y only). See
+      `bilevel_jax._src.implicit.minimize`.
     tol: stop when ||grad_y f(x, y)||_2 <= tol (an absolute tolerance, as
       jaxopt's; default 1e-8 in float64, 1e-4 in float32).
     max_steps: lower iterations at most (static).
