@@ -66,14 +66,19 @@ class _Method(NamedTuple):
 
   direction(aux, y, grad) -> (d, aux): the search direction at an accepted
     point (aux: the method's state, e.g. the L-BFGS memory).
-  update(aux, s, dg) -> aux: after accepting y + s, with dg = grad change.
+  update(aux, s, dg, accept) -> aux: after the trial y + s, with dg the
+    change of the gradient; a no-op unless ``accept`` (so that large
+    buffers are updated in place rather than copied and selected).
   first_step(aux, grad, t) -> t0: the first trial step (t: the last accepted).
+  select(accept, aux_accepted, aux_rejected) -> aux: merges the two.
   """
   direction: Callable
   update: Callable
   first_step: Callable
   c1: float
   aux: Any
+  select: Callable = lambda accept, a, r: jax.tree_util.tree_map(
+      lambda x, y: jnp.where(accept, x, y), a, r)
 
 
 class _State(NamedTuple):
@@ -142,19 +147,24 @@ def _search(fun: Callable, y0, options: Options, method: _Method):
     accept = jnp.isfinite(v) & (decrease | approximate)
 
     # Accepted: the next iterate, its direction and first trial step.
-    aux = method.update(s.aux, y_try - s.y, g - s.grad)
-    d, slope, aux, _ = _descent(method, aux, y_try, g)
-    t_next = method.first_step(aux, g, s.t)
+    aux = method.update(s.aux, y_try - s.y, g - s.grad, accept)
+    d, slope, aux_next, _ = _descent(method, aux, y_try, g)
+    t_next = method.first_step(aux_next, g, s.t)
     g_norm = jnp.linalg.norm(g)
-    accepted = _State(y_try, v, g, d, slope, t_next, jnp.zeros_like(s.backtracks), aux,
+    accepted = _State(y_try, v, g, d, slope, t_next, jnp.zeros_like(s.backtracks), aux_next,
                       g_norm, s.steps + 1,
                       jnp.where(~jnp.isfinite(g_norm), NONFINITE,
                                 jnp.where(g_norm <= options.tol, SUCCESS, _RUNNING)))
     # Rejected: halve t.
     failed = s.backtracks + 1 >= _MAX_BACKTRACKS
-    rejected = s._replace(t=0.5 * s.t, backtracks=s.backtracks + 1,
+    rejected = s._replace(t=0.5 * s.t, backtracks=s.backtracks + 1, aux=aux,
                           status=jnp.where(failed, LINESEARCH_FAILED, s.status))
-    return jax.tree_util.tree_map(lambda a, r: jnp.where(accept, a, r), accepted, rejected)
+    # The method's state is updated in place (its update saw `accept`); only
+    # the small entries it may reset on a rejected trial are selected.
+    aux_sel = method.select(accept, aux_next, aux)
+    out = jax.tree_util.tree_map(lambda a, r: jnp.where(accept, a, r),
+                                 accepted._replace(aux=()), rejected._replace(aux=()))
+    return out._replace(aux=aux_sel)
 
   s = _loop(body, init, options.max_steps)
   return _finish(s.y, s.steps, s.value, s.grad_norm, s.status)
@@ -198,15 +208,16 @@ def _lbfgs_method(y0, memory_size):
     descent = jnp.vdot(grad, d) < 0
     return d, memory[:3] + (jnp.where(descent, memory[3], 0),) + memory[4:]
 
-  def update(memory, s, dg):
+  def update(memory, s, dg, accept):
     s_mem, y_mem, rho, count, newest, gamma = memory
     sy = jnp.vdot(s, dg)
-    store = sy > eps * jnp.linalg.norm(s) * jnp.linalg.norm(dg)
-    slot = (newest + 1) % m
-    new = (s_mem.at[slot].set(s), y_mem.at[slot].set(dg),
-           rho.at[slot].set(1 / jnp.where(store, sy, 1)), jnp.minimum(count + 1, m), slot,
-           sy / jnp.where(store, jnp.vdot(dg, dg), 1))
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(store, a, b), new, memory)
+    store = accept & (sy > eps * jnp.linalg.norm(s) * jnp.linalg.norm(dg))
+    slot = jnp.where(store, (newest + 1) % m, newest)
+    return (s_mem.at[slot].set(jnp.where(store, s, s_mem[slot])),
+            y_mem.at[slot].set(jnp.where(store, dg, y_mem[slot])),
+            rho.at[slot].set(jnp.where(store, 1 / jnp.where(store, sy, 1), rho[slot])),
+            jnp.where(store, jnp.minimum(count + 1, m), count), slot,
+            jnp.where(store, sy / jnp.where(store, jnp.vdot(dg, dg), 1), gamma))
 
   def first_step(memory, grad, t):
     # Unit step, except from steepest descent (empty memory): |t d| <= 1.
@@ -216,7 +227,9 @@ def _lbfgs_method(y0, memory_size):
   memory = (jnp.zeros((m,) + y0.shape, dtype), jnp.zeros((m,) + y0.shape, dtype),
             jnp.zeros((m,), dtype), jnp.array(0, jnp.int32), jnp.array(m - 1, jnp.int32),
             jnp.ones((), dtype))
-  return _Method(direction, update, first_step, _ARMIJO, memory)
+  select = lambda accept, a, r: r[:3] + jax.tree_util.tree_map(
+      lambda x, y: jnp.where(accept, x, y), a[3:], r[3:])
+  return _Method(direction, update, first_step, _ARMIJO, memory, select)
 
 
 def lbfgs(fun: Callable, y0, options: Options):
@@ -230,7 +243,7 @@ def gd(fun: Callable, y0, options: Options):
   if options.stepsize is not None:
     return _gd_fixed(fun, y0, options)
   method = _Method(direction=lambda aux, y, grad: (-grad, aux),
-                   update=lambda aux, s, dg: aux,
+                   update=lambda aux, s, dg, accept: aux,
                    first_step=lambda aux, grad, t: 2 * t,
                    c1=_ARMIJO_GD, aux=())
   return _search(fun, y0, options, method)
@@ -271,7 +284,7 @@ def newton(fun: Callable, y0, options: Options):
   def direction(aux, y, grad):
     return -jnp.linalg.solve(hessian(y), grad), aux
 
-  method = _Method(direction=direction, update=lambda aux, s, dg: aux,
+  method = _Method(direction=direction, update=lambda aux, s, dg, accept: aux,
                    first_step=lambda aux, grad, t: jnp.ones_like(t), c1=_ARMIJO, aux=())
   return _search(fun, y0, options, method)
 
