@@ -38,9 +38,19 @@ class Context:
   setup_peers: bool = False
   peers: bool = True
 
+  partial_path: str = ""
+
   def log(self, message: str) -> None:
     if not self.quiet:
       print(message, file=sys.stderr, flush=True)
+
+  def save_partial(self, rows: list[dict]) -> None:
+    """Writes the rows so far (``"partial": true``), so that a run stopped
+    by a time limit still leaves its finished sections behind."""
+    if self.partial_path:
+      from bilevel_jax._src.bench import measure
+      report.write_json(self.partial_path, {"config": self.config_path, "partial": True,
+                                            "machine": measure.machine(), "rows": rows})
 
 
 @dataclasses.dataclass
@@ -87,13 +97,13 @@ def run(config_path: str, *, out_dir: str = os.path.join("benchmarks", "results"
     import jax
     jax.config.update("jax_enable_x64", True)
   from bilevel_jax._src.bench import measure
+  stem = os.path.join(out_dir, result_stem(config_path))
   ctx = Context(config_path=config_path, out_dir=out_dir, quiet=quiet,
-                setup_peers=setup_peers, peers=peers)
+                setup_peers=setup_peers, peers=peers, partial_path=stem + ".json")
   ctx.log(f"bilevel-jax bench: {config_path} (suite {name}) on {measure.device_tag()}")
   tic = time.perf_counter()
   result: SuiteResult = module.run(cfg, ctx)
   wall = time.perf_counter() - tic
-  stem = os.path.join(out_dir, result_stem(config_path))
   table = report.markdown_table(result.columns, result.rows)
   payload = {"config": config_path, "suite": name, "settings": cfg,
              "machine": measure.machine(), "wall_time_s": wall, "title": result.title,

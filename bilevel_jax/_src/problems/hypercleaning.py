@@ -82,7 +82,8 @@ class HyperCleaning(NamedTuple):
     sample, so L_f <= lambda_max(U^T U) / (2 n) with U = [features, 1]."""
     u = np.asarray(self.data.x_train, dtype=np.float64)
     u = np.concatenate([u, np.ones((u.shape[0], 1))], axis=1)
-    return float(np.linalg.eigvalsh(u.T @ u / u.shape[0])[-1] / 2)
+    gram = u @ u.T if u.shape[0] < u.shape[1] else u.T @ u  # same nonzero spectrum
+    return float(np.linalg.eigvalsh(gram / u.shape[0])[-1] / 2)
 
 
 def accuracy(params, features, labels):

@@ -380,12 +380,15 @@ def run(cfg, ctx) -> SuiteResult:
   rows = []
   if cfg["K"]["enabled"]:
     rows += _k_rows(cfg, ctx, prob, dataset, peaks, bandwidth)
-  if cfg["dim"]["enabled"]:
-    rows += _dim_rows(cfg, ctx, dtype, peaks, bandwidth)
+    ctx.save_partial(rows)
   if cfg["vmap"]["enabled"]:
     rows += _vmap_rows(cfg, ctx, dtype)
+    ctx.save_partial(rows)
   if cfg["memory"]["enabled"]:
     rows += _memory_rows(cfg, ctx, prob, dataset)
+    ctx.save_partial(rows)
+  if cfg["dim"]["enabled"]:
+    rows += _dim_rows(cfg, ctx, dtype, peaks, bandwidth)
   notes.append("Times are medians of alternated repeats after a warm-up call; compile time "
                "is measured apart (lower + compile). peak_rss_mib is the process's peak "
                "resident memory during the row (reset before it), so it includes the "
