@@ -420,16 +420,20 @@ def matched_rows(rows, targets):
 
 def _figures(rows, problems):
   def draw(plt):
+    from matplotlib import ticker
     fig, axes = plt.subplots(1, len(problems), figsize=(5.2 * len(problems), 4), squeeze=False)
     for ax, name in zip(axes[0], problems):
       chosen = [r for r in rows if r["problem"] == name and r["per"] == "hypergradient"]
       for impl, family in dict.fromkeys((r["impl"], r["method"]) for r in chosen):
-        pts = sorted((r["median_s"], max(r["metric"], 1e-17)) for r in chosen
-                     if (r["impl"], r["method"]) == (impl, family))
+        # In sweep order (more effort: smaller tol, larger K), not by time.
+        effort = lambda r: r["size"] if r["size_name"] == "K" else 1 / r["size"]
+        pts = [(r["median_s"], max(r["metric"], 1e-17)) for r in sorted(chosen, key=effort)
+               if (r["impl"], r["method"]) == (impl, family)]
         ax.plot(*zip(*pts), marker="o" if impl == "bilevel_jax" else "s",
                 linestyle="-" if impl == "bilevel_jax" else "--", label=f"{impl} {family}")
       ax.set(xscale="log", yscale="log", xlabel="median time per hypergradient (s)",
              ylabel="relative error of the hypergradient", title=name)
+      ax.xaxis.set_minor_formatter(ticker.NullFormatter())
       if chosen:
         ax.legend(fontsize=7)
     fig.tight_layout()
