@@ -70,6 +70,15 @@ def cmd_run(args) -> int:
 
 def cmd_bench(args) -> int:
   from bilevel_jax._src.bench import runner
+  if not os.path.exists(args.config):
+    raise config.ConfigError(f"config file {args.config!r} does not exist.")
+  with open(args.config, "rb") as handle:
+    try:
+      has_suite = "suite" in config.tomllib.load(handle)
+    except config.tomllib.TOMLDecodeError as err:
+      raise config.ConfigError(f"{args.config}: not valid TOML: {err}") from None
+  if not has_suite:
+    return runner.run_standalone(args.config)
   if args.x64:
     import jax
     jax.config.update("jax_enable_x64", True)
@@ -98,9 +107,7 @@ def cmd_list(args) -> int:
       _, suite, _ = runner.read_config(path)
       print(f"{path:45s} {'bench:' + suite:14s} {config.description(path)}")
     except config.ConfigError:
-      script = f"benchmarks/bench_{os.path.splitext(os.path.basename(path))[0]}.py"
-      print(f"{path:45s} {'benchmark':14s} {config.description(path)} (run: python {script} "
-            f"{path})")
+      print(f"{path:45s} {'bench:script':14s} {config.description(path)}")
   return 0
 
 

@@ -82,6 +82,21 @@ def test_config_errors_name_the_key(tmp_path):
   assert cli.main(["bench", str(tmp_path / "missing.toml")]) == 2
 
 
+def test_a_config_without_suite_runs_its_standalone_script(tmp_path, monkeypatch):
+  (tmp_path / "benchmarks").mkdir()
+  (tmp_path / "configs" / "bench").mkdir(parents=True)
+  (tmp_path / "benchmarks" / "bench_demo.py").write_text(
+      "import sys\nopen(sys.argv[1] + '.ran', 'w').write('ok')\n")
+  path = tmp_path / "configs" / "bench" / "demo.toml"
+  path.write_text("[section]\nkey = 1\n")
+  assert cli.main(["bench", str(path)]) == 0
+  assert (tmp_path / "configs" / "bench" / "demo.toml.ran").read_text() == "ok"
+  orphan = tmp_path / "configs" / "bench" / "orphan.toml"
+  orphan.write_text("[section]\nkey = 1\n")
+  monkeypatch.chdir(tmp_path)
+  assert cli.main(["bench", str(orphan)]) == 2  # no suite, no script: a named error
+
+
 def test_summarize_and_alternation_order():
   stats = measure.summarize([3.0, 1.0, 2.0, 10.0, 4.0])
   assert stats["median_s"] == 3.0 and stats["min_s"] == 1.0 and stats["max_s"] == 10.0

@@ -82,6 +82,35 @@ def read_config(path: str) -> tuple[Any, str, dict]:
   return module, name, config.validate(raw, module.SCHEMA, path)
 
 
+def standalone_script(config_path: str) -> str | None:
+  """``benchmarks/bench_<stem>.py`` for a config without a ``suite`` key.
+
+  A few benchmarks are standalone scripts (sharding needs its XLA_FLAGS set
+  before JAX starts, so it must be its own process); the runner starts them
+  with the same interpreter, so that one command runs every benchmark.
+  """
+  stem = os.path.splitext(os.path.basename(config_path))[0]
+  config_dir = os.path.dirname(os.path.abspath(config_path))
+  for root in (os.path.dirname(os.path.dirname(config_dir)), os.getcwd()):
+    script = os.path.join(root, "benchmarks", f"bench_{stem}.py")
+    if os.path.exists(script):
+      return script
+  return None
+
+
+def run_standalone(config_path: str) -> int:
+  """Runs the standalone script of a config; returns its exit status."""
+  import subprocess
+  script = standalone_script(config_path)
+  if script is None:
+    raise config.ConfigError(f"{config_path}: missing top-level key `suite` (one of "
+                             f"{list(SUITES)}), and no benchmarks/bench_<name>.py script "
+                             "matches its name.")
+  print(f"bilevel-jax bench: {config_path} is run by its script {script}", file=sys.stderr,
+        flush=True)
+  return subprocess.run([sys.executable, script, config_path], check=False).returncode
+
+
 def result_stem(config_path: str) -> str:
   from bilevel_jax._src.bench import measure
   stem = os.path.splitext(os.path.basename(config_path))[0]
