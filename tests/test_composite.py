@@ -360,3 +360,125 @@ def test_matrix_free_newton_matches_dense():
   assert int(s_dense) == composite.SUCCESS and int(s_cg) == composite.SUCCESS
   np.testing.assert_allclose(v_cg, v_dense, rtol=1e-8)
   np.testing.assert_allclose(g_cg, g_dense, rtol=1e-6)
+
+
+# ------------------------------------------------- warm starts and structure
+
+
+def _elastic_net(seed=9, n_obs=15, d=6):
+  rng = np.random.default_rng(seed)
+  A = jnp.asarray(rng.normal(size=(n_obs, d)))
+  b = jnp.asarray(rng.normal(size=n_obs))
+  g = lambda x, y: jnp.sum((A @ y - b) ** 2) + 0.5 * jnp.exp(x[1]) * jnp.sum(y ** 2)
+  G = lambda x, y: jnp.exp(x[0]) * jnp.concatenate([y, -y])
+  return g, G, composite.l1(d)
+
+
+@pytest.fixture(scope="module")
+def enet_value_and_grad():
+  g, G, h = _elastic_net()
+
+  def value(x, y0, method, warm_steps):
+    sol = composite.solve(g, G, h, x, y0=y0, alpha=1e-5, beta=1e-5, method=method,
+                          warm_steps=warm_steps)
+    return jnp.sum(sol.y * jnp.arange(1.0, 7.0)), sol
+
+  return jax.jit(jax.value_and_grad(value, has_aux=True), static_argnums=(2, 3))
+
+
+def test_warm_start_matches_cold_start(enet_value_and_grad):
+  # method="warm" from the solution at a nearby x takes Newton steps only and
+  # gives the cold interior-point solve's y and gradient.
+  x = jnp.array([0.5, -1.0])
+  (_, near), _ = enet_value_and_grad(x, jnp.zeros(6), "ipm", 10)
+  x1 = x + jnp.array([1e-3, -2e-3])
+  (v_cold, cold), g_cold = enet_value_and_grad(x1, jnp.zeros(6), "ipm", 10)
+  (v_warm, warm), g_warm = enet_value_and_grad(x1, near.y, "warm", 10)
+  assert int(cold.info.status) == int(warm.info.status) == composite.SUCCESS
+  assert int(cold.info.interior_steps) > 0
+  assert int(warm.info.interior_steps) == 0 and 1 <= int(warm.info.steps) <= 3
+  np.testing.assert_allclose(warm.y, cold.y, atol=1e-10)
+  np.testing.assert_allclose(v_warm, v_cold, rtol=1e-10)
+  np.testing.assert_allclose(g_warm, g_cold, rtol=1e-7)
+
+
+def test_warm_start_falls_back_to_interior_point(enet_value_and_grad):
+  # A warm start far off at alpha = 1e-5 with one Newton step allowed: the
+  # interior-point phase takes over; same y and gradient as a cold solve.
+  x = jnp.array([1.0, -2.0])
+  (_, cold), g_cold = enet_value_and_grad(x, jnp.zeros(6), "ipm", 10)
+  (_, warm), g_warm = enet_value_and_grad(x, 5.0 * jnp.ones(6), "warm", 1)
+  assert int(warm.info.status) == composite.SUCCESS
+  assert int(warm.info.interior_steps) > 0 and int(warm.info.steps) >= 1
+  np.testing.assert_allclose(warm.y, cold.y, atol=1e-10)
+  np.testing.assert_allclose(g_warm, g_cold, rtol=1e-7)
+
+
+def test_bad_warm_steps_is_named():
+  g, G, h = _elastic_net()
+  with pytest.raises(ValueError, match="`warm_steps`"):
+    composite.solve(g, G, h, jnp.zeros(2), y0=jnp.zeros(6), alpha=1.0, beta=1.0,
+                    method="warm", warm_steps=0)
+  with pytest.raises(ValueError, match="`linear_solver='cg'`"):
+    composite.solve(g, G, h, jnp.zeros(2), y0=jnp.zeros(6), alpha=1.0, beta=1.0,
+                    method="warm", linear_solver="cg")
+
+
+def test_constant_derivatives_are_read_off_the_jaxpr():
+  from bilevel_jax._src.composite import structure
+  A = jnp.ones((5, 3))
+  y, p2, p1 = jnp.ones(3), jnp.ones(6), jnp.ones(1)
+
+  def hess_dep(g, G, p):
+    hess = lambda yy, pp: jax.hessian(lambda v: g(v) + jnp.vdot(G(v), pp))(yy)
+    return structure.depends_on(hess, (y, p), (0, 1))
+
+  def jac_dep(G):
+    return structure.depends_on(jax.jacfwd(G), (y,), (0,))
+
+  quad = lambda v: jnp.sum((A @ v - 1.0) ** 2) + 0.3 * jnp.vdot(v, v)
+  affine = lambda v: 2.0 * jnp.concatenate([v, -v])
+  ball = lambda v: jnp.sum(v ** 2)[None] - 1.0
+  assert not hess_dep(quad, affine, p2) and not jac_dep(affine)
+  assert hess_dep(lambda v: jnp.sum(jnp.exp(v)), affine, p2)
+  assert hess_dep(quad, ball, p1) and jac_dep(ball)
+
+
+def test_two_piece_prox_matches_enumeration():
+  # The closed form for blocks max(c_1, c_2) against the enumeration of
+  # active sets, including parallel pieces and points on the kink.
+  from bilevel_jax._src.composite import polyhedral as poly
+  rng = np.random.default_rng(10)
+  cases = []
+  for _ in range(200):
+    a = np.abs(rng.normal(size=(2, 3)))
+    alpha = rng.normal(size=2)
+    cases.append((a, alpha, rng.normal(size=3) * 3, 10.0 ** rng.uniform(-6, 0)))
+  a = np.array([[1.0, 0.0], [0.0, 1.0]])
+  cases += [(a, np.zeros(2), np.array([0.3, 0.3]), 0.1),             # on the kink
+            (np.array([[1.0, 2.0], [1.0, 2.0]]), np.array([0.0, 0.5]), np.ones(2), 0.2),
+            (np.array([[1.0, 2.0], [1.0, 2.0]]), np.array([0.5, 0.0]), np.ones(2), 0.2)]
+  empty_b, empty_beta = jnp.zeros((0, 0)), jnp.zeros(0)
+  closed = jax.jit(lambda a, al, z, s: poly._two_piece_prox(a, al, empty_b, empty_beta, z, s))
+  enum = jax.jit(lambda a, al, z, s: poly._block_prox(a, al, jnp.zeros((0, a.shape[1])),
+                                                      empty_beta, z, s))
+  for a, alpha, z, step in cases:
+    args = (jnp.asarray(a), jnp.asarray(alpha), jnp.asarray(z[:a.shape[1]]), step)
+    w1, lam1, act1, ok1, weak1 = closed(*args)
+    w2, lam2, act2, ok2, weak2 = enum(*args)
+    np.testing.assert_allclose(w1, w2, atol=1e-10)
+    np.testing.assert_allclose(lam1, lam2, atol=1e-8)
+    assert np.array_equal(act1, act2) and bool(ok1) == bool(ok2) and bool(weak1) == bool(weak2)
+
+
+def test_small_solve_matches_lapack():
+  from bilevel_jax._src.composite import linalg
+  rng = np.random.default_rng(11)
+  solve = jax.jit(jax.vmap(linalg.small_solve))
+  for n in (1, 2, 4, 7):
+    mats = rng.normal(size=(20, n, n))
+    mats[::4, 0] = 0.0                      # needs a row exchange
+    mats[::4, 0, -1] = 1e-3
+    rhs = rng.normal(size=(20, n, 3))
+    np.testing.assert_allclose(solve(jnp.asarray(mats), jnp.asarray(rhs)),
+                               np.linalg.solve(mats, rhs), rtol=1e-8, atol=1e-10)

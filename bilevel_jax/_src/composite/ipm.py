@@ -12,7 +12,8 @@ KKT, with multipliers lam >= 0 of the rows (the sigma and tau of (2.2)):
     p_b = C_b^T lam_b,   sum_j sigma_j = 1,   s lam = mu -> 0.
 
 Each Newton step eliminates (w_b, t_b, s_b, lam_b) block by block (a
-(k+1) x (k+1) system per block) and solves an m x m system in y.  Interior
+(k+1) x (k+1) system per block, unrolled elimination) and solves an m x m
+symmetric positive definite system in y (Cholesky).  Interior
 points cross any number of active-set changes per step, which is what the
 Newton method on the Moreau envelope cannot do when alpha is small (each of
 its line searches stops at the first kink): on the elastic net of Section 6.1
@@ -27,6 +28,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from bilevel_jax._src.composite import linalg
 
 
 class _Group(NamedTuple):
@@ -47,19 +50,21 @@ def _groups(h, dtype):
   return out
 
 
-def solve(g_fn, G_fn, hess_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=None):
+def solve(g_fn, G_fn, lin_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=None,
+          active=True):
   """Interior-point solve of (3.1); returns (y, steps, kkt_residual).
 
   Args:
-    g_fn: y -> g(x, y); G_fn: y -> G(x, y); hess_fn: (y, p) -> hess_yy of
-      g + <G, p> (dense, m x m).
+    g_fn: y -> g(x, y); G_fn: y -> G(x, y); lin_fn: (y, p) -> (hess_yy of
+      g + <G, p> + beta/2 |y|^2 (dense, m x m), grad_y G (s x m)).
     h: the Polyhedral; y0: start; alpha, beta: the regularization.
+    active: when False (traced), no step is taken (a switch that costs
+      nothing under vmap when no lane needs the phase).
   """
   dtype = y0.dtype
   eps = jnp.finfo(dtype).eps
   tol = tol if tol is not None else float(eps) ** 0.6
   groups = _groups(h, dtype)
-  m = y0.shape[0]
 
   def init_block(gr, z):
     zb = z[gr.index]                                          # (nb, k)
@@ -117,8 +122,7 @@ def solve(g_fn, G_fn, hess_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=N
     mu = duality_measure(blocks)
     sigma = 0.1
     target = sigma * mu
-    jac = jax.jacfwd(G_fn)(y)                              # (s, m)
-    matrix = hess_fn(y, p) + beta * jnp.eye(m, dtype=dtype)
+    matrix, jac = lin_fn(y, p)                             # (m, m), (s, m)
     rhs = -r_y
     solves = []
     for gr, (w, t, s, lam), (r_w, r_t, r_p) in zip(groups, blocks, res):
@@ -126,34 +130,46 @@ def solve(g_fn, G_fn, hess_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=N
       e = (target - s * lam + lam * r_p) / s               # (nb, n)
       crow = gr.rows                                       # (nb, n, k)
       k_ = crow.shape[2]
-      # Block matrix in (dw, dt).
-      top_left = jnp.eye(k_, dtype=dtype)[None] / alpha + jnp.einsum("bnk,bn,bnl->bkl", crow, d, crow)
-      top_right = -jnp.einsum("bnk,bn,n->bk", crow, d, gr.is_piece[0])
-      corner = jnp.einsum("n,bn->b", gr.is_piece[0], d)
-      kmat = jnp.concatenate([
-          jnp.concatenate([top_left, top_right[:, :, None]], axis=2),
-          jnp.concatenate([top_right[:, None, :], corner[:, None, None]], axis=2)], axis=1)
+      piece = gr.is_piece[0]                               # (n,)
       f_w = -r_w - jnp.einsum("bnk,bn->bk", crow, e)
-      f_t = -r_t + jnp.einsum("n,bn->b", gr.is_piece[0], e)
-      f = jnp.concatenate([f_w, f_t[:, None]], axis=1)          # (nb, k+1)
-      kinv = jnp.linalg.inv(kmat)                                # (nb, k+1, k+1)
-      q = kinv[:, :k_, :k_]                                      # E^T K^-1 E
+      f_t = -r_t + jnp.einsum("n,bn->b", piece, e)
+      # dt eliminated: dt = (f_t + <d pi, C dw>) / sum_pieces d.  What remains
+      # on dw is I/alpha + E with E = C^T L C, L the weighted Laplacian of the
+      # pieces (diag d_i sum_{j != i} d_j / sum d, off-diagonal -d_i d_j /
+      # sum d, no differences of large numbers) and diag(d) on constraints.
+      dp = d * gr.is_piece                                 # (nb, n)
+      total = jnp.sum(dp, axis=1)                          # (nb,) > 0
+      others = jnp.einsum("ij,bj->bi", 1 - jnp.eye(piece.shape[0], dtype=dtype), dp)
+      lap = -dp[:, :, None] * dp[:, None, :] / total[:, None, None]
+      diag = jnp.where(gr.is_piece > 0, dp * others / total[:, None], d)
+      both_pieces = (piece[:, None] * piece[None, :])[None]
+      lap = jnp.where(jnp.eye(piece.shape[0], dtype=bool)[None], diag[:, :, None],
+                      lap * both_pieces)
+      e_mat = jnp.einsum("bnk,bnl,blj->bkj", crow, lap, crow)          # (nb, k, k)
+      g_w = f_w + jnp.einsum("bnk,bn->bk", crow, dp) * (f_t / total)[:, None]
+      # dw = R (alpha g_w + J dy) with R = (I + alpha E)^-1; the y-system
+      # gains J^T S J with S = E R = (I - R)/alpha, solved for directly (no
+      # cancellation when alpha E is small) and symmetrized.
+      eye = jnp.eye(k_, dtype=dtype)
+      both = jax.vmap(linalg.small_solve)(eye[None] + alpha * e_mat,
+                                          jnp.concatenate([jnp.broadcast_to(eye, e_mat.shape),
+                                                           e_mat], axis=2))
+      r_mat, s_mat = both[:, :, :k_], both[:, :, k_:]
+      s_mat = 0.5 * (s_mat + jnp.swapaxes(s_mat, 1, 2))
       jb = jac[gr.index]                                         # (nb, k, m)
-      coupling = (jnp.eye(k_, dtype=dtype)[None] - q / alpha) / alpha
-      matrix = matrix + jnp.einsum("bkm,bkl,bln->mn", jb, coupling, jb)
-      kinv_f = jnp.einsum("bij,bj->bi", kinv, f)
-      rhs = rhs + jnp.einsum("bkm,bk->m", jb, kinv_f[:, :k_]) / alpha
-      solves.append((kinv, kinv_f, jb, d, e))
-    dy = jnp.linalg.solve(matrix, rhs)
+      sj = jnp.einsum("bkl,blm->bkm", s_mat, jb)
+      matrix = matrix + jnp.einsum("bkm,bkn->mn", jb, sj)
+      rg = jnp.einsum("bkl,bl->bk", r_mat, g_w)
+      rhs = rhs + jnp.einsum("bkm,bk->m", jb, rg)
+      solves.append((r_mat, rg, jb, d, e, dp, total, f_t))
+    dy = linalg.spd_solve(matrix, rhs)
 
     directions = []
     alpha_p, alpha_d = jnp.ones((), dtype), jnp.ones((), dtype)
-    for gr, (w, t, s, lam), (r_w, r_t, r_p), (kinv, kinv_f, jb, d, e) in zip(
+    for gr, (w, t, s, lam), (r_w, r_t, r_p), (r_mat, rg, jb, d, e, dp, total, f_t) in zip(
         groups, blocks, res, solves):
-      k_ = gr.rows.shape[2]
-      jdy = jnp.einsum("bkm,m->bk", jb, dy) / alpha
-      u = kinv_f + jnp.einsum("bik,bk->bi", kinv[:, :, :k_], jdy)
-      dw, dt = u[:, :k_], u[:, k_]
+      dw = alpha * rg + jnp.einsum("bkl,blm,m->bk", r_mat, jb, dy)
+      dt = (f_t + jnp.einsum("bn,bnk,bk->b", dp, gr.rows, dw)) / total
       cdw = jnp.einsum("bnk,bk->bn", gr.rows, dw) - gr.is_piece * dt[:, None]
       ds = -r_p - cdw
       dlam = d * cdw + e
@@ -176,7 +192,7 @@ def solve(g_fn, G_fn, hess_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=N
 
   def cond(state):
     _, _, k, err = state
-    return (err > tol) & (k < max_steps)
+    return active & (err > tol) & (k < max_steps)
 
   err0, _ = measure(y0, blocks0)
   y, blocks, steps, err = jax.lax.while_loop(cond, step, (y0, blocks0, 0, err0))

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bilevel_jax._src import validation
+from bilevel_jax._src.composite import linalg
 
 # Candidate active sets per block are enumerated: 2^(J+I) of them.
 MAX_PIECES_PER_BLOCK = 12
@@ -303,7 +304,7 @@ def _block_prox(a, alpha, b, beta, z, step):
     last = jnp.concatenate([is_piece.astype(dtype), jnp.zeros(1, dtype)])[None]
     matrix = jnp.concatenate([top, last], 0)
     rhs = jnp.concatenate([jnp.where(mask, rows @ z - offsets, 0), jnp.ones(1, dtype)])
-    sol = jnp.linalg.solve(matrix, rhs)
+    sol = linalg.small_solve(matrix, rhs)
     lam, t = sol[:n], sol[n]
     w = z - step * (rows.T @ lam)
     slack = rows @ w - offsets - jnp.where(is_piece, t, 0)
@@ -322,19 +323,65 @@ def _block_prox(a, alpha, b, beta, z, step):
   return ws[choice], lams[choice], subsets[choice], jnp.any(valid), weak[choice]
 
 
+def _two_piece_prox(a, alpha, b, beta, z, step):
+  """`_block_prox` in closed form for a block max(c_1(w), c_2(w)) of two
+  pieces and no constraints (l1, hinge), c_j(w) = <a_j, w> - alpha_j.
+
+  With delta = a_1 - a_2 and w = z - step (sigma a_1 + (1 - sigma) a_2), the
+  equation c_1(w) = c_2(w) gives sigma* = (<delta, z - step a_2> - alpha_1 +
+  alpha_2) / (step |delta|^2).  Both pieces are active (lam = (sigma*,
+  1 - sigma*)) when sigma* lies in [0, 1] up to the tolerance of the
+  enumeration, which prefers the largest valid set; else the single piece
+  that dominates.  Same outputs, to rounding, as the enumeration.
+  """
+  del b, beta
+  dtype = z.dtype
+  delta = a[0] - a[1]
+  gram = a @ a.T
+  dd = step * jnp.vdot(delta, delta)
+  scale = 1 + jnp.max(jnp.abs(z)) + jnp.max(jnp.abs(alpha)) + step * jnp.max(gram)
+  tol = _tolerance(dtype) * scale
+  num = jnp.vdot(delta, z - step * a[1]) - alpha[0] + alpha[1]
+  parallel = dd <= 0
+  sigma = num / jnp.where(parallel, 1, dd)
+  lam_scale = 1 + jnp.maximum(jnp.abs(sigma), jnp.abs(1 - sigma))
+  both = (~parallel) & (sigma >= -tol * lam_scale) & (sigma <= 1 + tol * lam_scale)
+  # A single piece: the one on top at its own prox point (c_1 - c_2 there is
+  # dd (sigma* - 1) for piece 1 and dd sigma* for piece 2).
+  first = jnp.where(parallel, alpha[0] < alpha[1], sigma > 1)
+  sigma = jnp.where(both, sigma, first.astype(dtype))
+  lam = jnp.stack([sigma, 1 - sigma])
+  w = z - step * (a.T @ lam)
+  active = jnp.where(both, jnp.array([True, True]), jnp.stack([first, ~first]))
+  gap = jnp.where(parallel, alpha[1] - alpha[0], jnp.where(first, num - dd, num))
+  weak = (~both) & (jnp.abs(gap) <= tol)
+  return w, lam, active, jnp.array(True), weak
+
+
 def _block_projector(a, b, active, dtype):
   """Orthogonal projector onto span{a_j - a_j0 (j active), b_i (i active)}:
   the critical cone K_{h*}(p, w) of (5.1)/(2.4), a subspace under the relative
-  interior condition."""
+  interior condition.  Modified Gram-Schmidt (twice, unrolled over the J + I
+  spanning vectors), so a batch of blocks is elementwise work, not one SVD
+  per block."""
   num_j = a.shape[0]
-  first = jnp.argmax(active[:num_j])
-  diffs = jnp.where(active[:num_j, None], a - a[first][None, :], 0)
+  pieces = active[:num_j]
+  is_first = pieces & (jnp.cumsum(pieces) == 1)
+  a_first = jnp.sum(jnp.where(is_first[:, None], a, 0), axis=0)
+  diffs = jnp.where((pieces & ~is_first)[:, None], a - a_first[None, :], 0)
   normals = jnp.where(active[num_j:, None], b, 0)
-  span = jnp.concatenate([diffs, normals], axis=0).T.astype(dtype)  # (k, n)
-  u, sv, _ = jnp.linalg.svd(span, full_matrices=False)
-  keep = sv > _tolerance(dtype) * (1 + jnp.max(sv, initial=0.0)) * 10
-  u = jnp.where(keep[None, :], u, 0)
-  return u @ u.T
+  vectors = jnp.concatenate([diffs, normals], axis=0).astype(dtype)  # (n, k)
+  k = vectors.shape[1]
+  tol = _tolerance(dtype) * (1 + jnp.max(jnp.abs(vectors), initial=0.0)) * 10
+  proj = jnp.zeros((k, k), dtype)
+  for v in vectors:
+    v = v - proj @ v
+    v = v - proj @ v
+    norm = jnp.sqrt(jnp.vdot(v, v))
+    keep = norm > tol
+    u = jnp.where(keep, v / jnp.where(keep, norm, 1), 0)
+    proj = proj + jnp.outer(u, u)
+  return proj
 
 
 class BlockState(NamedTuple):
@@ -352,7 +399,8 @@ def prox(h: Polyhedral, z, step):
   states = []
   for g in h.groups:
     zb = z[g.index]
-    wb, lam, active, ok, weak = jax.vmap(_block_prox, (0, 0, 0, 0, 0, None))(
+    block_prox = _two_piece_prox if g.a.shape[1] == 2 and g.b.shape[1] == 0 else _block_prox
+    wb, lam, active, ok, weak = jax.vmap(block_prox, (0, 0, 0, 0, 0, None))(
         g.a.astype(z.dtype), g.alpha.astype(z.dtype), g.b.astype(z.dtype),
         g.beta.astype(z.dtype), zb, step)
     proj = jax.vmap(_block_projector, (0, 0, 0, None))(g.a, g.b, active, z.dtype)

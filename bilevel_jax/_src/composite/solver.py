@@ -49,7 +49,9 @@ from jax.flatten_util import ravel_pytree
 
 from bilevel_jax._src import validation
 from bilevel_jax._src.composite import ipm
+from bilevel_jax._src.composite import linalg
 from bilevel_jax._src.composite import polyhedral as poly
+from bilevel_jax._src.composite import structure
 
 SUCCESS = 0
 MAX_STEPS = 1
@@ -63,7 +65,7 @@ STATUS_MESSAGES = {
 }
 DERIVATIVES = ("regularized", "unregularized")
 LINEAR_SOLVERS = ("auto", "dense", "cg")
-METHODS = ("ipm", "newton")
+METHODS = ("ipm", "newton", "warm")
 DENSE_MAX = 2000
 
 
@@ -109,6 +111,7 @@ class _Options(NamedTuple):
   max_backtracks: int
   cg_max_steps: int
   method: str
+  warm_steps: int
 
 
 # ---------------------------------------------------------------- the model
@@ -146,43 +149,100 @@ def _hessian_L(model, x, consts, y, p, beta, dense):
   return lambda v: jax.jvp(grad, (y,), (v,))[1]
 
 
-class _Linearization(NamedTuple):
-  """hess_yy L and grad_y G at one point, dense (matrices) or as products."""
-  hess: Any   # (m, m) or None
-  jac: Any    # (s, m) or None
-  hvp: Any
-  jvp: Any
-  vjp: Any
+# ---------------------------------------------------- dense linear algebra
 
 
-def _linearize(model, x, consts, y, p, beta, options):
+class _Structure(NamedTuple):
+  """Static: hess_yy L independent of (y, p); grad_y G independent of y."""
+  hess_const: bool
+  jac_const: bool
+
+
+def _structure(model, x, consts, y, p, dense) -> _Structure:
+  if not dense:
+    return _Structure(False, False)
+  zero = jnp.zeros((), y.dtype)
+  hess = lambda xx, cc, yy, pp: _hessian_L(model, xx, cc, yy, pp, zero, True)
+  jac = lambda xx, cc, yy: _jacobian_G(model, xx, cc, yy)
+  return _Structure(not structure.depends_on(hess, (x, consts, y, p), (2, 3)),
+                    not structure.depends_on(jac, (x, consts, y), (2,)))
+
+
+class _Lin(NamedTuple):
+  """Dense hess_yy L (with beta I) and grad_y G; ``have`` says whether the
+  constant parts are already computed (see _Structure)."""
+  hess: Any
+  jac: Any
+  have: Any
+
+
+def _empty_lin(y, s):
   m = y.shape[0]
-  dense = options.linear_solver == "dense" or (
-      options.linear_solver == "auto" and m <= DENSE_MAX)
+  return _Lin(jnp.zeros((m, m), y.dtype), jnp.zeros((s, m), y.dtype), jnp.array(False))
+
+
+def _update_lin(model, x, consts, y, p, beta, struct, lin):
+  """hess and jac at (y, p): constant parts computed once, then reused."""
+  def hess_at():
+    return _hessian_L(model, x, consts, y, p, beta, dense=True)
+
+  def jac_at():
+    return _jacobian_G(model, x, consts, y)
+
+  if struct.hess_const and struct.jac_const:
+    hess, jac = linalg.maybe(~lin.have, lambda: (hess_at(), jac_at()), (lin.hess, lin.jac))
+  else:
+    hess = linalg.maybe(~lin.have, hess_at, lin.hess) if struct.hess_const else hess_at()
+    jac = linalg.maybe(~lin.have, jac_at, lin.jac) if struct.jac_const else jac_at()
+  return _Lin(hess, jac, jnp.array(True))
+
+
+def _gauss_newton_term(h, states, jac):
+  """grad G^T P grad G with P the block-diagonal projector onto K_{h*}."""
+  out = jnp.zeros((jac.shape[1], jac.shape[1]), jac.dtype)
+  for g, st in zip(h.groups, states):
+    jb = jac[g.index]                                           # (nb, k, m)
+    pj = jnp.einsum("bkl,blm->bkm", st.projector.astype(jac.dtype), jb)
+    out = out + jnp.einsum("bkm,bkn->mn", jb, pj)
+  return out
+
+
+class _Factor(NamedTuple):
+  """The Cholesky factor of the Newton matrix M = hess L + grad G^T P grad G /
+  alpha, and the active pieces P was built from."""
+  chol: Any
+  active: Any
+
+
+def _factor(h, states, lin, alpha):
+  matrix = lin.hess + _gauss_newton_term(h, states, lin.jac) / alpha
+  return _Factor(jnp.linalg.cholesky(matrix), tuple(st.active for st in states))
+
+
+def _factor_solve(factor, rhs):
+  """M^{-1} rhs by the Cholesky factor (M is positive definite: g convex,
+  beta > 0; see linalg.spd_solve)."""
+  return jax.scipy.linalg.cho_solve((factor.chol, True), rhs)
+
+
+def _matrix_free_solve(model, x, consts, y, p, beta, h, states, alpha, rhs, options):
+  """Solves (hess L + grad G^T P grad G / alpha) u = rhs by CG."""
   G_y = lambda yy: model.G(x, yy, *consts[1])
   _, vjp = jax.vjp(G_y, y)
-  jvp = lambda v: jax.jvp(G_y, (y,), (v,))[1]
-  if dense:
-    hess = _hessian_L(model, x, consts, y, p, beta, dense=True)
-    jac = _jacobian_G(model, x, consts, y)
-    return _Linearization(hess, jac, lambda v: hess @ v, lambda v: jac @ v,
-                          lambda u: jac.T @ u)
   hvp = _hessian_L(model, x, consts, y, p, beta, dense=False)
-  return _Linearization(None, None, hvp, jvp, lambda u: vjp(u)[0])
-
-
-def _schur_solve(lin, h, states, alpha, rhs, options):
-  """Solves (hess L + grad G^T P grad G / alpha) u = rhs, dense or by CG."""
-  if lin.hess is not None:
-    proj_jac = jax.vmap(lambda col: poly.project_dual(h, states, col), 1, 1)(lin.jac)
-    return jnp.linalg.solve(lin.hess + lin.jac.T @ proj_jac / alpha, rhs)
 
   def matvec(v):
-    return lin.hvp(v) + lin.vjp(poly.project_dual(h, states, lin.jvp(v))) / alpha
+    jv = jax.jvp(G_y, (y,), (v,))[1]
+    return hvp(v) + vjp(poly.project_dual(h, states, jv))[0] / alpha
 
   sol, _ = jax.scipy.sparse.linalg.cg(matvec, rhs, maxiter=options.cg_max_steps,
                                       tol=float(jnp.finfo(rhs.dtype).eps) ** 0.75)
   return sol
+
+
+def _dense(options, m) -> bool:
+  return options.linear_solver == "dense" or (
+      options.linear_solver == "auto" and m <= DENSE_MAX)
 
 
 # ------------------------------------------------------------ forward solve
@@ -201,37 +261,113 @@ def _evaluate(model, h, x, consts, y, alpha, beta):
   return phi, p, grad, states, scale
 
 
-def _newton(model, h, x, consts, y0, alpha, beta, options):
-  """Damped Newton on phi with model-minimizer directions (see above)."""
-  eps = float(jnp.finfo(y0.dtype).eps)
+class _Newton(NamedTuple):
+  """Loop state of Newton on phi."""
+  y: Any
+  phi: Any
+  p: Any
+  grad: Any
+  states: Any
+  scale: Any
+  step: Any
+  status: Any       # < 0 while running; STALLED: the warm phase gave up
+  rel: Any
+  slow: Any         # consecutive steps that did not halve rel
+  floor: Any        # rounding floor of the residual (from grad G)
+  lin: _Lin
+  factor: Any       # _Factor of the last step (dense), or None
 
-  def cond(state):
-    _, _, _, _, _, _, step, status, _ = state
-    return (status < 0) & (step < options.max_steps)
 
-  def body(state):
-    y, phi, p, grad, states, scale, step, _, _ = state
-    lin = _linearize(model, x, consts, y, p, beta, options)
-    direction = _schur_solve(lin, h, states, alpha, -grad, options)
-    slope = jnp.vdot(grad, direction)
+STALLED = -2
 
-    # Armijo backtracking; each trial is a full evaluation, so the accepted one
-    # is reused (one traced evaluation inside the loop body).
+
+def _rounding_floor(model, x, consts, y, jac, alpha):
+  """10 eps |grad G|^T (1 + |G|) / alpha: p = (G - w)/alpha carries eps |G| /
+  alpha of noise, which grad G^T amplifies; tol is raised to it."""
+  eps = float(jnp.finfo(y.dtype).eps)
+  z = model.G(x, y, *consts[1])
+  return 10 * eps * jnp.max(jnp.abs(jac).T @ (1 + jnp.abs(z))) / alpha
+
+
+def _newton_init(model, h, x, consts, y0, alpha, beta, options, lin, factor, floor):
+  phi, p, grad, states, scale = _evaluate(model, h, x, consts, y0, alpha, beta)
+  rel = jnp.max(jnp.abs(grad)) / scale
+  status = jnp.where(rel <= jnp.maximum(options.tol, floor / scale), SUCCESS, -1)
+  return _Newton(y0, phi, p, grad, states, scale, jnp.array(0, jnp.int32), status, rel,
+                 jnp.array(0, jnp.int32), floor, lin, factor)
+
+
+def _newton_loop(model, h, x, consts, alpha, beta, options, struct, init, *, max_steps,
+                 warm: bool):
+  """Damped Newton on phi with model-minimizer directions (see above).
+
+  With ``warm``, the loop also stops (status STALLED) when a step fails to
+  halve the relative residual twice in a row, or after ``max_steps`` steps:
+  the active set of the warm start is then too far off for Newton, whose line
+  searches stop at the first kink of e_alpha h, and the caller switches to
+  the interior-point method.
+  """
+  eps = float(jnp.finfo(init.y.dtype).eps)
+  dense = init.factor is not None
+
+  def cond(st):
+    return (st.status < 0) & (st.status != STALLED) & (st.step < max_steps)
+
+  def body(st):
+    if dense:
+      lin = _update_lin(model, x, consts, st.y, st.p, beta, struct, st.lin)
+      factor = _factor(h, st.states, lin, alpha)
+      direction = _factor_solve(factor, -st.grad)
+      floor = _rounding_floor(model, x, consts, st.y, lin.jac, alpha)
+    else:
+      lin, factor, floor = st.lin, None, st.floor
+      direction = _matrix_free_solve(model, x, consts, st.y, st.p, beta, h, st.states, alpha,
+                                     -st.grad, options)
+    slope = jnp.vdot(st.grad, direction)
+
+    # Line search on t -> phi(y + t d): t = 1 when Armijo accepts it (Newton's
+    # step).  Else phi'(t) = <grad phi(y + t d), d> > 0 somewhere in (0, 1]
+    # (phi is convex): its root, the minimizer along d, is bracketed and
+    # found by safeguarded regula falsi (Illinois); a trial is accepted once
+    # Armijo holds and |phi'(t)| <= |phi'(0)| / 10.  Halving alone would stop
+    # short of the first kink of e_alpha h on the way (Newton's model there
+    # is the wrong piece) and gain only a factor 2 per step; landing past it
+    # lets the next step see the right active set.  Each trial is a full
+    # evaluation, and the accepted one is reused.
     def ls_cond(ls):
-      t, k, ev = ls
-      slack = 10 * eps * (1 + jnp.abs(phi))
-      accepted = jnp.isfinite(ev[0]) & (ev[0] <= phi + 1e-4 * t * slope + slack)
+      t, k, ev, _, _, _, _, accepted = ls
       return (k == 0) | ((~accepted) & (k <= options.max_backtracks))
 
     def ls_body(ls):
-      t, k, _ = ls
-      t = jnp.where(k == 0, t, 0.5 * t)
-      return t, k + 1, _evaluate(model, h, x, consts, y + t * direction, alpha, beta)
+      t, k, _, lo, hi, dlo, dhi, _ = ls
+      bracket = dhi > 0
+      secant = lo - dlo * (hi - lo) / jnp.where(bracket, dhi - dlo, 1)
+      width = hi - lo
+      secant = jnp.clip(secant, lo + 0.01 * width, hi - 0.01 * width)
+      t = jnp.where(k == 0, 1.0, jnp.where(bracket, secant, 0.5 * t)).astype(t.dtype)
+      ev = _evaluate(model, h, x, consts, st.y + t * direction, alpha, beta)
+      dphi = jnp.vdot(ev[2], direction)
+      slack = 10 * eps * (1 + jnp.abs(st.phi))
+      armijo = jnp.isfinite(ev[0]) & (ev[0] <= st.phi + 1e-4 * t * slope + slack)
+      flat = jnp.abs(dphi) <= 0.1 * jnp.abs(slope)
+      accepted = armijo & ((k == 0) | flat | (width <= 1e-6) | (k >= 8))
+      # New bracket [lo, hi] around the root of phi'; Illinois: halve the
+      # derivative kept at an end that survives twice.
+      right = jnp.isfinite(dphi) & (dphi > 0)
+      new_lo = jnp.where(right, lo, t)
+      new_dlo = jnp.where(right, dlo * jnp.where(k > 1, 0.5, 1.0), dphi)
+      new_hi = jnp.where(right, t, hi)
+      new_dhi = jnp.where(right, dphi, dhi * jnp.where(bracket & (k > 1), 0.5, 1.0))
+      new_dhi = jnp.where(jnp.isfinite(dphi), new_dhi, dhi)
+      return t, k + 1, ev, new_lo, new_hi, new_dlo, new_dhi, accepted
 
-    current = (phi, p, grad, states, scale)
-    t, k, trial = jax.lax.while_loop(ls_cond, ls_body, (jnp.ones((), y.dtype), 0, current))
-    failed = k > options.max_backtracks
-    y_new = jnp.where(failed, y, y + t * direction)
+    current = (st.phi, st.p, st.grad, st.states, st.scale)
+    zero = jnp.zeros((), st.y.dtype)
+    one = jnp.ones((), st.y.dtype)
+    t, k, trial, _, _, _, _, accepted = jax.lax.while_loop(
+        ls_cond, ls_body, (one, 0, current, zero, one, slope, -one, jnp.array(False)))
+    failed = ~accepted
+    y_new = jnp.where(failed, st.y, st.y + t * direction)
     phi_n, p_n, grad_n, states_n, scale_n = jax.tree_util.tree_map(
         lambda new, old: jnp.where(failed, old, new), trial, current)
     rel = jnp.max(jnp.abs(grad_n)) / scale_n
@@ -239,40 +375,105 @@ def _newton(model, h, x, consts, y0, alpha, beta, options):
     status = jnp.where(~finite, NONFINITE,
                        jnp.where(rel <= jnp.maximum(options.tol, floor / scale_n), SUCCESS,
                                  jnp.where(failed, LINESEARCH_FAILED, -1)))
-    return y_new, phi_n, p_n, grad_n, states_n, scale_n, step + 1, status, rel
+    slow = jnp.where(rel > 0.5 * st.rel, st.slow + 1, 0)
+    if warm:
+      stalled = (slow >= 2) | (st.step + 1 >= max_steps)
+      status = jnp.where((status < 0) & stalled, STALLED, status)
+    return _Newton(y_new, phi_n, p_n, grad_n, states_n, scale_n, st.step + 1, status, rel,
+                   slow, floor, lin, factor)
 
-  if options.method == "ipm":
-    g_consts, G_consts = consts
-    y_ipm, ipm_steps, _ = ipm.solve(
-        lambda yy: model.g(x, yy, *g_consts), lambda yy: model.G(x, yy, *G_consts),
-        lambda yy, pp: _hessian_L(model, x, consts, yy, pp, jnp.zeros((), yy.dtype), True),
-        h, y0, alpha, beta, max_steps=options.max_steps)
-    y0 = jnp.where(jnp.all(jnp.isfinite(y_ipm)), y_ipm, y0)
+  return jax.lax.while_loop(cond, body, init)
+
+
+def _placeholder_factor(y0, h):
+  m = y0.shape[0]
+  zeros = jnp.zeros((m, m), y0.dtype)
+  active = tuple(jnp.zeros(g.a.shape[:1] + (g.a.shape[1] + g.b.shape[1],), bool)
+                 for g in h.groups)
+  return _Factor(zeros, active)
+
+
+def _ipm_phase(model, h, x, consts, y, alpha, beta, options, struct, lin, active):
+  """The interior-point method from y where ``active``; (y, steps, lin)."""
+  g_consts, G_consts = consts
+  p0 = jnp.zeros((h.size,), y.dtype)
+  if struct.hess_const or struct.jac_const:
+    lin = linalg.maybe(active & ~lin.have, lambda: _update_lin(model, x, consts, y, p0, beta,
+                                                               struct, lin), lin)
+
+  def lin_fn(yy, pp):
+    hess = lin.hess if struct.hess_const else _hessian_L(model, x, consts, yy, pp, beta, True)
+    jac = lin.jac if struct.jac_const else _jacobian_G(model, x, consts, yy)
+    return hess, jac
+
+  y_ipm, steps, _ = ipm.solve(
+      lambda yy: model.g(x, yy, *g_consts), lambda yy: model.G(x, yy, *G_consts), lin_fn,
+      h, y, alpha, beta, max_steps=options.max_steps, active=active)
+  y_ipm = jnp.where(active & jnp.all(jnp.isfinite(y_ipm)), y_ipm, y)
+  return y_ipm, jnp.asarray(steps, jnp.int32), lin
+
+
+def _forward(model, h, x, consts, y0, alpha, beta, options, need_factor: bool):
+  """The solve of (3.1): (y, p, prox states, info, (factor, jac) or None).
+
+  method "ipm": interior point, then Newton on phi.  "newton": Newton only.
+  "warm": Newton from y0 for at most warm_steps steps; where it stalls, the
+  interior point from its last iterate, then Newton again.  With
+  ``need_factor`` (the forward pass of the derivative, dense mode) the
+  Cholesky factor of the Newton matrix at the solution is returned too: the
+  last step's when the Hessian and grad G are constant and the active set did
+  not change since, else a new one.
+  """
+  m = y0.shape[0]
+  dense = _dense(options, m)
+  struct = _structure(model, x, consts, y0, jnp.zeros((h.size,), y0.dtype), dense)
+  lin = _empty_lin(y0, h.size)
+  factor = _placeholder_factor(y0, h) if dense else None
+  floor = jnp.zeros((), y0.dtype)
+  init = functools.partial(_newton_init, model, h, x, consts)
+  loop = functools.partial(_newton_loop, model, h, x, consts, alpha, beta, options, struct)
+  ipm_steps = jnp.array(0, jnp.int32)
+  if options.method == "warm":
+    st = loop(init(y0, alpha, beta, options, lin, factor, floor),
+              max_steps=options.warm_steps, warm=True)
+    need_ipm = st.status != SUCCESS
+    y_start = jnp.where(jnp.all(jnp.isfinite(st.y)), st.y, y0)
+    y_ipm, ipm_steps, lin = _ipm_phase(model, h, x, consts, y_start, alpha, beta, options,
+                                       struct, st.lin, need_ipm)
+    first = st._replace(lin=lin, step=jnp.array(0, jnp.int32))
+    start = linalg.maybe(need_ipm, lambda: init(y_ipm, alpha, beta, options, lin, st.factor,
+                                                st.floor), first)
+    warm_steps = st.step
   else:
-    ipm_steps = jnp.array(0, jnp.int32)
-  phi0, p0, grad0, states0, scale0 = _evaluate(model, h, x, consts, y0, alpha, beta)
-  # Rounding floor of grad phi: p = (G - w)/alpha carries eps |G| / alpha of
-  # noise, which grad G^T amplifies; tol is raised to it (dense mode only).
-  if y0.shape[0] <= DENSE_MAX:
-    z0 = model.G(x, y0, *consts[1])
-    jac0 = _jacobian_G(model, x, consts, y0)
-    floor = 10 * eps * jnp.max(jnp.abs(jac0).T @ (1 + jnp.abs(z0))) / alpha
-  else:
-    floor = jnp.zeros((), y0.dtype)
-  rel0 = jnp.max(jnp.abs(grad0)) / scale0
-  status0 = jnp.where(rel0 <= jnp.maximum(options.tol, floor / scale0), SUCCESS, -1)
-  init = (y0, phi0, p0, grad0, states0, scale0, jnp.array(0, jnp.int32), status0, rel0)
-  y, phi, p, grad, states, scale, steps, status, _ = jax.lax.while_loop(cond, body, init)
-  status = jnp.where(status < 0, MAX_STEPS, status)
-  res = jnp.max(jnp.abs(grad))
+    y_start = y0
+    if options.method == "ipm":
+      y_start, ipm_steps, lin = _ipm_phase(model, h, x, consts, y0, alpha, beta, options,
+                                           struct, lin, jnp.array(True))
+    start = init(y_start, alpha, beta, options, lin, factor, floor)
+    warm_steps = jnp.array(0, jnp.int32)
+  st = loop(start, max_steps=options.max_steps, warm=False)
+  steps = warm_steps + st.step
+  status = jnp.where(st.status < 0, MAX_STEPS, st.status)
+  res = jnp.max(jnp.abs(st.grad))
   status = jnp.where(jnp.isfinite(res), status, NONFINITE)
-  info = CompositeInfo(steps=steps, interior_steps=jnp.asarray(ipm_steps, jnp.int32),
-                       residual=res, relative_residual=res / scale,
+  info = CompositeInfo(steps=steps, interior_steps=ipm_steps,
+                       residual=res, relative_residual=res / st.scale,
                        status=status.astype(jnp.int32),
-                       ri_violated=poly.ri_violated(states),
-                       num_active=poly.count_active(states).astype(jnp.int32),
-                       objective=phi)
-  return y, p, states, info
+                       ri_violated=poly.ri_violated(st.states),
+                       num_active=poly.count_active(st.states).astype(jnp.int32),
+                       objective=st.phi)
+  dense_data = None
+  if need_factor and dense:
+    same = jnp.array(struct.hess_const and struct.jac_const) & (steps > 0)
+    for old, new in zip(st.factor.active, st.states):
+      same = same & jnp.all(old == new.active)
+
+    def refactor():
+      lin_y = _update_lin(model, x, consts, st.y, st.p, beta, struct, st.lin)
+      return _factor(h, st.states, lin_y, alpha), lin_y.jac
+
+    dense_data = linalg.maybe(~same, refactor, (st.factor, st.lin.jac))
+  return st.y, st.p, st.states, info, dense_data
 
 
 # --------------------------------------------------------------- derivative
@@ -289,22 +490,35 @@ def _float0_like(tree):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _solution(model, options, x, consts, h, alpha, beta, y0):
-  y, p, _, info = _newton(model, h, x, consts, y0, alpha, beta, options)
+  y, p, _, info, _ = _forward(model, h, x, consts, y0, alpha, beta, options, False)
   return y, p, info
 
 
 def _solution_fwd(model, options, x, consts, h, alpha, beta, y0):
-  y, p, states, info = _newton(model, h, x, consts, y0, alpha, beta, options)
-  return (y, p, info), (x, consts, h, alpha, beta, y0, y, p, states)
+  y, p, states, info, dense_data = _forward(model, h, x, consts, y0, alpha, beta, options,
+                                            options.derivative == "regularized")
+  return (y, p, info), (x, consts, h, alpha, beta, y0, y, p, states, dense_data)
 
 
-def _regularized_cotangent(model, options, x, consts, h, alpha, beta, y, p, states, ct_y, ct_p):
-  """u = B (B^T A B)^{-1} B^T (ct_y, ct_p) by the Schur complement of (3.6)."""
-  lin = _linearize(model, x, consts, y, p, beta, options)
+def _regularized_cotangent(model, options, x, consts, h, alpha, beta, y, p, states,
+                           dense_data, ct_y, ct_p):
+  """u = B (B^T A B)^{-1} B^T (ct_y, ct_p) by the Schur complement of (3.6):
+
+      (hess L + grad G^T P grad G / alpha) u_y = ct_y + grad G^T P ct_p / alpha,
+      u_p = P (grad G u_y - ct_p) / alpha,
+
+  with the Cholesky factor of the forward pass (dense), or by CG."""
   proj_ct_p = poly.project_dual(h, states, ct_p)
-  u_y = _schur_solve(lin, h, states, alpha, ct_y + lin.vjp(proj_ct_p) / alpha, options)
-  u_p = poly.project_dual(h, states, lin.jvp(u_y) - ct_p) / alpha
-  return u_y, u_p
+  if dense_data is not None:
+    factor, jac = dense_data
+    u_y = _factor_solve(factor, ct_y + jac.T @ proj_ct_p / alpha)
+    return u_y, poly.project_dual(h, states, jac @ u_y - ct_p) / alpha
+  G_y = lambda yy: model.G(x, yy, *consts[1])
+  _, vjp = jax.vjp(G_y, y)
+  rhs = ct_y + vjp(proj_ct_p)[0] / alpha
+  u_y = _matrix_free_solve(model, x, consts, y, p, beta, h, states, alpha, rhs, options)
+  jvp = jax.jvp(G_y, (y,), (u_y,))[1]
+  return u_y, poly.project_dual(h, states, jvp - ct_p) / alpha
 
 
 def _unregularized_cotangent(model, x, consts, h, y, p, states, ct_y, ct_p):
@@ -322,13 +536,13 @@ def _unregularized_cotangent(model, x, consts, h, y, p, states, ct_y, ct_p):
 
 
 def _solution_bwd(model, options, residuals, cotangents):
-  x, consts, h, alpha, beta, y0, y, p, states = residuals
+  x, consts, h, alpha, beta, y0, y, p, states, dense_data = residuals
   ct_y, ct_p, _ = cotangents
   ct_y = jnp.asarray(ct_y, y.dtype)
   ct_p = jnp.asarray(ct_p, p.dtype)
   if options.derivative == "regularized":
     u_y, u_p = _regularized_cotangent(model, options, x, consts, h, alpha, beta, y, p,
-                                      states, ct_y, ct_p)
+                                      states, dense_data, ct_y, ct_p)
     ct_alpha = jnp.vdot(p, u_p).astype(jnp.result_type(alpha))
     ct_beta = -jnp.vdot(y, u_y).astype(jnp.result_type(beta))
     beta_used = beta
@@ -370,7 +584,7 @@ def _check_options(tol, max_steps, derivative, linear_solver, dtype):
 def solve(g, G, h, x, *, y0, alpha, beta, tol=None, max_steps: int = 100,
           derivative: str = "regularized", linear_solver: str = "auto",
           max_backtracks: int = 40, cg_max_steps: int = 1000,
-          method: str = "ipm") -> CompositeSolution:
+          method: str = "ipm", warm_steps: int = 10) -> CompositeSolution:
   """Solves the regularized lower level (3.1); differentiable in x by (3.6).
 
   Args:
@@ -388,8 +602,11 @@ def solve(g, G, h, x, *, y0, alpha, beta, tol=None, max_steps: int = 100,
     derivative: "regularized" for (3.6) (always well defined for alpha,
       beta > 0), or "unregularized" for (3.14) of Theorem 3.3 (valid where
       (SOSC) and the relative interior condition hold; dense saddle solve).
-    linear_solver: "dense" (LU on the m x m Newton matrix), "cg"
-      (matrix-free conjugate gradients) or "auto" (dense when m <= 2000).
+    linear_solver: "dense" (Cholesky of the m x m Newton matrix, LU if that
+      fails), "cg" (matrix-free conjugate gradients) or "auto" (dense when
+      m <= 2000).  Dense mode computes hess_yy L and grad_y G once per solve
+      when they do not depend on (y, p) (g quadratic, G affine in y: read
+      off the jaxprs), and the derivative reuses the forward pass's factor.
     max_backtracks: halvings in the Armijo line search.
     cg_max_steps: iterations of CG when matrix-free.
     method: "ipm" (default): a primal-dual interior-point phase on the joint
@@ -397,7 +614,13 @@ def solve(g, G, h, x, *, y0, alpha, beta, tol=None, max_steps: int = 100,
       for small alpha, dense); "newton": Newton on phi from y0 only (cheap
       per step, matrix-free with linear_solver="cg", but it may need many
       steps when alpha is small and y0 is far: each line search stops at the
-      first kink of e_alpha h it crosses).
+      first kink of e_alpha h it crosses); "warm": for y0 a warm start (the
+      solution at a nearby x): Newton on phi from y0, and only where it
+      stalls (two steps in a row that do not halve the residual, or
+      ``warm_steps`` steps) the interior-point phase from its last iterate,
+      then Newton again.  When y0's active set is right, a solve is one or
+      two Newton steps.
+    warm_steps: Newton steps of method="warm" before it falls back.
 
   Returns:
     CompositeSolution(y, p, info).  y and p are differentiable in x, in the
@@ -414,11 +637,12 @@ def solve(g, G, h, x, *, y0, alpha, beta, tol=None, max_steps: int = 100,
   tol = _check_options(tol, max_steps, derivative, linear_solver, y0_flat.dtype)
   if method not in METHODS:
     raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
-  if method == "ipm" and linear_solver == "cg":
-    raise ValueError("`linear_solver='cg'` needs `method='newton'`: the interior-point "
-                     "phase forms dense m x m matrices.")
+  if method in ("ipm", "warm") and linear_solver == "cg":
+    raise ValueError(f"`linear_solver='cg'` needs `method='newton'`: the interior-point "
+                     f"phase of method={method!r} forms dense m x m matrices.")
+  validation.check_positive_int("warm_steps", warm_steps)
   options = _Options(tol, max_steps, derivative, linear_solver, max_backtracks, cg_max_steps,
-                     method)
+                     method, warm_steps)
 
   g_flat = lambda xx, yy: g(xx, unravel(yy))
   G_flat = lambda xx, yy: G(xx, unravel(yy))
