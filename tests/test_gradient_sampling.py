@@ -125,3 +125,36 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="`constraints`"):
     upper.sqp_gradient_sampling(_nonsmooth, lambda x: jnp.ones((2, 2)), jnp.zeros(2),
                                 key=jax.random.PRNGKey(0), num_samples=3)
+
+
+def _example_5_5_lower():
+  h = composite.nonpositive(2)
+  g = lambda x, y: y[0] ** 2 + x[0] * y[0]
+  G = lambda x, y: jnp.array([x[0] + y[0] - 1, x[0] - y[0] - 100])
+  return g, G, h
+
+
+def test_gradient_sampling_with_a_warm_state():
+  # fun carries the lower-level solution as its state (method="warm"), the
+  # samples one after another: the same stationary point x = 0 as the
+  # stateless run of test_gradient_sampling_on_example_5_5.
+  g, G, h = _example_5_5_lower()
+
+  def fun(x, alpha, beta, y):
+    sol = composite.solve(g, G, h, x, y0=y, alpha=alpha, beta=beta, method="warm")
+    return sol.y[0] ** 2, sol.y
+
+  result = jax.jit(lambda x0: upper.gradient_sampling(
+      fun, x0, key=jax.random.PRNGKey(1), num_samples=3, max_iter=400,
+      state0=jnp.zeros(1), batching="map"))(jnp.array([70.0]))
+  assert abs(float(result.x[0])) < 1e-3
+  assert int(result.info.status) == upper.SUCCESS
+
+
+def test_stateful_fun_and_batching_are_checked():
+  with pytest.raises(TypeError, match=r"\(value, state\)"):
+    upper.gradient_sampling(lambda x, a, b, s: jnp.sum(x ** 2), jnp.zeros(2),
+                            key=jax.random.PRNGKey(0), num_samples=3, state0=jnp.zeros(1))
+  with pytest.raises(ValueError, match="`batching`"):
+    upper.gradient_sampling(_nonsmooth, jnp.zeros(2), key=jax.random.PRNGKey(0),
+                            num_samples=3, batching="pmap")

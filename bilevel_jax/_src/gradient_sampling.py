@@ -9,6 +9,14 @@ hyper-objective f(x, Y_{alpha,beta}(x)), differentiable in x (for example
 through `bilevel_jax.composite.solve`).  Gradients at the N_sam sampled points
 are one vmapped `jax.value_and_grad` call.  Choices the paper leaves open are
 documented on each argument.
+
+Warm starts: with ``state0``, ``fun(x, alpha, beta, state) -> (value,
+state)`` carries a state (typically the lower-level solution) from call to
+call.  f at the iterate is evaluated from the state of the last accepted
+point (after a move that is the solution there, so the solve is nearly
+free); the sampled points and the line-search trials start from the
+iterate's state.  The state is never differentiated, and a state that comes
+back with a non-finite value is dropped.
 """
 from __future__ import annotations
 
@@ -71,24 +79,68 @@ def _sample_ball(key, center, radius, num):
   return center[None, :] + radii * direction
 
 
-def _line_search(f, x, fx, d, decrease, gamma, max_backtracks):
-  """Largest t in {1, gamma, gamma^2, ...} with f(x + t d) < f(x) - t decrease."""
-  def cond(state):
-    t, k, ok = state
-    return (~ok) & (k < max_backtracks)
+def _line_search(f, x, fx, d, decrease, gamma, max_backtracks, state, active):
+  """Largest t in {1, gamma, gamma^2, ...} with f(x + t d) < f(x) - t decrease,
+  where ``active`` (no trial otherwise); f(x, state) -> (value, state), each
+  trial started from ``state``.  Returns (t, ok, state of the accepted trial)."""
+  def cond(c):
+    t, k, ok, _ = c
+    return active & (~ok) & (k < max_backtracks)
 
-  def body(state):
-    t, k, _ = state
-    ok = f(x + t * d) < fx - t * decrease
-    return jnp.where(ok, t, gamma * t), k + 1, ok
+  def body(c):
+    t, k, _, _ = c
+    value, trial_state = f(x + t * d, state)
+    ok = value < fx - t * decrease
+    return jnp.where(ok, t, gamma * t), k + 1, ok, trial_state
 
   one = jnp.ones((), x.dtype)
-  t, _, ok = jax.lax.while_loop(cond, body, (one, 0, jnp.array(False)))
-  return t, ok
+  t, _, ok, new_state = jax.lax.while_loop(cond, body, (one, 0, jnp.array(False), state))
+  return t, ok, new_state
 
 
-def _check_common(num_samples, n, gamma, delta, max_iter, mus):
+def _stateful(fun, unravel, state0):
+  """fun as f(x_flat, alpha, beta, state) -> (value, state); without a state0
+  the state is empty and fun(x, alpha, beta) -> value."""
+  if state0 is None:
+    return (lambda xf, a, b, st: (fun(unravel(xf), a, b), st)), ()
+  def f(xf, a, b, st):
+    out = fun(unravel(xf), a, b, st)
+    if not (isinstance(out, tuple) and len(out) == 2):
+      raise TypeError("with `state0`, `fun(x, alpha, beta, state)` must return (value, "
+                      f"state), got {type(out).__name__}.")
+    value, new = out
+    finite = jnp.isfinite(value) & jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(new)] or
+        [jnp.array(True)]))
+    new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, st)
+    return value, new
+  return f, state0
+
+
+BATCHINGS = ("vmap", "map")
+
+
+def _batched_value_and_grad(f, batching):
+  """(values, grads) of f(., alpha, beta, state) at each row of points, all
+  started from the same state: one vmapped call, or one after another in a
+  `lax.map` (on a CPU, where a vmapped solve runs every lane until the
+  slowest converges, the sequential map costs the sum of the lanes' work
+  instead of N_sam times the worst)."""
+  vg = jax.value_and_grad(f, has_aux=True)
+
+  def call(points, a, b, st):
+    if batching == "vmap":
+      (values, _), grads = jax.vmap(vg, in_axes=(0, None, None, None))(points, a, b, st)
+    else:
+      (values, _), grads = jax.lax.map(lambda pt: vg(pt, a, b, st), points)
+    return values, grads
+  return call
+
+
+def _check_common(num_samples, n, gamma, delta, max_iter, mus, batching):
   validation.check_positive_int("num_samples", num_samples)
+  if batching not in BATCHINGS:
+    raise ValueError(f"`batching` must be one of {BATCHINGS}, got {batching!r}.")
   validation.check_positive_int("max_iter", max_iter)
   if num_samples < n + 1:
     raise ValueError(f"`num_samples` must be >= n + 1 = {n + 1} (Algorithm 1 and 2 "
@@ -107,7 +159,7 @@ def _result(s, f, unravel, last):
   """The GSResult of a finished loop state; ``last`` names the state entry
   reported as info.eta (eta for Algorithm 1, rho for Algorithm 2)."""
   status = jnp.where(s["status"] < 0, MAX_ITER, s["status"]).astype(jnp.int32)
-  value = f(s["x"], s["alpha"], s["beta"])
+  value, _ = f(s["x"], s["alpha"], s["beta"], s["state"])
   info = GSInfo(s["k"], status, s["stationarity"], s["eps"], s["alpha"], s["beta"],
                 s[last], s["hits"], s["failures"], s["history"])
   return GSResult(unravel(s["x"]), value, info)
@@ -123,7 +175,8 @@ def gradient_sampling(fun: Callable, x0, *, key, num_samples: int,
                       beta0=1.0, beta_opt=1e-5, eta0=1.0, eta_opt=1e-5,
                       mu_eps=0.5, mu_alpha=0.5, mu_beta=0.5, mu_eta=0.5,
                       delta=1e-4, gamma=0.5, max_iter: int = 1000,
-                      max_backtracks: int = 30, early_stop: bool = False) -> GSResult:
+                      max_backtracks: int = 30, early_stop: bool = False,
+                      state0=None, batching: str = "vmap") -> GSResult:
   """Algorithm 1: gradient sampling on f(x, Y_{alpha,beta}(x)), unconstrained.
 
   Each iteration samples N_sam points uniformly in B(x, eps), takes the
@@ -148,6 +201,12 @@ def gradient_sampling(fun: Callable, x0, *, key, num_samples: int,
       the decrease, the iteration is a null step (x unchanged; counted in
       info.linesearch_failures) and the next one samples afresh.
     early_stop: stop the first time |w| <= eta (the paper's "1E").
+    state0: None, or the first state of a stateful ``fun(x, alpha, beta,
+      state) -> (value, state)`` (warm starts; see the module docstring).
+    batching: how the N_sam sampled hypergradients are evaluated: "vmap"
+      (one batched call; best on accelerators) or "map" (`lax.map`, one
+      after another; best on a CPU when fun's cost varies between points,
+      as a warm-started solve's does).
 
   Returns:
     GSResult(x, value=f(x, Y_{alpha,beta}(x)) at the final alpha, beta, info).
@@ -155,12 +214,13 @@ def gradient_sampling(fun: Callable, x0, *, key, num_samples: int,
   flat0, unravel = ravel_pytree(x0)
   n = flat0.shape[0]
   _check_common(num_samples, n, gamma, delta, max_iter,
-                {"mu_eps": mu_eps, "mu_alpha": mu_alpha, "mu_beta": mu_beta, "mu_eta": mu_eta})
+                {"mu_eps": mu_eps, "mu_alpha": mu_alpha, "mu_beta": mu_beta, "mu_eta": mu_eta},
+                batching)
   for name, value in (("eps0", eps0), ("alpha0", alpha0), ("beta0", beta0), ("eta0", eta0)):
     validation.check_positive(name, value)
   dtype = flat0.dtype
-  f = lambda xf, a, b: fun(unravel(xf), a, b)
-  value_and_grad = jax.vmap(jax.value_and_grad(f), in_axes=(0, None, None))
+  f, fun_state0 = _stateful(fun, unravel, state0)
+  value_and_grad = _batched_value_and_grad(f, batching)
   c = lambda v: jnp.asarray(v, dtype)
 
   def cond(state):
@@ -168,11 +228,9 @@ def gradient_sampling(fun: Callable, x0, *, key, num_samples: int,
 
   def body(s):
     key, sample_key = jax.random.split(s["key"])
+    fx, center_state = f(s["x"], s["alpha"], s["beta"], s["state"])
     points = _sample_ball(sample_key, s["x"], s["eps"], num_samples)
-    # f at the center rides along in the batch (one traced solve, not two).
-    values, grads = value_and_grad(jnp.concatenate([s["x"][None], points]),
-                                   s["alpha"], s["beta"])
-    fx, grads = values[0], grads[1:]
+    _, grads = value_and_grad(points, s["alpha"], s["beta"], center_state)
     w = minnorm.min_norm_hull(grads).point
     norm_w = jnp.linalg.norm(w)
     stop = (norm_w <= eta_opt) & (s["eps"] <= eps_opt) & (s["alpha"] <= alpha_opt) & \
@@ -182,8 +240,9 @@ def gradient_sampling(fun: Callable, x0, *, key, num_samples: int,
     finite = jnp.isfinite(fx) & jnp.all(jnp.isfinite(grads))
 
     d = -w / jnp.where(norm_w > 0, norm_w, 1)
-    t, ok = _line_search(lambda xx: f(xx, s["alpha"], s["beta"]), s["x"], fx, d,
-                         delta * norm_w, gamma, max_backtracks)
+    t, ok, trial_state = _line_search(
+        lambda xx, st: f(xx, s["alpha"], s["beta"], st), s["x"], fx, d, delta * norm_w,
+        gamma, max_backtracks, center_state, (~hit) & (~stop) & finite)
     move = (~hit) & (~stop) & ok & finite
     shrink = hit & (~stop)
     k = s["k"]
@@ -192,6 +251,8 @@ def gradient_sampling(fun: Callable, x0, *, key, num_samples: int,
     status = jnp.where(~finite, NONFINITE, jnp.where(stop, SUCCESS, -1))
     return {
         "x": jnp.where(move, s["x"] + t * d, s["x"]),
+        "state": jax.tree_util.tree_map(lambda a, b: jnp.where(move, a, b), trial_state,
+                                        center_state),
         "key": key, "k": k + 1, "status": status,
         "eps": jnp.where(shrink, mu_eps * s["eps"], s["eps"]),
         "alpha": jnp.where(shrink, mu_alpha * s["alpha"], s["alpha"]),
@@ -203,7 +264,7 @@ def gradient_sampling(fun: Callable, x0, *, key, num_samples: int,
         "history": hist,
     }
 
-  init = {"x": flat0, "key": key, "k": 0, "status": jnp.array(-1),
+  init = {"x": flat0, "state": fun_state0, "key": key, "k": 0, "status": jnp.array(-1),
           "eps": c(eps0), "alpha": c(alpha0), "beta": c(beta0), "eta": c(eta0),
           "stationarity": c(jnp.inf), "hits": jnp.array(0, jnp.int32),
           "failures": jnp.array(0, jnp.int32),
@@ -217,7 +278,8 @@ def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
                           theta0=1e-4, eta=30.0, mu_eps=0.8, mu_alpha=0.2,
                           mu_beta=0.2, mu_rho=0.5, mu_theta=0.5, delta=1e-4,
                           gamma=0.5, max_iter: int = 1000, max_backtracks: int = 30,
-                          qp_max_steps: int = 5000) -> GSResult:
+                          qp_max_steps: int = 5000, state0=None,
+                          batching: str = "vmap") -> GSResult:
   """Algorithm 2: SQP gradient sampling for min f(x, Y(x)) s.t. c(x) <= 0.
 
   Penalty (5.4): phi(x) = rho f(x, Y_{alpha,beta}(x)) + sum_k max(c_k(x), 0).
@@ -238,6 +300,7 @@ def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
       data-poisoning settings (Section 6.2).  mu_rho and mu_theta are not
       given in the paper; 0.5 is our choice.
     qp_max_steps: iterations of the dual solver of (5.5).
+    state0, batching: as in `gradient_sampling`.
 
   Returns:
     GSResult; info.stationarity holds Delta q, info.eta holds rho.
@@ -246,12 +309,12 @@ def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
   n = flat0.shape[0]
   _check_common(num_samples, n, gamma, delta, max_iter,
                 {"mu_eps": mu_eps, "mu_alpha": mu_alpha, "mu_beta": mu_beta,
-                 "mu_rho": mu_rho, "mu_theta": mu_theta})
+                 "mu_rho": mu_rho, "mu_theta": mu_theta}, batching)
   for name, value in (("eps0", eps0), ("alpha0", alpha0), ("beta0", beta0),
                       ("rho0", rho0), ("theta0", theta0), ("eta", eta)):
     validation.check_positive(name, value)
   dtype = flat0.dtype
-  f = lambda xf, a, b: fun(unravel(xf), a, b)
+  f, fun_state0 = _stateful(fun, unravel, state0)
   cons = lambda xf: jnp.atleast_1d(constraints(unravel(xf)))
   try:
     r = jax.eval_shape(cons, flat0).shape
@@ -260,11 +323,12 @@ def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
   if len(r) != 1:
     raise ValueError(f"`constraints` must return a vector, got shape {r}.")
   r = r[0]
-  value_and_grad = jax.vmap(jax.value_and_grad(f), in_axes=(0, None, None))
+  value_and_grad = _batched_value_and_grad(f, batching)
   c = lambda v: jnp.asarray(v, dtype)
 
-  def penalty(xf, rho, a, b):
-    return rho * f(xf, a, b) + jnp.sum(jnp.maximum(cons(xf), 0))
+  def penalty(xf, rho, a, b, st):
+    value, st = f(xf, a, b, st)
+    return rho * value + jnp.sum(jnp.maximum(cons(xf), 0)), st
 
   def cond(state):
     return (state["status"] < 0) & (state["k"] < max_iter)
@@ -272,9 +336,8 @@ def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
   def body(s):
     key, kf, kc = jax.random.split(s["key"], 3)
     points = _sample_ball(kf, s["x"], s["eps"], num_samples)
-    values, grads = value_and_grad(jnp.concatenate([s["x"][None], points]),
-                                   s["alpha"], s["beta"])
-    fx, grads = values[0], grads[1:]
+    fx, center_state = f(s["x"], s["alpha"], s["beta"], s["state"])
+    _, grads = value_and_grad(points, s["alpha"], s["beta"], center_state)
     c_points = _sample_ball(kc, s["x"], s["eps"], num_samples * r).reshape(r, num_samples, n)
     c_grads = jax.vmap(lambda k, pts: jax.vmap(jax.grad(lambda xx: cons(xx)[k]))(pts))(
         jnp.arange(r), c_points)                                       # (r, N, n)
@@ -288,8 +351,9 @@ def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
     infeasible = jnp.sum(jnp.maximum(cx, 0))
     shrink = target & (~stop)
     feasible_enough = infeasible <= s["theta"]
-    t, ok = _line_search(lambda xx: penalty(xx, s["rho"], s["alpha"], s["beta"]), s["x"],
-                         phi, qp.direction, delta * dq, gamma, max_backtracks)
+    t, ok, trial_state = _line_search(
+        lambda xx, st: penalty(xx, s["rho"], s["alpha"], s["beta"], st), s["x"], phi,
+        qp.direction, delta * dq, gamma, max_backtracks, center_state, (~target) & finite)
     move = (~target) & ok & finite
     k = s["k"]
     hist = _record(s["history"], k, value=fx, stationarity=dq, eps=s["eps"],
@@ -297,6 +361,8 @@ def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
     status = jnp.where(~finite, NONFINITE, jnp.where(stop, SUCCESS, -1))
     return {
         "x": jnp.where(move, s["x"] + t * qp.direction, s["x"]),
+        "state": jax.tree_util.tree_map(lambda a, b: jnp.where(move, a, b), trial_state,
+                                        center_state),
         "key": key, "k": k + 1, "status": status,
         "eps": jnp.where(shrink, mu_eps * s["eps"], s["eps"]),
         "alpha": jnp.where(shrink, mu_alpha * s["alpha"], s["alpha"]),
@@ -309,7 +375,7 @@ def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
         "history": hist,
     }
 
-  init = {"x": flat0, "key": key, "k": 0, "status": jnp.array(-1),
+  init = {"x": flat0, "state": fun_state0, "key": key, "k": 0, "status": jnp.array(-1),
           "eps": c(eps0), "alpha": c(alpha0), "beta": c(beta0), "rho": c(rho0),
           "theta": c(theta0), "stationarity": c(jnp.inf),
           "hits": jnp.array(0, jnp.int32), "failures": jnp.array(0, jnp.int32),

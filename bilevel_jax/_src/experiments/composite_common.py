@@ -20,6 +20,28 @@ def retrain(data, lower_fn, x, reg):
           regression.mse(data.a_test, data.b_test, coef), sol.info.status)
 
 
+def hyper_objective(low, upper_fn, warm_start: bool = True):
+  """f(x, Y_{alpha,beta}(x)) for gradient sampling, and its first state.
+
+  With ``warm_start`` (default) the function carries the lower-level solution
+  as its state: ``fun(x, alpha, beta, y) -> (upper_fn(y), y_new)``, each solve
+  started from the previous one with method="warm" (Newton first, the
+  interior point only where Newton stalls); pass the returned state as
+  ``state0``.  Without, ``fun(x, alpha, beta)`` solves from ``low.y0`` with the
+  interior point method each time, and the state is None.
+  """
+  if not warm_start:
+    def cold(x, alpha, beta):
+      sol = solver.solve(low.g, low.G, low.h, x, y0=low.y0, alpha=alpha, beta=beta)
+      return upper_fn(low.to_model(sol.y))
+    return cold, None
+
+  def warm(x, alpha, beta, y):
+    sol = solver.solve(low.g, low.G, low.h, x, y0=y, alpha=alpha, beta=beta, method="warm")
+    return upper_fn(low.to_model(sol.y)), sol.y
+  return warm, low.y0
+
+
 def timed(fn, *args):
   """(result, compile seconds, run seconds) of a jitted fn on args."""
   start = time.perf_counter()

@@ -16,7 +16,6 @@ import numpy as np
 
 from bilevel_jax._src import config
 from bilevel_jax._src import gradient_sampling as gs
-from bilevel_jax._src.composite import solver
 from bilevel_jax._src.experiments import common
 from bilevel_jax._src.experiments import composite_common as cc
 from bilevel_jax._src.problems import regression
@@ -51,6 +50,10 @@ SCHEMA = {
         "gamma": F("float", 0.5, config.unit_interval),
         "delta": F("float", 1e-4, config.unit_interval),
         "x0": F("list[float]", [0.0, 0.0], doc="starting (lambda_1, lambda_2)"),
+        "warm_start": F("bool", True, doc="lower-level solves start from the previous "
+                        "solution (composite.solve method='warm')"),
+        "sample_batching": F("str", "map", config.one_of(*gs.BATCHINGS),
+                             "the N_sam sampled hypergradients: lax.map or vmap"),
     },
     "reference": {
         "grid_points": F("int", 21, config.positive, "per axis; 0 skips the grid"),
@@ -61,20 +64,30 @@ SCHEMA = {
 }
 
 
-def _one_run(data, key, method, a):
-  reformulated = method == "1R"
+def algorithm1(data, key, *, reformulated: bool = False, warm_start: bool = True,
+               x0=(0.0, 0.0), batching: str = "map", **kwargs) -> gs.GSResult:
+  """Algorithm 1 on one instance of (6.1) (or (6.2) with ``reformulated``):
+  `gradient_sampling` on the validation error of Y_{alpha,beta}(lambda),
+  lower-level solves warm-started from the previous solution by default
+  (`composite_common.hyper_objective`), the sampled hypergradients one
+  after another (``batching="map"``: on a CPU a vmapped batch runs every lane
+  through the slowest lane's interior-point fallback); ``kwargs`` go to
+  `gradient_sampling` (num_samples, max_iter, eps0, ...)."""
   low = regression.elastic_net_lower(data, reformulated)
+  fun, state0 = cc.hyper_objective(
+      low, lambda coef: regression.mse(data.a_val, data.b_val, coef), warm_start)
+  return gs.gradient_sampling(fun, jnp.asarray(x0, data.a_train.dtype), key=key,
+                              state0=state0, batching=batching, **kwargs)
 
-  def fun(x, alpha, beta):
-    sol = solver.solve(low.g, low.G, low.h, x, y0=low.y0, alpha=alpha, beta=beta)
-    return regression.mse(data.a_val, data.b_val, low.to_model(sol.y))
 
-  return gs.gradient_sampling(
-      fun, jnp.asarray(a["x0"], data.a_train.dtype), key=key, num_samples=a["num_samples"],
-      eps0=a["eps0"], eps_opt=a["eps_opt"], alpha0=a["reg0"], alpha_opt=a["reg_opt"],
-      beta0=a["reg0"], beta_opt=a["reg_opt"], eta0=a["eta0"], eta_opt=a["eta_opt"],
-      mu_eps=a["mu"], mu_alpha=a["mu"], mu_beta=a["mu"], mu_eta=a["mu"],
-      delta=a["delta"], gamma=a["gamma"], max_iter=a["max_iter"],
+def _one_run(data, key, method, a):
+  return algorithm1(
+      data, key, reformulated=method == "1R", warm_start=a["warm_start"], x0=a["x0"],
+      batching=a["sample_batching"],
+      num_samples=a["num_samples"], eps0=a["eps0"], eps_opt=a["eps_opt"], alpha0=a["reg0"],
+      alpha_opt=a["reg_opt"], beta0=a["reg0"], beta_opt=a["reg_opt"], eta0=a["eta0"],
+      eta_opt=a["eta_opt"], mu_eps=a["mu"], mu_alpha=a["mu"], mu_beta=a["mu"],
+      mu_eta=a["mu"], delta=a["delta"], gamma=a["gamma"], max_iter=a["max_iter"],
       early_stop=method == "1E")
 
 
