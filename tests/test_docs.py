@@ -24,3 +24,18 @@ def test_readme_python_example(tmp_path, monkeypatch):
   result = namespace["result"]
   assert abs(float(result.x) - 1.0) < 1e-2
   assert (tmp_path / "run.npz").exists()
+
+
+def test_readme_performance_section_matches_the_committed_json():
+  """The Performance tables are what benchmarks/performance_tables.py makes
+  of benchmarks/results/*.json (regenerate with its --write)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "performance_tables", os.path.join(REPO, "benchmarks", "performance_tables.py"))
+  tables = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tables)
+  with open(os.path.join(REPO, "README.md")) as handle:
+    text = handle.read()
+  block = text.split(tables.START, 1)[1].split(tables.END, 1)[0]
+  assert block.strip() == tables.render().strip()
+  assert "no committed result" not in block
