@@ -139,8 +139,7 @@ def _batched_value_and_grad(f, batching):
 
 def _check_common(num_samples, n, gamma, delta, max_iter, mus, batching):
   validation.check_positive_int("num_samples", num_samples)
-  if batching not in BATCHINGS:
-    raise ValueError(f"`batching` must be one of {BATCHINGS}, got {batching!r}.")
+  validation.check_one_of("batching", batching, BATCHINGS)
   validation.check_positive_int("max_iter", max_iter)
   if num_samples < n + 1:
     raise ValueError(f"`num_samples` must be >= n + 1 = {n + 1} (Algorithm 1 and 2 "

@@ -35,6 +35,12 @@ def check_positive_int(name: str, value: Any) -> int:
   return int(value)
 
 
+def check_one_of(name: str, value: Any, choices) -> None:
+  """Raises a ValueError naming ``name`` unless ``value`` is one of ``choices``."""
+  if value not in choices:
+    raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
+
+
 def check_positive(name: str, value: Any) -> None:
   """Raises if a concrete ``value`` has an entry that is not > 0 (or is NaN)."""
   concrete = concrete_value(value)

@@ -569,11 +569,8 @@ _solution.defvjp(_solution_fwd, _solution_bwd)
 
 
 def _check_options(tol, max_steps, derivative, linear_solver, dtype):
-  if derivative not in DERIVATIVES:
-    raise ValueError(f"`derivative` must be one of {DERIVATIVES}, got {derivative!r}.")
-  if linear_solver not in LINEAR_SOLVERS:
-    raise ValueError(f"`linear_solver` must be one of {LINEAR_SOLVERS}, got "
-                     f"{linear_solver!r}.")
+  validation.check_one_of("derivative", derivative, DERIVATIVES)
+  validation.check_one_of("linear_solver", linear_solver, LINEAR_SOLVERS)
   validation.check_positive_int("max_steps", max_steps)
   if tol is None:
     tol = 1e-10 if dtype == jnp.float64 else 1e-5
@@ -635,8 +632,7 @@ def solve(g, G, h, x, *, y0, alpha, beta, tol=None, max_steps: int = 100,
   if not jnp.issubdtype(y0_flat.dtype, jnp.floating):
     raise TypeError(f"`y0` must hold floating-point arrays, got dtype {y0_flat.dtype}.")
   tol = _check_options(tol, max_steps, derivative, linear_solver, y0_flat.dtype)
-  if method not in METHODS:
-    raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+  validation.check_one_of("method", method, METHODS)
   if method in ("ipm", "warm") and linear_solver == "cg":
     raise ValueError(f"`linear_solver='cg'` needs `method='newton'`: the interior-point "
                      f"phase of method={method!r} forms dense m x m matrices.")

@@ -153,11 +153,8 @@ def _prepare(lower_fn, x, y0, solver, tol, max_steps, linear_solver, linear_tol,
              linear_max_steps, stepsize, memory_size) -> _Prepared:
   if not callable(lower_fn):
     raise TypeError(f"`lower_fn` must be callable, got {type(lower_fn).__name__}.")
-  if solver not in SOLVERS:
-    raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}.")
-  if linear_solver not in LINEAR_SOLVERS:
-    raise ValueError(f"`linear_solver` must be one of {LINEAR_SOLVERS}, got "
-                     f"{linear_solver!r}.")
+  validation.check_one_of("solver", solver, SOLVERS)
+  validation.check_one_of("linear_solver", linear_solver, LINEAR_SOLVERS)
   validation.check_float_leaves("x", x)
   validation.check_float_leaves("y0", y0)
   max_steps = validation.check_positive_int("max_steps", max_steps)

@@ -34,6 +34,7 @@ import numpy as np
 from bilevel_jax._src import config
 from bilevel_jax._src import gradient_sampling as gs
 from bilevel_jax._src.bench import measure
+from bilevel_jax._src.bench import peers
 from bilevel_jax._src.bench import runner
 from bilevel_jax._src.bench.peers import cvxpy_composite as peer
 from bilevel_jax._src.experiments import composite_common as cc
@@ -133,12 +134,7 @@ def _figures(rows):
 def run(cfg, ctx) -> runner.SuiteResult:
   p, a, r = cfg["problem"], cfg["algorithm"], cfg["run"]
   cp = peer.import_cvxpy() if ctx.peers else None
-  if not ctx.peers:
-    status = "skipped (peers disabled)"
-  elif cp is None:
-    status = "skipped: cvxpy is not installed (pip install -e .[peers])"
-  else:
-    status = f"cvxpy {cp.__version__}, in this process"
+  status = peers.in_process_status("cvxpy", cp, enabled=ctx.peers)
   ctx.log(f"cvxpy reference: {status}")
   count = r["instances"]
   n_ref = min(r["ref_instances"], count) if cp is not None else 0

@@ -51,7 +51,6 @@ their times.
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import warnings
 from typing import Any, Callable, NamedTuple
 
@@ -62,6 +61,7 @@ import numpy as np
 from bilevel_jax import implicit
 from bilevel_jax._src import config
 from bilevel_jax._src.bench import measure
+from bilevel_jax._src.bench import peers
 from bilevel_jax._src.bench import runner
 
 X64 = True
@@ -444,12 +444,7 @@ def _figures(rows, problems):
 def run(cfg, ctx) -> runner.SuiteResult:
   notes = []
   jaxopt = import_jaxopt() if ctx.peers else None
-  if not ctx.peers:
-    status = "skipped (peers disabled)"
-  elif jaxopt is None:
-    status = "skipped: jaxopt is not installed (pip install -e .[peers])"
-  else:
-    status = f"jaxopt {importlib.metadata.version('jaxopt')}, in this process"
+  status = peers.in_process_status("jaxopt", jaxopt, enabled=ctx.peers)
   ctx.log(f"jaxopt: {status}")
   notes.append(f"jaxopt: {status}.")
   rows = []
