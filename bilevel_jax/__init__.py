@@ -1,5 +1,9 @@
 """bilevel_jax: differentiable bilevel optimization in JAX.
 
+Every solver returns a ``*Solution`` whose ``info.status`` is a `Status`
+code (the same integer means the same thing everywhere); ``throw=True``
+raises `SolverError` instead.
+
 Namespaces:
   bilevel_jax.composite    composite lower levels g + h(G): regularized solve, (3.6) hypergradient.
   bilevel_jax.bda          BDA / RHG / truncated RHG unrolled hypergradients.
@@ -14,6 +18,9 @@ Namespaces:
   bilevel_jax.sharding     batches of problems sharded over devices and hosts.
   bilevel_jax.meta         few-shot meta-learning: episodes, datasets, the bilevel model.
 """
+from bilevel_jax._src.status import SolverError
+from bilevel_jax._src.status import Status
+from bilevel_jax._src.status import status_message
 from bilevel_jax import bda
 from bilevel_jax import composite
 from bilevel_jax import data
@@ -28,7 +35,7 @@ from bilevel_jax import sharding
 from bilevel_jax import upper
 from bilevel_jax import value
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["bda", "composite", "data", "implicit", "meta", "problems", "projections", "prox",
+__all__ = ["SolverError", "Status", "status_message", "bda", "composite", "data", "implicit", "meta", "problems", "projections", "prox",
            "schedules", "sharding", "smoothing", "upper", "value"]

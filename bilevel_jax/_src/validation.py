@@ -65,7 +65,9 @@ def check_scalar_output(name: str, fn, *args) -> jax.ShapeDtypeStruct:
   try:
     out = jax.eval_shape(fn, *args)
   except Exception as err:  # re-raised with the argument's name
-    raise TypeError(f"`{name}` failed when called on (x, y0): {err}") from err
+    raise TypeError(f"`{name}` failed when called on the initial point (x, `y0`); do "
+                    f"`x` and `y0` have the structure and shapes `{name}` expects? "
+                    f"{err}") from err
   if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
     shape = getattr(out, "shape", type(out).__name__)
     raise ValueError(f"`{name}` must return a scalar, got an output of shape "
@@ -89,14 +91,3 @@ def check_same_structure(name: str, reference, candidate, what: str) -> None:
     if jnp.shape(ref) != jnp.shape(cand):
       raise ValueError(f"`{name}`: {what} has a leaf of shape "
                        f"{jnp.shape(cand)}, expected {jnp.shape(ref)}.")
-
-
-def check_float_leaves(name: str, tree) -> None:
-  leaves = jax.tree_util.tree_leaves(tree)
-  if not leaves:
-    raise ValueError(f"`{name}` has no array leaves.")
-  for leaf in leaves:
-    dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(f"`{name}` must have floating-point leaves, got a leaf "
-                      f"of dtype {dtype}.")
