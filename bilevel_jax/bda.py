@@ -5,12 +5,8 @@ eq. 9-10 and 12-13).
 """
 from bilevel_jax._src.unrolled import BDAInfo
 from bilevel_jax._src.unrolled import BDASolution
-from bilevel_jax._src.unrolled import NONFINITE
-from bilevel_jax._src.unrolled import STATUS_MESSAGES
-from bilevel_jax._src.unrolled import SUCCESS
 from bilevel_jax._src.unrolled import hypergradient
 from bilevel_jax._src.unrolled import make_hypergradient
 from bilevel_jax._src.unrolled import solve
 
-__all__ = ["BDAInfo", "BDASolution", "NONFINITE", "STATUS_MESSAGES", "SUCCESS",
-           "hypergradient", "make_hypergradient", "solve"]
+__all__ = ["BDAInfo", "BDASolution", "hypergradient", "make_hypergradient", "solve"]

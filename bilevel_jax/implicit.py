@@ -7,21 +7,17 @@
 The derivative solves hess_yy f(x, y*) v = y-bar (conjugate gradients on
 Hessian-vector products, or dense) and returns -(d_x grad_y f)^T v; the
 lower solver's iterations are never differentiated. See
-`bilevel_jax._src.implicit.solver` for the equations.
+`bilevel_jax._src.implicit.solver` for the equations and
+`bilevel_jax._src.implicit_diff` for the rule shared with `composite` and
+`value.quadratic`.
 """
-from bilevel_jax._src.implicit.linear import LINEAR_SOLVERS
 from bilevel_jax._src.implicit.minimize import SOLVERS
 from bilevel_jax._src.implicit.solver import ImplicitInfo
 from bilevel_jax._src.implicit.solver import ImplicitSolution
-from bilevel_jax._src.implicit.solver import LINESEARCH_FAILED
-from bilevel_jax._src.implicit.solver import MAX_STEPS
-from bilevel_jax._src.implicit.solver import NONFINITE
-from bilevel_jax._src.implicit.solver import STATUS_MESSAGES
-from bilevel_jax._src.implicit.solver import SUCCESS
 from bilevel_jax._src.implicit.solver import hypergradient
 from bilevel_jax._src.implicit.solver import make_hypergradient
 from bilevel_jax._src.implicit.solver import solve
+from bilevel_jax._src.implicit_diff import LINEAR_SOLVERS
 
-__all__ = ["ImplicitInfo", "ImplicitSolution", "LINEAR_SOLVERS", "LINESEARCH_FAILED",
-           "MAX_STEPS", "NONFINITE", "SOLVERS", "STATUS_MESSAGES", "SUCCESS",
+__all__ = ["ImplicitInfo", "ImplicitSolution", "LINEAR_SOLVERS", "SOLVERS",
            "hypergradient", "make_hypergradient", "solve"]

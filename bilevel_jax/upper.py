@@ -1,17 +1,17 @@
 """Upper-level drivers: any Optax optimizer on the hypergradient, and the
 gradient-sampling methods of Solla & Royset (Algorithms 1 and 2)."""
-from bilevel_jax._src.gradient_sampling import GSInfo
-from bilevel_jax._src.gradient_sampling import GSResult
+from bilevel_jax._src.gradient_sampling import GradientSamplingInfo
+from bilevel_jax._src.gradient_sampling import GradientSamplingSolution
+from bilevel_jax._src.gradient_sampling import SQPGradientSamplingInfo
 from bilevel_jax._src.gradient_sampling import gradient_sampling
 from bilevel_jax._src.gradient_sampling import sqp_gradient_sampling
-from bilevel_jax._src.minnorm import MinNormResult
+from bilevel_jax._src.minnorm import MinNormInfo
+from bilevel_jax._src.minnorm import MinNormSolution
 from bilevel_jax._src.minnorm import min_norm_hull
-from bilevel_jax._src.upper_loop import NONFINITE
 from bilevel_jax._src.upper_loop import OptimizeInfo
-from bilevel_jax._src.upper_loop import OptimizeResult
-from bilevel_jax._src.upper_loop import SUCCESS
+from bilevel_jax._src.upper_loop import OptimizeSolution
 from bilevel_jax._src.upper_loop import optimize
 
-__all__ = ["GSInfo", "GSResult", "MinNormResult", "NONFINITE", "OptimizeInfo",
-           "OptimizeResult", "SUCCESS", "gradient_sampling", "min_norm_hull",
-           "optimize", "sqp_gradient_sampling"]
+__all__ = ["GradientSamplingInfo", "GradientSamplingSolution", "MinNormInfo",
+           "MinNormSolution", "OptimizeInfo", "OptimizeSolution", "SQPGradientSamplingInfo",
+           "gradient_sampling", "min_norm_hull", "optimize", "sqp_gradient_sampling"]

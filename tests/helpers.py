@@ -15,18 +15,6 @@ def finite_difference_grad(fn, x, eps=1e-6):
   return grad
 
 
-class TraceCounter:
-  """Wraps a function and counts how often JAX traces it."""
-
-  def __init__(self, fn):
-    self.fn = fn
-    self.count = 0
-
-  def __call__(self, *args):
-    self.count += 1
-    return self.fn(*args)
-
-
 def tree_allclose(a, b, **kw):
   return all(np.allclose(x, y, **kw) for x, y in
              zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))

@@ -108,7 +108,8 @@ def test_matched_step_is_boats_update(method):
     eps = 1e-6  # the hypergradient by central differences of the NumPy loop
     grad = np.array([(loop(x + eps * e, y)[0] - loop(x - eps * e, y)[0]) / (2 * eps)
                      for e in np.eye(x.size)])
-    ours_value, ours_grad, ours_y = hypergradient(state[0], state[2])
+    ours_value, ours_grad, ours_solution = hypergradient(state[0], state[2])
+    ours_y = ours_solution.y
     np.testing.assert_allclose(ours_value, value, rtol=1e-10)
     np.testing.assert_allclose(ours_grad, grad, rtol=1e-6, atol=1e-10)
     # torch.optim.Adam's step (betas 0.9, 0.999, eps 1e-8), then copy_last_param.

@@ -3,13 +3,18 @@ import doctest
 import os
 import re
 
+import pytest
+
+import bilevel_jax._src.status as status
 import bilevel_jax._src.unrolled as unrolled
+import bilevel_jax._src.upper_loop as upper_loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_docstring_examples():
-  result = doctest.testmod(unrolled, optionflags=doctest.ELLIPSIS)
+@pytest.mark.parametrize("module", [status, unrolled, upper_loop])
+def test_docstring_examples(module):
+  result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0
 
 

@@ -9,9 +9,9 @@ import optax
 import pytest
 
 import bilevel_jax._src.implicit.solver as implicit_solver
-from bilevel_jax import bda, implicit, upper
+from bilevel_jax import Status, bda, implicit, upper
 from bilevel_jax.problems import make_quadratic
-from tests.helpers import TraceCounter, finite_difference_grad
+from tests.helpers import finite_difference_grad
 
 RNG = np.random.default_rng(0)
 N, D = 30, 5
@@ -47,7 +47,7 @@ def relative_error(a, b):
 def test_ridge_hypergradient_matches_closed_form(kw):
   value, grad, sol = implicit.hypergradient(ridge_upper, ridge_lower, LAM, jnp.zeros(D),
                                             tol=1e-11, return_info=True, **kw)
-  assert int(sol.info.status) == implicit.SUCCESS
+  assert int(sol.info.status) == Status.SUCCESS
   assert float(sol.info.linear_residual) < 1e-10 and int(sol.info.linear_steps) >= 1
   np.testing.assert_allclose(value, ridge_exact(LAM), rtol=1e-12)
   assert relative_error(grad, jax.grad(ridge_exact)(LAM)) < 1e-9
@@ -140,58 +140,28 @@ def test_pytree_x_and_y():
     np.testing.assert_allclose(grad[key], expected[key], rtol=1e-9, atol=1e-12)
 
 
-# ------------------------------------------------------------ transformations
-def test_jit_vmap_and_no_retrace():
-  counter = TraceCounter(ridge_lower)
-  fn = jax.jit(lambda lam: implicit.hypergradient(ridge_upper, counter, lam, jnp.zeros(D),
-                                                  tol=1e-11))
-  jitted = fn(LAM)
-  traces = counter.count
-  fn(LAM + 0.1)
-  assert counter.count == traces, "second call retraced"
-  assert relative_error(jitted[1], jax.grad(ridge_exact)(LAM)) < 1e-9
-
-  lams = LAM[None, :] + 0.2 * jnp.arange(3.0)[:, None]
-  batched = jax.jit(jax.vmap(fn))(lams)
-  for i in range(3):
-    value, grad = fn(lams[i])
-    np.testing.assert_allclose(batched[0][i], value, rtol=1e-12)
-    np.testing.assert_allclose(batched[1][i], grad, rtol=1e-9, atol=1e-12)
-
-
-def test_float32():
-  lam, a, b = (jnp.asarray(v, jnp.float32) for v in (LAM, A_TR, B_TR))
-  lower = lambda l, w: 0.5 * jnp.sum((a @ w - b) ** 2) + 0.5 * jnp.sum(jnp.exp(l) * w ** 2)
-  a_val, b_val = (jnp.asarray(v, jnp.float32) for v in (A_VAL, B_VAL))
-  upper_fn = lambda l, w: 0.5 * jnp.sum((a_val @ w - b_val) ** 2) + 0.05 * jnp.sum(l ** 2)
-  value, grad, sol = jax.jit(lambda l: implicit.hypergradient(
-      upper_fn, lower, l, jnp.zeros(D, jnp.float32), return_info=True))(lam)
-  assert value.dtype == grad.dtype == sol.y.dtype == jnp.float32
-  assert int(sol.info.status) == implicit.SUCCESS
-  assert relative_error(grad.astype(jnp.float64), jax.grad(ridge_exact)(LAM)) < 1e-3
-
-
+# ---------------------------------------------------------------- drivers
 def test_make_hypergradient_drives_upper_optimize():
   fn = implicit.make_hypergradient(ridge_upper, ridge_lower, solver="newton", tol=1e-10)
   result = upper.optimize(fn, LAM, optax.adam(0.1), steps=15, y0=jnp.zeros(D),
                           warm_start=True)
   assert result.history["value"][-1] < result.history["value"][0]
   np.testing.assert_allclose(result.history["value"][0], ridge_exact(LAM), rtol=1e-10)
-  assert result.info.status == upper.SUCCESS and result.y.shape == (D,)
+  assert result.info.status == Status.SUCCESS and result.y.shape == (D,)
+  np.testing.assert_array_equal(result.history["lower_status"], Status.SUCCESS)
+  assert np.all(result.history["lower_residual"] < 1e-10)
 
 
 # --------------------------------------------------------------------- status
 def test_nonconvergence_and_nonfinite_are_reported():
   sol = implicit.solve(ridge_lower, LAM, jnp.zeros(D), solver="gd", stepsize=1e-4,
                        max_steps=3)
-  assert int(sol.info.status) == implicit.MAX_STEPS and int(sol.info.steps) == 3
-  assert float(sol.info.grad_norm) > 1e-8
+  assert int(sol.info.status) == Status.MAX_STEPS and int(sol.info.num_steps) == 3
+  assert float(sol.info.residual) > 1e-8
   assert np.isnan(float(sol.info.linear_residual)) and int(sol.info.linear_steps) == -1
   bad = implicit.solve(lambda lam, w: ridge_lower(lam, w) + jnp.log(lam[0]), LAM.at[0].set(-1.0),
                        jnp.zeros(D), solver="newton")
-  assert int(bad.info.status) == implicit.NONFINITE
-  assert set(implicit.STATUS_MESSAGES) == {implicit.SUCCESS, implicit.MAX_STEPS,
-                                           implicit.NONFINITE, implicit.LINESEARCH_FAILED}
+  assert int(bad.info.status) == Status.NONFINITE
 
 
 # --------------------------------------------------------------------- errors
@@ -214,7 +184,7 @@ def test_bad_options_raise(kwargs, error, match):
 def test_bad_functions_and_shapes_raise():
   with pytest.raises(ValueError, match="`lower_fn` must return a scalar"):
     implicit.solve(lambda lam, w: w ** 2, LAM, jnp.zeros(D))
-  with pytest.raises(ValueError, match="`y0`"):
+  with pytest.raises(TypeError, match="`y0`"):
     implicit.solve(ridge_lower, LAM, jnp.zeros(D + 1))
   with pytest.raises(TypeError, match="`lower_fn` must be callable"):
     implicit.solve(None, LAM, jnp.zeros(D))

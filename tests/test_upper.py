@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from bilevel_jax import bda, projections, schedules, upper
+from bilevel_jax import SolverError, Status, bda, implicit, projections, schedules, upper
 from bilevel_jax.problems import example1, make_quadratic
 
 
@@ -25,7 +25,7 @@ def test_converges_to_closed_form_minimizer(quad):
   J = jnp.linalg.solve(quad.A, quad.B)
   x_star = jnp.linalg.solve(J.T @ J + quad.rho * jnp.eye(3), J.T @ quad.c)
   res = upper.optimize(_hg(quad), jnp.zeros(3), optax.adam(0.05), steps=600, y0=jnp.zeros(6))
-  assert res.info.status == upper.SUCCESS
+  assert res.info.status == Status.SUCCESS
   np.testing.assert_allclose(res.x, x_star, atol=1e-5)
   assert res.history["value"].shape == (600,)
   assert res.history["step_time"].min() > 0
@@ -36,7 +36,7 @@ def test_plain_hypergradient_fn_without_y0(quad):
   fn = jax.jit(lambda x: bda.hypergradient(quad.upper, quad.lower, x, jnp.zeros(6), steps=100,
                                            upper_lr=0.5, lower_lr=0.1, alpha=0.0))
   res = upper.optimize(fn, jnp.zeros(3), optax.sgd(0.1), steps=5)
-  assert res.y is None and res.info.steps == 5
+  assert res.y is None and res.info.num_steps == 5
 
 
 def test_projection_keeps_x_feasible():
@@ -82,7 +82,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(quad, tmp_path):
                         warm_start=True)
   first = upper.optimize(_hg(quad), jnp.zeros(3), optax.adam(0.05), steps=12, y0=jnp.zeros(6),
                          warm_start=True, checkpoint_path=path, checkpoint_every=5)
-  assert first.info.steps == 12
+  assert first.info.num_steps == 12
   second = upper.optimize(_hg(quad), jnp.zeros(3), optax.adam(0.05), steps=20, y0=jnp.zeros(6),
                           warm_start=True, checkpoint_path=path, checkpoint_every=5)
   assert second.info.resumed_from == 12
@@ -134,10 +134,9 @@ def test_unusable_checkpoint_is_rejected(quad, tmp_path, second_optimizer, secon
 def test_nonfinite_stops_and_is_reported():
   fn = jax.jit(lambda x: (jnp.log(x - 1.0).sum(), jnp.ones_like(x)))
   res = upper.optimize(fn, jnp.array([3.0]), optax.sgd(1.0), steps=10)
-  assert res.info.status == upper.NONFINITE
-  assert "non-finite" in res.info.message
+  assert res.info.status == Status.NONFINITE
   assert np.isfinite(np.asarray(res.x)).all()
-  assert res.info.steps < 10
+  assert res.info.num_steps < 10
 
 
 def test_progress_lines(quad):
@@ -170,3 +169,36 @@ def test_resuming_a_finished_run_returns_its_last_y(quad, tmp_path):
   assert again.info.resumed_from == 4
   np.testing.assert_allclose(again.y, first.y, rtol=1e-12)
   np.testing.assert_allclose(again.x, first.x, rtol=1e-12)
+
+
+# --------------------------------------------------------- inner failures
+def _capped_ridge(max_steps):
+  """Per-feature L2 weights by implicit differentiation, the lower L-BFGS
+  capped at ``max_steps``: too few steps is a lower failure (MAX_STEPS)."""
+  a = jax.random.normal(jax.random.PRNGKey(3), (30, 5))
+  b = a @ jnp.arange(1.0, 6.0)
+  lower = lambda lam, w: 0.5 * jnp.sum((a @ w - b) ** 2) + 0.5 * jnp.sum(jnp.exp(lam) * w ** 2)
+  upper_fn = lambda lam, w: 0.5 * jnp.sum((w - 1.0) ** 2)
+  return implicit.make_hypergradient(upper_fn, lower, max_steps=max_steps)
+
+
+def test_inner_failure_is_recorded_in_history_and_status():
+  res = upper.optimize(_capped_ridge(2), jnp.zeros(5), optax.sgd(0.01), steps=4,
+                       y0=jnp.zeros(5))
+  assert res.info.num_steps == 4                      # the run goes on by default
+  np.testing.assert_array_equal(res.history["lower_status"], Status.MAX_STEPS)
+  assert np.all(res.history["lower_residual"] > 1e-8)
+  assert res.info.status == Status.INNER_FAILED
+  assert res.info.inner_status == Status.MAX_STEPS and res.info.inner_failures == 4
+  ok = upper.optimize(_capped_ridge(500), jnp.zeros(5), optax.sgd(0.01), steps=2,
+                      y0=jnp.zeros(5))
+  assert ok.info.status == Status.SUCCESS and ok.info.inner_failures == 0
+
+
+def test_stop_on_inner_failure_and_throw():
+  res = upper.optimize(_capped_ridge(2), jnp.zeros(5), optax.sgd(0.01), steps=4,
+                       y0=jnp.zeros(5), stop_on_inner_failure=True)
+  assert res.info.num_steps == 0 and res.history["lower_status"].shape == (1,)
+  with pytest.raises(SolverError, match="INNER_FAILED"):
+    upper.optimize(_capped_ridge(2), jnp.zeros(5), optax.sgd(0.01), steps=1,
+                   y0=jnp.zeros(5), throw=True)

@@ -6,7 +6,7 @@ A *batched hypergradient* is any function whose outputs carry a leading
 batch axis of B tasks or instances, for example
 
     batched = jax.vmap(bda.make_hypergradient(F, f, jit=False, ...),
-                       in_axes=(None, 0))        # (x, y0[B]) -> (v[B], g[B], y_K[B])
+                       in_axes=(None, 0))        # (x, y0[B]) -> (v[B], g[B], solution[B])
 
 `shard_hypergradient` runs it with the batch split over the D devices of a
 mesh axis and the upper variable x replicated. Each device evaluates its

@@ -32,16 +32,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from bilevel_jax._src import hypergradient as hypergradient_lib
 from bilevel_jax._src import schedules
+from bilevel_jax._src import status as status_lib
 from bilevel_jax._src import tree as tree_ops
 from bilevel_jax._src import validation
+from bilevel_jax._src import variables
 
 Objective = Callable[[Any, Any], jax.Array]
 Checkpoint = Union[bool, str, int]
-
-SUCCESS = 0
-NONFINITE = 1
-STATUS_MESSAGES = {SUCCESS: "success", NONFINITE: "non-finite value in the lower iterates"}
 
 
 class BDAInfo(NamedTuple):
@@ -49,21 +48,20 @@ class BDAInfo(NamedTuple):
 
   Attributes:
     num_steps: K, the number of lower iterations run.
+    status: `Status.SUCCESS`, or `Status.NONFINITE` when an iterate y_1..y_K
+      had a NaN or infinity (a fixed unroll has no tolerance to miss).
+    residual: norm of the lower gradient mapping at y_K,
+      ||y_K - prox(y_K - s_l grad_y f)|| / s_l (= ||grad_y f|| without prox).
     upper_value: F(x, y_K).
     lower_value: f(x, y_K) (without the nonsmooth part g).
-    lower_residual: norm of the lower gradient mapping at y_K,
-      ||y_K - prox(y_K - s_l grad_y f)|| / s_l (= ||grad_y f|| without prox).
-    nonfinite: True if any iterate y_1..y_K had a NaN or infinity.
-    status: `SUCCESS` (0) or `NONFINITE` (1).
     upper_history: F(x, y_k) for k = 0..K-1 when ``record_history``, else None.
     lower_history: f(x, y_k) for k = 0..K-1 when ``record_history``, else None.
   """
   num_steps: jax.Array
+  status: jax.Array
+  residual: jax.Array
   upper_value: jax.Array
   lower_value: jax.Array
-  lower_residual: jax.Array
-  nonfinite: jax.Array
-  status: jax.Array
   upper_history: Optional[jax.Array] = None
   lower_history: Optional[jax.Array] = None
 
@@ -115,17 +113,21 @@ def _scan(step, carry, ks, checkpoint: Checkpoint, unroll: Union[int, bool] = 1)
 
 
 def _validate(upper_fn, lower_fn, x, y0, steps, upper_lr, lower_lr, truncate, prox):
+  """Checks the arguments; ``upper_fn`` and ``lower_fn`` take (x, the
+  differentiable part of y), ``prox`` too (see `solve`)."""
   steps = validation.check_positive_int("steps", steps)
   if not callable(upper_fn):
     raise TypeError(f"`upper_fn` must be callable, got {type(upper_fn).__name__}.")
   if not callable(lower_fn):
     raise TypeError(f"`lower_fn` must be callable, got {type(lower_fn).__name__}.")
-  validation.check_float_leaves("x", x)
-  validation.check_float_leaves("y0", y0)
+  variables.check("x", x)
+  variables.check("y0", y0)
   validation.check_positive("upper_lr", upper_lr)
   validation.check_positive("lower_lr", lower_lr)
-  validation.check_scalar_output("upper_fn", upper_fn, x, y0)
-  validation.check_scalar_output("lower_fn", lower_fn, x, y0)
+  x_dyn, x_rest = variables.partition(x)
+  as_x = lambda xd: variables.combine(xd, x_rest)
+  validation.check_scalar_output("upper_fn", lambda xd, yy: upper_fn(as_x(xd), yy), x_dyn, y0)
+  validation.check_scalar_output("lower_fn", lambda xd, yy: lower_fn(as_x(xd), yy), x_dyn, y0)
   if truncate is not None:
     truncate = validation.check_positive_int("truncate", truncate)
     if truncate > steps:
@@ -134,7 +136,7 @@ def _validate(upper_fn, lower_fn, x, y0, steps, upper_lr, lower_lr, truncate, pr
     if not callable(prox):
       raise TypeError(f"`prox` must be a callable (x, y, step) -> y, got "
                       f"{type(prox).__name__}.")
-    out = jax.eval_shape(prox, x, y0, lower_lr)
+    out = jax.eval_shape(lambda xd, yy: prox(as_x(xd), yy, lower_lr), x_dyn, y0)
     validation.check_same_structure("prox", y0, out, "prox(x, y0, lower_lr)")
   return steps, truncate
 
@@ -162,14 +164,19 @@ def _check_schedule_range(schedule, steps: int) -> None:
 def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
           upper_lr, lower_lr, alpha, truncate: Optional[int] = None,
           prox=None, checkpoint: Checkpoint = False,
-          record_history: bool = False, unroll: Union[int, bool] = 1) -> BDASolution:
+          record_history: bool = False, unroll: Union[int, bool] = 1,
+          throw: bool = False) -> BDASolution:
   """Runs K aggregated lower iterations (BDA eq. 10, or eq. 13 with ``prox``).
 
   Args:
     upper_fn: F(x, y) -> scalar, the upper objective.
     lower_fn: f(x, y) -> scalar, the smooth part of the lower objective.
-    x: upper variable (any pytree of float arrays).
-    y0: initial lower iterate (any pytree of float arrays).
+    x: upper variable: any pytree with floating-point leaves, e.g. an
+      Equinox module (see `bilevel_jax._src.variables`).
+    y0: initial lower iterate: any pytree with floating-point leaves, an
+      Equinox module, or Flax NNX state (``nnx.split(model)[1]``). Only the
+      floating-point leaves are iterated; integer, boolean and key leaves
+      and non-array fields are carried along untouched.
     steps: K, number of lower iterations (static).
     upper_lr: s_u > 0, step on grad_y F inside the lower iterations.
     lower_lr: s_l > 0, step on grad_y f.
@@ -185,6 +192,9 @@ def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
       unrolls the whole loop: more compile time, fewer loop iterations, which
       can pay on a GPU where each iteration launches kernels. Results are the
       same up to rounding.
+    throw: raise `bilevel_jax.SolverError` when ``info.status`` is not
+      SUCCESS (eagerly at once, under jit when the program runs; see
+      `bilevel_jax.Status`). Default False: the status is reported only.
 
   Returns:
     `BDASolution` with ``y`` = y_K(x), differentiable in ``x`` (and in the step
@@ -202,8 +212,20 @@ def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
     >>> int(sol.info.status)
     0
   """
-  steps, truncate = _validate(upper_fn, lower_fn, x, y0, steps, upper_lr,
+  variables.check("y0", y0)
+  y0_dyn, y_rest = variables.partition(y0)
+  as_y = lambda yd: variables.combine(yd, y_rest)
+  user_upper, user_lower, user_prox = upper_fn, lower_fn, prox
+  upper_fn = lambda xx, yd: user_upper(xx, as_y(yd))
+  lower_fn = lambda xx, yd: user_lower(xx, as_y(yd))
+  if user_prox is not None and callable(user_prox):
+    prox = lambda xx, yd, s: variables.partition(user_prox(xx, as_y(yd), s))[0]
+  if not callable(user_upper) or not callable(user_lower):
+    upper_fn, lower_fn = user_upper, user_lower  # _validate names the bad one
+  steps, truncate = _validate(upper_fn, lower_fn, x, y0_dyn, steps, upper_lr,
                               lower_lr, truncate, prox)
+  if not isinstance(throw, (bool, np.bool_)):
+    raise TypeError(f"`throw` must be a bool, got {throw!r}.")
   if not (isinstance(unroll, (bool, np.bool_)) or (
       isinstance(unroll, (int, np.integer)) and unroll >= 1)):
     raise ValueError(f"`unroll` must be a positive int or a bool, got {unroll!r}.")
@@ -241,11 +263,13 @@ def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
     return step
 
   ks = jnp.arange(1, steps + 1)
-  carry = (y0, jnp.asarray(True))
+  carry = (y0_dyn, jnp.asarray(True))
   if truncate is not None and truncate < steps:
     head = steps - truncate
     sg = lax.stop_gradient
-    carry, head_out = _scan(make_step(sg(x), sg(upper_lr), sg(lower_lr)),
+    x_dyn, x_rest = variables.partition(x)
+    x_const = variables.combine(sg(x_dyn), x_rest)
+    carry, head_out = _scan(make_step(x_const, sg(upper_lr), sg(lower_lr)),
                             sg(carry), ks[:head], False, unroll)
     carry = sg(carry)
     carry, tail_out = _scan(make_step(x, upper_lr, lower_lr), carry, ks[head:],
@@ -262,50 +286,60 @@ def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
   else:
     moved = prox(x, tree_ops.tree_axpy(-lower_lr, g_f, y_final), lower_lr)
     residual = tree_ops.tree_norm(tree_ops.tree_sub(y_final, moved)) / lower_lr
-  nonfinite = jnp.logical_not(finite)
+  status = jnp.where(finite, status_lib.SUCCESS, status_lib.NONFINITE).astype(jnp.int32)
   info = BDAInfo(
-      num_steps=jnp.asarray(steps),
+      num_steps=jnp.asarray(steps, jnp.int32),
+      status=status,
+      residual=residual,
       upper_value=upper_fn(x, y_final),
       lower_value=lower_fn(x, y_final),
-      lower_residual=residual,
-      nonfinite=nonfinite,
-      status=jnp.where(nonfinite, NONFINITE, SUCCESS),
       upper_history=history[0] if record_history else None,
       lower_history=history[1] if record_history else None,
   )
-  return BDASolution(y=y_final, info=info)
+  status_lib.raise_if_failed(status, throw=throw, where="bda.solve")
+  return BDASolution(y=as_y(y_final), info=info)
 
 
 def hypergradient(upper_fn: Objective, lower_fn: Objective, x, y0, *,
-                  return_info: bool = False, **kwargs):
+                  return_info: bool = False, throw: bool = False, **kwargs):
   """phi_K(x) = F(x, y_K(x)) and its gradient in x by reverse mode (eq. 9).
 
   Takes the keyword arguments of `solve`. Returns ``(value, grad)``, or
   ``(value, grad, solution)`` with ``return_info=True``; ``grad`` has the
-  structure of ``x``.
+  structure of ``x`` (``None`` at leaves that are not floating point, as
+  `equinox.filter_grad` returns). ``throw``: as in `solve`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import bda
+    >>> F = lambda x, y: 0.5 * jnp.sum((y - 1.0) ** 2)
+    >>> f = lambda x, y: 0.5 * jnp.sum((y - x) ** 2)    # y_K -> x
+    >>> value, grad = bda.hypergradient(F, f, jnp.array([3.0]), jnp.zeros(1),
+    ...                                 steps=50, upper_lr=0.5, lower_lr=0.5, alpha=0.0)
+    >>> round(float(value), 4), round(float(grad[0]), 4)
+    (2.0, 2.0)
   """
-  def phi(x):
-    solution = solve(upper_fn, lower_fn, x, y0, **kwargs)
+  variables.check("x", x)
+  x_dyn, x_rest = variables.partition(x)
+
+  def phi(xd):
+    solution = solve(upper_fn, lower_fn, variables.combine(xd, x_rest), y0, **kwargs)
     return solution.info.upper_value, solution  # F(x, y_K(x)), computed once
 
-  (value, solution), grad = jax.value_and_grad(phi, has_aux=True)(x)
+  (value, solution), grad = jax.value_and_grad(phi, has_aux=True)(x_dyn)
+  status_lib.raise_if_failed(solution.info.status, throw=throw, where="bda.hypergradient")
   if return_info:
     return value, grad, solution
   return value, grad
 
 
-def make_hypergradient(upper_fn: Objective, lower_fn: Objective, *,
-                       jit: bool = True, **kwargs):
-  """Builds the hypergradient function that `bilevel_jax.upper.optimize` takes.
+def make_hypergradient(upper_fn: Objective, lower_fn: Objective, *, jit: bool = True,
+                       **kwargs):
+  """Builds ``fn(x, y0) -> (value, grad, solution)`` for `bilevel_jax.upper.optimize`.
 
-  Returns ``fn(x, y0) -> (value, grad, y_K)``. The upper loop passes the same
-  y0 every time, or y_K of the previous upper step with ``warm_start=True``.
-  ``kwargs`` are those of `solve`.
+  ``solution.info.status`` tells the driver whether the lower iterations
+  stayed finite. The driver passes the same y0 every time, or y_K of the
+  previous upper step with ``warm_start=True``. ``kwargs`` are those of
+  `solve`; the builder is `bilevel_jax._src.hypergradient.make`.
   """
-
-  def fn(x, y0):
-    value, grad, solution = hypergradient(upper_fn, lower_fn, x, y0,
-                                          return_info=True, **kwargs)
-    return value, grad, solution.y
-
-  return jax.jit(fn) if jit else fn
+  return hypergradient_lib.make(hypergradient, upper_fn, lower_fn, jit=jit, **kwargs)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bilevel_jax._src import config
+from bilevel_jax._src import status as status_lib
 from bilevel_jax._src import unrolled
 from bilevel_jax._src import upper_loop
 from bilevel_jax._src.experiments import common
@@ -76,7 +77,7 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
           "y": [round(float(v), 6) for v in np.asarray(result.y)],
           **{key: hist[key][-1] for key, _ in METRICS},
           "ms_per_step": 1e3 * float(np.median(result.history["step_time"])),
-          "status": result.info.message,
+          "status": status_lib.status_message(result.info.status),
       })
 
   figures = {}

@@ -9,6 +9,7 @@ import numpy as np
 
 from bilevel_jax._src import config
 from bilevel_jax._src import datasets
+from bilevel_jax._src import status as status_lib
 from bilevel_jax._src import unrolled
 from bilevel_jax._src import upper_loop
 from bilevel_jax._src.experiments import common
@@ -135,7 +136,8 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
           "paper_acc": paper if paper is not None else "-",
           "f1": hist["f1"][-1], "val_loss": hist["value"][-1],
           "ms_per_upper_step": 1e3 * float(np.median(result.history["step_time"])),
-          "compile_s": result.info.compile_time, "status": result.info.message,
+          "compile_s": float(result.info.compile_time),
+          "status": status_lib.status_message(result.info.status),
       })
   if cfg["baselines"]["enabled"]:
     common.progress("[hypercleaning] baselines", quiet)

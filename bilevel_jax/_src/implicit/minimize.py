@@ -41,10 +41,11 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-SUCCESS = 0
-MAX_STEPS = 1
-NONFINITE = 2
-LINESEARCH_FAILED = 3
+from bilevel_jax._src.status import LINESEARCH_FAILED
+from bilevel_jax._src.status import MAX_STEPS
+from bilevel_jax._src.status import NONFINITE
+from bilevel_jax._src.status import SUCCESS
+
 SOLVERS = ("lbfgs", "gd", "newton")
 _RUNNING = -1
 _ARMIJO = 1e-4        # sufficient-decrease constant c1 (L-BFGS, Newton)

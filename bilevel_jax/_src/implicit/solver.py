@@ -29,7 +29,6 @@ O(|e|) error in (4), and (2) solved to relative residual r another O(r).
 """
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -37,42 +36,34 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from bilevel_jax._src import hypergradient as hypergradient_lib
+from bilevel_jax._src import implicit_diff
+from bilevel_jax._src import status as status_lib
 from bilevel_jax._src import validation
-from bilevel_jax._src.implicit import linear
+from bilevel_jax._src import variables
 from bilevel_jax._src.implicit import minimize
-from bilevel_jax._src.implicit.linear import LINEAR_SOLVERS
-from bilevel_jax._src.implicit.minimize import LINESEARCH_FAILED
-from bilevel_jax._src.implicit.minimize import MAX_STEPS
-from bilevel_jax._src.implicit.minimize import NONFINITE
 from bilevel_jax._src.implicit.minimize import SOLVERS
-from bilevel_jax._src.implicit.minimize import SUCCESS
-
-STATUS_MESSAGES = {
-    SUCCESS: "converged: |grad_y f| below tol",
-    MAX_STEPS: "max_steps reached before |grad_y f| fell below tol",
-    NONFINITE: "non-finite value, gradient or iterate of the lower objective",
-    LINESEARCH_FAILED: "the line search found no decrease; |grad_y f| above tol "
-                       "(tol below what rounding allows?)",
-}
+from bilevel_jax._src.implicit_diff import LINEAR_SOLVERS
 
 
 class ImplicitInfo(NamedTuple):
   """Diagnostics of the lower solve (and, from `hypergradient`, of (2)).
 
   Attributes:
-    steps: lower-solver iterations taken.
+    num_steps: lower-solver iterations taken.
+    status: SUCCESS, MAX_STEPS, NONFINITE or LINESEARCH_FAILED
+      (`bilevel_jax.Status`).
+    residual: ||grad_y f(x, y*)||_2, the quantity compared with ``tol``.
     value: f(x, y*) at the returned y*.
-    grad_norm: ||grad_y f(x, y*)||_2, the quantity compared with ``tol``.
-    status: SUCCESS, MAX_STEPS, NONFINITE or LINESEARCH_FAILED.
     linear_steps: CG iterations of the adjoint solve (2) (1 for the dense
       solve). Set by `hypergradient`; `solve` returns -1, because its
       adjoint solve runs later, in the backward pass.
     linear_residual: ||H v - y-bar||_2 / ||y-bar||_2 of (2); NaN from `solve`.
   """
-  steps: Any
-  value: Any
-  grad_norm: Any
+  num_steps: Any
   status: Any
+  residual: Any
+  value: Any
   linear_steps: Any
   linear_residual: Any
 
@@ -91,10 +82,12 @@ class _Options(NamedTuple):
 
 
 class _Prepared(NamedTuple):
-  fn: Callable      # closure-converted f(x, y_flat, *consts)
+  fn: Callable      # closure-converted f(x_dyn, y_flat, *consts)
   consts: tuple
-  y0: Any           # flat
-  unravel: Callable
+  x: Any            # differentiable part of x (None at the other leaves)
+  as_x: Callable    # x_dyn -> x
+  y0: Any           # flat differentiable part of y0
+  unravel: Callable  # flat vector -> y (with the non-differentiable leaves)
   options: _Options
 
 
@@ -105,45 +98,33 @@ def _lower(fn, options, x, consts, y0):
   """(y, info) of the lower solve; info's linear fields are placeholders."""
   y, steps, value, grad_norm, status = minimize.minimize(
       lambda yy: fn(x, yy, *consts), y0, options.lower)
-  info = ImplicitInfo(steps, value, grad_norm, status, jnp.array(-1, jnp.int32),
+  info = ImplicitInfo(steps, status, grad_norm, value, jnp.array(-1, jnp.int32),
                       jnp.full((), jnp.nan, y.dtype))
   return y, info
 
 
 def _adjoint(fn, options, x, consts, y, ct_y):
   """Solves (2) and returns (x-bar, consts-bar, linear steps, residual) of (3)."""
-  grad_y = lambda xx, yy, cc: jax.grad(fn, argnums=1)(xx, yy, *cc)
+  grad_y = lambda theta, yy: jax.grad(fn, argnums=1)(theta[0], yy, *theta[1])
   ct_y = jnp.asarray(ct_y, y.dtype)
-  if options.linear_solver == "dense":
-    hessian = jax.jacfwd(lambda yy: grad_y(x, yy, consts))(y)
-    v, steps, residual = linear.dense(hessian, ct_y)
-  else:
-    _, hvp = jax.linearize(lambda yy: grad_y(x, yy, consts), y)
-    v, steps, residual = linear.cg(hvp, ct_y, tol=options.linear_tol,
-                                   max_steps=options.linear_max_steps)
-  _, vjp = jax.vjp(lambda xx, cc: grad_y(xx, y, cc), x, consts)
-  ct_x, ct_consts = vjp(-v)
+  v, steps, residual = implicit_diff.symmetric_solve(
+      options.linear_solver, lambda yy: grad_y((x, consts), yy), y, ct_y,
+      tol=options.linear_tol, max_steps=options.linear_max_steps)
+  ct_x, ct_consts = implicit_diff.root_vjp(grad_y, (x, consts), y, v)
   return ct_x, ct_consts, steps, residual
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _solution(fn, options, x, consts, y0):
-  return _lower(fn, options, x, consts, y0)
+  """(y*, info), differentiable in (x, consts) by (2)-(3)."""
+  def solve(theta, start):
+    y, info = _lower(fn, options, theta[0], theta[1], start)
+    return (y, info), y
 
+  def adjoint(theta, y, cotangent):
+    ct_x, ct_consts, _, _ = _adjoint(fn, options, theta[0], theta[1], y, cotangent[0])
+    return ct_x, ct_consts
 
-def _solution_fwd(fn, options, x, consts, y0):
-  y, info = _lower(fn, options, x, consts, y0)
-  return (y, info), (x, consts, y, y0)
-
-
-def _solution_bwd(fn, options, residuals, cotangents):
-  x, consts, y, y0 = residuals
-  ct_y, _ = cotangents
-  ct_x, ct_consts, _, _ = _adjoint(fn, options, x, consts, y, ct_y)
-  return ct_x, ct_consts, jnp.zeros_like(y0)
-
-
-_solution.defvjp(_solution_fwd, _solution_bwd)
+  return implicit_diff.solution_map(solve, adjoint, (x, consts), y0)
 
 
 # ------------------------------------------------------------ validation
@@ -155,11 +136,15 @@ def _prepare(lower_fn, x, y0, solver, tol, max_steps, linear_solver, linear_tol,
     raise TypeError(f"`lower_fn` must be callable, got {type(lower_fn).__name__}.")
   validation.check_one_of("solver", solver, SOLVERS)
   validation.check_one_of("linear_solver", linear_solver, LINEAR_SOLVERS)
-  validation.check_float_leaves("x", x)
-  validation.check_float_leaves("y0", y0)
+  variables.check("x", x)
+  variables.check("y0", y0)
   max_steps = validation.check_positive_int("max_steps", max_steps)
   memory_size = validation.check_positive_int("memory_size", memory_size)
-  y0_flat, unravel = ravel_pytree(y0)
+  x_dyn, x_rest = variables.partition(x)
+  as_x = lambda xd: variables.combine(xd, x_rest)
+  y0_dyn, y_rest = variables.partition(y0)
+  y0_flat, unravel_dyn = ravel_pytree(y0_dyn)
+  unravel = lambda yf: variables.combine(unravel_dyn(yf), y_rest)
   dtype = y0_flat.dtype
   for name, value in (("tol", tol), ("linear_tol", linear_tol)):
     if value is not None:
@@ -180,22 +165,12 @@ def _prepare(lower_fn, x, y0, solver, tol, max_steps, linear_solver, linear_tol,
       raise ValueError(f"`stepsize` is used by solver='gd' only, got solver={solver!r}.")
     stepsize = float(stepsize)
 
-  f_flat = lambda xx, yy: lower_fn(xx, unravel(yy))
-  try:
-    out = jax.eval_shape(f_flat, x, y0_flat)
-  except Exception as err:  # re-raised with the arguments' names
-    raise ValueError(f"`lower_fn` failed when called on (x, y0); does `y0` have the "
-                     f"structure and shapes lower_fn expects for y? {err}") from err
-  if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
-    raise ValueError(f"`lower_fn` must return a scalar, got an output of shape "
-                     f"{getattr(out, 'shape', type(out).__name__)}.")
-  if not jnp.issubdtype(out.dtype, jnp.floating):
-    raise TypeError(f"`lower_fn` must return a floating-point scalar, got dtype {out.dtype}.")
-
-  fn, consts = jax.closure_convert(f_flat, x, y0_flat)
+  f_flat = lambda xd, yy: lower_fn(as_x(xd), unravel(yy))
+  validation.check_scalar_output("lower_fn", f_flat, x_dyn, y0_flat)
+  fn, consts = implicit_diff.closure_convert(f_flat, x_dyn, y0_flat)
   options = _Options(minimize.Options(solver, tol, max_steps, stepsize, memory_size),
                      linear_solver, linear_tol, linear_max_steps)
-  return _Prepared(fn, tuple(consts), y0_flat, unravel, options)
+  return _Prepared(fn, consts, x_dyn, as_x, y0_flat, unravel, options)
 
 
 # ------------------------------------------------------------------ public
@@ -204,14 +179,18 @@ def _prepare(lower_fn, x, y0, solver, tol, max_steps, linear_solver, linear_tol,
 def solve(lower_fn: Callable, x, y0, *, solver: str = "lbfgs", tol: Optional[float] = None,
           max_steps: int = 500, linear_solver: str = "cg",
           linear_tol: Optional[float] = None, linear_max_steps: Optional[int] = None,
-          stepsize: Optional[float] = None, memory_size: int = 10) -> ImplicitSolution:
+          stepsize: Optional[float] = None, memory_size: int = 10,
+          throw: bool = False) -> ImplicitSolution:
   """Minimizes y -> f(x, y); the minimizer is differentiable in x by (2)-(3).
 
   Args:
     lower_fn: f(x, y) -> scalar, smooth and strongly convex in y.
-    x: upper variable, any pytree of float arrays.
-    y0: starting point; fixes the structure, shapes and dtype of y (any
-      pytree of float arrays).
+    x: upper variable: any pytree with floating-point leaves (an Equinox
+      module too; its other leaves are carried along).
+    y0: starting point; fixes the structure, shapes and dtype of y: any
+      pytree with floating-point leaves, an Equinox module, or Flax NNX
+      state (``nnx.split(model)[1]``). Only the floating-point leaves are
+      solved for; integer, boolean and key leaves are carried along.
     solver: "lbfgs" (L-BFGS with Armijo backtracking), "gd" (gradient
       descent: fixed ``stepsize``, or Armijo backtracking) or "newton"
       (dense Hessian, Armijo backtracking; small y only). See
@@ -227,6 +206,8 @@ def solve(lower_fn: Callable, x, y0, *, solver: str = "lbfgs", tol: Optional[flo
     stepsize: the fixed step of solver="gd" (for example 1 / L with L the
       Lipschitz constant of grad_y f); None for backtracking.
     memory_size: pairs kept by L-BFGS.
+    throw: raise `bilevel_jax.SolverError` when ``info.status`` is not
+      SUCCESS (see `bilevel_jax.Status`); default False (status only).
 
   Returns:
     `ImplicitSolution(y, info)`. ``y`` has the structure of ``y0`` and is
@@ -248,19 +229,21 @@ def solve(lower_fn: Callable, x, y0, *, solver: str = "lbfgs", tol: Optional[flo
   p = _prepare(lower_fn, x, y0, solver, tol, max_steps, linear_solver, linear_tol,
                linear_max_steps, stepsize, memory_size)
   # One program even when called eagerly (inlined under an outer jit).
-  y, info = jax.jit(_solution, static_argnums=(0, 1))(p.fn, p.options, x, p.consts, p.y0)
+  y, info = jax.jit(_solution, static_argnums=(0, 1))(p.fn, p.options, p.x, p.consts, p.y0)
+  status_lib.raise_if_failed(info.status, throw=throw, where="implicit.solve")
   return ImplicitSolution(p.unravel(y), info)
 
 
 def hypergradient(upper_fn: Callable, lower_fn: Callable, x, y0, *,
-                  return_info: bool = False, **solve_kw):
+                  return_info: bool = False, throw: bool = False, **solve_kw):
   """phi(x) = F(x, y*(x)) and its gradient (4).
 
   Takes the keyword arguments of `solve`. The direct term grad_x F is
   included. Returns ``(value, grad)``, or ``(value, grad, solution)`` with
   ``return_info=True``, where ``solution.info`` also holds the steps and
   relative residual of the adjoint solve (2); ``grad`` has the structure of
-  ``x``.
+  ``x`` (``None`` at leaves that are not floating point). ``throw``: raise
+  `bilevel_jax.SolverError` when the lower solve did not succeed.
 
   Example:
     >>> import jax.numpy as jnp
@@ -274,17 +257,18 @@ def hypergradient(upper_fn: Callable, lower_fn: Callable, x, y0, *,
   if not callable(upper_fn):
     raise TypeError(f"`upper_fn` must be callable, got {type(upper_fn).__name__}.")
   p = _prepare(lower_fn, x, y0, **_solve_kwargs(solve_kw))
-  validation.check_scalar_output("upper_fn", upper_fn, x, y0)
+  upper = lambda xd, yy: upper_fn(p.as_x(xd), p.unravel(yy))
+  validation.check_scalar_output("upper_fn", upper, p.x, p.y0)
 
   @jax.jit  # one program even when called eagerly (inlined under an outer jit)
   def run(x, consts, y0):
     y, info = _lower(p.fn, p.options, x, consts, y0)
-    upper = lambda xx, yy: upper_fn(xx, p.unravel(yy))
     value, (grad_x, grad_y) = jax.value_and_grad(upper, argnums=(0, 1))(x, y)
     ct_x, _, steps, residual = _adjoint(p.fn, p.options, x, consts, y, grad_y)
     return value, jax.tree_util.tree_map(jnp.add, grad_x, ct_x), y, info, steps, residual
 
-  value, grad, y, info, steps, residual = run(x, p.consts, p.y0)
+  value, grad, y, info, steps, residual = run(p.x, p.consts, p.y0)
+  status_lib.raise_if_failed(info.status, throw=throw, where="implicit.hypergradient")
   if not return_info:
     return value, grad
   info = info._replace(linear_steps=steps, linear_residual=residual)
@@ -293,7 +277,7 @@ def hypergradient(upper_fn: Callable, lower_fn: Callable, x, y0, *,
 
 _SOLVE_DEFAULTS = {name: param.default for name, param in
                    inspect.signature(solve).parameters.items()
-                   if param.kind is inspect.Parameter.KEYWORD_ONLY}
+                   if param.kind is inspect.Parameter.KEYWORD_ONLY and name != "throw"}
 
 
 def _solve_kwargs(kwargs):
@@ -306,17 +290,12 @@ def _solve_kwargs(kwargs):
 
 def make_hypergradient(upper_fn: Callable, lower_fn: Callable, *, jit: bool = True,
                        **kwargs):
-  """Builds the hypergradient function that `bilevel_jax.upper.optimize` takes.
+  """Builds ``fn(x, y0) -> (value, grad, solution)`` for `bilevel_jax.upper.optimize`.
 
-  Returns ``fn(x, y0) -> (value, grad, y*)``; with ``warm_start=True`` the
-  driver passes the previous y* back as y0, so each lower solve starts
-  close. ``kwargs`` are those of `solve`.
+  ``solution.info`` carries the lower status and residual, which the driver
+  records every upper step; with ``warm_start=True`` the driver passes the
+  previous y* back as y0, so each lower solve starts close. ``kwargs`` are
+  those of `solve`; the builder is `bilevel_jax._src.hypergradient.make`.
   """
-  _solve_kwargs(kwargs)
-
-  def fn(x, y0):
-    value, grad, solution = hypergradient(upper_fn, lower_fn, x, y0, return_info=True,
-                                          **kwargs)
-    return value, grad, solution.y
-
-  return jax.jit(fn) if jit else fn
+  _solve_kwargs({k: v for k, v in kwargs.items() if k != "throw"})
+  return hypergradient_lib.make(hypergradient, upper_fn, lower_fn, jit=jit, **kwargs)

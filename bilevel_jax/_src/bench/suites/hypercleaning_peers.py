@@ -160,7 +160,8 @@ def make_step(problem: hc.HyperCleaning, method: str, K: int, *, lower_lr: float
                                         alpha_init=alpha_init, alpha_decay=alpha_decay)
 
   def step(x, opt_state, y0):
-    value, grad, y_K = hypergradient(x, y0)
+    value, grad, solution = hypergradient(x, y0)
+    y_K = solution.y
     updates, opt_state = optimizer.update(grad, opt_state, x)
     x_next = tree_ops.tree_cast_like(optax.apply_updates(x, updates), x)
     return x_next, opt_state, y_K, value

@@ -305,7 +305,7 @@ def _ours(problem, cfg, family, size):
     value, grad, sol = implicit.hypergradient(lambda xx, yy: problem.upper(xx, yy, data),
                                               lambda xx, yy: problem.lower(xx, yy, data), x,
                                               problem.y0, return_info=True, **kw)
-    return value, grad, sol.info.steps
+    return value, grad, sol.info.num_steps
 
   return run
 
