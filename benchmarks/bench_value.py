@@ -26,7 +26,7 @@ from jax.scipy.special import logsumexp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
-from bilevel_jax import smoothing, value  # noqa: E402
+from bilevel_jax import Status, smoothing, value  # noqa: E402
 from bilevel_jax._src import config  # noqa: E402
 from bilevel_jax._src.value import rules  # noqa: E402
 
@@ -114,13 +114,14 @@ def bench_quadratic(cfg):
     def g(x, y, mu):
       return 0.5 * jnp.sum((A @ y - b) ** 2) + x * smoothing.l1(y, mu, "chks")
 
-    fn = lambda x: value.quadratic(g, x, mu=q["mu"], y0=jnp.zeros(m), pass_mu=True)
+    fn = lambda x: value.quadratic(g, x, jnp.zeros(m), mu=q["mu"], pass_mu=True)
     vg = jax.value_and_grad(lambda x: fn(x).value)
     x = jnp.asarray(0.1)
     _, compile_s, stats = _timed(vg, x, repeats=q["repeats"])
     info = jax.jit(fn)(x).info
     row = {"dim_y": m, "compile_s": compile_s, "iterations": int(info.num_steps),
-           "residual": float(info.residual), "status": int(info.status), **stats}
+           "residual": float(info.residual), "status": int(info.status),
+           "status_name": Status(int(info.status)).name.lower(), **stats}
     rows.append(row)
     print(f"quadratic m={m:5d}: {1e3 * stats['median_s']:8.2f} ms, {row['iterations']} FISTA "
           f"iterations, residual {row['residual']:.1e} (compile {compile_s:.2f} s)", flush=True)

@@ -5,15 +5,12 @@
   solve_vfp          augmented Lagrangian on (VFP^mu_eps) for mu_k -> 0 (Prop. 2.13)
   consistency_check  distance of grad v_mu(x) to partial v(x_bar)        (Def. 2.6)
 
-See the modules under `bilevel_jax._src.value` for the formulas and the
-practical choices.
+Every entry point returns a ``*Solution`` whose ``info.status`` is a
+`bilevel_jax.Status` code and takes ``throw=``. See the modules under
+`bilevel_jax._src.value` for the formulas and the practical choices.
 """
-from bilevel_jax._src.value.common import INACCURATE
-from bilevel_jax._src.value.common import MAX_STEPS
-from bilevel_jax._src.value.common import NONFINITE
-from bilevel_jax._src.value.common import STATUS_MESSAGES
-from bilevel_jax._src.value.common import SUCCESS
-from bilevel_jax._src.value.consistency import ConsistencyResult
+from bilevel_jax._src.value.consistency import ConsistencyInfo
+from bilevel_jax._src.value.consistency import ConsistencySolution
 from bilevel_jax._src.value.consistency import consistency_check
 from bilevel_jax._src.value.consistency import distance_to_hull
 from bilevel_jax._src.value.entropic import EntropicInfo
@@ -28,8 +25,7 @@ from bilevel_jax._src.value.vfp import VFPSolution
 from bilevel_jax._src.value.vfp import geometric_mus
 from bilevel_jax._src.value.vfp import solve_vfp
 
-__all__ = ["ConsistencyResult", "EntropicInfo", "EntropicSolution", "INACCURATE",
-           "MAX_STEPS", "NONFINITE", "QuadraticInfo", "QuadraticSolution",
-           "STATUS_MESSAGES", "SUCCESS", "VFPInfo", "VFPSolution", "consistency_check",
-           "distance_to_hull", "entropic", "geometric_mus", "log_radius", "quadratic",
-           "solve_vfp"]
+__all__ = ["ConsistencyInfo", "ConsistencySolution", "EntropicInfo", "EntropicSolution",
+           "QuadraticInfo", "QuadraticSolution", "VFPInfo", "VFPSolution",
+           "consistency_check", "distance_to_hull", "entropic", "geometric_mus",
+           "log_radius", "quadratic", "solve_vfp"]

@@ -1,6 +1,8 @@
 """Entropic and quadratic value functions: closed forms, rates in mu,
 gradients (custom rules) against finite differences, gradient consistency,
-transformations, float32, status codes and bad input."""
+float32 at small mu, status codes, ``throw``, the shared FISTA and simplex
+projection, and bad input (jit/vmap/retrace: the contract test)."""
+import collections
 import functools
 
 import jax
@@ -9,10 +11,13 @@ import numpy as np
 import pytest
 from jax.scipy.special import erf
 
+from bilevel_jax import SolverError
+from bilevel_jax import Status
 from bilevel_jax import projections
 from bilevel_jax import smoothing
 from bilevel_jax import value
-from tests.helpers import TraceCounter, finite_difference_grad
+from bilevel_jax._src import fista
+from tests.helpers import finite_difference_grad
 
 BOX1 = (jnp.array([-1.0]), jnp.array([1.0]))
 BOX_PROJ = projections.box(-1.0, 1.0)
@@ -42,7 +47,8 @@ def test_entropic_bilinear_closed_form_and_gradient(x, mu):
   fn = jax.jit(lambda xx: value.entropic(bilinear, xx, mu=mu, box=BOX1, order=10, panels=64).value)
   sol = value.entropic(bilinear, x, mu=mu, box=BOX1, order=10, panels=64)
   np.testing.assert_allclose(float(sol.value), entropic_bilinear_exact(x, mu), rtol=1e-10, atol=1e-12)
-  assert int(sol.info.status) == value.SUCCESS and float(sol.info.integration_error) < 1e-8
+  assert int(sol.info.status) == Status.SUCCESS and float(sol.info.integration_error) < 1e-8
+  assert int(sol.info.num_steps) == 1
   grad = float(jax.grad(fn)(x))
   exact_fd = (entropic_bilinear_exact(x + 1e-6, mu) - entropic_bilinear_exact(x - 1e-6, mu)) / 2e-6
   np.testing.assert_allclose(grad, exact_fd, rtol=1e-6, atol=1e-8)
@@ -151,7 +157,7 @@ def test_quadratic_bilinear_is_huber(mu):
   xs = np.array([0.5, -0.3, 3e-3, 0.0, -5e-5])
 
   def solve(x):
-    sol = value.quadratic(bilinear, x, mu=mu, y0=jnp.zeros(1), projection=BOX_PROJ)
+    sol = value.quadratic(bilinear, x, jnp.zeros(1), mu=mu, projection=BOX_PROJ)
     return sol.value, sol.y[0], sol.info.status
 
   values, ys, status = jax.jit(jax.vmap(solve))(jnp.asarray(xs))
@@ -162,7 +168,7 @@ def test_quadratic_bilinear_is_huber(mu):
   assert gap.min() >= 0 and gap.max() <= mu / 2 + 1e-15
   np.testing.assert_allclose(ys, np.clip(-xs / mu, -1, 1), atol=1e-9)
   np.testing.assert_allclose(grads, np.clip(-xs / mu, -1, 1), atol=1e-9)
-  assert np.all(np.asarray(status) == value.SUCCESS)
+  assert np.all(np.asarray(status) == Status.SUCCESS)
 
 
 @pytest.fixture(scope="module")
@@ -181,13 +187,13 @@ def lasso():
 def test_quadratic_pytree_gradient_matches_finite_differences(lasso):
   x = {"l1": jnp.array(0.3), "box": jnp.array(0.8)}
   y0 = {"w": jnp.zeros(6)}
-  fn = jax.jit(lambda xx: value.quadratic(lasso, xx, mu=1e-2, y0=y0, pass_mu=True).value)
+  fn = jax.jit(lambda xx: value.quadratic(lasso, xx, y0, mu=1e-2, pass_mu=True).value)
   grad = jax.grad(fn)(x)
   flat = lambda a: fn({"l1": a[0], "box": a[1]})
   fd = finite_difference_grad(flat, jnp.array([0.3, 0.8]), eps=1e-5)
   np.testing.assert_allclose([grad["l1"], grad["box"]], fd, rtol=1e-6, atol=1e-8)
   # The derivative in mu: ||y*||^2 / 2 + d g_mu / d mu at y*.
-  vm = jax.jit(lambda m: value.quadratic(lasso, x, mu=m, y0=y0, pass_mu=True).value)
+  vm = jax.jit(lambda m: value.quadratic(lasso, x, y0, mu=m, pass_mu=True).value)
   np.testing.assert_allclose(float(jax.grad(vm)(1e-2)),
                              finite_difference_grad(lambda m: vm(m[0]), jnp.array([1e-2]), 1e-6)[0],
                              rtol=1e-5)
@@ -201,7 +207,7 @@ def test_quadratic_rate_on_nonsmooth_lasso():
   g = lambda xx, y, mu: 0.5 * (y[0] - b) ** 2 + xx * smoothing.abs(y[0], mu, "chks")
   gaps = []
   for mu in (1e-1, 1e-2, 1e-3, 1e-4):
-    sol = value.quadratic(g, x, mu=mu, y0=jnp.zeros(1), pass_mu=True)
+    sol = value.quadratic(g, x, jnp.zeros(1), mu=mu, pass_mu=True)
     gap = float(sol.value) - v
     assert 0 <= gap <= (2.0 * x + 0.5 * (b - x) ** 2) * mu + 1e-12
     gaps.append(gap)
@@ -223,6 +229,8 @@ def test_gradient_consistency_at_the_kink(method):
   fn = lambda x, mu: method(x, mu=mu)
   right = value.consistency_check(fn, 0.0, mus=mus, subdifferential=jnp.array([[-1.0], [1.0]]))
   assert float(jnp.max(right.distances)) < 1e-8
+  assert int(right.info.status) == Status.SUCCESS and int(right.info.num_steps) == 500
+  assert right.info.inner_statuses.shape == right.distances.shape
   estimated = value.consistency_check(fn, 0.0, mus=mus, reference_grad=jax.grad(lambda x: -jnp.abs(x)))
   assert estimated.estimated_from == "reference_grad"
   assert float(jnp.max(estimated.distances)) < 1e-8
@@ -237,26 +245,6 @@ def test_gradient_consistency_at_the_kink(method):
 
 
 @pytest.mark.parametrize("method", [ENTROPIC, QUADRATIC], ids=["entropic", "quadratic"])
-def test_vmap_over_x_and_mu_matches_loop_and_jit_does_not_retrace(method):
-  xs = jnp.array([-0.5, -1e-3, 0.0, 0.2, 0.9])
-  mus = jnp.array([1e-1, 1e-2, 1e-2, 1e-3, 1e-1])
-  fn = lambda x, mu: method(x, mu=mu).value
-  batched = jax.jit(jax.vmap(jax.value_and_grad(fn)))(xs, mus)
-  single = jax.jit(jax.value_and_grad(fn))
-  for i in range(xs.shape[0]):
-    v, g = single(xs[i], mus[i])
-    np.testing.assert_allclose(batched[0][i], v, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(batched[1][i], g, rtol=1e-10, atol=1e-12)
-  counter = TraceCounter(jax.value_and_grad(fn))
-  jitted = jax.jit(counter)
-  first = jitted(xs[0], mus[0])
-  second = jitted(xs[3], mus[3])
-  assert counter.count == 1
-  np.testing.assert_allclose(second[0], batched[0][3], rtol=1e-12)
-  np.testing.assert_allclose(first[1], batched[1][0], rtol=1e-10)
-
-
-@pytest.mark.parametrize("method", [ENTROPIC, QUADRATIC], ids=["entropic", "quadratic"])
 def test_float32_finite_at_small_mu(method):
   x = jnp.array([0.5, -0.2, 1e-5, 0.0], jnp.float32)
   kw = {"y0": jnp.zeros(1, jnp.float32)} if method is QUADRATIC else {}
@@ -268,15 +256,28 @@ def test_float32_finite_at_small_mu(method):
   np.testing.assert_allclose(grads[:2], -jnp.sign(x[:2]), atol=2e-2)
 
 
-def test_status_reports_runtime_problems(lasso):
+def test_status_and_throw_report_runtime_problems(lasso):
   # mu far below the node spacing: the estimate flags the rule as too coarse.
   sol = value.entropic(bilinear, 0.5, mu=1e-5, box=BOX1)
-  assert int(sol.info.status) == value.INACCURATE and float(sol.info.max_weight) > 0.9
-  q = value.quadratic(lasso, {"l1": 0.3, "box": 0.8}, mu=1e-3, y0={"w": jnp.zeros(6)},
-                      max_steps=3, pass_mu=True)
-  assert int(q.info.status) == value.MAX_STEPS and float(q.info.residual) > 1e-6
+  assert int(sol.info.status) == Status.INACCURATE and float(sol.info.max_weight) > 0.9
+  with pytest.raises(SolverError, match=r"`value.entropic` failed: INACCURATE \(4\)"):
+    value.entropic(bilinear, 0.5, mu=1e-5, box=BOX1, throw=True)
+  x, y0 = {"l1": 0.3, "box": 0.8}, {"w": jnp.zeros(6)}
+  q = value.quadratic(lasso, x, y0, mu=1e-3, max_steps=3, pass_mu=True)
+  assert int(q.info.status) == Status.MAX_STEPS and float(q.info.residual) > 1e-6
+  assert int(q.info.num_steps) == 3
   nan = value.entropic(lambda x, y: jnp.log(x - 1.0) * y[0], 0.5, mu=0.1, box=BOX1)
-  assert int(nan.info.status) == value.NONFINITE
+  assert int(nan.info.status) == Status.NONFINITE
+  # consistency_check passes the value function's failure on (here a stand-in
+  # solution that is INACCURATE for mu < 1e-3).
+  info = collections.namedtuple("Info", "status")
+  solution = collections.namedtuple("Solution", "value info")
+  fake = lambda x, mu: solution(-jnp.sqrt(x * x + mu * mu), info(jnp.where(mu < 1e-3, 4, 0)))
+  check = value.consistency_check(fake, 0.5, mus=jnp.array([1e-2, 1e-4]), num_directions=2,
+                                  subdifferential=jnp.array([[-1.0]]))
+  assert int(check.info.status) == Status.INNER_FAILED and int(check.info.inner_failures) == 3
+  assert int(check.info.inner_status) == Status.INACCURATE
+  np.testing.assert_array_equal(check.info.inner_statuses, [[0, 0, 0], [4, 4, 4]])
 
 
 def test_bad_input_names_the_argument():
@@ -284,7 +285,7 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="`mu` must be > 0"):
       value.entropic(bilinear, 0.5, mu=bad, box=BOX1)
     with pytest.raises(ValueError, match="`mu` must be > 0"):
-      value.quadratic(bilinear, 0.5, mu=bad, y0=jnp.zeros(1))
+      value.quadratic(bilinear, 0.5, jnp.zeros(1), mu=bad)
   with pytest.raises(ValueError, match=r"`box`: lower bound must be below .* lower\[1\]"):
     value.entropic(bilinear, 0.5, mu=0.1, box=(jnp.array([0.0, 1.0]), jnp.array([1.0, 1.0])))
   with pytest.raises(ValueError, match="`box`: lower bound"):
@@ -293,8 +294,42 @@ def test_bad_input_names_the_argument():
   with pytest.raises(ValueError, match="`g` must return a scalar"):
     value.entropic(vector_g, 0.5, mu=0.1, box=BOX1)
   with pytest.raises(ValueError, match="`g` must return a scalar"):
-    value.quadratic(vector_g, 0.5, mu=0.1, y0=jnp.zeros(1))
+    value.quadratic(vector_g, 0.5, jnp.zeros(1), mu=0.1)
+  with pytest.raises(TypeError, match="`x` must have floating-point leaves"):
+    value.quadratic(bilinear, jnp.array(1), jnp.zeros(1), mu=0.1)
+  with pytest.raises(TypeError, match="`y0` must have only floating-point leaves"):
+    value.quadratic(bilinear, 0.5, {"w": jnp.zeros(1), "n": jnp.array(3)}, mu=0.1)
+  with pytest.raises(TypeError, match="`throw` must be a bool"):
+    value.entropic(bilinear, 0.5, mu=0.1, box=BOX1, throw="yes")
   with pytest.raises(ValueError, match="`rule` must be one of"):
     value.entropic(bilinear, 0.5, mu=0.1, box=BOX1, rule="simpson")
   with pytest.raises(ValueError, match="`weights` must be > 0"):
     value.entropic(bilinear, 0.5, mu=0.1, points=jnp.zeros((2, 1)), weights=jnp.array([1.0, -1.0]))
+
+
+# ------------------------------------------------ the shared FISTA, projection, samplers
+def test_project_simplex_and_fista_options():
+  v = jnp.array([0.3, -1.2, 2.0, 0.5])
+  w = fista.project_simplex(v)
+  assert abs(float(jnp.sum(w)) - 1.0) < 1e-15 and bool(jnp.all(w >= 0))
+  # KKT of the projection: w = max(v - theta, 0) with one theta.
+  theta = v - w
+  np.testing.assert_allclose(theta[w > 0], theta[w > 0][0], atol=1e-15)
+  np.testing.assert_allclose(fista.project_simplex(v, total=2.0).sum(), 2.0, atol=1e-15)
+  # A box-constrained QP, min 1/2 x^T H x - b^T x on [0, 1]^3, three ways.
+  H = jnp.array([[4.0, 1.0, 0.0], [1.0, 3.0, 0.5], [0.0, 0.5, 2.0]])
+  b = jnp.array([1.0, 5.0, -1.0])
+  fun = lambda x: 0.5 * x @ H @ x - b @ x
+  proj = lambda x: jnp.clip(x, 0.0, 1.0)
+  x0 = jnp.zeros(3)
+  lip = float(jnp.linalg.eigvalsh(H)[-1])
+  # The shape of a dual FISTA: fixed step, gradient restart, own stopping quantity
+  # (backtracking with the gradient-mapping restart: value.quadratic and the doctest).
+  gap = lambda x: fista.gradient_mapping(jax.grad(fun), proj, x, lip)
+  state = fista.fista(proj, x0, grad=lambda x: H @ x - b, lipschitz=lip, tol=1e-12,
+                      max_steps=500, restart="gradient", residual=gap)
+  np.testing.assert_allclose(state.x, [0.0, 1.0, 0.0], atol=1e-10)
+  assert int(state.num_steps) < 500 and float(state.residual) <= 1e-12
+  with pytest.raises(ValueError, match="`restart` must be one of"):
+    fista.fista(proj, x0, fun=fun, lipschitz=lip, max_steps=3, restart="function")
+

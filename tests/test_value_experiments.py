@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from bilevel_jax import Status
 from bilevel_jax import cli
 
 TINY_VFP = "[vfp]\nmus = [1e-1, 1e-2]\ninner_steps = 20\nouter_steps = 2\nrepeats = 1\n"
@@ -30,9 +31,14 @@ def test_value_experiment_runs(tmp_path, capsys, name):
   rows = payload["rows"]
   vfp_rows = [r for r in rows if r["method"].startswith("VFP")]
   assert vfp_rows and all(r["compile_s"] > 0 and r["run_s"] > 0 for r in vfp_rows)
+  # The status column names the status (e.g. "not_stationary", "inner_failed (inaccurate)").
+  names = {s.name.lower() for s in Status}
+  assert all(r["status"].split(" ")[0].rstrip(",") in names for r in vfp_rows)
   for record in payload["per_mu"].values():
     assert record["mus"] == [0.1, 0.01] and len(record["lambdas"]) == 2
     assert all(lam >= 0 for lam in record["lambdas"])
+    assert len(record["inner_statuses"]) == 2 and record["kkt_tol"] > 0
+    assert record["status"].split(" ")[0] in names
   if name == "value_nonsmooth":
     assert set(payload["value_error"]) == {"mus", "entropic", "quadratic"}
   capsys.readouterr()

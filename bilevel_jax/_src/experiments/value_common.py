@@ -1,6 +1,12 @@
 """Pieces shared by the value-function experiments: the (VFP_eps) solver
 settings in a config, timing with compile time separated, and the per-mu_k
-report (multiplier lambda_k and KKT residual of (2.4))."""
+report (multiplier lambda_k, KKT residual of (2.4), inner status).
+
+A VFP run whose final KKT residual is above the default ``kkt_tol`` of
+`solve_vfp` reports ``not_stationary`` in the table's status column, and one
+whose value function failed at the final iterate of some mu_k
+``inner_failed (<inner status>)``: the table shows the status, it does not
+hide it."""
 from __future__ import annotations
 
 import statistics
@@ -11,6 +17,7 @@ import jax
 import numpy as np
 
 from bilevel_jax._src import config
+from bilevel_jax._src import status as status_lib
 from bilevel_jax._src.experiments import common
 from bilevel_jax._src.value import vfp
 
@@ -68,12 +75,27 @@ def solve(cfg_vfp: dict, upper, lower, value_fn, x0, y0, projection_x=None,
   return timed(run, x0, y0, repeats=cfg_vfp["repeats"])
 
 
+def status_label(status, inner_status=None) -> str:
+  """``"success"``, ``"not_stationary"``, ``"inner_failed (inaccurate)"``, ..."""
+  code = int(np.asarray(status))
+  try:
+    label = status_lib.Status(code).name.lower()
+  except ValueError:
+    label = f"status {code}"
+  if code == status_lib.INNER_FAILED and inner_status is not None:
+    label += f" ({status_label(inner_status)})"
+  return label
+
+
 def per_mu(info) -> dict:
-  """The per-mu_k record (lists) of a `VFPInfo`."""
+  """The per-mu_k record (lists) of a `VFPInfo`, with the final status."""
   keys = ("mus", "lambdas", "kkt_residual", "stationarity", "feasibility",
-          "complementarity", "constraint", "upper_value")
+          "complementarity", "constraint", "upper_value", "inner_statuses")
   out = {k: np.asarray(getattr(info, k)).tolist() for k in keys}
   out["x"] = np.asarray(info.xs).reshape(len(out["mus"]), -1).tolist()
+  out["status"] = status_label(info.status, info.inner_status)
+  out["kkt_tol"] = float(info.kkt_tol)
+  out["lambda_growing"] = bool(info.lambda_growing)
   return out
 
 
@@ -103,7 +125,8 @@ def vfp_row(method: str, sol, x_ref, compile_s: float, run_s: float, **extra) ->
   return {"method": method, "x": [round(float(v), 5) for v in x] if x.size > 1 else float(x[0]),
           "x_err": err, "lambda": float(sol.lam), "kkt": float(sol.info.kkt_residual[-1]),
           "compile_s": compile_s, "run_s": run_s,
-          "status": "success" if int(sol.info.status) == 0 else f"status {int(sol.info.status)}",
+          "status": status_label(sol.info.status, sol.info.inner_status)
+                    + (", lambda growing" if bool(sol.info.lambda_growing) else ""),
           **extra}
 
 
@@ -116,8 +139,9 @@ def bda_row(method: str, result, x_ref: float, upper) -> dict:
   return {"method": method, "x": float(result.x), "x_err": abs(float(result.x) - x_ref),
           "F": float(upper(result.x, result.y)),
           "y": [round(float(v), 5) for v in y] if y.size > 1 else float(y[0]),
-          "compile_s": result.info.compile_time,
-          "run_s": float(np.sum(result.history["step_time"])), "status": result.info.message}
+          "compile_s": float(result.info.compile_time),
+          "run_s": float(np.sum(result.history["step_time"])),
+          "status": status_label(result.info.status, result.info.inner_status)}
 
 
 def result(title: str, rows: list, records: dict, figure: str, notes: list,

@@ -70,7 +70,7 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
   value_fns = {
       "entropic": lambda x, mu: entropic.entropic(ex1.lower, x, mu=mu, box=box,
                                                   order=(ent["order"], 2), panels=(ent["panels"], 1)),
-      "quadratic": lambda x, mu: quadratic.quadratic(ex1.lower, x, mu=mu, y0=jnp.zeros(2),
+      "quadratic": lambda x, mu: quadratic.quadratic(ex1.lower, x, jnp.zeros(2), mu=mu,
                                                      projection=project_y),
   }
   bound = float(np.sqrt(2 * cfg["vfp"]["epsilon"]))

@@ -73,11 +73,11 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
     return 0.5 * jnp.sum((A_val @ y - b_val) ** 2) / A_val.shape[0]
 
   y_zero = jnp.zeros(m)
-  value_fn = lambda x, mu: quadratic.quadratic(lower, x, mu=mu, y0=y_zero, pass_mu=True)
+  value_fn = lambda x, mu: quadratic.quadratic(lower, x, y_zero, mu=mu, pass_mu=True)
 
   @jax.jit
   def val_loss(x):
-    y = quadratic.quadratic(lower, x, mu=p["reference_mu"], y0=y_zero, pass_mu=True,
+    y = quadratic.quadratic(lower, x, y_zero, mu=p["reference_mu"], pass_mu=True,
                             max_steps=20000).y
     return upper(x, y)
 

@@ -72,7 +72,7 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
   value_fns = {
       "entropic": lambda x, mu: entropic.entropic(lower, x, mu=mu, box=box, order=ent["order"],
                                                   panels=ent["panels"], pass_mu=True),
-      "quadratic": lambda x, mu: quadratic.quadratic(lower, x, mu=mu, y0=jnp.zeros(m),
+      "quadratic": lambda x, mu: quadratic.quadratic(lower, x, jnp.zeros(m), mu=mu,
                                                      projection=project_y, pass_mu=True),
   }
   # |v_mu(x_true) - v(x_true)| against mu.

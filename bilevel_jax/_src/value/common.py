@@ -1,9 +1,10 @@
-"""Status codes, argument checks and closure handling shared by the value
-functions.
+"""Argument checks, closure handling and inner-status helpers shared by the
+value functions.
 
 The lower objective is called ``g(x, y)``, or ``g(x, y, mu)`` with
 ``pass_mu=True`` so that a smoothing family g_mu (Definition 2.5) can depend on
-the same mu that is vmapped or differentiated over.
+the same mu that is vmapped or differentiated over.  Status codes are those of
+`bilevel_jax.Status` (`bilevel_jax._src.status`).
 """
 from __future__ import annotations
 
@@ -11,26 +12,17 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from bilevel_jax._src import implicit_diff
+from bilevel_jax._src import status as status_lib
 from bilevel_jax._src import validation
-
-SUCCESS = 0
-NONFINITE = 1
-MAX_STEPS = 2
-INACCURATE = 3
-STATUS_MESSAGES = {
-    SUCCESS: "success",
-    NONFINITE: "non-finite value or gradient",
-    MAX_STEPS: "max_steps reached before the tolerance",
-    INACCURATE: "integration-error estimate above tol",
-}
+from bilevel_jax._src import variables
 
 
-def lower_fn(g: Callable, pass_mu: bool) -> Callable:
+def lower_fn(g: Callable, pass_mu: bool, name: str = "g") -> Callable:
   """Returns ``g3(x, y, mu)`` whatever the user's signature."""
   if not callable(g):
-    raise TypeError(f"`g` must be callable, got {type(g).__name__}.")
+    raise TypeError(f"`{name}` must be callable, got {type(g).__name__}.")
   if pass_mu:
     return g
   return lambda x, y, mu: g(x, y)
@@ -45,18 +37,30 @@ def check_mu(mu) -> None:
                      f"shape {concrete.shape}.")
 
 
+def check_variable(name: str, tree) -> None:
+  """`variables.check`, and no integer, boolean or key leaves: the value
+  functions ravel, project and optimize every leaf of x and y."""
+  variables.check(name, tree)
+  if variables.has_rest(tree):
+    kinds = sorted({str(getattr(leaf, "dtype", type(leaf).__name__))
+                    for leaf in jax.tree_util.tree_leaves(tree)
+                    if not variables.is_differentiable(leaf)})
+    raise TypeError(f"`{name}` must have only floating-point leaves, got leaves of kind "
+                    f"{kinds}; pass the floating-point part and close over the rest.")
+
+
 def check_g(g3: Callable, x, y, mu) -> None:
-  validation.check_float_leaves("x", x)
+  check_variable("x", x)
   validation.check_scalar_output("g", g3, x, y, mu)
 
 
 def convert(g3: Callable, x, y, mu):
-  """Closure-converts ``g3`` so that arrays it closes over become explicit
-  inputs of the custom derivative rules (their cotangents are then exact
-  too). Returns ``(gp, consts)`` with ``gp((x, consts), y, mu) = g3(x, y, mu)``.
+  """Closure-converts ``g3`` (`implicit_diff.closure_convert`) so that arrays
+  it closes over become explicit inputs of the custom derivative rules (their
+  cotangents are then exact too). Returns ``(gp, consts)`` with
+  ``gp((x, consts), y, mu) = g3(x, y, mu)``.
   """
-  converted, consts = jax.closure_convert(g3, x, y, mu)
-  consts = tuple(consts)
+  converted, consts = implicit_diff.closure_convert(g3, x, y, mu)
 
   def gp(p, yy, m):
     xx, cs = p
@@ -66,8 +70,7 @@ def convert(g3: Callable, x, y, mu):
 
 
 def floating_dtype(x) -> Any:
-  leaves = jax.tree_util.tree_leaves(x)
-  return jnp.result_type(*leaves)
+  return variables.dtype_of(x)
 
 
 def as_scalar(mu, dtype):
@@ -79,5 +82,10 @@ def value_of(out):
   return out.value if hasattr(out, "value") else out
 
 
-def status_message(status) -> str:
-  return STATUS_MESSAGES.get(int(np.asarray(status)), "unknown")
+def status_of(out):
+  """``info.status`` of a value function's solution; SUCCESS for a bare value."""
+  info = getattr(out, "info", None)
+  status = getattr(info, "status", None)
+  if status is None:
+    return jnp.asarray(status_lib.SUCCESS, jnp.int32)
+  return jnp.asarray(status, jnp.int32)

@@ -22,22 +22,53 @@ Practical choices (ours):
   radius of 10 sample_radius (a weaker, self-referential estimate, flagged by
   ``estimated_from = "smallest mu"``).
 * dist(xi, conv G) = min_{w in simplex} ||G^T w - xi|| is computed by 500
-  accelerated projected-gradient steps on the simplex weights.
+  accelerated projected-gradient steps on the simplex weights (the library's
+  one FISTA, `bilevel_jax._src.fista`, with the fixed step 1/||G||_2^2 and no
+  restart).
+* The gradients are those of ``value_fn``'s own derivative rule; when it
+  returns a solution (`entropic`, `quadratic`), its ``info.status`` at each
+  sample point is recorded and passed on (``info.inner_status``): a distance
+  computed from an inaccurate value function is not evidence either way.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from bilevel_jax._src import fista as fista_lib
+from bilevel_jax._src import sampling
+from bilevel_jax._src import status as status_lib
 from bilevel_jax._src import validation
 from bilevel_jax._src.value import common
 
 
-class ConsistencyResult(NamedTuple):
+class ConsistencyInfo(NamedTuple):
+  """Diagnostics of `consistency_check` (all arrays).
+
+  Attributes:
+    num_steps: FISTA steps of each distance computation (the fixed ``steps``).
+    status: NONFINITE when a gradient or a distance is not finite, else
+      INNER_FAILED when ``value_fn`` reported a failure at a sample point,
+      else SUCCESS (`bilevel_jax.Status`). Whether the distances go to zero
+      is the user's verdict (``max_distance``), not a status.
+    inner_status: the first non-SUCCESS status of ``value_fn`` over the
+      sample points (row-major over (mu_k, j), then the reference points when
+      the generators come from the smallest mu), SUCCESS otherwise.
+    inner_failures: number of gradient evaluations whose status failed.
+    inner_statuses: (K, J) the status of ``value_fn`` at each sample point
+      (SUCCESS where it returns a bare value).
+  """
+  num_steps: jax.Array
+  status: jax.Array
+  inner_status: jax.Array
+  inner_failures: jax.Array
+  inner_statuses: jax.Array
+
+
+class ConsistencySolution(NamedTuple):
   """Attributes (K = len(mus), J = num_directions + 1, n = size of x):
 
     mus, radii: (K,) the schedules.
@@ -46,7 +77,9 @@ class ConsistencyResult(NamedTuple):
     gradients: (K, J, n) the gradients grad v_mu_k(x_kj) (x flattened).
     points: (K, J, n) the sample points.
     generators: (p, n) the rows G whose convex hull is partial v(x_bar).
-    estimated_from: "user", "reference_grad" or "smallest mu".
+    estimated_from: "user", "reference_grad" or "smallest mu" (a str: this
+      diagnostic runs eagerly, it is not a jit-compiled entry point).
+    info: `ConsistencyInfo`.
   """
   mus: jax.Array
   radii: jax.Array
@@ -56,53 +89,48 @@ class ConsistencyResult(NamedTuple):
   points: jax.Array
   generators: jax.Array
   estimated_from: str
-
-
-def _project_simplex(w):
-  """Euclidean projection onto {w >= 0, sum w = 1} (sort-based)."""
-  n = w.shape[-1]
-  u = jnp.sort(w)[::-1]
-  css = jnp.cumsum(u) - 1.0
-  idx = jnp.arange(1, n + 1, dtype=w.dtype)
-  cond = u - css / idx > 0
-  rho = jnp.sum(cond)
-  theta = css[rho - 1] / rho.astype(w.dtype)
-  return jnp.maximum(w - theta, 0.0)
+  info: ConsistencyInfo
 
 
 def distance_to_hull(xi, generators, steps: int = 500):
-  """min_{w in simplex} ||generators^T w - xi|| (FISTA on w)."""
+  """min_{w in simplex} ||generators^T w - xi|| (``steps`` FISTA steps on w).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import value
+    >>> float(value.distance_to_hull(jnp.array([2.0]), jnp.array([[-1.0], [1.0]])))
+    1.0
+  """
+  steps = validation.check_positive_int("steps", steps)
   gen = generators
   lip = jnp.maximum(jnp.linalg.norm(gen, 2) ** 2, jnp.finfo(gen.dtype).tiny)
   w0 = jnp.full(gen.shape[0], 1.0 / gen.shape[0], gen.dtype)
-
-  def step(carry, _):
-    w, z, t = carry
-    grad = gen @ (gen.T @ z - xi)
-    w_new = _project_simplex(z - grad / lip)
-    t_new = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
-    z_new = w_new + ((t - 1.0) / t_new) * (w_new - w)
-    return (w_new, z_new, t_new), None
-
-  (w, _, _), _ = jax.lax.scan(step, (w0, w0, jnp.ones((), gen.dtype)), None, length=steps)
-  return jnp.linalg.norm(gen.T @ w - xi)
+  state = fista_lib.fista(fista_lib.project_simplex, w0,
+                          grad=lambda z: gen @ (gen.T @ z - xi), lipschitz=lip,
+                          max_steps=steps, tol=None, restart=None)
+  return jnp.linalg.norm(gen.T @ state.x - xi)
 
 
-def _sphere(key, count, n, dtype):
-  u = jax.random.normal(key, (count, n), dtype)
-  return u / jnp.linalg.norm(u, axis=1, keepdims=True)
+def _first_failure(statuses):
+  """First non-SUCCESS entry (row-major) of an int array, SUCCESS if none."""
+  flat = jnp.ravel(statuses)
+  failed = flat != status_lib.SUCCESS
+  return jnp.where(jnp.any(failed), flat[jnp.argmax(failed)],
+                   status_lib.SUCCESS).astype(jnp.int32)
 
 
 def consistency_check(value_fn: Callable, x_bar, *, mus, radii=None,
                       num_directions: int = 8, subdifferential=None,
                       reference_grad: Optional[Callable] = None,
                       sample_radius: float = 1e-6, num_reference: int = 64,
-                      key=None) -> ConsistencyResult:
+                      key=None, steps: int = 500,
+                      throw: bool = False) -> ConsistencySolution:
   """Distances of grad v_mu(x) to partial v(x_bar) as x -> x_bar, mu -> 0.
 
   Args:
-    value_fn: (x, mu) -> v_mu(x) (or a solution with ``.value``); it is
-      differentiated with `jax.grad`, so its custom rule is what is checked.
+    value_fn: (x, mu) -> v_mu(x) (or a solution with ``.value`` and
+      ``.info.status``); it is differentiated with `jax.grad`, so its custom
+      rule is what is checked.
     x_bar: the point (pytree of float arrays).
     mus: decreasing smoothing parameters.
     radii: distances r_k of the sample points from x_bar (default mus).
@@ -114,15 +142,29 @@ def consistency_check(value_fn: Callable, x_bar, *, mus, radii=None,
     sample_radius: radius of the points used for that estimate.
     num_reference: number of such points.
     key: PRNG key (default PRNGKey(0)).
+    steps: FISTA steps of each distance to the hull (`distance_to_hull`).
+    throw: raise `SolverError` when the status is not SUCCESS (see
+      `bilevel_jax.Status`).
 
   Returns:
-    `ConsistencyResult`.
+    `ConsistencySolution`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import value
+    >>> # v(x) = -|x|, partial v(0) = [-1, 1]; v_mu(x) = -sqrt(x^2 + mu^2).
+    >>> fn = lambda x, mu: -jnp.sqrt(x * x + mu * mu)
+    >>> sol = value.consistency_check(fn, 0.0, mus=jnp.array([1e-1, 1e-2]),
+    ...                               subdifferential=jnp.array([[-1.0], [1.0]]))
+    >>> float(jnp.max(sol.distances)) < 1e-8, int(sol.info.status)
+    (True, 0)
   """
   if not callable(value_fn):
     raise TypeError(f"`value_fn` must be callable, got {type(value_fn).__name__}.")
-  validation.check_float_leaves("x_bar", x_bar)
+  common.check_variable("x_bar", x_bar)
   num_directions = validation.check_positive_int("num_directions", num_directions)
   num_reference = validation.check_positive_int("num_reference", num_reference)
+  steps = validation.check_positive_int("steps", steps)
   validation.check_positive("mus", mus)
   validation.check_positive("sample_radius", sample_radius)
   flat_bar, unravel = ravel_pytree(x_bar)
@@ -138,13 +180,25 @@ def consistency_check(value_fn: Callable, x_bar, *, mus, radii=None,
     fn = lambda fx: common.as_scalar(common.value_of(value_fn(unravel(fx), mu)), dtype)
     return jax.grad(fn)(flat_x)
 
-  dirs = _sphere(k_dir, mus.shape[0] * num_directions, n, dtype).reshape(
+  # The statuses in a forward pass (and a program) of their own: taking them
+  # from the gradient pass (has_aux) or compiling both into one program
+  # changes XLA's fusion and the gradients by rounding.
+  status_v = lambda flat_x, mu: common.status_of(value_fn(unravel(flat_x), mu))
+  per_point = lambda fn: jax.jit(jax.vmap(lambda pts, mu: jax.vmap(lambda p: fn(p, mu))(pts)))
+
+  dirs = sampling.sphere(k_dir, mus.shape[0] * num_directions, n, dtype).reshape(
       mus.shape[0], num_directions, n)
   dirs = jnp.concatenate([jnp.zeros((mus.shape[0], 1, n), dtype), dirs], axis=1)
   points = flat_bar[None, None] + radii[:, None, None] * dirs
   # One compiled program per call (value_fn and the sizes are fixed here).
-  grads = jax.jit(jax.vmap(lambda pts, mu: jax.vmap(lambda p: grad_v(p, mu))(pts)))(
-      points, mus)
+  grads = per_point(grad_v)(points, mus)
+  example = jax.eval_shape(lambda p, m: value_fn(unravel(p), m), flat_bar, mus[0])
+  has_status = getattr(getattr(example, "info", None), "status", None) is not None
+  if has_status:
+    statuses = per_point(status_v)(points, mus)
+  else:  # a bare value: nothing to pass on
+    statuses = jnp.full(points.shape[:2], status_lib.SUCCESS, jnp.int32)
+  all_statuses = [jnp.ravel(statuses)]
 
   if subdifferential is not None:
     gens = jnp.asarray(subdifferential, dtype)
@@ -154,17 +208,32 @@ def consistency_check(value_fn: Callable, x_bar, *, mus, radii=None,
       raise ValueError(f"`subdifferential` must have shape (p, {n}), got {gens.shape}.")
     source = "user"
   else:
-    ref_points = flat_bar[None] + sample_radius * _sphere(k_ref, num_reference, n, dtype)
+    ref_points = flat_bar[None] + sample_radius * sampling.sphere(k_ref, num_reference, n, dtype)
     if reference_grad is not None:
       gens = jax.vmap(lambda p: ravel_pytree(reference_grad(unravel(p)))[0])(ref_points)
       source = "reference_grad"
     else:
-      ref_points = flat_bar[None] + 10 * sample_radius * _sphere(k_ref, num_reference, n, dtype)
+      ref_points = flat_bar[None] + 10 * sample_radius * sampling.sphere(
+          k_ref, num_reference, n, dtype)
       gens = jax.jit(jax.vmap(lambda p: grad_v(p, mus[-1])))(ref_points)
+      if has_status:
+        all_statuses.append(jax.jit(jax.vmap(lambda p: status_v(p, mus[-1])))(ref_points))
       source = "smallest mu"
     gens = gens.astype(dtype)
-  dist = jax.jit(jax.vmap(jax.vmap(distance_to_hull, in_axes=(0, None)), in_axes=(0, None)))(
-      grads, gens)
-  return ConsistencyResult(mus=mus, radii=radii, distances=dist,
-                           max_distance=jnp.max(dist, axis=1), gradients=grads,
-                           points=points, generators=gens, estimated_from=source)
+  dist = jax.jit(jax.vmap(jax.vmap(lambda xi, g: distance_to_hull(xi, g, steps),
+                                   in_axes=(0, None)), in_axes=(0, None)))(grads, gens)
+  all_statuses = jnp.concatenate(all_statuses)
+  inner_status = _first_failure(all_statuses)
+  finite = (jnp.all(jnp.isfinite(dist)) & jnp.all(jnp.isfinite(grads))
+            & jnp.all(jnp.isfinite(gens)))
+  own = jnp.where(finite, status_lib.SUCCESS, status_lib.NONFINITE)
+  info = ConsistencyInfo(
+      num_steps=jnp.asarray(steps, jnp.int32),
+      status=status_lib.with_inner(own, inner_status), inner_status=inner_status,
+      inner_failures=jnp.sum(all_statuses != status_lib.SUCCESS).astype(jnp.int32),
+      inner_statuses=statuses)
+  status_lib.raise_if_failed(info.status, throw=throw, where="value.consistency_check")
+  return ConsistencySolution(mus=mus, radii=radii, distances=dist,
+                             max_distance=jnp.max(dist, axis=1), gradients=grads,
+                             points=points, generators=gens, estimated_from=source,
+                             info=info)

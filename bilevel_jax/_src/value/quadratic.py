@@ -10,26 +10,29 @@ continuous (Lemma 3.1) and v_mu is C^1 with (Proposition 3.4)
 
 Practical choices (ours):
 
-* The inner problem is mu-strongly convex; it is solved by FISTA (accelerated
-  projected gradient) in a `lax.while_loop` with backtracking on the
-  Lipschitz estimate L (doubling until the sufficient-decrease test holds,
-  starting from a secant estimate at y0) and the gradient-based adaptive
-  restart of O'Donoghue and Candes (2015). It stops when the gradient-mapping
-  norm L ||z - P_Y(z - grad/L)|| at the extrapolated point is <= ``tol`` or
-  after ``max_steps`` iterations; ``info.residual`` is the gradient mapping
-  at the returned y. Since g~ is mu-strongly convex, ||y - S_mu(x)|| <=
-  residual / mu: small mu needs a smaller tol for the same accuracy in y.
-* The gradient is attached with `jax.custom_vjp`: the backward pass is one
-  VJP of (x, mu) -> g_mu(x, y*) + mu/2 ||y*||^2 at the solver's y*, which is
-  the only residual stored. The solver iterations are never differentiated.
-  d v_mu / d mu = ||y*||^2 / 2 (+ d g_mu / d mu with ``pass_mu``).
+* The inner problem is mu-strongly convex; it is solved by FISTA
+  (`bilevel_jax._src.fista`: accelerated projected gradient) in a
+  `lax.while_loop` with backtracking on the Lipschitz estimate L (doubling
+  until the sufficient-decrease test holds, starting from a secant estimate at
+  y0) and the gradient-mapping adaptive restart of O'Donoghue and Candes
+  (2015). It stops when the gradient-mapping norm L ||z - P_Y(z - grad/L)|| at
+  the extrapolated point is <= ``tol`` or after ``max_steps`` iterations;
+  ``info.residual`` is the gradient mapping at the returned y. Since g~ is
+  mu-strongly convex, ||y - S_mu(x)|| <= residual / mu: small mu needs a
+  smaller tol for the same accuracy in y.
+* The gradient is attached by `implicit_diff.solution_map` (the library's one
+  custom rule) with theta = (x, the arrays g closes over, mu): the adjoint is
+  one VJP of theta -> g_mu(x, y*) + mu/2 ||y*||^2 at the solver's y*, the only
+  residual stored (Danskin; Prop. 3.4), so no linear solve is needed. The
+  solver iterations are never differentiated. d v_mu / d mu = ||y*||^2 / 2
+  (+ d g_mu / d mu with ``pass_mu``). y0, the initial Lipschitz estimate and
+  arrays the projection closes over get zero cotangents.
 * ``y`` (S_mu(x)) is returned as a constant for differentiation
   (`lax.stop_gradient`): differentiating S_mu would need second derivatives
   of g_mu, which Proposition 3.4 avoids.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -37,6 +40,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from bilevel_jax._src import fista as fista_lib
+from bilevel_jax._src import implicit_diff
+from bilevel_jax._src import status as status_lib
 from bilevel_jax._src import validation
 from bilevel_jax._src.value import common
 
@@ -46,16 +52,17 @@ class QuadraticInfo(NamedTuple):
 
   Attributes:
     num_steps: FISTA iterations run.
+    status: SUCCESS, MAX_STEPS (residual > 10 tol after ``max_steps``) or
+      NONFINITE (`bilevel_jax.Status`).
     residual: gradient-mapping norm at the returned y (0 at S_mu(x)).
     lipschitz: final Lipschitz estimate L of grad_y g~_mu.
     restarts: number of momentum restarts.
-    status: SUCCESS, MAX_STEPS or NONFINITE.
   """
   num_steps: jax.Array
+  status: jax.Array
   residual: jax.Array
   lipschitz: jax.Array
   restarts: jax.Array
-  status: jax.Array
 
 
 class QuadraticSolution(NamedTuple):
@@ -63,61 +70,6 @@ class QuadraticSolution(NamedTuple):
   value: jax.Array
   y: Any
   info: QuadraticInfo
-
-
-class _State(NamedTuple):
-  y: jax.Array
-  z: jax.Array
-  t: jax.Array
-  lip: jax.Array
-  k: jax.Array
-  res: jax.Array
-  restarts: jax.Array
-
-
-def _fista(h, project, y0, lip0, tol, max_steps, max_backtracks=40):
-  """Minimizes h over {P(y)} from y0 (flat vectors). Returns (state, grad fn)."""
-  grad_h = jax.grad(h)
-  value_and_grad = jax.value_and_grad(h)
-
-  def prox_step(z, hz, gz, lip):
-    def cond(c):
-      lip, y_new, j = c
-      d = y_new - z
-      ok = h(y_new) <= hz + jnp.vdot(gz, d) + 0.5 * lip * jnp.vdot(d, d) + 1e-12 * jnp.abs(hz)
-      return jnp.logical_and(~ok, j < max_backtracks)
-
-    def body(c):
-      lip, _, j = c
-      lip = 2.0 * lip
-      return lip, project(z - gz / lip), j + 1
-
-    lip, y_new, _ = lax.while_loop(cond, body, (lip, project(z - gz / lip), 0))
-    return lip, y_new
-
-  def cond(s):
-    return jnp.logical_and(s.k < max_steps, ~(s.res <= tol))
-
-  def body(s):
-    hz, gz = value_and_grad(s.z)
-    lip, y_new = prox_step(s.z, hz, gz, s.lip)
-    res = lip * jnp.linalg.norm(s.z - y_new)
-    restart = jnp.vdot(s.z - y_new, y_new - s.y) > 0
-    t_new = jnp.where(restart, 1.0, 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * s.t * s.t)))
-    beta = jnp.where(restart, 0.0, (s.t - 1.0) / t_new)
-    z_new = y_new + beta * (y_new - s.y)
-    return _State(y_new, z_new, t_new.astype(s.t.dtype), lip, s.k + 1, res.astype(s.res.dtype),
-                  s.restarts + restart.astype(s.restarts.dtype))
-
-  dtype = y0.dtype
-  y0 = project(y0)
-  inf = jnp.asarray(jnp.inf, dtype)
-  state = _State(y0, y0, jnp.ones((), dtype), lip0, jnp.zeros((), jnp.int32), inf,
-                 jnp.zeros((), jnp.int32))
-  state = lax.while_loop(cond, body, state)
-  g_final = grad_h(state.y)
-  final_res = state.lip * jnp.linalg.norm(state.y - project(state.y - g_final / state.lip))
-  return state, final_res
 
 
 def _initial_lipschitz(grad_h, y0, mu):
@@ -128,9 +80,10 @@ def _initial_lipschitz(grad_h, y0, mu):
   return jnp.maximum(est, mu)
 
 
-def quadratic(g: Callable, x, *, mu, y0, projection: Optional[Callable] = None,
+def quadratic(g: Callable, x, y0, *, mu, projection: Optional[Callable] = None,
               tol: Optional[float] = None, max_steps: int = 2000,
-              lipschitz=None, pass_mu: bool = False) -> QuadraticSolution:
+              lipschitz=None, pass_mu: bool = False,
+              throw: bool = False) -> QuadraticSolution:
   """Quadratic-regularization value function v_mu(x) of (3.2).
 
   Args:
@@ -138,32 +91,39 @@ def quadratic(g: Callable, x, *, mu, y0, projection: Optional[Callable] = None,
       (a smoothing of a nonsmooth g, e.g. from `bilevel_jax.smoothing`).
       With ``pass_mu=True`` it is called as g(x, y, mu).
     x: upper variable (pytree of float arrays).
+    y0: initial y (pytree of float arrays); also fixes the structure of y.
     mu: > 0; both the weight of mu/2 ||y||^2 and the value passed to g.
-    y0: initial y (pytree); also fixes the structure of y.
-    projection: P_Y acting on y's pytree (default: Y = R^m).
+    projection: P_Y acting on y's pytree (default: Y = R^m). Y is treated
+      as fixed: differentiating through arrays it closes over is an error.
     tol: gradient-mapping tolerance (default 1e-9 in float64, 1e-4 in float32).
     max_steps: FISTA iteration cap (static).
     lipschitz: initial Lipschitz estimate of grad_y g~_mu (default: secant).
     pass_mu: call g(x, y, mu).
+    throw: raise `SolverError` when the status is not SUCCESS (see
+      `bilevel_jax.Status`).
 
   Returns:
-    `QuadraticSolution`: ``value`` (custom VJP by Prop. 3.4), ``y`` = S_mu(x)
-    (not differentiated) and ``info``.
+    `QuadraticSolution`: ``value`` (differentiable in x, mu and arrays g
+    closes over, by Prop. 3.4), ``y`` = S_mu(x) (not differentiated) and
+    ``info`` (`QuadraticInfo`).
 
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from bilevel_jax import value, projections
     >>> g = lambda x, y: x * y[0]   # v(x) = -|x| on Y = [-1, 1]
-    >>> sol = value.quadratic(g, 0.5, mu=1e-2, y0=jnp.zeros(1),
+    >>> sol = value.quadratic(g, 0.5, jnp.zeros(1), mu=1e-2,
     ...                       projection=projections.box(-1.0, 1.0))
-    >>> round(float(sol.value), 6), float(sol.y[0])  # -|x| + mu/2, y = -1
-    (-0.495, -1.0)
+    >>> round(float(sol.value), 6), float(sol.y[0]), int(sol.info.status)  # -|x| + mu/2, y = -1
+    (-0.495, -1.0, 0)
+    >>> round(float(jax.grad(lambda x: value.quadratic(g, x, jnp.zeros(1), mu=1e-2,
+    ...     projection=projections.box(-1.0, 1.0)).value)(0.5)), 6)  # grad v_mu = S_mu(x)
+    -1.0
   """
   g3 = common.lower_fn(g, pass_mu)
   common.check_mu(mu)
   max_steps = validation.check_positive_int("max_steps", max_steps)
-  validation.check_float_leaves("x", x)
-  validation.check_float_leaves("y0", y0)
+  common.check_variable("x", x)
+  common.check_variable("y0", y0)
   project_tree = projection if projection is not None else (lambda y: y)
   if not callable(project_tree):
     raise TypeError(f"`projection` must be callable, got {type(projection).__name__}.")
@@ -180,52 +140,40 @@ def quadratic(g: Callable, x, *, mu, y0, projection: Optional[Callable] = None,
   common.check_g(g3, x, y0, mu)
   gp, consts = common.convert(lambda xx, yy, m: g3(xx, unravel(yy), m), x, y_flat0, mu)
   project = lambda v: ravel_pytree(project_tree(unravel(v)))[0].astype(dtype)
-  solve = functools.partial(_solve, gp, project, tol, max_steps)
   lip0 = None if lipschitz is None else jnp.asarray(lipschitz, dtype)
-  value, y_star, state, final_res = _value(gp, solve, (x, consts), mu, y_flat0, lip0)
+
+  def objective(theta, y):
+    p, m = theta
+    return gp(p, y, m) + 0.5 * m * jnp.vdot(y, y)
+
+  def solve(theta, start):
+    """FISTA on g~_mu(x, .) over Y; out = (v_mu, y*, state, residual)."""
+    y_start, lip_start = start
+    h = lambda y: objective(theta, y)
+    grad_h = jax.grad(h)
+    y_start = project(y_start)
+    if lip_start is None:
+      lip_start = _initial_lipschitz(grad_h, y_start, theta[1])
+    state = fista_lib.fista(project, y_start, fun=h, lipschitz=lip_start, tol=tol,
+                            max_steps=max_steps, backtracking=True,
+                            restart="gradient_mapping")
+    final_res = fista_lib.gradient_mapping(grad_h, project, state.x, state.lipschitz)
+    y_star = state.x
+    return (h(y_star), y_star, state, final_res), y_star
+
+  def adjoint(theta, y_star, out_bar):
+    """Prop. 3.4: the cotangent of v_mu at fixed y* (one VJP, no solve)."""
+    _, vjp = jax.vjp(lambda t: objective(t, y_star), theta)
+    return vjp(out_bar[0])[0]
+
+  value, y_star, state, final_res = implicit_diff.solution_map(
+      solve, adjoint, ((x, consts), mu), (y_flat0, lip0))
+  y_star = lax.stop_gradient(y_star)
   finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(y_star))
-  status = jnp.where(~finite, common.NONFINITE,
-                     jnp.where(final_res <= 10 * tol, common.SUCCESS, common.MAX_STEPS))
-  info = QuadraticInfo(num_steps=state.k, residual=final_res, lipschitz=state.lip,
-                       restarts=state.restarts, status=status)
-  return QuadraticSolution(value=value, y=unravel(lax.stop_gradient(y_star)), info=info)
-
-
-def _objective(gp, p, mu, y):
-  return gp(p, y, mu) + 0.5 * mu * jnp.vdot(y, y)
-
-
-def _solve(gp, project, tol, max_steps, p, mu, y0, lip0):
-  h = lambda y: _objective(gp, p, mu, y)
-  if lip0 is None:
-    lip0 = _initial_lipschitz(jax.grad(h), project(y0), mu)
-  state, final_res = _fista(h, project, y0, lip0, tol, max_steps)
-  return state, final_res
-
-
-def _value(gp, solve, p, mu, y0, lip0):
-  """v_mu with the Proposition 3.4 gradient; y0 and lip0 get no gradient."""
-  sg = lax.stop_gradient
-  state, final_res = solve(sg(p), sg(mu), sg(y0), None if lip0 is None else sg(lip0))
-  y_star = sg(state.y)
-  return _envelope(gp, p, mu, y_star), y_star, state, final_res
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _envelope(gp, p, mu, y_star):
-  """g~_mu(x, y*) whose derivative in (x, mu) treats y* as fixed (Prop. 3.4)."""
-  return _objective(gp, p, mu, y_star)
-
-
-def _envelope_fwd(gp, p, mu, y_star):
-  return _objective(gp, p, mu, y_star), (p, mu, y_star)
-
-
-def _envelope_bwd(gp, residuals, ct):
-  p, mu, y_star = residuals
-  _, vjp = jax.vjp(lambda pp, mm: _objective(gp, pp, mm, y_star), p, mu)
-  d_p, d_mu = vjp(ct)
-  return d_p, d_mu, jnp.zeros_like(y_star)
-
-
-_envelope.defvjp(_envelope_fwd, _envelope_bwd)
+  status = jnp.where(~finite, status_lib.NONFINITE,
+                     jnp.where(final_res <= 10 * tol, status_lib.SUCCESS,
+                               status_lib.MAX_STEPS)).astype(jnp.int32)
+  info = QuadraticInfo(num_steps=state.num_steps, status=status, residual=final_res,
+                       lipschitz=state.lipschitz, restarts=state.restarts)
+  status_lib.raise_if_failed(status, throw=throw, where="value.quadratic")
+  return QuadraticSolution(value=value, y=unravel(y_star), info=info)

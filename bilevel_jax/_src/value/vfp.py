@@ -35,6 +35,35 @@ Practical choices (ours):
 * Everything is one jitted program: `lax.scan` over mu_k, over the rounds and
   over the inner steps; v_mu is whatever ``value_fn`` computes (entropic or
   quadratic), differentiated through its own custom rule.
+
+What the status says (`bilevel_jax.Status`):
+
+* Inner failures are passed on. When ``value_fn`` returns a solution (as
+  `entropic` and `quadratic` do), its ``info.status`` at the final iterate of
+  each mu_k is recorded in ``info.inner_statuses``; the first failure is
+  ``info.inner_status`` and the status is INNER_FAILED when nothing else
+  failed. An INACCURATE entropic v_mu can have a gradient of the wrong sign,
+  so the (x_k, y_k) it produced are not evidence of stationarity.
+* NOT_STATIONARY when the final KKT residual exceeds ``kkt_tol``, by default
+
+      kkt_tol = 1e-2 (1 + ||grad_{x,y} f_{mu_1}(P(x0, y0))||):
+
+  the residual is in the units of a gradient of f (at a KKT point,
+  grad f = -lambda grad c up to the normal cone, so lambda grad c has the same
+  scale), and the inner solves are a fixed number of first-order steps, not
+  solves to tolerance: the default asks for stationarity to 1% of the
+  gradient scale at the start. It accepts what the default settings reach on a
+  well-posed problem (0.02 on the test problem, where ||grad f|| = 3.2) and
+  flags the committed failures (KKT residuals 0.16 to 4.7 against tolerances
+  0.03 to 0.07). Pass ``kkt_tol`` to set it.
+* ``info.lambda_growing`` flags multipliers that grow across mu_k, since
+  Proposition 2.13 needs bounded lambda_k. With Delta_k = lambda_k -
+  lambda_{k-1}, it is True when (K >= 2) lambda_K > 10 max(1, lambda_1) and
+  Delta_K > 0, or when (K >= 3) the last increment is positive, not smaller
+  than the one before, and not negligible: Delta_K >= max(Delta_{K-1},
+  0.1 max(1, lambda_K)) (a convergent sequence has shrinking increments; the
+  max(1, .) ignores multipliers below 1). It does not change the status: a
+  few mu_k cannot prove divergence; read it with ``info.lambdas``.
 """
 from __future__ import annotations
 
@@ -46,6 +75,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from bilevel_jax._src import status as status_lib
 from bilevel_jax._src import tree as tree_ops
 from bilevel_jax._src import validation
 from bilevel_jax._src.value import common
@@ -55,6 +85,17 @@ class VFPInfo(NamedTuple):
   """One entry per mu_k (arrays of length K), plus the final status.
 
   Attributes:
+    num_steps: Optax steps run in all, K outer_steps inner_steps.
+    status: NONFINITE, NOT_STATIONARY (final KKT residual above ``kkt_tol``),
+      INNER_FAILED (only ``value_fn`` failed) or SUCCESS (`bilevel_jax.Status`).
+    residual: the final KKT residual, ``kkt_residual[-1]``.
+    kkt_tol: the tolerance it was compared with.
+    inner_status: the first non-SUCCESS status of ``value_fn`` over the final
+      iterates of the mu_k, SUCCESS otherwise.
+    inner_failures: number of mu_k whose final inner status failed.
+    inner_statuses: (K,) status of ``value_fn`` at (x_k, mu_k) (SUCCESS when
+      it returns a bare value).
+    lambda_growing: the multipliers grow across mu_k (module doc).
     mus: the smoothing parameters mu_k.
     lambdas: multipliers lambda_k after the rounds at mu_k.
     kkt_residual: max(stationarity, feasibility, complementarity) of (2.4).
@@ -65,9 +106,15 @@ class VFPInfo(NamedTuple):
     upper_value: f_mu(x_k, y_k).
     rho: penalty parameter at the end of mu_k.
     xs, ys: the iterates (x_k, y_k), stacked along a leading axis.
-    status: SUCCESS, NONFINITE, or MAX_STEPS (the last KKT residual is above
-      ``kkt_tol`` when one is given).
   """
+  num_steps: jax.Array
+  status: jax.Array
+  residual: jax.Array
+  kkt_tol: jax.Array
+  inner_status: jax.Array
+  inner_failures: jax.Array
+  inner_statuses: jax.Array
+  lambda_growing: jax.Array
   mus: jax.Array
   lambdas: jax.Array
   kkt_residual: jax.Array
@@ -79,7 +126,6 @@ class VFPInfo(NamedTuple):
   rho: jax.Array
   xs: Any
   ys: Any
-  status: jax.Array
 
 
 class VFPSolution(NamedTuple):
@@ -116,15 +162,16 @@ def solve_vfp(f: Callable, g: Callable, value_fn: Callable, x0, y0, *, mus,
               projection_y: Optional[Callable] = None, inner_steps: int = 200,
               outer_steps: int = 10, rho: float = 10.0, rho_growth: float = 2.0,
               rho_max: float = 1e4, feas_tol: float = 1e-6, lam0: float = 0.0,
-              pass_mu: bool = False,
-              kkt_tol: Optional[float] = None) -> VFPSolution:
+              pass_mu: bool = False, kkt_tol: Optional[float] = None,
+              throw: bool = False) -> VFPSolution:
   """Smoothing method for (VFP_eps): augmented Lagrangian on (VFP^mu_eps).
 
   Args:
     f: upper objective f_mu(x, y) (or f(x, y, mu) with ``pass_mu``).
     g: lower objective g_mu(x, y) (or g(x, y, mu) with ``pass_mu``), the same
       smoothing used inside ``value_fn``.
-    value_fn: (x, mu) -> v_mu(x) or a solution with ``.value``, e.g.
+    value_fn: (x, mu) -> v_mu(x) or a solution with ``.value`` (and
+      ``.info.status``, which is passed on), e.g.
       ``lambda x, mu: value.entropic(g, x, mu=mu, box=box)``.
     x0, y0: initial points (pytrees of float arrays).
     mus: decreasing smoothing parameters mu_1 >= ... >= mu_K > 0.
@@ -137,12 +184,27 @@ def solve_vfp(f: Callable, g: Callable, value_fn: Callable, x0, y0, *, mus,
     feas_tol: violations c_+ below this never increase rho.
     lam0: initial multiplier >= 0.
     pass_mu: call f and g with mu as the third argument.
-    kkt_tol: if given, status is MAX_STEPS when the last KKT residual exceeds it.
+    kkt_tol: status is NOT_STATIONARY when the last KKT residual exceeds it
+      (default 1e-2 (1 + ||grad f_{mu_1}(x0, y0)||), module doc).
+    throw: raise `SolverError` when the status is not SUCCESS (see
+      `bilevel_jax.Status`).
 
   Returns:
     `VFPSolution` (x, y, lam, info) with per-mu_k multipliers and KKT residuals.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from bilevel_jax import value
+    >>> f = lambda x, y: 0.5 * (y[0] - 3.0) ** 2 + 0.5 * (x - 1.0) ** 2
+    >>> g = lambda x, y: 0.5 * (y[0] - x) ** 2   # v = 0: |y - x| <= sqrt(2 eps)
+    >>> sol = value.solve_vfp(f, g, lambda x, mu: value.quadratic(g, x, jnp.zeros(1), mu=mu),
+    ...                       0.0, jnp.zeros(1), mus=value.geometric_mus(0.1, 0.1, 3),
+    ...                       epsilon=0.02, optimizer=optax.adam(3e-2), inner_steps=100,
+    ...                       outer_steps=6)
+    >>> round(float(sol.x), 2), round(float(sol.y[0]), 2), int(sol.info.status)
+    (1.9, 2.11, 0)
   """
-  f3, g3 = common.lower_fn(f, pass_mu), common.lower_fn(g, pass_mu)
+  f3, g3 = common.lower_fn(f, pass_mu, "f"), common.lower_fn(g, pass_mu, "g")
   if not callable(value_fn):
     raise TypeError(f"`value_fn` must be callable, got {type(value_fn).__name__}.")
   inner_steps = validation.check_positive_int("inner_steps", inner_steps)
@@ -156,8 +218,10 @@ def solve_vfp(f: Callable, g: Callable, value_fn: Callable, x0, y0, *, mus,
   if validation.concrete_value(lam0) is not None and float(lam0) < 0:
     raise ValueError(f"`lam0` must be >= 0, got {lam0}.")
   _check_mus(mus)
-  validation.check_float_leaves("x0", x0)
-  validation.check_float_leaves("y0", y0)
+  if kkt_tol is not None:
+    validation.check_positive("kkt_tol", kkt_tol)
+  common.check_variable("x0", x0)
+  common.check_variable("y0", y0)
   dtype = common.floating_dtype(x0)
   mus = jnp.asarray(mus, dtype)
   mu_probe = mus[0]
@@ -170,7 +234,14 @@ def solve_vfp(f: Callable, g: Callable, value_fn: Callable, x0, y0, *, mus,
   project = lambda params: (px(params[0]), py(params[1]))
   eps = jnp.asarray(epsilon, dtype)
 
+  def constraint_and_status(params, mu):
+    x, y = params
+    out = value_fn(x, mu)
+    return g3(x, y, mu) - common.value_of(out) - eps, common.status_of(out)
+
   def constraint(params, mu):
+    # Not constraint_and_status(...)[0]: the same value, but the traced status
+    # changes XLA's fusion of the inner loop and the iterates by rounding.
     x, y = params
     return g3(x, y, mu) - common.value_of(value_fn(x, mu)) - eps
 
@@ -210,15 +281,15 @@ def solve_vfp(f: Callable, g: Callable, value_fn: Callable, x0, y0, *, mus,
     grads = jax.grad(lag)(params)
     moved = project(tree_ops.tree_sub(params, grads))
     stat = tree_ops.tree_norm(tree_ops.tree_sub(params, moved))
-    c = constraint(params, mu)
-    return stat, jnp.maximum(c, 0.0), jnp.abs(lam * c), c
+    c, inner = constraint_and_status(params, mu)
+    return stat, jnp.maximum(c, 0.0), jnp.abs(lam * c), c, inner
 
   def per_mu(carry, mu):
     params, lam, rho_ = carry
     (params, lam, rho_, _), _ = lax.scan(round_, (params, lam, rho_, mu), None,
                                          length=outer_steps)
-    stat, feas, comp, c = kkt(params, mu, lam)
-    out = dict(lam=lam, stat=stat, feas=feas, comp=comp, c=c, rho=rho_,
+    stat, feas, comp, c, inner = kkt(params, mu, lam)
+    out = dict(lam=lam, stat=stat, feas=feas, comp=comp, c=c, rho=rho_, inner=inner,
                f=f3(params[0], params[1], mu), x=params[0], y=params[1])
     return (params, lam, rho_), out
 
@@ -228,13 +299,40 @@ def solve_vfp(f: Callable, g: Callable, value_fn: Callable, x0, y0, *, mus,
   kkt_res = jnp.maximum(jnp.maximum(out["stat"], out["feas"]), out["comp"])
   finite = (tree_ops.tree_all_finite(params) & jnp.isfinite(lam)
             & jnp.all(jnp.isfinite(kkt_res)))
-  status = jnp.where(~finite, common.NONFINITE, common.SUCCESS)
-  if kkt_tol is not None:
-    validation.check_positive("kkt_tol", kkt_tol)
-    status = jnp.where(finite & (kkt_res[-1] > kkt_tol), common.MAX_STEPS, status)
-  info = VFPInfo(mus=mus, lambdas=out["lam"], kkt_residual=kkt_res,
+  if kkt_tol is None:
+    grad_f0 = jax.grad(lambda p: f3(p[0], p[1], mus[0]))(params0)
+    tol = 1e-2 * (1.0 + tree_ops.tree_norm(grad_f0))
+  else:
+    tol = jnp.asarray(kkt_tol, dtype)
+  own = jnp.where(~finite, status_lib.NONFINITE,
+                  jnp.where(kkt_res[-1] > tol, status_lib.NOT_STATIONARY, status_lib.SUCCESS))
+  inner_statuses = out["inner"].astype(jnp.int32)
+  failed = inner_statuses != status_lib.SUCCESS
+  inner_status = jnp.where(jnp.any(failed), inner_statuses[jnp.argmax(failed)],
+                           status_lib.SUCCESS).astype(jnp.int32)
+  info = VFPInfo(num_steps=jnp.asarray(mus.shape[0] * outer_steps * inner_steps, jnp.int32),
+                 status=status_lib.with_inner(own, inner_status), residual=kkt_res[-1],
+                 kkt_tol=jnp.asarray(tol, dtype), inner_status=inner_status,
+                 inner_failures=jnp.sum(failed).astype(jnp.int32),
+                 inner_statuses=inner_statuses,
+                 lambda_growing=lambda_growing(out["lam"]),
+                 mus=mus, lambdas=out["lam"], kkt_residual=kkt_res,
                  stationarity=out["stat"], feasibility=out["feas"],
                  complementarity=out["comp"], constraint=out["c"],
-                 upper_value=out["f"], rho=out["rho"], xs=out["x"], ys=out["y"],
-                 status=status)
+                 upper_value=out["f"], rho=out["rho"], xs=out["x"], ys=out["y"])
+  status_lib.raise_if_failed(info.status, throw=throw, where="value.solve_vfp")
   return VFPSolution(x=params[0], y=params[1], lam=lam, info=info)
+
+
+def lambda_growing(lambdas):
+  """The test of ``info.lambda_growing`` on the multipliers (K,) (module doc)."""
+  count = lambdas.shape[0]
+  if count < 2:
+    return jnp.zeros((), bool)
+  last, delta = lambdas[-1], lambdas[-1] - lambdas[-2]
+  large = (last > 10.0 * jnp.maximum(1.0, lambdas[0])) & (delta > 0)
+  if count < 3:
+    return large
+  previous = lambdas[-2] - lambdas[-3]
+  accelerating = (delta > 0) & (delta >= previous) & (delta >= 0.1 * jnp.maximum(1.0, last))
+  return large | accelerating
