@@ -3,10 +3,12 @@
 solution map (Solla & Royset 2026, Sections 2-5).
 
     h = composite.l1(d)                           # h(z1, z2) = sum max(z1_i, z2_i)
-    sol = composite.solve(g, G, h, x, y0=y0, alpha=1e-6, beta=1e-6)
+    sol = composite.solve(g, G, h, x, y0, alpha=1e-6, beta=1e-6)
     sol.y, sol.p, sol.info                        # y, p differentiable in x
+    value, grad = composite.hypergradient(F, g, G, h, x, y0, alpha=1e-6, beta=1e-6)
 
-See `bilevel_jax._src.composite.solver` for the method and the equations.
+``sol.info.status`` is a `bilevel_jax.Status` code.  See
+`bilevel_jax._src.composite.solver` for the method and the equations.
 """
 from bilevel_jax._src.composite.polyhedral import MAX_PIECES_PER_BLOCK
 from bilevel_jax._src.composite.polyhedral import Polyhedral
@@ -19,15 +21,10 @@ from bilevel_jax._src.composite.polyhedral import polyhedral
 from bilevel_jax._src.composite.polyhedral import separable
 from bilevel_jax._src.composite.solver import CompositeInfo
 from bilevel_jax._src.composite.solver import CompositeSolution
-from bilevel_jax._src.composite.solver import LINESEARCH_FAILED
-from bilevel_jax._src.composite.solver import MAX_STEPS
-from bilevel_jax._src.composite.solver import NONFINITE
-from bilevel_jax._src.composite.solver import STATUS_MESSAGES
-from bilevel_jax._src.composite.solver import SUCCESS
+from bilevel_jax._src.composite.solver import hypergradient
 from bilevel_jax._src.composite.solver import make_hypergradient
 from bilevel_jax._src.composite.solver import solve
 
-__all__ = ["CompositeInfo", "CompositeSolution", "LINESEARCH_FAILED",
-           "MAX_PIECES_PER_BLOCK", "MAX_STEPS", "NONFINITE", "Polyhedral",
-           "STATUS_MESSAGES", "SUCCESS", "hinge", "l1", "linear", "make_hypergradient", "maximum",
+__all__ = ["CompositeInfo", "CompositeSolution", "MAX_PIECES_PER_BLOCK", "Polyhedral",
+           "hinge", "hypergradient", "l1", "linear", "make_hypergradient", "maximum",
            "nonpositive", "polyhedral", "separable", "solve"]

@@ -1,5 +1,7 @@
 """Composite lower levels: h as data, the regularized solve (3.1) and the
-derivative (3.6) against finite differences, closed forms and limits."""
+derivative (3.6) against finite differences, closed forms and limits; the
+diagnostics ri_violated and condition_number.  jit, vmap, retracing, float32,
+status codes and throw= are in tests/test_contract.py."""
 
 import jax
 import jax.flatten_util
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 
 from bilevel_jax import composite
-from tests.helpers import TraceCounter
+from bilevel_jax._src.status import Status
 
 TIGHT = dict(tol=1e-12, max_steps=200)
 
@@ -24,14 +26,14 @@ def _fd_jacobian(fn, x, eps=1e-6):
 def _check_jacobian(g, G, h, x, y0, alpha, beta, rtol=1e-5):
   @jax.jit
   def solve(xx):
-    return composite.solve(g, G, h, xx, y0=y0, alpha=alpha, beta=beta, **TIGHT)
+    return composite.solve(g, G, h, xx, y0, alpha=alpha, beta=beta, **TIGHT)
 
   def yp(xx):
     sol = solve(xx)
     return jnp.concatenate([sol.y, sol.p])
 
   sol = solve(x)
-  assert int(sol.info.status) == composite.SUCCESS, sol.info
+  assert int(sol.info.status) == Status.SUCCESS, sol.info
   jac = jax.jit(jax.jacrev(yp))(x)
   fd = _fd_jacobian(yp, x)
   np.testing.assert_allclose(jac, fd, rtol=rtol, atol=rtol * (1 + np.max(np.abs(fd))))
@@ -99,7 +101,7 @@ def test_bad_h_is_rejected():
     composite.maximum(13)
   with pytest.raises(TypeError, match="`h`"):
     composite.solve(lambda x, y: jnp.sum(y ** 2), lambda x, y: y, jnp.abs,
-                    jnp.zeros(1), y0=jnp.zeros(2), alpha=1.0, beta=1.0)
+                    jnp.zeros(1), jnp.zeros(2), alpha=1.0, beta=1.0)
 
 
 # --------------------------------------------------------------- the solve
@@ -128,12 +130,12 @@ def test_example_5_5_closed_form():
   # lower level is infeasible; one compiled, vmapped call.
   h = composite.nonpositive(2)
   solve = jax.jit(jax.vmap(lambda x, a, b: composite.solve(
-      _g55, _G55, h, x, y0=jnp.zeros(1), alpha=a, beta=b)))
+      _g55, _G55, h, x, jnp.zeros(1), alpha=a, beta=b)))
   xs = jnp.array([0.5, 10.0, 60.0, 200.0] * 2)
   alphas = jnp.array([0.5] * 4 + [1e-3] * 4)
   betas = jnp.array([0.2] * 4 + [1e-3] * 4)
   sol = solve(xs, alphas, betas)
-  assert np.all(np.asarray(sol.info.status) == composite.SUCCESS)
+  assert np.all(np.asarray(sol.info.status) == Status.SUCCESS)
   expected = [_example_5_5(float(x), float(a), float(b)) for x, a, b in zip(xs, alphas, betas)]
   np.testing.assert_allclose(sol.y[:, 0], expected, rtol=1e-9, atol=1e-10)
 
@@ -206,7 +208,7 @@ def test_regularized_solution_approaches_lasso_solution():
   g = lambda x, yy: jnp.sum((jnp.asarray(A) @ yy - jnp.asarray(b)) ** 2) + 0.5 * lam2 * jnp.sum(yy ** 2)
   G = lambda x, yy: lam1 * jnp.concatenate([yy, -yy])
   solve = jax.jit(jax.vmap(lambda reg: composite.solve(
-      g, G, composite.l1(8), jnp.zeros(1), y0=jnp.zeros(8), alpha=reg, beta=reg).y))
+      g, G, composite.l1(8), jnp.zeros(1), jnp.zeros(8), alpha=reg, beta=reg).y))
   errors = list(np.max(np.abs(np.asarray(solve(jnp.array([1e-1, 1e-3, 1e-5, 1e-7]))) - y),
                        axis=1))
   assert all(e2 < e1 for e1, e2 in zip(errors, errors[1:])), errors
@@ -222,7 +224,7 @@ def test_unregularized_formula_matches_regularized_limit():
   x = jnp.array([3.0, 2.0])
 
   def first(derivative, reg):
-    return lambda xx: composite.solve(g, G, composite.nonpositive(1), xx, y0=jnp.zeros(2),
+    return lambda xx: composite.solve(g, G, composite.nonpositive(1), xx, jnp.zeros(2),
                                       alpha=reg, beta=reg, derivative=derivative).y
   jac_u = jax.jit(jax.jacrev(first("unregularized", 1e-9)))(x)
   jac_r = jax.jit(jax.jacrev(first("regularized", 1e-9)))(x)
@@ -240,7 +242,7 @@ def test_gradients_in_alpha_beta_and_data():
     a_mat, alpha, beta = params
     g = lambda x, y: jnp.sum((a_mat @ y - b) ** 2)
     G = lambda x, y: x * jnp.concatenate([y, -y])
-    sol = composite.solve(g, G, composite.l1(4), jnp.asarray(2.0), y0=jnp.zeros(4),
+    sol = composite.solve(g, G, composite.l1(4), jnp.asarray(2.0), jnp.zeros(4),
                           alpha=alpha, beta=beta, **TIGHT)
     return jnp.sum(sol.y * jnp.arange(1.0, 5.0))
 
@@ -252,64 +254,83 @@ def test_gradients_in_alpha_beta_and_data():
   np.testing.assert_allclose(jax.flatten_util.ravel_pytree(grads)[0], fd, rtol=1e-5, atol=1e-7)
 
 
-def test_vmap_over_x_and_data_and_no_retrace():
-  rng = np.random.default_rng(5)
-  As = jnp.asarray(rng.normal(size=(3, 10, 4)))
-  b = jnp.asarray(rng.normal(size=10))
-  def value_fn(a_mat, x):
-    g = lambda xx, y: jnp.sum((a_mat @ y - b) ** 2)
-    G = lambda xx, y: xx * jnp.concatenate([y, -y])
-    return jnp.sum(composite.solve(g, G, composite.l1(4), x, y0=jnp.zeros(4),
-                                   alpha=1e-4, beta=1e-4).y ** 2)
-
-  counter = TraceCounter(value_fn)
-  value = jax.jit(counter)
-  xs = jnp.array([0.5, 1.0, 3.0])
-  values, grads = jax.jit(jax.vmap(jax.value_and_grad(value_fn, argnums=1)))(As, xs)
-  looped = jnp.stack([value(As[i], xs[i]) for i in range(3)])
-  np.testing.assert_allclose(values, looped, rtol=1e-10)
-  assert np.all(np.isfinite(grads))
-  assert counter.count == 1      # the loop above traced `value` once
-
-
-def test_float32_and_info():
-  A = jnp.asarray(np.random.default_rng(6).normal(size=(10, 4)), jnp.float32)
-  b = jnp.ones(10, jnp.float32)
-  g = lambda x, y: jnp.sum((A @ y - b) ** 2)
-  G = lambda x, y: x * jnp.concatenate([y, -y])
-  solve = lambda x: composite.solve(g, G, composite.l1(4), x, y0=jnp.zeros(4, jnp.float32),
-                                    alpha=1e-3, beta=1e-3)
-  sol, grad = jax.jit(lambda x: (solve(x), jax.grad(lambda xx: jnp.sum(solve(xx).y))(x)))(
-      jnp.float32(1.0))
-  assert sol.y.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(sol.y)))
-  assert int(sol.info.status) == composite.SUCCESS
-  assert grad.dtype == jnp.float32 and np.isfinite(grad)
-
-
 def test_bad_arguments_are_named():
   g = lambda x, y: jnp.sum(y ** 2)
   G = lambda x, y: jnp.concatenate([y, -y])
   h = composite.l1(2)
-  kwargs = dict(y0=jnp.zeros(2), alpha=1.0, beta=1.0)
+  y0 = jnp.zeros(2)
+  kwargs = dict(alpha=1.0, beta=1.0)
   with pytest.raises(ValueError, match="`alpha`"):
-    composite.solve(g, G, h, 0.0, **{**kwargs, "alpha": 0.0})
+    composite.solve(g, G, h, 0.0, y0, **{**kwargs, "alpha": 0.0})
   with pytest.raises(ValueError, match="`beta`"):
-    composite.solve(g, G, h, 0.0, **{**kwargs, "beta": -1.0})
+    composite.solve(g, G, h, 0.0, y0, **{**kwargs, "beta": -1.0})
   with pytest.raises(ValueError, match="`G`.*size 4"):
-    composite.solve(g, lambda x, y: y, h, 0.0, **kwargs)
+    composite.solve(g, lambda x, y: y, h, 0.0, y0, **kwargs)
   with pytest.raises(ValueError, match="`g`"):
-    composite.solve(lambda x, y: y, G, h, 0.0, **kwargs)
+    composite.solve(lambda x, y: y, G, h, 0.0, y0, **kwargs)
   with pytest.raises(ValueError, match="`derivative`"):
-    composite.solve(g, G, h, 0.0, derivative="exact", **kwargs)
+    composite.solve(g, G, h, 0.0, y0, derivative="exact", **kwargs)
+  with pytest.raises(TypeError, match="`y0`"):
+    composite.solve(g, G, h, 0.0, {"y": y0, "n": jnp.array(1)}, **kwargs)
+  with pytest.raises(TypeError, match="unknown keyword.*maxiter"):
+    composite.hypergradient(lambda x, y: y[0], g, G, h, 0.0, y0, maxiter=3, **kwargs)
 
 
-def test_nonconvergence_is_reported():
-  g = lambda x, y: jnp.sum((y - 3.0) ** 2)
-  G = lambda x, y: jnp.concatenate([y, -y])
-  sol = composite.solve(g, G, composite.l1(2), 0.0, y0=jnp.zeros(2), alpha=1e-3,
-                        beta=1e-3, max_steps=1, method="newton")
-  assert int(sol.info.status) == composite.MAX_STEPS
-  assert float(sol.info.relative_residual) > 1e-10
+def _below_zero():
+  """min (y - x)^2 / 2 s.t. y <= 0 (h = indicator{z <= 0}, G = y)."""
+  return (lambda x, y: 0.5 * jnp.sum((y - x) ** 2), lambda x, y: y, composite.nonpositive(1))
+
+
+def _example_5_1():
+  """Example 5.1: min x y s.t. x^2 >= 0, g = x y, G = (0, -x^2),
+  h(z) = z_1 + indicator{z_2 <= 0}; S_{a,b}(x) = (-x / b, (1, 0))."""
+  h = composite.polyhedral(a=[[1.0, 0.0]], b=[[0.0, 1.0]])
+  return (lambda x, y: x * y[0], lambda x, y: jnp.stack([0.0 * y[0], -x ** 2]), h)
+
+
+def test_relative_interior_condition():
+  # ri_violated is True where an active piece has a zero multiplier (x = 0 in
+  # both problems: no strict complementarity; the constraint x^2 >= 0 of
+  # Example 5.1 with p_2 = 0, as in the paper) and False where the condition
+  # holds (active with p = y*/alpha > 0 at x = 1, inactive at x = -1; Example
+  # 5.1 at x = 1: -x^2 < 0 inactive).
+  xs = jnp.array([0.0, 1.0, -1.0])
+  for problem, expected in ((_below_zero, [True, False, False]),
+                            (_example_5_1, [True, False, False])):
+    g, G, h = problem()
+    sol = jax.jit(jax.vmap(lambda xx: composite.solve(g, G, h, xx, jnp.zeros(1), alpha=0.1,
+                                                      beta=0.1)))(xs)
+    np.testing.assert_array_equal(sol.info.status, Status.SUCCESS)
+    np.testing.assert_array_equal(sol.info.ri_violated, expected)
+    # Strongly convex in y: the bound on cond(B^T A B) is 1.
+    np.testing.assert_allclose(sol.info.condition_number, 1.0)
+  np.testing.assert_allclose(sol.y[:, 0], -xs / 0.1, atol=1e-12)    # S(x) = (-x/b, (1, 0))
+  np.testing.assert_allclose(sol.p, [[1.0, 0.0]] * 3, atol=1e-12)
+
+
+def test_condition_number_grows_where_sosc_fails():
+  # g = (y_1 + y_2 - x)^2 / 2 has no curvature along (1, -1): as beta -> 0
+  # the lower bound on cond(B^T A B) grows like 1/(2 beta).
+  flat = lambda x, y: 0.5 * (y[0] + y[1] - x) ** 2
+  G = lambda x, y: jnp.atleast_1d(y[0] + y[1] - 5.0)
+  regs = jnp.array([1e-2, 1e-4, 1e-6])
+  info = jax.jit(jax.vmap(lambda reg: composite.solve(
+      flat, G, composite.nonpositive(1), 1.0, jnp.zeros(2), alpha=reg, beta=reg).info))(regs)
+  np.testing.assert_array_equal(info.status, Status.SUCCESS)
+  np.testing.assert_allclose(info.condition_number * regs, 0.5, rtol=2e-2)
+
+
+def test_hypergradient_and_its_solution():
+  # phi(x) = y*(x)_1 with y* = x / (1 + beta + 1/alpha) for x > 0; x carries
+  # an integer leaf, which gets no gradient.
+  g, G, h = _below_zero()
+  x = {"x": jnp.array(1.0), "n": jnp.array(3)}
+  value, grad, sol = jax.jit(lambda xx: composite.hypergradient(
+      lambda xx, y: y[0] * xx["n"], lambda xx, y: g(xx["x"], y), lambda xx, y: G(xx["x"], y),
+      h, xx, jnp.zeros(1), alpha=0.1, beta=0.1, return_info=True))(x)
+  expected = 3.0 / (1.1 + 10.0)
+  np.testing.assert_allclose([value, grad["x"]], [expected, expected], rtol=1e-12)
+  assert grad["n"] is None and int(sol.info.status) == Status.SUCCESS
 
 
 def test_optax_driver_tunes_the_l1_weight():
@@ -330,7 +351,7 @@ def test_optax_driver_tunes_the_l1_weight():
   result = upper.optimize(hg, jnp.asarray(-3.0), optax.adam(0.3), steps=30,
                           y0=jnp.zeros(10), warm_start=True)
   values = np.asarray(result.history["value"])
-  assert int(result.info.status) == upper.SUCCESS
+  assert int(result.info.status) == Status.SUCCESS
   # It ends near the best validation error over a grid of lambda.
   grid = jnp.linspace(-3.0, 4.0, 57)
   on_grid = jax.jit(jax.vmap(lambda lam: hg(lam, jnp.zeros(10))[0]))(grid)
@@ -348,16 +369,17 @@ def test_matrix_free_newton_matches_dense():
   G = lambda x, y: jnp.exp(x) * jnp.concatenate([y, -y])
 
   def value(x, **kwargs):
-    sol = composite.solve(g, G, composite.l1(5), x, y0=jnp.zeros(5), alpha=1e-2, beta=1e-2,
+    sol = composite.solve(g, G, composite.l1(5), x, jnp.zeros(5), alpha=1e-2, beta=1e-2,
                           max_steps=300, **kwargs)
-    return jnp.sum(sol.y * jnp.arange(1.0, 6.0)), sol.info.status
+    return jnp.sum(sol.y * jnp.arange(1.0, 6.0)), sol.info
 
   both = jax.jit(lambda x: (jax.value_and_grad(value, has_aux=True)(x),
                             jax.value_and_grad(lambda xx: value(xx, method="newton",
                                                                 linear_solver="cg"),
                                                has_aux=True)(x)))
-  ((v_dense, s_dense), g_dense), ((v_cg, s_cg), g_cg) = both(jnp.asarray(0.5))
-  assert int(s_dense) == composite.SUCCESS and int(s_cg) == composite.SUCCESS
+  ((v_dense, i_dense), g_dense), ((v_cg, i_cg), g_cg) = both(jnp.asarray(0.5))
+  assert int(i_dense.status) == Status.SUCCESS and int(i_cg.status) == Status.SUCCESS
+  assert float(i_dense.condition_number) >= 1 and np.isnan(float(i_cg.condition_number))
   np.testing.assert_allclose(v_cg, v_dense, rtol=1e-8)
   np.testing.assert_allclose(g_cg, g_dense, rtol=1e-6)
 
@@ -379,7 +401,7 @@ def enet_value_and_grad():
   g, G, h = _elastic_net()
 
   def value(x, y0, method, warm_steps):
-    sol = composite.solve(g, G, h, x, y0=y0, alpha=1e-5, beta=1e-5, method=method,
+    sol = composite.solve(g, G, h, x, y0, alpha=1e-5, beta=1e-5, method=method,
                           warm_steps=warm_steps)
     return jnp.sum(sol.y * jnp.arange(1.0, 7.0)), sol
 
@@ -394,9 +416,9 @@ def test_warm_start_matches_cold_start(enet_value_and_grad):
   x1 = x + jnp.array([1e-3, -2e-3])
   (v_cold, cold), g_cold = enet_value_and_grad(x1, jnp.zeros(6), "ipm", 10)
   (v_warm, warm), g_warm = enet_value_and_grad(x1, near.y, "warm", 10)
-  assert int(cold.info.status) == int(warm.info.status) == composite.SUCCESS
+  assert int(cold.info.status) == int(warm.info.status) == Status.SUCCESS
   assert int(cold.info.interior_steps) > 0
-  assert int(warm.info.interior_steps) == 0 and 1 <= int(warm.info.steps) <= 3
+  assert int(warm.info.interior_steps) == 0 and 1 <= int(warm.info.num_steps) <= 3
   np.testing.assert_allclose(warm.y, cold.y, atol=1e-10)
   np.testing.assert_allclose(v_warm, v_cold, rtol=1e-10)
   np.testing.assert_allclose(g_warm, g_cold, rtol=1e-7)
@@ -408,8 +430,8 @@ def test_warm_start_falls_back_to_interior_point(enet_value_and_grad):
   x = jnp.array([1.0, -2.0])
   (_, cold), g_cold = enet_value_and_grad(x, jnp.zeros(6), "ipm", 10)
   (_, warm), g_warm = enet_value_and_grad(x, 5.0 * jnp.ones(6), "warm", 1)
-  assert int(warm.info.status) == composite.SUCCESS
-  assert int(warm.info.interior_steps) > 0 and int(warm.info.steps) >= 1
+  assert int(warm.info.status) == Status.SUCCESS
+  assert int(warm.info.interior_steps) > 0 and int(warm.info.num_steps) >= 1
   np.testing.assert_allclose(warm.y, cold.y, atol=1e-10)
   np.testing.assert_allclose(g_warm, g_cold, rtol=1e-7)
 
@@ -417,10 +439,10 @@ def test_warm_start_falls_back_to_interior_point(enet_value_and_grad):
 def test_bad_warm_steps_is_named():
   g, G, h = _elastic_net()
   with pytest.raises(ValueError, match="`warm_steps`"):
-    composite.solve(g, G, h, jnp.zeros(2), y0=jnp.zeros(6), alpha=1.0, beta=1.0,
+    composite.solve(g, G, h, jnp.zeros(2), jnp.zeros(6), alpha=1.0, beta=1.0,
                     method="warm", warm_steps=0)
   with pytest.raises(ValueError, match="`linear_solver='cg'`"):
-    composite.solve(g, G, h, jnp.zeros(2), y0=jnp.zeros(6), alpha=1.0, beta=1.0,
+    composite.solve(g, G, h, jnp.zeros(2), jnp.zeros(6), alpha=1.0, beta=1.0,
                     method="warm", linear_solver="cg")
 
 

@@ -1,5 +1,6 @@
 """Gradient sampling (Algorithms 1 and 2) and their small QPs."""
 import itertools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,8 @@ import pytest
 from bilevel_jax import composite
 from bilevel_jax import upper
 from bilevel_jax._src import minnorm
+from bilevel_jax._src.status import SolverError
+from bilevel_jax._src.status import Status
 
 
 def _brute_min_norm(points):
@@ -56,6 +59,19 @@ def test_sqp_direction_against_min_norm():
                              jnp.asarray(1.0))
   np.testing.assert_allclose(qp.direction, -upper.min_norm_hull(grads).point, atol=1e-6)
   assert float(qp.model_value - qp.dual_value) <= 1e-8 * (1 + abs(float(qp.model_value)))
+  assert int(qp.info.status) == Status.SUCCESS
+  capped = minnorm.sqp_direction(jnp.asarray(1.0), grads, jnp.zeros(0), jnp.zeros((0, 6, 3)),
+                                 jnp.asarray(1.0), max_steps=2)
+  assert int(capped.info.status) == Status.MAX_STEPS and int(capped.info.num_steps) == 2
+
+
+def test_min_norm_status_and_throw():
+  points = jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)))
+  assert int(upper.min_norm_hull(points).info.status) == Status.SUCCESS
+  capped = upper.min_norm_hull(points, max_steps=1)
+  assert int(capped.info.status) == Status.MAX_STEPS and float(capped.info.gap) > 0
+  with pytest.raises(SolverError, match="MAX_STEPS"):
+    upper.min_norm_hull(points, max_steps=1, throw=True)
 
 
 def _nonsmooth(x, alpha, beta):
@@ -65,15 +81,15 @@ def _nonsmooth(x, alpha, beta):
 
 def test_gradient_sampling_finds_the_kink_and_vmaps():
   run = jax.jit(jax.vmap(lambda x0, key: upper.gradient_sampling(
-      _nonsmooth, x0, key=key, num_samples=4, max_iter=300)))
+      _nonsmooth, x0, key=key, num_samples=4, max_steps=300)))
   x0 = jnp.array([[3.0, 2.0], [-2.0, -3.0]])
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   result = run(x0, keys)
   # The minimizer of |x0 - 1| + 2|x1 + 0.5| + 0.1|x|^2 is (1, -0.5).
   np.testing.assert_allclose(result.x, [[1.0, -0.5]] * 2, atol=1e-3)
-  assert np.all(np.asarray(result.info.status) == upper.SUCCESS)
+  assert np.all(np.asarray(result.info.status) == Status.SUCCESS)
   assert np.all(np.asarray(result.info.target_hits) >= 17)
-  values = np.asarray(result.info.history["value"][0])
+  values = np.asarray(result.info.history.value[0])
   values = values[np.isfinite(values)]
   assert np.all(np.diff(values) <= 1e-12)       # monotone decrease of f
 
@@ -85,13 +101,17 @@ def test_gradient_sampling_on_example_5_5():
   g = lambda x, y: y[0] ** 2 + x[0] * y[0]
   G = lambda x, y: jnp.array([x[0] + y[0] - 1, x[0] - y[0] - 100])
 
-  def fun(x, alpha, beta):
-    return composite.solve(g, G, h, x, y0=jnp.zeros(1), alpha=alpha, beta=beta).y[0] ** 2
+  def fun(x, alpha, beta):   # the value and the lower solution, whose status is read
+    sol = composite.solve(g, G, h, x, jnp.zeros(1), alpha=alpha, beta=beta)
+    return sol.y[0] ** 2, sol
 
   result = jax.jit(lambda x0: upper.gradient_sampling(
-      fun, x0, key=jax.random.PRNGKey(1), num_samples=3, max_iter=400))(jnp.array([70.0]))
+      fun, x0, key=jax.random.PRNGKey(1), num_samples=3, max_steps=400))(jnp.array([70.0]))
   assert abs(float(result.x[0])) < 1e-3
-  assert int(result.info.status) == upper.SUCCESS
+  assert int(result.info.status) == Status.SUCCESS
+  assert int(result.info.inner_status) == Status.SUCCESS and int(result.info.inner_failures) == 0
+  steps = int(result.info.num_steps)
+  np.testing.assert_array_equal(result.info.history.inner_status[:steps], Status.SUCCESS)
 
 
 def test_sqp_gradient_sampling_constrained():
@@ -104,7 +124,7 @@ def test_sqp_gradient_sampling_constrained():
 
   result = jax.jit(lambda x0: upper.sqp_gradient_sampling(
       fun, lambda x: jnp.sum(x ** 2) - 1.0, x0, key=jax.random.PRNGKey(2),
-      num_samples=4, rho0=1.0, eps0=0.1, eps_opt=1e-4, eta=1.0, max_iter=500))(jnp.zeros(2))
+      num_samples=4, rho0=1.0, eps0=0.1, eps_opt=1e-4, eta=1.0, max_steps=500))(jnp.zeros(2))
   x = np.asarray(result.x)
   # Solution: on the unit circle where the gradient of the objective, (-1, -1)
   # + 0.2 x, is normal to the circle: x = (1, 1)/sqrt(2).
@@ -141,14 +161,14 @@ def test_gradient_sampling_with_a_warm_state():
   g, G, h = _example_5_5_lower()
 
   def fun(x, alpha, beta, y):
-    sol = composite.solve(g, G, h, x, y0=y, alpha=alpha, beta=beta, method="warm")
+    sol = composite.solve(g, G, h, x, y, alpha=alpha, beta=beta, method="warm")
     return sol.y[0] ** 2, sol.y
 
   result = jax.jit(lambda x0: upper.gradient_sampling(
-      fun, x0, key=jax.random.PRNGKey(1), num_samples=3, max_iter=400,
+      fun, x0, key=jax.random.PRNGKey(1), num_samples=3, max_steps=400,
       state0=jnp.zeros(1), batching="map"))(jnp.array([70.0]))
   assert abs(float(result.x[0])) < 1e-3
-  assert int(result.info.status) == upper.SUCCESS
+  assert int(result.info.status) == Status.SUCCESS
 
 
 def test_stateful_fun_and_batching_are_checked():
@@ -158,3 +178,49 @@ def test_stateful_fun_and_batching_are_checked():
   with pytest.raises(ValueError, match="`batching`"):
     upper.gradient_sampling(_nonsmooth, jnp.zeros(2), key=jax.random.PRNGKey(0),
                             num_samples=3, batching="pmap")
+
+
+class _Info(NamedTuple):
+  status: jax.Array
+
+
+class _Lower(NamedTuple):
+  info: _Info
+
+
+def test_gradient_sampling_reports_a_failed_lower_solve():
+  # fun's aux reports MAX_STEPS (as a composite solution capped at too few
+  # steps does). The run stops at once (early_stop, eta0 large): its own
+  # status would be SUCCESS, the inner failure makes it INNER_FAILED, and
+  # the history has it.
+  def fun(x, alpha, beta):
+    return jnp.sum(x ** 2), _Lower(_Info(jnp.asarray(Status.MAX_STEPS, jnp.int32)))
+
+  result = upper.gradient_sampling(fun, jnp.array([2.0]), key=jax.random.PRNGKey(0),
+                                   num_samples=2, eta0=1e6, early_stop=True, max_steps=3)
+  info = result.info
+  assert int(info.num_steps) == 1 and int(info.status) == Status.INNER_FAILED
+  assert int(info.inner_status) == Status.MAX_STEPS
+  assert int(info.inner_failures) == 2          # the iteration and the final evaluation
+  np.testing.assert_array_equal(info.history.inner_status, [Status.MAX_STEPS, -1, -1])
+  with pytest.raises(SolverError, match="INNER_FAILED"):
+    upper.gradient_sampling(fun, jnp.array([2.0]), key=jax.random.PRNGKey(0), num_samples=2,
+                            eta0=1e6, early_stop=True, max_steps=3, throw=True)
+
+
+def test_sqp_gradient_sampling_reports_inner_failures():
+  # max x s.t. x <= 1 from x = 0, with an aux whose status is MAX_STEPS where
+  # x > 0.5: the iterations that sample there record it, the others do not.
+  def fun(x, alpha, beta):
+    failed = x[0] > 0.5
+    return -x[0], _Lower(_Info(jnp.where(failed, Status.MAX_STEPS, Status.SUCCESS)))
+
+  info = jax.jit(lambda: upper.sqp_gradient_sampling(
+      fun, lambda x: x - 1.0, jnp.array([0.0]), key=jax.random.PRNGKey(0), num_samples=2,
+      rho0=0.5, max_steps=300))().info
+  steps = int(info.num_steps)
+  inner = np.asarray(info.history.inner_status)
+  assert int(info.status) == Status.INNER_FAILED and int(info.inner_status) == Status.MAX_STEPS
+  assert inner[0] == Status.SUCCESS and np.any(inner[:steps] == Status.MAX_STEPS)
+  assert np.all(inner[steps:] == -1)
+  assert int(info.inner_failures) == np.sum(inner[:steps] == Status.MAX_STEPS) + 1

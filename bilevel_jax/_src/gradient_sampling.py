@@ -10,13 +10,27 @@ through `bilevel_jax.composite.solve`).  Gradients at the N_sam sampled points
 are one vmapped `jax.value_and_grad` call.  Choices the paper leaves open are
 documented on each argument.
 
+Inner solves.  ``fun`` may return the value alone, or ``(value, aux)``; when
+``aux`` is a solution (it has ``aux.info.status``, as a `composite.solve`
+result does) its status is the status of the inner solve at that point.
+The minimum-norm element of Algorithm 1 (`minnorm.min_norm_hull`) and the
+subproblem (5.5) of Algorithm 2 (`minnorm.sqp_direction`) are inner solves
+too.  Each iteration records the first failed inner status among its calls
+(``info.history.inner_status``); ``info.inner_status`` is the first of the
+run, ``info.inner_failures`` the number of iterations (and final evaluation)
+with one, and ``info.status`` is INNER_FAILED when the stopping rule was met
+but an inner solve failed on the way (`bilevel_jax.Status`).
+
 Warm starts: with ``state0``, ``fun(x, alpha, beta, state) -> (value,
 state)`` carries a state (typically the lower-level solution) from call to
 call.  f at the iterate is evaluated from the state of the last accepted
 point (after a move that is the solution there, so the solve is nearly
 free); the sampled points and the line-search trials start from the
 iterate's state.  The state is never differentiated, and a state that comes
-back with a non-finite value is dropped.
+back with a non-finite value is dropped.  The state may itself be a
+solution (``fun`` returns ``(value, solution)`` and starts its solve from
+``state.y``): its ``info.status`` is then read as above, and its ``info``
+is not checked for finiteness.
 """
 from __future__ import annotations
 
@@ -27,120 +41,230 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from bilevel_jax._src import minnorm
+from bilevel_jax._src import sampling
+from bilevel_jax._src import status as status_lib
 from bilevel_jax._src import validation
+from bilevel_jax._src import variables
 
-SUCCESS = 0          # the stopping rule of the algorithm was met
-MAX_ITER = 1         # max_iter reached first
-NONFINITE = 2        # a non-finite value or gradient at the iterate
-STATUS_MESSAGES = {SUCCESS: "stopping rule met", MAX_ITER: "max_iter reached",
-                   NONFINITE: "non-finite objective or gradient"}
+BATCHINGS = ("vmap", "map")
 
 
-class GSInfo(NamedTuple):
-  """Diagnostics of a gradient-sampling run.
+def _named_tuple(name: str, doc: str, *groups):
+  """A NamedTuple class from groups of field names (the two algorithms share
+  most of their fields; each adds its own)."""
+  cls = NamedTuple(name, [(field, Any) for group in groups for field in group])
+  cls.__doc__ = doc
+  cls.__module__ = __name__
+  return cls
 
-  Attributes:
-    iterations: iterations nu taken.
-    status: SUCCESS, MAX_ITER or NONFINITE.
-    stationarity: |w^nu| (Algorithm 1) or Delta q (Algorithm 2) at the end.
-    eps, alpha, beta: sampling radius and regularization at the end.
-    eta: stationarity target at the end (Algorithm 1); rho for Algorithm 2.
-    target_hits: iterations in Lambda (a stationarity target was met).
-    linesearch_failures: iterations where no step in {1, gamma, ...} up to
-      max_backtracks decreased f enough (null steps: x unchanged).
-    history: per-iteration arrays (length max_iter, NaN past the end): value
-      f(x^nu), stationarity, eps, alpha, step t.
-  """
-  iterations: Any
-  status: Any
-  stationarity: Any
+
+_HISTORY = ("value", "stationarity", "eps", "alpha", "step")
+_INFO = ("num_steps", "status", "stationarity", "eps", "alpha", "beta")
+_COUNTS = ("target_hits", "linesearch_failures", "inner_status", "inner_failures", "history")
+
+GradientSamplingHistory = _named_tuple("GradientSamplingHistory", """\
+Per-iteration arrays of Algorithm 1 (length max_steps; NaN, and -1 for
+inner_status, past the last iteration).
+
+Attributes:
+  value: f(x^nu) at the iterate.
+  stationarity: |w^nu|.
+  eps, alpha: sampling radius and Moreau parameter of the iteration.
+  step: the accepted step t (0 for a target hit or a null step).
+  inner_status: the first failed inner status of the iteration (SUCCESS if
+    none; see GradientSamplingInfo.inner_status).
+""", _HISTORY, ("inner_status",))
+
+SQPGradientSamplingHistory = _named_tuple("SQPGradientSamplingHistory", """\
+Per-iteration arrays of Algorithm 2, as `GradientSamplingHistory` with
+stationarity = Delta q and infeasibility = sum_k max(c_k(x^nu), 0).
+""", _HISTORY, ("infeasibility", "inner_status"))
+
+GradientSamplingInfo = _named_tuple("GradientSamplingInfo", """\
+Diagnostics of `gradient_sampling` (Algorithm 1); all arrays.
+
+Attributes:
+  num_steps: iterations nu taken.
+  status: a `bilevel_jax.Status` code: SUCCESS (the stopping rule was met),
+    MAX_STEPS, NONFINITE (a non-finite value or gradient at the iterate), or
+    INNER_FAILED (the stopping rule was met, but an inner solve failed on
+    the way; see inner_status).
+  stationarity: |w^nu| at the end.
+  eps, alpha, beta: sampling radius and regularization at the end.
+  eta: stationarity target at the end.
+  target_hits: iterations in Lambda (|w^nu| <= eta: eps, alpha, beta, eta
+    shrink).
+  linesearch_failures: iterations where no step in {1, gamma, ...} up to
+    max_backtracks decreased f enough (null steps: x unchanged).
+  inner_status: the first non-SUCCESS status of an inner solve (fun's
+    solution at the iterate, a sample or a line-search trial, the min-norm
+    QP, the final evaluation), SUCCESS if none.
+  inner_failures: iterations (and the final evaluation) with a failed inner
+    solve.
+  history: `GradientSamplingHistory`.
+""", _INFO, ("eta",), _COUNTS)
+
+SQPGradientSamplingInfo = _named_tuple("SQPGradientSamplingInfo", """\
+Diagnostics of `sqp_gradient_sampling` (Algorithm 2); all arrays.
+
+As `GradientSamplingInfo`, with stationarity = Delta q, the penalty weight
+``rho`` and the infeasibility threshold ``theta`` at the end in place of eta,
+the subproblem (5.5) among the inner solves, and history a
+`SQPGradientSamplingHistory`.
+""", _INFO, ("rho", "theta"), _COUNTS)
+
+
+class GradientSamplingSolution(NamedTuple):
+  """x at the end, f(x, Y_{alpha,beta}(x)) there (final alpha, beta), info."""
+  x: Any
+  value: Any
+  info: Any
+
+
+class _Alg1(NamedTuple):
+  eta: Any
+
+
+class _Alg2(NamedTuple):
+  rho: Any
+  theta: Any
+
+
+class _Loop(NamedTuple):
+  """The while-loop state of both algorithms (``params``: _Alg1 or _Alg2)."""
+  x: Any
+  state: Any           # fun's state at x (warm starts), () without state0
+  key: Any
+  k: Any
+  status: Any          # < 0 while running
   eps: Any
   alpha: Any
   beta: Any
-  eta: Any
-  target_hits: Any
-  linesearch_failures: Any
+  params: Any
+  stationarity: Any
+  hits: Any
+  failures: Any
+  inner_status: Any
+  inner_failures: Any
   history: Any
 
 
-class GSResult(NamedTuple):
-  x: Any
-  value: Any
-  info: GSInfo
+# ------------------------------------------------------------------ pieces
 
 
-def _sample_ball(key, center, radius, num):
-  """num points uniform in the Euclidean ball B(center, radius)."""
-  n = center.shape[0]
-  k1, k2 = jax.random.split(key)
-  direction = jax.random.normal(k1, (num, n), center.dtype)
-  direction = direction / jnp.linalg.norm(direction, axis=1, keepdims=True)
-  radii = radius * jax.random.uniform(k2, (num, 1), center.dtype) ** (1.0 / n)
-  return center[None, :] + radii * direction
+def _first_of(statuses):
+  """The first non-SUCCESS code of an array of statuses, SUCCESS if none."""
+  failed = statuses != status_lib.SUCCESS
+  return jnp.where(jnp.any(failed), statuses.ravel()[jnp.argmax(failed.ravel())],
+                   status_lib.SUCCESS).astype(jnp.int32)
 
 
-def _line_search(f, x, fx, d, decrease, gamma, max_backtracks, state, active):
-  """Largest t in {1, gamma, gamma^2, ...} with f(x + t d) < f(x) - t decrease,
-  where ``active`` (no trial otherwise); f(x, state) -> (value, state), each
-  trial started from ``state``.  Returns (t, ok, state of the accepted trial)."""
-  def cond(c):
-    t, k, ok, _ = c
-    return active & (~ok) & (k < max_backtracks)
-
-  def body(c):
-    t, k, _, _ = c
-    value, trial_state = f(x + t * d, state)
-    ok = value < fx - t * decrease
-    return jnp.where(ok, t, gamma * t), k + 1, ok, trial_state
-
-  one = jnp.ones((), x.dtype)
-  t, _, ok, new_state = jax.lax.while_loop(cond, body, (one, 0, jnp.array(False), state))
-  return t, ok, new_state
+def _status_of(aux):
+  """``aux.info.status`` when aux is a solution, else SUCCESS."""
+  info = getattr(aux, "info", None)
+  if info is not None and hasattr(info, "status"):
+    return jnp.asarray(info.status, jnp.int32)
+  return jnp.asarray(status_lib.SUCCESS, jnp.int32)
 
 
-def _stateful(fun, unravel, state0):
-  """fun as f(x_flat, alpha, beta, state) -> (value, state); without a state0
-  the state is empty and fun(x, alpha, beta) -> value."""
-  if state0 is None:
-    return (lambda xf, a, b, st: (fun(unravel(xf), a, b), st)), ()
+def _all_finite(value, state):
+  """value and the floating leaves of state are finite (a solution's info,
+  whose fields may be NaN by design, is not checked)."""
+  if hasattr(state, "info") and hasattr(state, "_replace"):
+    state = state._replace(info=None)
+  checks = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state)
+            if variables.is_differentiable(leaf)]
+  return jnp.isfinite(value) & jnp.all(jnp.stack(checks or [jnp.array(True)]))
+
+
+def _wrap(fun, unravel, stateful: bool):
+  """fun as f(x_flat, alpha, beta, state) -> (value, (state, inner status))."""
+  if not stateful:
+    def f(xf, a, b, st):
+      out = fun(unravel(xf), a, b)
+      if isinstance(out, tuple):
+        if len(out) != 2:
+          raise TypeError("`fun(x, alpha, beta)` must return a value or (value, aux), "
+                          f"got a tuple of length {len(out)}.")
+        return out[0], (st, _status_of(out[1]))
+      return out, (st, _status_of(None))
+    return f
+
   def f(xf, a, b, st):
     out = fun(unravel(xf), a, b, st)
     if not (isinstance(out, tuple) and len(out) == 2):
       raise TypeError("with `state0`, `fun(x, alpha, beta, state)` must return (value, "
                       f"state), got {type(out).__name__}.")
     value, new = out
-    finite = jnp.isfinite(value) & jnp.all(jnp.stack(
-        [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(new)] or
-        [jnp.array(True)]))
-    new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, st)
-    return value, new
-  return f, state0
-
-
-BATCHINGS = ("vmap", "map")
+    keep = _all_finite(value, new)
+    return value, (jax.tree_util.tree_map(lambda n, o: jnp.where(keep, n, o), new, st),
+                   _status_of(new))
+  return f
 
 
 def _batched_value_and_grad(f, batching):
-  """(values, grads) of f(., alpha, beta, state) at each row of points, all
-  started from the same state: one vmapped call, or one after another in a
-  `lax.map` (on a CPU, where a vmapped solve runs every lane until the
-  slowest converges, the sequential map costs the sum of the lanes' work
-  instead of N_sam times the worst)."""
+  """(values, grads, first failed inner status) of f(., alpha, beta, state)
+  at each row of points, all started from the same state: one vmapped call,
+  or one after another in a `lax.map` (on a CPU, where a vmapped solve runs
+  every lane until the slowest converges, the sequential map costs the sum
+  of the lanes' work instead of N_sam times the worst)."""
   vg = jax.value_and_grad(f, has_aux=True)
 
   def call(points, a, b, st):
     if batching == "vmap":
-      (values, _), grads = jax.vmap(vg, in_axes=(0, None, None, None))(points, a, b, st)
+      (values, (_, statuses)), grads = jax.vmap(vg, in_axes=(0, None, None, None))(
+          points, a, b, st)
     else:
-      (values, _), grads = jax.lax.map(lambda pt: vg(pt, a, b, st), points)
-    return values, grads
+      (values, (_, statuses)), grads = jax.lax.map(lambda pt: vg(pt, a, b, st), points)
+    return values, grads, _first_of(statuses)
   return call
 
 
-def _check_common(num_samples, n, gamma, delta, max_iter, mus, batching):
+def _line_search(f, x, fx, d, decrease, gamma, max_backtracks, state, active):
+  """Largest t in {1, gamma, gamma^2, ...} with f(x + t d) < f(x) - t decrease,
+  where ``active`` (no trial otherwise); f(x, state) -> (value, (state,
+  status)), each trial started from ``state``.  Returns (t, ok, state of the
+  last trial, first failed inner status of the trials)."""
+  def cond(c):
+    t, k, ok, _, _ = c
+    return active & (~ok) & (k < max_backtracks)
+
+  def body(c):
+    t, k, _, _, inner = c
+    value, (trial_state, trial_status) = f(x + t * d, state)
+    ok = value < fx - t * decrease
+    return (jnp.where(ok, t, gamma * t), k + 1, ok, trial_state,
+            status_lib.first_failure(inner, trial_status))
+
+  one = jnp.ones((), x.dtype)
+  success = jnp.asarray(status_lib.SUCCESS, jnp.int32)
+  t, _, ok, new_state, inner = jax.lax.while_loop(
+      cond, body, (one, 0, jnp.array(False), state, success))
+  return t, ok, new_state, inner
+
+
+class _Setup(NamedTuple):
+  flat0: Any
+  unravel: Any
+  f: Any
+  state0: Any
+  value_and_grad: Any
+
+
+def _setup(fun, x0, state0, num_samples, gamma, delta, max_steps, mus, positives, batching,
+           alpha0, beta0) -> _Setup:
+  """Checks the arguments shared by both algorithms; wraps fun."""
+  if not callable(fun):
+    raise TypeError(f"`fun` must be callable, got {type(fun).__name__}.")
+  variables.check("x0", x0)
+  if variables.has_rest(x0):
+    raise TypeError("`x0` must hold floating-point arrays only (the variables that "
+                    "gradient sampling moves).")
+  flat0, unravel = ravel_pytree(x0)
+  n = flat0.shape[0]
   validation.check_positive_int("num_samples", num_samples)
   validation.check_one_of("batching", batching, BATCHINGS)
-  validation.check_positive_int("max_iter", max_iter)
+  validation.check_positive_int("max_steps", max_steps)
   if num_samples < n + 1:
     raise ValueError(f"`num_samples` must be >= n + 1 = {n + 1} (Algorithm 1 and 2 "
                      f"require N_sam >= n + 1), got {num_samples}.")
@@ -148,34 +272,91 @@ def _check_common(num_samples, n, gamma, delta, max_iter, mus, batching):
     concrete = validation.concrete_value(value)
     if concrete is not None and not (0 < float(concrete) < 1):
       raise ValueError(f"`{name}` must lie in (0, 1), got {value!r}.")
+  for name, value in positives.items():
+    validation.check_positive(name, value)
+  f = _wrap(fun, unravel, state0 is not None)
+  st0 = () if state0 is None else state0
+  dtype = flat0.dtype
+  validation.check_scalar_output(
+      "fun", lambda xf: f(xf, jnp.asarray(alpha0, dtype), jnp.asarray(beta0, dtype), st0)[0],
+      flat0)
+  return _Setup(flat0, unravel, f, st0, _batched_value_and_grad(f, batching))
 
 
-def _history(max_iter, dtype, names):
-  return {name: jnp.full((max_iter,), jnp.nan, dtype) for name in names}
+def _center_and_samples(setup, s, points):
+  """f at the iterate (from the state of the last accepted point) and the
+  hypergradients at the sampled points (from the iterate's state)."""
+  fx, (center_state, center_status) = setup.f(s.x, s.alpha, s.beta, s.state)
+  _, grads, sample_status = setup.value_and_grad(points, s.alpha, s.beta, center_state)
+  return fx, center_state, grads, status_lib.first_failure(center_status, sample_status)
 
 
-def _result(s, f, unravel, last):
-  """The GSResult of a finished loop state; ``last`` names the state entry
-  reported as info.eta (eta for Algorithm 1, rho for Algorithm 2)."""
-  status = jnp.where(s["status"] < 0, MAX_ITER, s["status"]).astype(jnp.int32)
-  value, _ = f(s["x"], s["alpha"], s["beta"], s["state"])
-  info = GSInfo(s["k"], status, s["stationarity"], s["eps"], s["alpha"], s["beta"],
-                s[last], s["hits"], s["failures"], s["history"])
-  return GSResult(unravel(s["x"]), value, info)
+def _advance(s, *, key, move, x_new, trial_state, center_state, shrink, mu_eps, mu_alpha,
+             mu_beta, status, stationarity, null_step, params, inner, history) -> _Loop:
+  """The next loop state, shared by both algorithms."""
+  return _Loop(
+      x=jnp.where(move, x_new, s.x),
+      state=jax.tree_util.tree_map(lambda a, b: jnp.where(move, a, b), trial_state,
+                                   center_state),
+      key=key, k=s.k + 1, status=status,
+      eps=jnp.where(shrink, mu_eps * s.eps, s.eps),
+      alpha=jnp.where(shrink, mu_alpha * s.alpha, s.alpha),
+      beta=jnp.where(shrink, mu_beta * s.beta, s.beta),
+      params=params, stationarity=stationarity,
+      hits=s.hits + shrink.astype(jnp.int32),
+      failures=s.failures + null_step.astype(jnp.int32),
+      inner_status=status_lib.first_failure(s.inner_status, inner),
+      inner_failures=s.inner_failures + (inner != status_lib.SUCCESS).astype(jnp.int32),
+      history=history)
 
 
 def _record(history, k, **values):
   """Writes this iteration's values into the per-iteration history arrays."""
-  return {name: history[name].at[k].set(value) for name, value in values.items()}
+  return history._replace(**{name: getattr(history, name).at[k].set(value)
+                             for name, value in values.items()})
+
+
+def _run(setup, body, *, key, eps0, alpha0, beta0, params, history_cls, info_cls,
+         max_steps, where, throw) -> GradientSamplingSolution:
+  """The while loop of either algorithm from its first state, then f at the
+  final x (one more inner solve) and the info: the own status combined with
+  the inner one (``params``' fields are info_cls's extra fields, in order)."""
+  dtype = setup.flat0.dtype
+  c = lambda v: jnp.asarray(v, dtype)
+  zero = jnp.array(0, jnp.int32)
+  history = history_cls(**{name: jnp.full((max_steps,), jnp.nan, dtype)
+                           for name in history_cls._fields if name != "inner_status"},
+                        inner_status=jnp.full((max_steps,), -1, jnp.int32))
+  init = _Loop(setup.flat0, setup.state0, key, 0, jnp.array(-1), c(eps0), c(alpha0), c(beta0),
+               type(params)(*map(c, params)), c(jnp.inf), zero, zero,
+               jnp.asarray(status_lib.SUCCESS, jnp.int32), zero, history)
+  s = jax.lax.while_loop(lambda s: (s.status < 0) & (s.k < max_steps), body, init)
+  value, (_, final_status) = setup.f(s.x, s.alpha, s.beta, s.state)
+  own = jnp.where(s.status < 0, status_lib.MAX_STEPS, s.status).astype(jnp.int32)
+  inner = status_lib.first_failure(s.inner_status, final_status)
+  failures = s.inner_failures + (final_status != status_lib.SUCCESS).astype(jnp.int32)
+  info = info_cls(jnp.asarray(s.k, jnp.int32), status_lib.with_inner(own, inner),
+                  s.stationarity, s.eps, s.alpha, s.beta, *s.params, s.hits, s.failures,
+                  inner, failures, s.history)
+  status_lib.raise_if_failed(info.status, throw=throw, where=where)
+  return GradientSamplingSolution(setup.unravel(s.x), value, info)
+
+
+def _own_status(finite, stop):
+  return jnp.where(~finite, status_lib.NONFINITE, jnp.where(stop, status_lib.SUCCESS, -1))
+
+
+# -------------------------------------------------------------- Algorithm 1
 
 
 def gradient_sampling(fun: Callable, x0, *, key, num_samples: int,
                       eps0=1.0, eps_opt=1e-5, alpha0=1.0, alpha_opt=1e-5,
                       beta0=1.0, beta_opt=1e-5, eta0=1.0, eta_opt=1e-5,
                       mu_eps=0.5, mu_alpha=0.5, mu_beta=0.5, mu_eta=0.5,
-                      delta=1e-4, gamma=0.5, max_iter: int = 1000,
+                      delta=1e-4, gamma=0.5, max_steps: int = 1000,
                       max_backtracks: int = 30, early_stop: bool = False,
-                      state0=None, batching: str = "vmap") -> GSResult:
+                      state0=None, batching: str = "vmap",
+                      throw: bool = False) -> GradientSamplingSolution:
   """Algorithm 1: gradient sampling on f(x, Y_{alpha,beta}(x)), unconstrained.
 
   Each iteration samples N_sam points uniformly in B(x, eps), takes the
@@ -187,15 +368,17 @@ def gradient_sampling(fun: Callable, x0, *, key, num_samples: int,
   eps <= eps_opt, alpha <= alpha_opt and beta <= beta_opt.
 
   Args:
-    fun: fun(x, alpha, beta) -> scalar, the regularized hyper-objective.
-    x0: starting point (array or pytree).
+    fun: fun(x, alpha, beta) -> scalar, the regularized hyper-objective, or
+      -> (scalar, aux) with aux a solution whose ``info.status`` is read
+      (see the module docstring).
+    x0: starting point (array or pytree of float arrays).
     key: a jax.random key for the samples.
     num_samples: N_sam >= n + 1.
     eps0, eps_opt, alpha0, alpha_opt, beta0, beta_opt, eta0, eta_opt,
       mu_eps, mu_alpha, mu_beta, mu_eta, delta, gamma: as in Algorithm 1.
       The paper's experiments do not state eta0 or eta_opt; the defaults
       (1 and 1e-5, with mu_eta = 0.5) mirror the other parameters.
-    max_iter: iterations at most (the paper's experiments use 1000).
+    max_steps: iterations at most (the paper's experiments use 1000).
     max_backtracks: if no step in {1, ..., gamma^(max_backtracks-1)} gives
       the decrease, the iteration is a null step (x unchanged; counted in
       info.linesearch_failures) and the next one samples afresh.
@@ -206,69 +389,64 @@ def gradient_sampling(fun: Callable, x0, *, key, num_samples: int,
       (one batched call; best on accelerators) or "map" (`lax.map`, one
       after another; best on a CPU when fun's cost varies between points,
       as a warm-started solve's does).
+    throw: raise `bilevel_jax.SolverError` when ``info.status`` is not
+      SUCCESS (see `bilevel_jax.Status`).
 
   Returns:
-    GSResult(x, value=f(x, Y_{alpha,beta}(x)) at the final alpha, beta, info).
-  """
-  flat0, unravel = ravel_pytree(x0)
-  n = flat0.shape[0]
-  _check_common(num_samples, n, gamma, delta, max_iter,
-                {"mu_eps": mu_eps, "mu_alpha": mu_alpha, "mu_beta": mu_beta, "mu_eta": mu_eta},
-                batching)
-  for name, value in (("eps0", eps0), ("alpha0", alpha0), ("beta0", beta0), ("eta0", eta0)):
-    validation.check_positive(name, value)
-  dtype = flat0.dtype
-  f, fun_state0 = _stateful(fun, unravel, state0)
-  value_and_grad = _batched_value_and_grad(f, batching)
-  c = lambda v: jnp.asarray(v, dtype)
+    `GradientSamplingSolution(x, value, info)`: value = f(x, Y_{alpha,beta}(x))
+    at the final alpha, beta; info a `GradientSamplingInfo`.
 
-  def cond(state):
-    return (state["status"] < 0) & (state["k"] < max_iter)
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from bilevel_jax import upper
+    >>> fun = lambda x, alpha, beta: jnp.abs(x[0] - 1.0) + 0.1 * x[0] ** 2
+    >>> sol = upper.gradient_sampling(fun, jnp.array([3.0]), key=jax.random.PRNGKey(0),
+    ...                               num_samples=2, max_steps=300)
+    >>> round(float(sol.x[0]), 3), int(sol.info.status)
+    (1.0, 0)
+  """
+  setup = _setup(fun, x0, state0, num_samples, gamma, delta, max_steps,
+                 {"mu_eps": mu_eps, "mu_alpha": mu_alpha, "mu_beta": mu_beta, "mu_eta": mu_eta},
+                 {"eps0": eps0, "alpha0": alpha0, "beta0": beta0, "eta0": eta0}, batching,
+                 alpha0, beta0)
 
   def body(s):
-    key, sample_key = jax.random.split(s["key"])
-    fx, center_state = f(s["x"], s["alpha"], s["beta"], s["state"])
-    points = _sample_ball(sample_key, s["x"], s["eps"], num_samples)
-    _, grads = value_and_grad(points, s["alpha"], s["beta"], center_state)
-    w = minnorm.min_norm_hull(grads).point
+    key, sample_key = jax.random.split(s.key)
+    points = sampling.ball(sample_key, s.x, s.eps, num_samples)
+    fx, center_state, grads, inner = _center_and_samples(setup, s, points)
+    hull = minnorm.min_norm_hull(grads)
+    inner = status_lib.first_failure(inner, hull.info.status)
+    w = hull.point
     norm_w = jnp.linalg.norm(w)
-    stop = (norm_w <= eta_opt) & (s["eps"] <= eps_opt) & (s["alpha"] <= alpha_opt) & \
-        (s["beta"] <= beta_opt)
-    hit = norm_w <= s["eta"]
+    stop = (norm_w <= eta_opt) & (s.eps <= eps_opt) & (s.alpha <= alpha_opt) & \
+        (s.beta <= beta_opt)
+    hit = norm_w <= s.params.eta
     stop = stop | (early_stop & hit)
     finite = jnp.isfinite(fx) & jnp.all(jnp.isfinite(grads))
 
     d = -w / jnp.where(norm_w > 0, norm_w, 1)
-    t, ok, trial_state = _line_search(
-        lambda xx, st: f(xx, s["alpha"], s["beta"], st), s["x"], fx, d, delta * norm_w,
+    t, ok, trial_state, ls_inner = _line_search(
+        lambda xx, st: setup.f(xx, s.alpha, s.beta, st), s.x, fx, d, delta * norm_w,
         gamma, max_backtracks, center_state, (~hit) & (~stop) & finite)
+    inner = status_lib.first_failure(inner, ls_inner)
     move = (~hit) & (~stop) & ok & finite
     shrink = hit & (~stop)
-    k = s["k"]
-    hist = _record(s["history"], k, value=fx, stationarity=norm_w, eps=s["eps"],
-                   alpha=s["alpha"], step=jnp.where(move, t, 0))
-    status = jnp.where(~finite, NONFINITE, jnp.where(stop, SUCCESS, -1))
-    return {
-        "x": jnp.where(move, s["x"] + t * d, s["x"]),
-        "state": jax.tree_util.tree_map(lambda a, b: jnp.where(move, a, b), trial_state,
-                                        center_state),
-        "key": key, "k": k + 1, "status": status,
-        "eps": jnp.where(shrink, mu_eps * s["eps"], s["eps"]),
-        "alpha": jnp.where(shrink, mu_alpha * s["alpha"], s["alpha"]),
-        "beta": jnp.where(shrink, mu_beta * s["beta"], s["beta"]),
-        "eta": jnp.where(shrink, mu_eta * s["eta"], s["eta"]),
-        "stationarity": norm_w,
-        "hits": s["hits"] + shrink.astype(jnp.int32),
-        "failures": s["failures"] + ((~hit) & (~stop) & (~ok)).astype(jnp.int32),
-        "history": hist,
-    }
+    history = _record(s.history, s.k, value=fx, stationarity=norm_w, eps=s.eps,
+                      alpha=s.alpha, step=jnp.where(move, t, 0), inner_status=inner)
+    eta = jnp.where(shrink, mu_eta * s.params.eta, s.params.eta)
+    return _advance(s, key=key, move=move, x_new=s.x + t * d, trial_state=trial_state,
+                    center_state=center_state, shrink=shrink, mu_eps=mu_eps,
+                    mu_alpha=mu_alpha, mu_beta=mu_beta, status=_own_status(finite, stop),
+                    stationarity=norm_w, null_step=(~hit) & (~stop) & (~ok),
+                    params=_Alg1(eta), inner=inner, history=history)
 
-  init = {"x": flat0, "state": fun_state0, "key": key, "k": 0, "status": jnp.array(-1),
-          "eps": c(eps0), "alpha": c(alpha0), "beta": c(beta0), "eta": c(eta0),
-          "stationarity": c(jnp.inf), "hits": jnp.array(0, jnp.int32),
-          "failures": jnp.array(0, jnp.int32),
-          "history": _history(max_iter, dtype, ("value", "stationarity", "eps", "alpha", "step"))}
-  return _result(jax.lax.while_loop(cond, body, init), f, unravel, "eta")
+  return _run(setup, body, key=key, eps0=eps0, alpha0=alpha0, beta0=beta0,
+              params=_Alg1(eta0), history_cls=GradientSamplingHistory,
+              info_cls=GradientSamplingInfo, max_steps=max_steps,
+              where="upper.gradient_sampling", throw=throw)
+
+
+# -------------------------------------------------------------- Algorithm 2
 
 
 def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
@@ -276,9 +454,10 @@ def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
                           alpha_opt=1e-6, beta0=0.01, beta_opt=1e-6, rho0=0.1,
                           theta0=1e-4, eta=30.0, mu_eps=0.8, mu_alpha=0.2,
                           mu_beta=0.2, mu_rho=0.5, mu_theta=0.5, delta=1e-4,
-                          gamma=0.5, max_iter: int = 1000, max_backtracks: int = 30,
+                          gamma=0.5, max_steps: int = 1000, max_backtracks: int = 30,
                           qp_max_steps: int = 5000, state0=None,
-                          batching: str = "vmap") -> GSResult:
+                          batching: str = "vmap",
+                          throw: bool = False) -> GradientSamplingSolution:
   """Algorithm 2: SQP gradient sampling for min f(x, Y(x)) s.t. c(x) <= 0.
 
   Penalty (5.4): phi(x) = rho f(x, Y_{alpha,beta}(x)) + sum_k max(c_k(x), 0).
@@ -292,28 +471,42 @@ def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
   their targets.
 
   Args:
-    fun: fun(x, alpha, beta) -> scalar (the regularized hyper-objective).
+    fun: fun(x, alpha, beta) -> scalar (the regularized hyper-objective), or
+      -> (scalar, aux) as in `gradient_sampling`.
     constraints: c(x) -> (r,) array (smooth), feasible where c(x) <= 0.
     x0, key, num_samples (>= n + 1): as in `gradient_sampling`.
     Remaining parameters: as in Algorithm 2; the defaults are the paper's
       data-poisoning settings (Section 6.2).  mu_rho and mu_theta are not
       given in the paper; 0.5 is our choice.
-    qp_max_steps: iterations of the dual solver of (5.5).
-    state0, batching: as in `gradient_sampling`.
+    max_steps: iterations at most.
+    qp_max_steps: iterations of the dual solver of (5.5) (an inner solve:
+      MAX_STEPS when its duality gap is still above tolerance).
+    state0, batching, throw: as in `gradient_sampling`.
 
   Returns:
-    GSResult; info.stationarity holds Delta q, info.eta holds rho.
+    `GradientSamplingSolution(x, value, info)` with info a
+    `SQPGradientSamplingInfo`: info.stationarity holds Delta q, info.rho
+    and info.theta the final penalty weight and infeasibility threshold.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from bilevel_jax import upper
+    >>> fun = lambda x, alpha, beta: -x[0]               # max x s.t. x <= 1
+    >>> sol = upper.sqp_gradient_sampling(fun, lambda x: x - 1.0, jnp.array([0.0]),
+    ...                                   key=jax.random.PRNGKey(0), num_samples=2,
+    ...                                   rho0=0.5, max_steps=300)
+    >>> round(float(sol.x[0]), 3), int(sol.info.status)
+    (1.0, 0)
   """
-  flat0, unravel = ravel_pytree(x0)
+  setup = _setup(fun, x0, state0, num_samples, gamma, delta, max_steps,
+                 {"mu_eps": mu_eps, "mu_alpha": mu_alpha, "mu_beta": mu_beta,
+                  "mu_rho": mu_rho, "mu_theta": mu_theta},
+                 {"eps0": eps0, "alpha0": alpha0, "beta0": beta0, "rho0": rho0,
+                  "theta0": theta0, "eta": eta}, batching, alpha0, beta0)
+  flat0, unravel = setup.flat0, setup.unravel
   n = flat0.shape[0]
-  _check_common(num_samples, n, gamma, delta, max_iter,
-                {"mu_eps": mu_eps, "mu_alpha": mu_alpha, "mu_beta": mu_beta,
-                 "mu_rho": mu_rho, "mu_theta": mu_theta}, batching)
-  for name, value in (("eps0", eps0), ("alpha0", alpha0), ("beta0", beta0),
-                      ("rho0", rho0), ("theta0", theta0), ("eta", eta)):
-    validation.check_positive(name, value)
-  dtype = flat0.dtype
-  f, fun_state0 = _stateful(fun, unravel, state0)
+  if not callable(constraints):
+    raise TypeError(f"`constraints` must be callable, got {type(constraints).__name__}.")
   cons = lambda xf: jnp.atleast_1d(constraints(unravel(xf)))
   try:
     r = jax.eval_shape(cons, flat0).shape
@@ -322,62 +515,48 @@ def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
   if len(r) != 1:
     raise ValueError(f"`constraints` must return a vector, got shape {r}.")
   r = r[0]
-  value_and_grad = _batched_value_and_grad(f, batching)
-  c = lambda v: jnp.asarray(v, dtype)
 
   def penalty(xf, rho, a, b, st):
-    value, st = f(xf, a, b, st)
-    return rho * value + jnp.sum(jnp.maximum(cons(xf), 0)), st
-
-  def cond(state):
-    return (state["status"] < 0) & (state["k"] < max_iter)
+    value, aux = setup.f(xf, a, b, st)
+    return rho * value + jnp.sum(jnp.maximum(cons(xf), 0)), aux
 
   def body(s):
-    key, kf, kc = jax.random.split(s["key"], 3)
-    points = _sample_ball(kf, s["x"], s["eps"], num_samples)
-    fx, center_state = f(s["x"], s["alpha"], s["beta"], s["state"])
-    _, grads = value_and_grad(points, s["alpha"], s["beta"], center_state)
-    c_points = _sample_ball(kc, s["x"], s["eps"], num_samples * r).reshape(r, num_samples, n)
+    rho, theta = s.params
+    key, kf, kc = jax.random.split(s.key, 3)
+    points = sampling.ball(kf, s.x, s.eps, num_samples)
+    fx, center_state, grads, inner = _center_and_samples(setup, s, points)
+    c_points = sampling.ball(kc, s.x, s.eps, num_samples * r).reshape(r, num_samples, n)
     c_grads = jax.vmap(lambda k, pts: jax.vmap(jax.grad(lambda xx: cons(xx)[k]))(pts))(
         jnp.arange(r), c_points)                                       # (r, N, n)
-    cx = cons(s["x"])
-    qp = minnorm.sqp_direction(fx, grads, cx, c_grads, s["rho"], max_steps=qp_max_steps)
-    phi = s["rho"] * fx + jnp.sum(jnp.maximum(cx, 0))
+    cx = cons(s.x)
+    qp = minnorm.sqp_direction(fx, grads, cx, c_grads, rho, max_steps=qp_max_steps)
+    inner = status_lib.first_failure(inner, qp.info.status)
+    phi = rho * fx + jnp.sum(jnp.maximum(cx, 0))
     dq = jnp.maximum(phi - qp.model_value, 0)
-    target = dq <= eta * s["eps"] ** 2
-    stop = target & (s["eps"] <= eps_opt) & (s["alpha"] <= alpha_opt) & (s["beta"] <= beta_opt)
+    target = dq <= eta * s.eps ** 2
+    stop = target & (s.eps <= eps_opt) & (s.alpha <= alpha_opt) & (s.beta <= beta_opt)
     finite = jnp.isfinite(fx) & jnp.all(jnp.isfinite(grads)) & jnp.all(jnp.isfinite(qp.direction))
     infeasible = jnp.sum(jnp.maximum(cx, 0))
     shrink = target & (~stop)
-    feasible_enough = infeasible <= s["theta"]
-    t, ok, trial_state = _line_search(
-        lambda xx, st: penalty(xx, s["rho"], s["alpha"], s["beta"], st), s["x"], phi,
+    feasible_enough = infeasible <= theta
+    t, ok, trial_state, ls_inner = _line_search(
+        lambda xx, st: penalty(xx, rho, s.alpha, s.beta, st), s.x, phi,
         qp.direction, delta * dq, gamma, max_backtracks, center_state, (~target) & finite)
+    inner = status_lib.first_failure(inner, ls_inner)
     move = (~target) & ok & finite
-    k = s["k"]
-    hist = _record(s["history"], k, value=fx, stationarity=dq, eps=s["eps"],
-                   alpha=s["alpha"], step=jnp.where(move, t, 0), infeasibility=infeasible)
-    status = jnp.where(~finite, NONFINITE, jnp.where(stop, SUCCESS, -1))
-    return {
-        "x": jnp.where(move, s["x"] + t * qp.direction, s["x"]),
-        "state": jax.tree_util.tree_map(lambda a, b: jnp.where(move, a, b), trial_state,
-                                        center_state),
-        "key": key, "k": k + 1, "status": status,
-        "eps": jnp.where(shrink, mu_eps * s["eps"], s["eps"]),
-        "alpha": jnp.where(shrink, mu_alpha * s["alpha"], s["alpha"]),
-        "beta": jnp.where(shrink, mu_beta * s["beta"], s["beta"]),
-        "rho": jnp.where(shrink & ~feasible_enough, mu_rho * s["rho"], s["rho"]),
-        "theta": jnp.where(shrink & feasible_enough, mu_theta * s["theta"], s["theta"]),
-        "stationarity": dq,
-        "hits": s["hits"] + shrink.astype(jnp.int32),
-        "failures": s["failures"] + ((~target) & (~ok)).astype(jnp.int32),
-        "history": hist,
-    }
+    history = _record(s.history, s.k, value=fx, stationarity=dq, eps=s.eps, alpha=s.alpha,
+                      step=jnp.where(move, t, 0), infeasibility=infeasible,
+                      inner_status=inner)
+    params = _Alg2(jnp.where(shrink & ~feasible_enough, mu_rho * rho, rho),
+                   jnp.where(shrink & feasible_enough, mu_theta * theta, theta))
+    return _advance(s, key=key, move=move, x_new=s.x + t * qp.direction,
+                    trial_state=trial_state, center_state=center_state, shrink=shrink,
+                    mu_eps=mu_eps, mu_alpha=mu_alpha, mu_beta=mu_beta,
+                    status=_own_status(finite, stop), stationarity=dq,
+                    null_step=(~target) & (~ok), params=params, inner=inner,
+                    history=history)
 
-  init = {"x": flat0, "state": fun_state0, "key": key, "k": 0, "status": jnp.array(-1),
-          "eps": c(eps0), "alpha": c(alpha0), "beta": c(beta0), "rho": c(rho0),
-          "theta": c(theta0), "stationarity": c(jnp.inf),
-          "hits": jnp.array(0, jnp.int32), "failures": jnp.array(0, jnp.int32),
-          "history": _history(max_iter, dtype, ("value", "stationarity", "eps", "alpha",
-                                                "step", "infeasibility"))}
-  return _result(jax.lax.while_loop(cond, body, init), f, unravel, "rho")
+  return _run(setup, body, key=key, eps0=eps0, alpha0=alpha0, beta0=beta0,
+              params=_Alg2(rho0, theta0), history_cls=SQPGradientSamplingHistory,
+              info_cls=SQPGradientSamplingInfo, max_steps=max_steps,
+              where="upper.sqp_gradient_sampling", throw=throw)

@@ -7,6 +7,9 @@ Gram matrix; exact up to rounding, a few dozen linear solves of size <= N + 1.
 `sqp_direction`: the subproblem (5.5) of Algorithm 2 through its dual, a
 concave QP over a simplex times r capped simplices, by accelerated projected
 gradient with restarts, stopped on the duality gap.
+
+Both are inner solves of the gradient-sampling drivers, which pass their
+``info.status`` (a `bilevel_jax.Status` code) on.
 """
 from __future__ import annotations
 
@@ -15,12 +18,30 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from bilevel_jax._src import fista as fista_lib
+from bilevel_jax._src import status as status_lib
 
-class MinNormResult(NamedTuple):
-  point: Any      # the min-norm element w = W^T lam
-  weights: Any    # lam on the simplex
-  steps: Any      # major iterations of Wolfe's method
-  gap: Any        # |w|^2 - min_i <w, w_i>  (0 at the optimum)
+
+class MinNormInfo(NamedTuple):
+  """Diagnostics of `min_norm_hull` (all arrays).
+
+  Attributes:
+    num_steps: major iterations of Wolfe's method.
+    status: SUCCESS, MAX_STEPS (the gap is above ``tol`` after ``max_steps``
+      major iterations) or NONFINITE (a non-finite point or weight).
+    gap: |w|^2 - min_i <w, w_i>, 0 at the optimum (the optimality gap of
+      the QP; compared with tol * max_i |w_i|^2).
+  """
+  num_steps: Any
+  status: Any
+  gap: Any
+
+
+class MinNormSolution(NamedTuple):
+  """The min-norm element ``point`` = W^T ``weights`` of the hull, and info."""
+  point: Any
+  weights: Any
+  info: MinNormInfo
 
 
 def _affine_min_norm(gram, mask):
@@ -37,13 +58,33 @@ def _affine_min_norm(gram, mask):
   return jnp.linalg.solve(matrix, rhs)[:n]
 
 
-def min_norm_hull(points, *, max_steps: int | None = None, tol=None) -> MinNormResult:
+def min_norm_hull(points, *, max_steps: int | None = None, tol=None,
+                  throw: bool = False) -> MinNormSolution:
   """argmin |w| over w in con{points[i]} (points: (N, n)).
 
   Wolfe's algorithm: keep a corral S of affinely independent points whose
   affine-hull min-norm point lies in their relative interior; add the point
   most "below" the current w; when the affine min-norm point leaves the
   simplex, step back to its boundary and drop the points that reach zero.
+  It stops when the gap |w|^2 - min_i <w, w_i> is at most tol max_i |w_i|^2
+  or the point minimizing <w, w_i> is already in the corral.
+
+  Args:
+    points: (N, n) array.
+    max_steps: major iterations at most (default 4 N + 10).
+    tol: relative tolerance on the gap (default 1e3 eps).
+    throw: raise `bilevel_jax.SolverError` when ``info.status`` is not
+      SUCCESS (see `bilevel_jax.Status`).
+
+  Returns:
+    `MinNormSolution(point, weights, info)`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import upper
+    >>> sol = upper.min_norm_hull(jnp.array([[1.0, 1.0], [1.0, -1.0]]))
+    >>> [float(v) for v in sol.point], int(sol.info.status)
+    ([1.0, 0.0], 0)
   """
   points = jnp.asarray(points)
   n_pts = points.shape[0]
@@ -99,54 +140,71 @@ def min_norm_hull(points, *, max_steps: int | None = None, tol=None) -> MinNormR
     mask = jnp.where(done, mask, mask_n)
     return lam, mask, k + 1, done
 
-  lam, mask, steps, _ = jax.lax.while_loop(cond, body, (lam0, mask0, 0, jnp.array(False)))
+  lam, mask, steps, done = jax.lax.while_loop(cond, body,
+                                              (lam0, mask0, 0, jnp.array(False)))
   gap, _ = gap_of(lam)
-  return MinNormResult(points.T @ lam, lam, steps, gap)
+  point = points.T @ lam
+  finite = jnp.all(jnp.isfinite(point)) & jnp.all(jnp.isfinite(lam))
+  status = jnp.where(~finite, status_lib.NONFINITE,
+                     jnp.where(done | (gap <= tol * scale), status_lib.SUCCESS,
+                               status_lib.MAX_STEPS)).astype(jnp.int32)
+  info = MinNormInfo(jnp.asarray(steps, jnp.int32), status, gap)
+  status_lib.raise_if_failed(status, throw=throw, where="upper.min_norm_hull")
+  return MinNormSolution(point, lam, info)
 
 
 # ------------------------------------------------------------------- (5.5)
 
 
-def project_simplex(v, total=1.0):
-  """Euclidean projection onto {x >= 0, sum x = total} (sort-based)."""
-  n = v.shape[-1]
-  u = jnp.sort(v)[::-1]
-  css = jnp.cumsum(u) - total
-  ind = jnp.arange(1, n + 1, dtype=v.dtype)
-  cond = u - css / ind > 0
-  rho = jnp.max(jnp.where(cond, jnp.arange(n), 0))
-  theta = css[rho] / (rho + 1)
-  return jnp.maximum(v - theta, 0)
-
-
 def project_capped_simplex(v):
   """Projection onto {x >= 0, sum x <= 1}."""
   clipped = jnp.maximum(v, 0)
-  return jnp.where(jnp.sum(clipped) <= 1, clipped, project_simplex(v))
+  return jnp.where(jnp.sum(clipped) <= 1, clipped, fista_lib.project_simplex(v))
 
 
-class SQPDirection(NamedTuple):
-  direction: Any   # d minimizing q(d) of (5.5)
-  model_value: Any  # q(d)
+class SQPDirectionInfo(NamedTuple):
+  """Diagnostics of `sqp_direction` (all arrays).
+
+  Attributes:
+    num_steps: iterations of the dual solver.
+    status: SUCCESS, MAX_STEPS (the relative duality gap is above tol after
+      max_steps iterations) or NONFINITE.
+    gap: (q(d) - dual) / (1 + |q(d)|), the quantity compared with tol.
+  """
+  num_steps: Any
+  status: Any
+  gap: Any
+
+
+class SQPDirectionSolution(NamedTuple):
+  """d minimizing q(d) of (5.5), q(d), the dual value, and info."""
+  direction: Any
+  model_value: Any
   dual_value: Any
-  steps: Any
+  info: SQPDirectionInfo
 
 
 def sqp_direction(f_value, f_grads, c_values, c_grads, rho, *, max_steps: int = 5000,
-                  tol=None) -> SQPDirection:
+                  tol=None) -> SQPDirectionSolution:
   """Solves (5.5) with the sampled gradients:
 
       min_d rho max_i (f + <w_i, d>) + sum_k max_i max(c_k + <w_ki, d>, 0) + |d|^2/2.
 
   Dual: max over lam in simplex, mu_k in {mu >= 0, sum mu <= 1} of
   rho f + sum_k c_k sum(mu_k) - |v|^2/2 with v = rho W^T lam + sum_k W_k^T mu_k,
-  and d = -v.  Accelerated projected gradient (FISTA with adaptive restart)
-  on the dual; stops when q(d) - dual <= tol (1 + |q(d)|).
+  and d = -v.  Accelerated projected gradient (`bilevel_jax._src.fista`,
+  step 1 / ||W W^T||_2, adaptive restart when the momentum points uphill) on
+  the dual; stops when q(d) - dual <= tol (1 + |q(d)|).
 
   Args:
     f_value: f at x (scalar); f_grads: (N, n).
     c_values: (r,); c_grads: (r, N, n).
     rho: penalty weight.
+    max_steps: iterations of the dual solver at most.
+    tol: on the relative duality gap (default 100 eps^0.75).
+
+  Returns:
+    `SQPDirectionSolution(direction, model_value, dual_value, info)`.
   """
   dtype = f_grads.dtype
   tol = tol if tol is not None else 1e2 * jnp.finfo(dtype).eps ** 0.75
@@ -159,7 +217,7 @@ def sqp_direction(f_value, f_grads, c_values, c_grads, rho, *, max_steps: int = 
                          jnp.broadcast_to(c_values[:, None], (r, n_pts))], 0)
 
   def project(z):
-    first = project_simplex(z[0])[None]
+    first = fista_lib.project_simplex(z[0])[None]
     rest = jax.vmap(project_capped_simplex)(z[1:])
     return jnp.concatenate([first, rest], 0)
 
@@ -176,26 +234,22 @@ def sqp_direction(f_value, f_grads, c_values, c_grads, rho, *, max_steps: int = 
     v = jnp.einsum("kj,kjn->n", z, stacked)
     return lin - jnp.einsum("kjn,n->kj", stacked, v)
 
+  def gap(z):
+    _, q, dual = primal(z)
+    return (q - dual) / (1 + jnp.abs(q))
+
   z0 = jnp.concatenate([jnp.full((1, n_pts), 1 / n_pts, dtype), jnp.zeros((r, n_pts), dtype)], 0)
-
-  def cond(state):
-    z, _, _, k, gap = state
-    return (gap > tol) & (k < max_steps)
-
-  def body(state):
-    z, y, t, k, _ = state
-    z_new = project(y + step * grad(y))
-    t_new = (1 + jnp.sqrt(1 + 4 * t * t)) / 2
-    y_new = z_new + ((t - 1) / t_new) * (z_new - z)
-    # Adaptive restart when the momentum points uphill for the dual.
-    restart = jnp.sum(grad(y) * (z_new - z)) < 0
-    y_new = jnp.where(restart, z_new, y_new)
-    t_new = jnp.where(restart, 1.0, t_new)
-    _, q, dual = primal(z_new)
-    gap = (q - dual) / (1 + jnp.abs(q))
-    return z_new, y_new, t_new, k + 1, gap
-
-  one = jnp.ones((), dtype)
-  z, _, _, steps, _ = jax.lax.while_loop(cond, body, (z0, z0, one, 0, jnp.asarray(jnp.inf, dtype)))
-  d, q, dual = primal(z)
-  return SQPDirection(d, q, dual, steps)
+  # Ascent on the dual, z <- P(y + step grad(y)), written as `fista`'s descent
+  # step y - g / L with g = -step grad(y) and L = 1 (the same floating-point
+  # operations); restart when the momentum points uphill for the dual.
+  state = fista_lib.fista(
+      project, z0, grad=lambda y: -(step * grad(y)), lipschitz=1.0, max_steps=max_steps,
+      tol=tol, restart=lambda z, y, g, z_new: jnp.sum(grad(y) * (z_new - z)) < 0,
+      residual=gap)
+  d, q, dual = primal(state.x)
+  finite = jnp.all(jnp.isfinite(d)) & jnp.isfinite(q)
+  status = jnp.where(~finite, status_lib.NONFINITE,
+                     jnp.where(state.residual <= tol, status_lib.SUCCESS, status_lib.MAX_STEPS))
+  return SQPDirectionSolution(d, q, dual, SQPDirectionInfo(state.num_steps,
+                                                           status.astype(jnp.int32),
+                                                           state.residual))

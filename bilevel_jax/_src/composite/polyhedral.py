@@ -20,9 +20,11 @@ What the solver needs from h, per block, comes from one routine
 of active pieces.  The prox of a block is found exactly by enumerating the
 candidate active sets S (at most 2^(J+I); blocks are small by design) and
 solving the KKT system of each; the valid candidate with the most pieces
-wins.  From S follows the basis of the critical cone K_{h*}(p, w) in (5.1) and
-(2.4): span{a_j - a_j0 : j in J(w)} + span{b_i : i in I(w)}, used as an
-orthogonal projector.
+wins (candidates are sorted largest first), so pieces that are active at w
+but carry a zero multiplier are in the chosen set, and `ri_violated` looks
+for zero multipliers inside it.  From S follows the basis of the critical
+cone K_{h*}(p, w) in (5.1) and (2.4): span{a_j - a_j0 : j in J(w)} +
+span{b_i : i in I(w)}, used as an orthogonal projector.
 """
 from __future__ import annotations
 
@@ -258,7 +260,7 @@ def check_h(name: str, h) -> Polyhedral:
 
 
 def _subsets(num_pieces: int, num_constraints: int) -> np.ndarray:
-  """All candidate active sets with at least one max piece, smallest first."""
+  """All candidate active sets with at least one max piece, largest first."""
   rows = [s for s in itertools.product((0, 1), repeat=num_pieces + num_constraints)
           if any(s[:num_pieces])]
   rows.sort(key=lambda r: -sum(r))
@@ -281,9 +283,11 @@ def _block_prox(a, alpha, b, beta, z, step):
 
   Returns:
     (w, lam, active, ok, weak): lam = (sigma, tau) so that (z - w) / step =
-    a^T sigma + b^T tau; active the chosen S, the smallest valid one; ok
-    whether a valid S was found; weak whether a piece off S is active too
-    (with a zero multiplier: the relative interior condition fails there).
+    a^T sigma + b^T tau; active the chosen S, the largest valid one (it
+    holds every active piece whose multiplier may be 0); ok whether a valid
+    S was found; weak whether a piece off S is active too (possible only
+    when adding it makes the KKT system singular, e.g. a repeated
+    constraint): the relative interior condition cannot be certified there.
   """
   num_j = a.shape[0]
   rows = jnp.concatenate([a, b], axis=0)              # (n, k)
@@ -317,8 +321,9 @@ def _block_prox(a, alpha, b, beta, z, step):
 
   ws, lams, violations, weak = jax.vmap(candidate)(subsets)
   valid = violations <= tol
-  # Smallest valid set first (subsets are sorted by size): the pieces with
-  # positive multipliers, J+ and I+ of (2.3); else the least violation.
+  # Largest valid set first (subsets are sorted by size, largest first): all
+  # pieces active at w, J(w) and I(w) of (2.3), including those whose
+  # multiplier is 0; else the least violation.
   choice = jnp.where(jnp.any(valid), jnp.argmax(valid), jnp.argmin(violations))
   return ws[choice], lams[choice], subsets[choice], jnp.any(valid), weak[choice]
 
@@ -390,7 +395,7 @@ class BlockState(NamedTuple):
   lam: Any         # (nb, n) multipliers (sigma, tau)
   active: Any      # (nb, n) bool
   ok: Any          # (nb,) bool
-  weak: Any        # (nb,) bool: an active piece with zero multiplier
+  weak: Any        # (nb,) bool: a piece active at w but off the chosen set
 
 
 def prox(h: Polyhedral, z, step):
@@ -452,11 +457,33 @@ def max_part(h: Polyhedral, z):
 
 
 def ri_violated(states):
-  """True where some piece is active at w = prox(z) (to rounding) but carries
-  a zero multiplier in the representation (2.2) of p: the relative interior
-  condition of Theorem 3.2 fails there, and the derivative uses the active set
-  found by the solver (the pieces with positive multipliers)."""
-  return jnp.any(jnp.stack([jnp.any(st.weak) for st in states]))
+  """Whether the relative interior condition of Theorem 3.2,
+  G - alpha p in ri(dh*(p)), could not be certified at the prox point.
+
+  The condition holds exactly when p has a representation (2.2) with a
+  positive multiplier on every piece and constraint active at w = G - alpha
+  p (Section 3.3: strict complementarity for constraints).  The prox picks
+  the largest valid active set, so every active piece is in it, and its
+  multipliers are unique when the pieces' KKT system is nonsingular; the
+  condition fails where one of them is (numerically) zero:
+
+      lam_r <= sqrt(eps) (1 + max_r' |lam_r'|)    for some r in the chosen set,
+
+  per block.  It also counts as failed where a piece is active at w but off
+  the chosen set (its KKT system was singular, e.g. a repeated constraint),
+  since no representation was found to certify it.  Example 5.1 of the
+  paper (x = 0) and min (y - x)^2 / 2 s.t. y <= 0 at x = 0 are such points:
+  the derivative (3.6) is then one of the one-sided ones, with the active
+  set of the solve.
+  """
+  flags = []
+  for st in states:
+    lam = st.lam
+    tol = float(jnp.finfo(lam.dtype).eps) ** 0.5 * (1 + jnp.max(jnp.abs(lam), axis=-1,
+                                                                  keepdims=True))
+    zero = st.active & (lam <= tol)
+    flags.append(jnp.any(zero) | jnp.any(st.weak))
+  return jnp.any(jnp.stack(flags))
 
 
 def count_active(states):

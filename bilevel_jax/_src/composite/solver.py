@@ -26,43 +26,49 @@ with alpha = 1e-6 it stalls after hundreds of steps).  By default a
 primal-dual interior-point phase on the joint (y, w) problem (`ipm.py`)
 first brings y close; Newton on phi, with the exact prox, then polishes.
 
-Derivative (3.6), as a custom VJP (the solver's iterations are never
-differentiated).  For a cotangent c = (c_y, c_p), u = B (B^T A B)^{-1} B^T c is
+Derivative (3.6), by the custom rule of `bilevel_jax._src.implicit_diff`
+(the solver's iterations are never differentiated).  The optimality map is
+
+    F(theta; y, p) = (grad_y L_{a,b}(x, y, p), G(x, y) - a p),
+    theta = (x, the arrays g and G close over, h, a, b),
+
+and for a cotangent c = (c_y, c_p), u = B (B^T A B)^{-1} B^T c is
 
     (hess L + grad G^T P grad G / a) u_y = c_y + grad G^T P c_p / a,
     u_p = P (grad G u_y - c_p) / a,
 
-and x-bar = -d/dx [grad_y L_{a,b}(x, y, p); G(x, y)]^T u at fixed (y, p);
-a-bar = <p, u_p>, b-bar = -<y, u_y>.  The unregularized formula (3.14)
-(Theorem 3.3, for problems satisfying (SOSC)) solves the saddle system with
-a = b = 0 instead.
+and theta-bar = -(d_theta F)^T u at fixed (y, p) (`implicit_diff.root_vjp`):
+x-bar = -d/dx [grad_y L; G]^T u, a-bar = <p, u_p>, b-bar = -<y, u_y>, and
+zero for the data of h (F does not read them).  The unregularized formula
+(3.14) (Theorem 3.3, for problems satisfying (SOSC)) solves the saddle
+system with a = b = 0 instead, and F without a and b (zero a-bar, b-bar).
+
+Diagnostics (Section 5): ``info.ri_violated`` flags solutions where the
+relative interior condition of Theorem 3.2 fails (an active piece with a
+zero multiplier), and ``info.condition_number`` bounds the condition number
+of B^T A B from below, the quantity whose growth as a, b -> 0 the paper
+(after Theorem 5.3) names as the sign that (SOSC) fails.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from bilevel_jax._src import hypergradient as hypergradient_lib
+from bilevel_jax._src import implicit_diff
+from bilevel_jax._src import status as status_lib
 from bilevel_jax._src import validation
+from bilevel_jax._src import variables
 from bilevel_jax._src.composite import ipm
 from bilevel_jax._src.composite import linalg
 from bilevel_jax._src.composite import polyhedral as poly
 from bilevel_jax._src.composite import structure
 
-SUCCESS = 0
-MAX_STEPS = 1
-NONFINITE = 2
-LINESEARCH_FAILED = 3
-STATUS_MESSAGES = {
-    SUCCESS: "converged: residual of (3.2) below tol",
-    MAX_STEPS: "max_steps reached before the residual fell below tol",
-    NONFINITE: "non-finite iterate, residual or prox (check g, G and alpha)",
-    LINESEARCH_FAILED: "the line search found no decrease; residual above tol",
-}
 DERIVATIVES = ("regularized", "unregularized")
 LINEAR_SOLVERS = ("auto", "dense", "cg")
 METHODS = ("ipm", "newton", "warm")
@@ -70,29 +76,57 @@ DENSE_MAX = 2000
 
 
 class CompositeInfo(NamedTuple):
-  """Diagnostics of `solve`.
+  """Diagnostics of `solve` (all arrays).
 
   Attributes:
-    steps: Newton iterations on phi taken (after the interior-point phase).
-    interior_steps: interior-point iterations (method="ipm"), else 0.
+    num_steps: Newton iterations on phi taken (after the interior-point
+      phase; with method="warm", those before and after it).
+    status: a `bilevel_jax.Status` code: SUCCESS, MAX_STEPS, NONFINITE or
+      LINESEARCH_FAILED.
     residual: |grad_y g + grad_y G^T p + beta y|_inf, the residual of (3.2)
       (its second line holds exactly: p = (G - w)/alpha with w the exact prox).
     relative_residual: residual / (1 + |grad_y g|_inf + beta |y|_inf), the
       quantity compared with ``tol``.
-    status: SUCCESS, MAX_STEPS, NONFINITE or LINESEARCH_FAILED.
+    interior_steps: interior-point iterations (method="ipm" or "warm"), else 0.
     ri_violated: True when the relative interior condition of Theorem 3.2
-      could not be certified at the solution (an active piece with a zero
-      multiplier); the derivative then uses the active set the solver found.
+      fails at the solution: an active piece or constraint of h at
+      G - alpha p whose multiplier in (2.2) is zero (below sqrt(eps) times
+      the block's largest; `polyhedral.ri_violated`).  S_{alpha,beta} may be
+      nondifferentiable there; the derivative uses the active set found.
     num_active: number of active pieces and constraints of h at G - alpha p.
+    condition_number: a cheap lower bound on the 2-norm condition number of
+      B^T A B in (3.6), read off the Cholesky factor L of its Schur
+      complement, the Newton matrix M = hess L + grad G^T P grad G / alpha,
+      that the last Newton step formed anyway: since hess L and M^{-1} are
+      blocks of B^T A B and of its inverse, lambda_min(M) <= min_i L_ii^2,
+      and a matrix's norm is at least its largest entry,
+
+          cond(B^T A B) >= max(1, |hess L|_max / min_i L_ii^2),
+
+      with |hess L|_max = max_i (hess L)_ii (hess L is positive semidefinite).
+
+      It is an estimate from below (it may read 1 for a matrix whose
+      condition number is larger), free of the 1/alpha scale of M: it stays
+      bounded as alpha, beta -> 0 where (SOSC) holds and grows like 1/beta
+      where the curvature of L on the critical cone vanishes, the failure
+      signal of Section 5 (after Theorem 5.3).  M is the Newton matrix at
+      the solution when hess L and grad G do not depend on (y, p) and the
+      active set did not change in the last step, else at the iterate before
+      the solution; where no Newton step followed the interior-point phase,
+      M is factored at the solution for it.  NaN when matrix-free
+      (linear_solver="cg"), and for a warm start (method="warm") that
+      already solved (3.2): no matrix was formed, and forming one would cost
+      more than such a solve.
     objective: phi(y) of (3.1) at the returned y.
   """
-  steps: Any
-  interior_steps: Any
+  num_steps: Any
+  status: Any
   residual: Any
   relative_residual: Any
-  status: Any
+  interior_steps: Any
   ri_violated: Any
   num_active: Any
+  condition_number: Any
   objective: Any
 
 
@@ -235,8 +269,8 @@ def _matrix_free_solve(model, x, consts, y, p, beta, h, states, alpha, rhs, opti
     jv = jax.jvp(G_y, (y,), (v,))[1]
     return hvp(v) + vjp(poly.project_dual(h, states, jv))[0] / alpha
 
-  sol, _ = jax.scipy.sparse.linalg.cg(matvec, rhs, maxiter=options.cg_max_steps,
-                                      tol=float(jnp.finfo(rhs.dtype).eps) ** 0.75)
+  sol, _, _ = implicit_diff.cg(matvec, rhs, tol=float(jnp.finfo(rhs.dtype).eps) ** 0.75,
+                               max_steps=options.cg_max_steps)
   return sol
 
 
@@ -276,6 +310,7 @@ class _Newton(NamedTuple):
   floor: Any        # rounding floor of the residual (from grad G)
   lin: _Lin
   factor: Any       # _Factor of the last step (dense), or None
+  condition: Any    # _condition_lower_bound of the last step's factor (NaN: none)
 
 
 STALLED = -2
@@ -289,12 +324,13 @@ def _rounding_floor(model, x, consts, y, jac, alpha):
   return 10 * eps * jnp.max(jnp.abs(jac).T @ (1 + jnp.abs(z))) / alpha
 
 
-def _newton_init(model, h, x, consts, y0, alpha, beta, options, lin, factor, floor):
+def _newton_init(model, h, x, consts, y0, alpha, beta, options, lin, factor, floor,
+                 condition):
   phi, p, grad, states, scale = _evaluate(model, h, x, consts, y0, alpha, beta)
   rel = jnp.max(jnp.abs(grad)) / scale
-  status = jnp.where(rel <= jnp.maximum(options.tol, floor / scale), SUCCESS, -1)
+  status = jnp.where(rel <= jnp.maximum(options.tol, floor / scale), status_lib.SUCCESS, -1)
   return _Newton(y0, phi, p, grad, states, scale, jnp.array(0, jnp.int32), status, rel,
-                 jnp.array(0, jnp.int32), floor, lin, factor)
+                 jnp.array(0, jnp.int32), floor, lin, factor, condition)
 
 
 def _newton_loop(model, h, x, consts, alpha, beta, options, struct, init, *, max_steps,
@@ -319,8 +355,9 @@ def _newton_loop(model, h, x, consts, alpha, beta, options, struct, init, *, max
       factor = _factor(h, st.states, lin, alpha)
       direction = _factor_solve(factor, -st.grad)
       floor = _rounding_floor(model, x, consts, st.y, lin.jac, alpha)
+      condition = _condition_lower_bound(factor, lin)
     else:
-      lin, factor, floor = st.lin, None, st.floor
+      lin, factor, floor, condition = st.lin, None, st.floor, st.condition
       direction = _matrix_free_solve(model, x, consts, st.y, st.p, beta, h, st.states, alpha,
                                      -st.grad, options)
     slope = jnp.vdot(st.grad, direction)
@@ -372,15 +409,16 @@ def _newton_loop(model, h, x, consts, alpha, beta, options, struct, init, *, max
         lambda new, old: jnp.where(failed, old, new), trial, current)
     rel = jnp.max(jnp.abs(grad_n)) / scale_n
     finite = jnp.all(jnp.isfinite(y_new)) & jnp.isfinite(phi_n) & poly.prox_ok(states_n)
-    status = jnp.where(~finite, NONFINITE,
-                       jnp.where(rel <= jnp.maximum(options.tol, floor / scale_n), SUCCESS,
-                                 jnp.where(failed, LINESEARCH_FAILED, -1)))
+    converged = rel <= jnp.maximum(options.tol, floor / scale_n)
+    status = jnp.where(~finite, status_lib.NONFINITE,
+                       jnp.where(converged, status_lib.SUCCESS,
+                                 jnp.where(failed, status_lib.LINESEARCH_FAILED, -1)))
     slow = jnp.where(rel > 0.5 * st.rel, st.slow + 1, 0)
     if warm:
       stalled = (slow >= 2) | (st.step + 1 >= max_steps)
       status = jnp.where((status < 0) & stalled, STALLED, status)
     return _Newton(y_new, phi_n, p_n, grad_n, states_n, scale_n, st.step + 1, status, rel,
-                   slow, floor, lin, factor)
+                   slow, floor, lin, factor, condition)
 
   return jax.lax.while_loop(cond, body, init)
 
@@ -413,16 +451,17 @@ def _ipm_phase(model, h, x, consts, y, alpha, beta, options, struct, lin, active
   return y_ipm, jnp.asarray(steps, jnp.int32), lin
 
 
-def _forward(model, h, x, consts, y0, alpha, beta, options, need_factor: bool):
-  """The solve of (3.1): (y, p, prox states, info, (factor, jac) or None).
+def _forward(model, h, x, consts, y0, alpha, beta, options):
+  """The solve of (3.1): (y, p, prox states, info, (factor, lin, same) or None).
 
   method "ipm": interior point, then Newton on phi.  "newton": Newton only.
   "warm": Newton from y0 for at most warm_steps steps; where it stalls, the
-  interior point from its last iterate, then Newton again.  With
-  ``need_factor`` (the forward pass of the derivative, dense mode) the
-  Cholesky factor of the Newton matrix at the solution is returned too: the
-  last step's when the Hessian and grad G are constant and the active set did
-  not change since, else a new one.
+  interior point from its last iterate, then Newton again.  In dense mode
+  the Cholesky factor of the last Newton step's matrix and the dense hess L,
+  grad G it was built from are returned too, with ``same``: whether it is
+  the Newton matrix at the solution (the Hessian and grad G are constant and
+  the active set did not change since).  The derivative refactors where not
+  (`_dense_factor`); a solve that is not differentiated costs nothing more.
   """
   m = y0.shape[0]
   dense = _dense(options, m)
@@ -430,89 +469,129 @@ def _forward(model, h, x, consts, y0, alpha, beta, options, need_factor: bool):
   lin = _empty_lin(y0, h.size)
   factor = _placeholder_factor(y0, h) if dense else None
   floor = jnp.zeros((), y0.dtype)
+  no_condition = jnp.full((), jnp.nan, y0.dtype)
   init = functools.partial(_newton_init, model, h, x, consts)
   loop = functools.partial(_newton_loop, model, h, x, consts, alpha, beta, options, struct)
   ipm_steps = jnp.array(0, jnp.int32)
   if options.method == "warm":
-    st = loop(init(y0, alpha, beta, options, lin, factor, floor),
+    st = loop(init(y0, alpha, beta, options, lin, factor, floor, no_condition),
               max_steps=options.warm_steps, warm=True)
-    need_ipm = st.status != SUCCESS
+    need_ipm = st.status != status_lib.SUCCESS
     y_start = jnp.where(jnp.all(jnp.isfinite(st.y)), st.y, y0)
     y_ipm, ipm_steps, lin = _ipm_phase(model, h, x, consts, y_start, alpha, beta, options,
                                        struct, st.lin, need_ipm)
     first = st._replace(lin=lin, step=jnp.array(0, jnp.int32))
     start = linalg.maybe(need_ipm, lambda: init(y_ipm, alpha, beta, options, lin, st.factor,
-                                                st.floor), first)
+                                                st.floor, st.condition), first)
     warm_steps = st.step
+    ipm_ran = need_ipm
   else:
     y_start = y0
     if options.method == "ipm":
       y_start, ipm_steps, lin = _ipm_phase(model, h, x, consts, y0, alpha, beta, options,
                                            struct, lin, jnp.array(True))
-    start = init(y_start, alpha, beta, options, lin, factor, floor)
+    start = init(y_start, alpha, beta, options, lin, factor, floor, no_condition)
     warm_steps = jnp.array(0, jnp.int32)
+    ipm_ran = jnp.array(options.method == "ipm")
   st = loop(start, max_steps=options.max_steps, warm=False)
   steps = warm_steps + st.step
-  status = jnp.where(st.status < 0, MAX_STEPS, st.status)
+  status = jnp.where(st.status < 0, status_lib.MAX_STEPS, st.status)
   res = jnp.max(jnp.abs(st.grad))
-  status = jnp.where(jnp.isfinite(res), status, NONFINITE)
-  info = CompositeInfo(steps=steps, interior_steps=ipm_steps,
-                       residual=res, relative_residual=res / st.scale,
-                       status=status.astype(jnp.int32),
-                       ri_violated=poly.ri_violated(st.states),
-                       num_active=poly.count_active(st.states).astype(jnp.int32),
-                       objective=st.phi)
+  status = jnp.where(jnp.isfinite(res), status, status_lib.NONFINITE)
   dense_data = None
-  if need_factor and dense:
+  condition = no_condition
+  if dense:
     same = jnp.array(struct.hess_const and struct.jac_const) & (steps > 0)
     for old, new in zip(st.factor.active, st.states):
       same = same & jnp.all(old == new.active)
+    usable = same | (st.step > 0)
+    # No Newton step after an interior-point phase: one factorization at the
+    # solution, a small part of that solve's cost (a warm start that was
+    # already a solution forms none: it would cost more than the solve).
+    fresh = ~usable & ipm_ran
 
     def refactor():
       lin_y = _update_lin(model, x, consts, st.y, st.p, beta, struct, st.lin)
-      return _factor(h, st.states, lin_y, alpha), lin_y.jac
+      factor_y = _factor(h, st.states, lin_y, alpha)
+      return factor_y, lin_y, jnp.array(True), _condition_lower_bound(factor_y, lin_y)
 
-    dense_data = linalg.maybe(~same, refactor, (st.factor, st.lin.jac))
+    factor, lin, exact, cond = linalg.maybe(fresh, refactor,
+                                            (st.factor, st.lin, same, st.condition))
+    dense_data = (factor, lin, exact)
+    condition = jnp.where(usable | fresh, cond, no_condition)
+  info = CompositeInfo(num_steps=steps.astype(jnp.int32), status=status.astype(jnp.int32),
+                       residual=res, relative_residual=res / st.scale,
+                       interior_steps=ipm_steps,
+                       ri_violated=poly.ri_violated(st.states),
+                       num_active=poly.count_active(st.states).astype(jnp.int32),
+                       condition_number=condition, objective=st.phi)
   return st.y, st.p, st.states, info, dense_data
+
+
+def _dense_factor(model, theta, y, p, states, dense_data):
+  """(factor, lin) of the Newton matrix at the solution for the derivative:
+  the forward pass's last one where it is that matrix, else a new one."""
+  x, consts, h, alpha, beta = theta
+  factor, lin, same = dense_data
+  struct = _structure(model, x, consts, y, jnp.zeros_like(p), True)
+
+  def refactor():
+    lin_y = _update_lin(model, x, consts, y, p, beta, struct, lin)
+    return _factor(h, states, lin_y, alpha), lin_y
+
+  return linalg.maybe(~same, refactor, (factor, lin))
+
+
+def _condition_lower_bound(factor, lin):
+  """max(1, max_i (hess L)_ii / min_i L_ii^2), a lower bound on cond(B^T A B)
+  (see CompositeInfo.condition_number); L the Cholesky factor of M.  O(m):
+  hess L is positive semidefinite, so its largest entry is on the diagonal."""
+  pivot = jnp.min(jnp.abs(jnp.diagonal(factor.chol)))
+  return jnp.maximum(1.0, jnp.max(jnp.diagonal(lin.hess)) / pivot ** 2)
 
 
 # --------------------------------------------------------------- derivative
 
 
-def _float0_like(tree):
-  def zero(leaf):
-    leaf = jnp.asarray(leaf)
-    if jnp.issubdtype(leaf.dtype, jnp.inexact):
-      return jnp.zeros_like(leaf)
-    return np.zeros(leaf.shape, dtype=jax.dtypes.float0)
-  return jax.tree_util.tree_map(zero, tree)
+class _Theta(NamedTuple):
+  """The differentiable inputs of the solution map (implicit_diff.solution_map)."""
+  x: Any
+  consts: Any      # (arrays g closes over, arrays G closes over)
+  h: Any           # Polyhedral (zero cotangent: F does not read it)
+  alpha: Any
+  beta: Any
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _solution(model, options, x, consts, h, alpha, beta, y0):
-  y, p, _, info, _ = _forward(model, h, x, consts, y0, alpha, beta, options, False)
-  return y, p, info
+def _optimality(model, derivative):
+  """F(theta; (y, p)) of (3.2) in theta, whose -(d_theta F)^T u is theta-bar:
+  (grad_y L_{a,b}, G - a p) for (3.6); (grad_y L_{0,0}, G) for (3.14)."""
+  def regularized(theta, sol):
+    y, p = sol
+    grad, _ = _lagrangian_grad(model, theta.x, theta.consts, y, p, theta.beta)
+    return grad, model.G(theta.x, y, *theta.consts[1]) - theta.alpha * p
+
+  def unregularized(theta, sol):
+    y, p = sol
+    grad, _ = _lagrangian_grad(model, theta.x, theta.consts, y, p, jnp.zeros((), y.dtype))
+    return grad, model.G(theta.x, y, *theta.consts[1])
+
+  return regularized if derivative == "regularized" else unregularized
 
 
-def _solution_fwd(model, options, x, consts, h, alpha, beta, y0):
-  y, p, states, info, dense_data = _forward(model, h, x, consts, y0, alpha, beta, options,
-                                            options.derivative == "regularized")
-  return (y, p, info), (x, consts, h, alpha, beta, y0, y, p, states, dense_data)
-
-
-def _regularized_cotangent(model, options, x, consts, h, alpha, beta, y, p, states,
-                           dense_data, ct_y, ct_p):
+def _regularized_cotangent(model, options, theta, y, p, states, dense_data, ct_y, ct_p):
   """u = B (B^T A B)^{-1} B^T (ct_y, ct_p) by the Schur complement of (3.6):
 
       (hess L + grad G^T P grad G / alpha) u_y = ct_y + grad G^T P ct_p / alpha,
       u_p = P (grad G u_y - ct_p) / alpha,
 
-  with the Cholesky factor of the forward pass (dense), or by CG."""
+  with the Cholesky factor of the Newton matrix at the solution (dense), or
+  by CG."""
+  x, consts, h, alpha, beta = theta
   proj_ct_p = poly.project_dual(h, states, ct_p)
   if dense_data is not None:
-    factor, jac = dense_data
-    u_y = _factor_solve(factor, ct_y + jac.T @ proj_ct_p / alpha)
-    return u_y, poly.project_dual(h, states, jac @ u_y - ct_p) / alpha
+    factor, lin = _dense_factor(model, theta, y, p, states, dense_data)
+    u_y = _factor_solve(factor, ct_y + lin.jac.T @ proj_ct_p / alpha)
+    return u_y, poly.project_dual(h, states, lin.jac @ u_y - ct_p) / alpha
   G_y = lambda yy: model.G(x, yy, *consts[1])
   _, vjp = jax.vjp(G_y, y)
   rhs = ct_y + vjp(proj_ct_p)[0] / alpha
@@ -521,8 +600,9 @@ def _regularized_cotangent(model, options, x, consts, h, alpha, beta, y, p, stat
   return u_y, poly.project_dual(h, states, jvp - ct_p) / alpha
 
 
-def _unregularized_cotangent(model, x, consts, h, y, p, states, ct_y, ct_p):
+def _unregularized_cotangent(model, theta, y, p, states, ct_y, ct_p):
   """u for (3.14): the saddle system of A with alpha = beta = 0, on K (dense)."""
+  x, consts, h = theta.x, theta.consts, theta.h
   m, s = y.shape[0], p.shape[0]
   zero = jnp.zeros((), y.dtype)
   hess = _hessian_L(model, x, consts, y, p, zero, dense=True)
@@ -535,34 +615,24 @@ def _unregularized_cotangent(model, x, consts, h, y, p, states, ct_y, ct_p):
   return u[:m], u[m:]
 
 
-def _solution_bwd(model, options, residuals, cotangents):
-  x, consts, h, alpha, beta, y0, y, p, states, dense_data = residuals
-  ct_y, ct_p, _ = cotangents
-  ct_y = jnp.asarray(ct_y, y.dtype)
-  ct_p = jnp.asarray(ct_p, p.dtype)
-  if options.derivative == "regularized":
-    u_y, u_p = _regularized_cotangent(model, options, x, consts, h, alpha, beta, y, p,
-                                      states, dense_data, ct_y, ct_p)
-    ct_alpha = jnp.vdot(p, u_p).astype(jnp.result_type(alpha))
-    ct_beta = -jnp.vdot(y, u_y).astype(jnp.result_type(beta))
-    beta_used = beta
-  else:
-    u_y, u_p = _unregularized_cotangent(model, x, consts, h, y, p, states, ct_y, ct_p)
-    ct_alpha = jnp.zeros((), jnp.result_type(alpha))
-    ct_beta = jnp.zeros((), jnp.result_type(beta))
-    beta_used = jnp.zeros((), y.dtype)
+def _solution(model, options, theta, y0):
+  """(y, p, info), differentiable in theta by (3.6) or (3.14)."""
+  def solve(theta, start):
+    y, p, states, info, dense_data = _forward(model, theta.h, theta.x, theta.consts, start,
+                                              theta.alpha, theta.beta, options)
+    return (y, p, info), (y, p, states, dense_data)
 
-  def optimality(xx, cc):
-    grad, _ = _lagrangian_grad(model, xx, cc, y, p, beta_used)
-    return grad, model.G(xx, y, *cc[1])
+  def adjoint(theta, saved, cotangent):
+    y, p, states, dense_data = saved
+    ct_y = jnp.asarray(cotangent[0], y.dtype)
+    ct_p = jnp.asarray(cotangent[1], p.dtype)
+    if options.derivative == "regularized":
+      u = _regularized_cotangent(model, options, theta, y, p, states, dense_data, ct_y, ct_p)
+    else:
+      u = _unregularized_cotangent(model, theta, y, p, states, ct_y, ct_p)
+    return implicit_diff.root_vjp(_optimality(model, options.derivative), theta, (y, p), u)
 
-  _, vjp = jax.vjp(optimality, x, consts)
-  ct_x, ct_consts = vjp((-u_y, -u_p))
-  return (ct_x, ct_consts, _float0_like(h), ct_alpha, ct_beta,
-          jnp.zeros_like(y0))
-
-
-_solution.defvjp(_solution_fwd, _solution_bwd)
+  return implicit_diff.solution_map(solve, adjoint, theta, y0)
 
 
 # ------------------------------------------------------------------ public
@@ -578,65 +648,36 @@ def _check_options(tol, max_steps, derivative, linear_solver, dtype):
   return float(tol)
 
 
-def solve(g, G, h, x, *, y0, alpha, beta, tol=None, max_steps: int = 100,
-          derivative: str = "regularized", linear_solver: str = "auto",
-          max_backtracks: int = 40, cg_max_steps: int = 1000,
-          method: str = "ipm", warm_steps: int = 10) -> CompositeSolution:
-  """Solves the regularized lower level (3.1); differentiable in x by (3.6).
+class _Prepared(NamedTuple):
+  model: _Model
+  theta: _Theta
+  y0: Any           # flat
+  unravel: Any      # flat -> the structure of y0
+  options: _Options
 
-  Args:
-    g: g(x, y) -> scalar, convex and C^2 in y.
-    G: G(x, y) -> (s,) array, each entry convex and C^2 in y.
-    h: a `Polyhedral` on R^s (nondecreasing, epi-polyhedral).
-    x: upper-level variable, any pytree of float arrays.
-    y0: starting point; fixes the shape and dtype of y (an array or pytree).
-    alpha: Moreau-envelope parameter, > 0 (traced values allowed).
-    beta: Tikhonov parameter, > 0 (traced values allowed).
-    tol: stop when the relative residual of (3.2) is below tol (default
-      1e-10 in float64, 1e-5 in float32), or below the rounding floor
-      10 eps |grad G|^T (1 + |G|) / alpha where that is larger.
-    max_steps: Newton iterations at most.
-    derivative: "regularized" for (3.6) (always well defined for alpha,
-      beta > 0), or "unregularized" for (3.14) of Theorem 3.3 (valid where
-      (SOSC) and the relative interior condition hold; dense saddle solve).
-    linear_solver: "dense" (Cholesky of the m x m Newton matrix, LU if that
-      fails), "cg" (matrix-free conjugate gradients) or "auto" (dense when
-      m <= 2000).  Dense mode computes hess_yy L and grad_y G once per solve
-      when they do not depend on (y, p) (g quadratic, G affine in y: read
-      off the jaxprs), and the derivative reuses the forward pass's factor.
-    max_backtracks: halvings in the Armijo line search.
-    cg_max_steps: iterations of CG when matrix-free.
-    method: "ipm" (default): a primal-dual interior-point phase on the joint
-      (y, w) problem of Section 5.1, then Newton on phi to polish (robust
-      for small alpha, dense); "newton": Newton on phi from y0 only (cheap
-      per step, matrix-free with linear_solver="cg", but it may need many
-      steps when alpha is small and y0 is far: each line search stops at the
-      first kink of e_alpha h it crosses); "warm": for y0 a warm start (the
-      solution at a nearby x): Newton on phi from y0, and only where it
-      stalls (two steps in a row that do not halve the residual, or
-      ``warm_steps`` steps) the interior-point phase from its last iterate,
-      then Newton again.  When y0's active set is right, a solve is one or
-      two Newton steps.
-    warm_steps: Newton steps of method="warm" before it falls back.
 
-  Returns:
-    CompositeSolution(y, p, info).  y and p are differentiable in x, in the
-    data g and G close over, and in alpha and beta, by jax.grad / jax.jacrev
-    (reverse mode; the custom rule implements (3.6)).  The data of h get a
-    zero cotangent.
-  """
+def _prepare(g, G, h, x, y0, alpha, beta, tol, max_steps, derivative, linear_solver,
+             max_backtracks, cg_max_steps, method, warm_steps) -> _Prepared:
   h = poly.check_h("h", h)
+  for name, fn in (("g", g), ("G", G)):
+    if not callable(fn):
+      raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}.")
+  variables.check("x", x)
+  variables.check("y0", y0)
+  if variables.has_rest(y0):
+    raise TypeError("`y0` must hold floating-point arrays only (composite.solve has no "
+                    "leaves to carry along); keep integer or key leaves out of y.")
   for name, value in (("alpha", alpha), ("beta", beta)):
     validation.check_positive(name, value)
   y0_flat, unravel = ravel_pytree(y0)
-  if not jnp.issubdtype(y0_flat.dtype, jnp.floating):
-    raise TypeError(f"`y0` must hold floating-point arrays, got dtype {y0_flat.dtype}.")
   tol = _check_options(tol, max_steps, derivative, linear_solver, y0_flat.dtype)
   validation.check_one_of("method", method, METHODS)
   if method in ("ipm", "warm") and linear_solver == "cg":
     raise ValueError(f"`linear_solver='cg'` needs `method='newton'`: the interior-point "
                      f"phase of method={method!r} forms dense m x m matrices.")
   validation.check_positive_int("warm_steps", warm_steps)
+  validation.check_positive_int("max_backtracks", max_backtracks)
+  validation.check_positive_int("cg_max_steps", cg_max_steps)
   options = _Options(tol, max_steps, derivative, linear_solver, max_backtracks, cg_max_steps,
                      method, warm_steps)
 
@@ -651,31 +692,162 @@ def solve(g, G, h, x, *, y0, alpha, beta, tol=None, max_steps: int = 100,
     raise ValueError(f"`G` must return a vector of size {h.size} to match `h`, got "
                      f"an output of shape {getattr(out, 'shape', type(out).__name__)}.")
 
-  g_conv, g_consts = jax.closure_convert(g_flat, x, y0_flat)
-  G_conv, G_consts = jax.closure_convert(G_flat, x, y0_flat)
-  model = _Model(g_conv, G_conv)
+  g_conv, g_consts = implicit_diff.closure_convert(g_flat, x, y0_flat)
+  G_conv, G_consts = implicit_diff.closure_convert(G_flat, x, y0_flat)
   dtype = y0_flat.dtype
-  alpha = jnp.asarray(alpha, dtype)
-  beta = jnp.asarray(beta, dtype)
-  y, p, info = _solution(model, options, x, (tuple(g_consts), tuple(G_consts)), h,
-                         alpha, beta, y0_flat)
-  return CompositeSolution(unravel(y), p, info)
+  theta = _Theta(x, (g_consts, G_consts), h, jnp.asarray(alpha, dtype),
+                 jnp.asarray(beta, dtype))
+  return _Prepared(_Model(g_conv, G_conv), theta, y0_flat, unravel, options)
 
 
-def make_hypergradient(upper_fn, g, G, h, *, alpha, beta, jit: bool = True, **kwargs):
-  """The hypergradient of x -> upper_fn(x, Y_{alpha,beta}(x)) for the Optax
-  driver `bilevel_jax.upper.optimize`.
+def solve(g, G, h, x, y0, *, alpha, beta, tol=None, max_steps: int = 100,
+          derivative: str = "regularized", linear_solver: str = "auto",
+          max_backtracks: int = 40, cg_max_steps: int = 1000,
+          method: str = "ipm", warm_steps: int = 10,
+          throw: bool = False) -> CompositeSolution:
+  """Solves the regularized lower level (3.1); differentiable in x by (3.6).
 
-  Returns ``fn(x, y0) -> (value, grad, y)``; with ``warm_start=True`` the
-  driver passes the previous y back as y0.  The gradient chains
-  grad_x upper_fn with (3.6); ``kwargs`` are those of `solve`.
+      Y_{alpha,beta}(x) = argmin_y g(x, y) + e_alpha h(G(x, y)) + beta/2 |y|^2,
+
+  with p = (G - prox_{alpha h}(G)) / alpha its multiplier in (3.2).
+
+  Args:
+    g: g(x, y) -> scalar, convex and C^2 in y.
+    G: G(x, y) -> (s,) array, each entry convex and C^2 in y.
+    h: a `Polyhedral` on R^s (nondecreasing, epi-polyhedral).
+    x: upper-level variable, any pytree of float arrays.
+    y0: starting point; fixes the shape and dtype of y (an array or a pytree
+      of float arrays).
+    alpha: Moreau-envelope parameter, > 0 (traced values allowed).
+    beta: Tikhonov parameter, > 0 (traced values allowed).
+    tol: stop when the relative residual of (3.2) is below tol (default
+      1e-10 in float64, 1e-5 in float32), or below the rounding floor
+      10 eps |grad G|^T (1 + |G|) / alpha where that is larger.
+    max_steps: Newton iterations at most (and interior-point iterations at
+      most); MAX_STEPS when reached first.
+    derivative: "regularized" for (3.6) (always well defined for alpha,
+      beta > 0), or "unregularized" for (3.14) of Theorem 3.3 (valid where
+      (SOSC) and the relative interior condition hold; dense saddle solve).
+    linear_solver: "dense" (Cholesky of the m x m Newton matrix), "cg"
+      (matrix-free conjugate gradients, `implicit_diff.cg`, relative
+      tolerance eps^0.75) or "auto" (dense when m <= 2000).  Dense mode
+      computes hess_yy L and grad_y G once per solve when they do not depend
+      on (y, p) (g quadratic, G affine in y: read off the jaxprs), and the
+      derivative reuses the forward pass's factor.
+    max_backtracks: trials in the line search of each Newton step.
+    cg_max_steps: iterations of CG when matrix-free.
+    method: "ipm" (default): a primal-dual interior-point phase on the joint
+      (y, w) problem of Section 5.1, then Newton on phi to polish (robust
+      for small alpha, dense); "newton": Newton on phi from y0 only (cheap
+      per step, matrix-free with linear_solver="cg", but it may need many
+      steps when alpha is small and y0 is far: each line search stops at the
+      first kink of e_alpha h it crosses); "warm": for y0 a warm start (the
+      solution at a nearby x): Newton on phi from y0, and only where it
+      stalls (two steps in a row that do not halve the residual, or
+      ``warm_steps`` steps) the interior-point phase from its last iterate,
+      then Newton again.  When y0's active set is right, a solve is one or
+      two Newton steps.
+    warm_steps: Newton steps of method="warm" before it falls back.
+    throw: raise `bilevel_jax.SolverError` when ``info.status`` is not
+      SUCCESS (see `bilevel_jax.Status`); default False (check the status).
+
+  Returns:
+    `CompositeSolution(y, p, info)`.  y and p are differentiable in x, in
+    the arrays g and G close over, and in alpha and beta, by jax.grad /
+    jax.jacrev (reverse mode; the custom rule implements (3.6)).  The data
+    of h and y0 get a zero cotangent.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from bilevel_jax import composite
+    >>> g = lambda x, y: 0.5 * jnp.sum((y - x) ** 2)    # min (y - x)^2/2 s.t. y <= 0
+    >>> G = lambda x, y: y
+    >>> sol = composite.solve(g, G, composite.nonpositive(1), jnp.array(1.0),
+    ...                       jnp.zeros(1), alpha=0.1, beta=0.1)
+    >>> round(float(sol.y[0]), 6), int(sol.info.status)    # x / (1 + beta + 1/alpha)
+    (0.09009, 0)
+    >>> dy = jax.grad(lambda x: composite.solve(g, G, composite.nonpositive(1), x,
+    ...                                         jnp.zeros(1), alpha=0.1, beta=0.1).y[0])
+    >>> round(float(dy(1.0)), 6)
+    0.09009
   """
-  def value(x, y0):
-    sol = solve(g, G, h, x, y0=y0, alpha=alpha, beta=beta, **kwargs)
-    return upper_fn(x, sol.y), sol.y
+  prep = _prepare(g, G, h, x, y0, alpha, beta, tol, max_steps, derivative, linear_solver,
+                  max_backtracks, cg_max_steps, method, warm_steps)
+  y, p, info = _solution(prep.model, prep.options, prep.theta, prep.y0)
+  status_lib.raise_if_failed(info.status, throw=throw, where="composite.solve")
+  return CompositeSolution(prep.unravel(y), p, info)
 
-  def fn(x, y0):
-    (val, y), grad = jax.value_and_grad(value, has_aux=True)(x, y0)
-    return val, grad, y
 
-  return jax.jit(fn) if jit else fn
+_SOLVE_KEYWORDS = tuple(name for name, param in inspect.signature(solve).parameters.items()
+                        if param.kind is inspect.Parameter.KEYWORD_ONLY
+                        and name not in ("alpha", "beta", "throw"))
+
+
+def hypergradient(upper_fn, g, G, h, x, y0, *, alpha, beta, return_info: bool = False,
+                  throw: bool = False, **solve_kw):
+  """phi(x) = upper_fn(x, Y_{alpha,beta}(x)) and its gradient by (3.6).
+
+      grad phi(x) = grad_x F(x, y) + (d Y_{alpha,beta} / dx)^T grad_y F(x, y)
+
+  Takes the keyword arguments of `solve`.  Returns ``(value, grad)``, or
+  ``(value, grad, solution)`` with ``return_info=True`` (the
+  `CompositeSolution` at x, whose ``info.status`` is the lower status);
+  ``grad`` has the structure of ``x`` (None at leaves that are not floating
+  point).
+  ``throw``: raise `bilevel_jax.SolverError` when the lower solve did not
+  succeed.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import composite
+    >>> g = lambda x, y: 0.5 * jnp.sum((y - x) ** 2)
+    >>> F = lambda x, y: y[0]                 # phi(x) = x / (1 + beta + 1/alpha), x > 0
+    >>> value, grad = composite.hypergradient(F, g, lambda x, y: y, composite.nonpositive(1),
+    ...                                       jnp.array(1.0), jnp.zeros(1), alpha=0.1,
+    ...                                       beta=0.1)
+    >>> round(float(value), 6), round(float(grad), 6)
+    (0.09009, 0.09009)
+  """
+  if not callable(upper_fn):
+    raise TypeError(f"`upper_fn` must be callable, got {type(upper_fn).__name__}.")
+  unknown = sorted(set(solve_kw) - set(_SOLVE_KEYWORDS))
+  if unknown:
+    raise TypeError(f"unknown keyword argument(s) {unknown}; `composite.solve` takes "
+                    f"{list(_SOLVE_KEYWORDS)}.")
+  variables.check("x", x)
+  validation.check_scalar_output("upper_fn", upper_fn, x, y0)
+  x_dyn, x_rest = variables.partition(x)
+
+  def phi(xd):
+    xx = variables.combine(xd, x_rest)
+    sol = solve(g, G, h, xx, y0, alpha=alpha, beta=beta, **solve_kw)
+    return upper_fn(xx, sol.y), sol
+
+  (value, solution), grad = jax.value_and_grad(phi, has_aux=True)(x_dyn)
+  status_lib.raise_if_failed(solution.info.status, throw=throw,
+                             where="composite.hypergradient")
+  if return_info:
+    return value, grad, solution
+  return value, grad
+
+
+make_hypergradient = functools.partial(hypergradient_lib.make, hypergradient)
+make_hypergradient.__doc__ = """\
+make_hypergradient(upper_fn, g, G, h, *, alpha, beta, jit=True, **solve_kw)
+
+Builds ``fn(x, y0) -> (value, grad, solution)`` of `hypergradient` for
+`bilevel_jax.upper.optimize`: ``solution.info`` carries the lower status and
+residual, which the driver records every upper step; with ``warm_start=True``
+the driver passes the previous ``solution.y`` back as y0 (use
+``method="warm"``).  The builder is `bilevel_jax._src.hypergradient.make`.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from bilevel_jax import composite
+  >>> g = lambda x, y: 0.5 * jnp.sum((y - x) ** 2)
+  >>> fn = composite.make_hypergradient(lambda x, y: y[0], g, lambda x, y: y,
+  ...                                   composite.nonpositive(1), alpha=0.1, beta=0.1)
+  >>> value, grad, sol = fn(jnp.array(1.0), jnp.zeros(1))
+  >>> round(float(grad), 6), int(sol.info.status)
+  (0.09009, 0)
+"""

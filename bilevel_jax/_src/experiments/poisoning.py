@@ -15,7 +15,7 @@ import numpy as np
 
 from bilevel_jax._src import config
 from bilevel_jax._src import gradient_sampling as gs
-from bilevel_jax._src.composite import solver
+from bilevel_jax._src import sampling
 from bilevel_jax._src.experiments import common
 from bilevel_jax._src.experiments import composite_common as cc
 from bilevel_jax._src.problems import regression
@@ -29,12 +29,7 @@ PAPER_CLEAN_VAL = 8.48
 
 SCHEMA = {
     "problem": {
-        "instances": F("int", 20, config.positive),
-        "seed": F("int", 0),
-        "dim": F("int", 50, config.positive),
-        "n_train": F("int", 100, config.positive),
-        "n_val": F("int", 100, config.positive),
-        "n_test": F("int", 300, config.positive),
+        **cc.problem_schema(dim=50),
         "log_lambda1": F("float", 3.0, doc="lambda_1 = exp(3)"),
         "log_lambda2": F("float", 2.0, doc="lambda_2 = exp(2)"),
         "budget": F("float", 100.0, config.positive, "c in |w|^2 <= c"),
@@ -44,7 +39,7 @@ SCHEMA = {
         "batching": F("str", "map", config.one_of(*cc.BATCHING),
                       "instances in one jitted call: lax.map or vmap (lockstep)"),
         "num_samples": F("int", 101, config.positive, "N_sam >= n + 1"),
-        "max_iter": F("int", 300, config.positive, "not given in the paper"),
+        "max_steps": F("int", 300, config.positive, "not given in the paper"),
         "eps0": F("float", 0.1, config.positive),
         "eps_opt": F("float", 1e-4, config.positive),
         "reg0": F("float", 0.01, config.positive, "alpha0 = beta0"),
@@ -79,10 +74,8 @@ def _lower(p, reformulated=False):
 def _one_run(data, key, method, p, a):
   low = _lower(p, method == "2R")(data)
 
-  def fun(w, alpha, beta):
-    sol = solver.solve(low.g, low.G, low.h, w, y0=low.y0, alpha=alpha, beta=beta)
-    return -regression.mse(data.a_val, data.b_val, low.to_model(sol.y))
-
+  fun, _ = cc.hyper_objective(
+      low, lambda coef: -regression.mse(data.a_val, data.b_val, coef), warm_start=False)
   budget = p["budget"]
   return gs.sqp_gradient_sampling(
       fun, lambda w: jnp.sum(w ** 2)[None] - budget, jnp.zeros_like(data.b_train), key=key,
@@ -90,7 +83,7 @@ def _one_run(data, key, method, p, a):
       alpha0=a["reg0"], alpha_opt=a["reg_opt"], beta0=a["reg0"], beta_opt=a["reg_opt"],
       rho0=a["rho0"], theta0=a["theta0"], eta=a["eta"], mu_eps=a["mu_eps"],
       mu_alpha=a["mu_reg"], mu_beta=a["mu_reg"], mu_rho=a["mu_rho"],
-      mu_theta=a["mu_theta"], delta=a["delta"], gamma=a["gamma"], max_iter=a["max_iter"])
+      mu_theta=a["mu_theta"], delta=a["delta"], gamma=a["gamma"], max_steps=a["max_steps"])
 
 
 def _row(name, time_s, val, test, infeasibility, paper, extra=None):
@@ -124,16 +117,19 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
     infeasible = jnp.maximum(jnp.sum(result.x ** 2, axis=1) - p["budget"], 0)
     rows.append(_row(f"Algorithm {method}", run_s / count, val, test, cc.mean(infeasible),
                      PAPER_TABLE2[method],
-                     {"iterations": cc.mean(result.info.iterations),
-                      "stopped": int(jnp.sum(result.info.status == gs.SUCCESS)),
+                     {"iterations": cc.mean(result.info.num_steps),
+                      "stopped": int(jnp.sum(cc.met_stopping_rule(result.info.status))),
                       "compile_s": compile_s}))
-    histories[method] = {"value": np.asarray(result.info.history["value"]).tolist()}
+    histories[method] = {"value": np.asarray(result.info.history.value).tolist(),
+                         "status": np.asarray(result.info.status).tolist(),
+                         "inner_status": np.asarray(result.info.inner_status).tolist(),
+                         "inner_failures": np.asarray(result.info.inner_failures).tolist()}
   common.progress(f"[poisoning] random search, {ref['random_points']} points", quiet)
 
   def random_search(d, key):
     n = d.b_train.shape[0]
-    w = gs._sample_ball(key, jnp.zeros(n, d.b_train.dtype), jnp.sqrt(p["budget"]),
-                        ref["random_points"])
+    w = sampling.ball(key, jnp.zeros(n, d.b_train.dtype), jnp.sqrt(p["budget"]),
+                      ref["random_points"])
     val, test, _ = jax.lax.map(lambda ww: cc.retrain(d, lower, ww, ref["retrain_reg"]), w)
     best = jnp.argmax(val)
     return val[best], test[best]

@@ -38,10 +38,10 @@ def import_cvxpy():
   return cvxpy
 
 
-def sample_noise(key, num_samples, max_iter, n=2):
+def sample_noise(key, num_samples, max_steps, n=2):
   """The unit directions and radius factors u^(1/n) that `gradient_sampling`
-  draws at each iteration from ``key`` (its `_sample_ball`), as NumPy arrays
-  of shapes (max_iter, num_samples, n) and (max_iter, num_samples, 1)."""
+  draws at each iteration from ``key`` (`sampling.ball`), as NumPy arrays
+  of shapes (max_steps, num_samples, n) and (max_steps, num_samples, 1)."""
   import jax
   import jax.numpy as jnp
 
@@ -52,7 +52,7 @@ def sample_noise(key, num_samples, max_iter, n=2):
     direction = direction / jnp.linalg.norm(direction, axis=1, keepdims=True)
     factor = jax.random.uniform(k2, (num_samples, 1), jnp.float64) ** (1.0 / n)
     return key, (direction, factor)
-  _, (dirs, factors) = jax.lax.scan(step, key, None, length=max_iter)
+  _, (dirs, factors) = jax.lax.scan(step, key, None, length=max_steps)
   return np.asarray(dirs), np.asarray(factors)
 
 
@@ -162,7 +162,7 @@ class MinNorm:
     return grads.T @ (lam / lam.sum())
 
 
-def algorithm1(lower, dirs, factors, num_samples, max_iter, solver="default"):
+def algorithm1(lower, dirs, factors, num_samples, max_steps, solver="default"):
   """Algorithm 1 in plain Python, the parameters of GS, the samples of JAX.
 
   f(x) at the current (x, alpha, beta) is reused from the accepted line-search
@@ -174,9 +174,9 @@ def algorithm1(lower, dirs, factors, num_samples, max_iter, solver="default"):
   eps, alpha, beta, eta = GS["eps0"], GS["alpha0"], GS["beta0"], GS["eta0"]
   fx = None
   hits = failures = 0
-  status = "max_iter"
+  status = "max_steps"
   k = 0
-  for k in range(max_iter):
+  for k in range(max_steps):
     points = x[None, :] + (eps * factors[k]) * dirs[k]
     grads = np.array([lower.value_and_grad(pt, alpha, beta)[1] for pt in points])
     if not np.all(np.isfinite(grads)):

@@ -33,6 +33,7 @@ import numpy as np
 
 from bilevel_jax._src import config
 from bilevel_jax._src import gradient_sampling as gs
+from bilevel_jax._src import status as status_lib
 from bilevel_jax._src.bench import measure
 from bilevel_jax._src.bench import peers
 from bilevel_jax._src.bench import runner
@@ -45,12 +46,9 @@ X64 = True
 TITLE = "Algorithm 1 on the elastic net (6.1): bilevel_jax vs a NumPy + cvxpy reference"
 F = config.Field
 SCHEMA = {
-    "problem": {"seed": F("int", 0), "dim": F("int", 100, config.positive),
-                "n_train": F("int", 100, config.positive),
-                "n_val": F("int", 100, config.positive),
-                "n_test": F("int", 300, config.positive)},
+    "problem": cc.problem_schema(dim=100, instances=False),
     "algorithm": {"num_samples": F("int", 5, config.positive),
-                  "max_iter": F("int", 1000, config.positive),
+                  "max_steps": F("int", 1000, config.positive),
                   "key_seed": F("int", 1),
                   "warm_start": F("bool", True, doc="composite.solve method='warm'"),
                   "batching": F("str", "map", config.one_of(*gs.BATCHINGS))},
@@ -71,8 +69,12 @@ COLUMNS = ["problem", "impl", "size", "median_s", "compile_s", "repeats", "metri
 PAPER = {"seconds_per_instance": 24.8, "validation_error": 7.59, "test_error": 7.73}
 
 
-STATUS = {gs.SUCCESS: "success", gs.MAX_ITER: "max_iter", gs.NONFINITE: "nonfinite"}
 _COMPILED = {}  # (algorithm settings, argument shapes) -> (executable, compile seconds)
+
+
+def _status_name(code) -> str:
+  """"success", "max_steps", "nonfinite", "inner_failed", ... of a status code."""
+  return status_lib.Status(int(code)).name.lower()
 
 
 def _instance(data, i):
@@ -84,9 +86,11 @@ def _ours(cfg):
 
   def one(data, key):
     res = elasticnet.algorithm1(data, key, warm_start=a["warm_start"], batching=a["batching"],
-                                num_samples=a["num_samples"], max_iter=a["max_iter"], **peer.GS)
-    return {"x": res.x, "iterations": res.info.iterations, "status": res.info.status,
-            "hits": res.info.target_hits, "failures": res.info.linesearch_failures}
+                                num_samples=a["num_samples"], max_steps=a["max_steps"],
+                                **peer.GS)
+    return {"x": res.x, "iterations": res.info.num_steps, "status": res.info.status,
+            "inner_status": res.info.inner_status, "hits": res.info.target_hits,
+            "failures": res.info.linesearch_failures}
   return one
 
 
@@ -99,13 +103,13 @@ def check_hypergradients(cp, data, cfg):
   low = regression.elastic_net_lower(data)
   fun, _ = cc.hyper_objective(low, lambda c: regression.mse(data.a_val, data.b_val, c),
                               warm_start=False)
-  grad = jax.jit(jax.value_and_grad(fun))
+  grad = jax.jit(jax.grad(lambda x, a, b: fun(x, a, b)[0]))
   lower = peer.CvxpyElasticNet(cp, data, cfg["reference"]["solver"],
                                cfg["reference"]["active_tol"])
   rows = []
   for x in np.asarray(cfg["check"]["points"], np.float64).reshape(-1, 2):
     for a in cfg["check"]["alphas"]:
-      _, g_jax = grad(jnp.asarray(x), a, a)
+      g_jax = grad(jnp.asarray(x), a, a)
       _, g_ref = lower.value_and_grad(x, a, a)
       g_jax = np.asarray(g_jax)
       rel = float(np.linalg.norm(g_ref - g_jax) / max(np.linalg.norm(g_jax), 1e-12))
@@ -169,16 +173,17 @@ def run(cfg, ctx) -> runner.SuiteResult:
            "size_name": "instance", "size": i, "per": "instance", "compile_s": compile_s,
            **measure.summarize(times), "metric_name": "validation_error",
            "metric": float(val), "test_error": float(test),
-           "iterations": int(res["iterations"]), "status": STATUS[int(res["status"])],
+           "iterations": int(res["iterations"]), "status": _status_name(res["status"]),
+           "inner_status": _status_name(res["inner_status"]),
            "lambda": np.asarray(res["x"]).tolist()}
     rows.append(row)
     line = f"instance {i}: ours {row['median_s']:.3f} s ({row['iterations']} it)"
     if i < n_ref:
-      dirs, factors = peer.sample_noise(keys[i], a["num_samples"], a["max_iter"])
+      dirs, factors = peer.sample_noise(keys[i], a["num_samples"], a["max_steps"])
       tic = time.perf_counter()
       lower = peer.CvxpyElasticNet(cp, di, cfg["reference"]["solver"],
                                    cfg["reference"]["active_tol"])
-      ref = peer.algorithm1(lower, dirs, factors, a["num_samples"], a["max_iter"],
+      ref = peer.algorithm1(lower, dirs, factors, a["num_samples"], a["max_steps"],
                             cfg["reference"]["solver"])
       ref_s = time.perf_counter() - tic
       r_val, r_test = lower.retrain(ref["x"])
