@@ -1,7 +1,9 @@
 """Upper-level drivers: any Optax optimizer on the hypergradient, and the
 gradient-sampling methods of Solla & Royset (Algorithms 1 and 2)."""
+from bilevel_jax._src.gradient_sampling import GradientSamplingHistory
 from bilevel_jax._src.gradient_sampling import GradientSamplingInfo
 from bilevel_jax._src.gradient_sampling import GradientSamplingSolution
+from bilevel_jax._src.gradient_sampling import SQPGradientSamplingHistory
 from bilevel_jax._src.gradient_sampling import SQPGradientSamplingInfo
 from bilevel_jax._src.gradient_sampling import gradient_sampling
 from bilevel_jax._src.gradient_sampling import sqp_gradient_sampling
@@ -12,6 +14,7 @@ from bilevel_jax._src.upper_loop import OptimizeInfo
 from bilevel_jax._src.upper_loop import OptimizeSolution
 from bilevel_jax._src.upper_loop import optimize
 
-__all__ = ["GradientSamplingInfo", "GradientSamplingSolution", "MinNormInfo",
-           "MinNormSolution", "OptimizeInfo", "OptimizeSolution", "SQPGradientSamplingInfo",
-           "gradient_sampling", "min_norm_hull", "optimize", "sqp_gradient_sampling"]
+__all__ = ["GradientSamplingHistory", "GradientSamplingInfo", "GradientSamplingSolution",
+           "MinNormInfo", "MinNormSolution", "OptimizeInfo", "OptimizeSolution",
+           "SQPGradientSamplingHistory", "SQPGradientSamplingInfo", "gradient_sampling",
+           "min_norm_hull", "optimize", "sqp_gradient_sampling"]

@@ -40,6 +40,9 @@ def test_small_config_with_cvxpy(tmp_path):
   assert os.path.exists(tmp_path / (runner.result_stem(SMALL) + ".json"))
 
 
+# Slow (16 s: the whole small suite runs): the missing-peer path of the runner is
+# also checked for jaxopt (test_bench_implicit_peers) and BOAT (hypercleaning).
+@pytest.mark.slow
 def test_small_config_skips_missing_cvxpy(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "cvxpy", None)  # `import cvxpy` raises ImportError
   assert peer.import_cvxpy() is None

@@ -99,7 +99,7 @@ def _composite_case():
     def fn(x, throw=False):
       def objective(xx):
         sol = composite.solve(g, G, h, xx, jnp.zeros(3, dtype), alpha=1e-3, beta=1e-3,
-                              throw=throw)
+                              method="newton", throw=throw)
         return jnp.sum((sol.y - 0.5) ** 2), sol
       (val, sol), grad = jax.value_and_grad(objective, has_aux=True)(x)
       return _status_and(sol, sol.y, val, grad)

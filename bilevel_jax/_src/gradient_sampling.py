@@ -43,6 +43,7 @@ from jax.flatten_util import ravel_pytree
 from bilevel_jax._src import minnorm
 from bilevel_jax._src import sampling
 from bilevel_jax._src import status as status_lib
+from bilevel_jax._src import tree as tree_ops
 from bilevel_jax._src import validation
 from bilevel_jax._src import variables
 
@@ -172,9 +173,7 @@ def _all_finite(value, state):
   whose fields may be NaN by design, is not checked)."""
   if hasattr(state, "info") and hasattr(state, "_replace"):
     state = state._replace(info=None)
-  checks = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state)
-            if variables.is_differentiable(leaf)]
-  return jnp.isfinite(value) & jnp.all(jnp.stack(checks or [jnp.array(True)]))
+  return jnp.isfinite(value) & tree_ops.tree_all_finite(state)
 
 
 def _wrap(fun, unravel, stateful: bool):

@@ -25,8 +25,11 @@ def tree_norm(x):
 
 
 def tree_all_finite(x):
-  leaves = jax.tree_util.tree_leaves(x)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+  """True when every floating-point leaf of ``x`` is finite (True for none)."""
+  leaves = [leaf for leaf in jax.tree_util.tree_leaves(x)
+            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]
+                           or [jnp.array(True)]))
 
 
 def tree_cast_like(x, like):
