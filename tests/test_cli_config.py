@@ -109,6 +109,9 @@ def test_cli_list(capsys, monkeypatch):
   assert "quickstart.toml" in capsys.readouterr().out
 
 
+# Slow (12 s, two experiments end to end): the CLI's run path is also covered by
+# the few-shot and value experiment tests and the README's quick start.
+@pytest.mark.slow
 def test_cli_hypercleaning_and_quadratic_small(tmp_path, capsys):
   hc = _write(tmp_path, """
 experiment = "hypercleaning"
