@@ -91,3 +91,11 @@ def check_same_structure(name: str, reference, candidate, what: str) -> None:
     if jnp.shape(ref) != jnp.shape(cand):
       raise ValueError(f"`{name}`: {what} has a leaf of shape "
                        f"{jnp.shape(cand)}, expected {jnp.shape(ref)}.")
+
+
+def check_keywords(where: str, kwargs, accepted) -> None:
+  """Raises a TypeError naming the unknown keyword arguments of ``where``."""
+  unknown = sorted(set(kwargs) - set(accepted))
+  if unknown:
+    raise TypeError(f"unknown keyword argument(s) {unknown}; `{where}` takes "
+                    f"{sorted(accepted)}.")

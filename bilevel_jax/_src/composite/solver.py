@@ -810,10 +810,7 @@ def hypergradient(upper_fn, g, G, h, x, y0, *, alpha, beta, return_info: bool = 
   """
   if not callable(upper_fn):
     raise TypeError(f"`upper_fn` must be callable, got {type(upper_fn).__name__}.")
-  unknown = sorted(set(solve_kw) - set(_SOLVE_KEYWORDS))
-  if unknown:
-    raise TypeError(f"unknown keyword argument(s) {unknown}; `composite.solve` takes "
-                    f"{list(_SOLVE_KEYWORDS)}.")
+  validation.check_keywords("composite.solve", solve_kw, _SOLVE_KEYWORDS)
   variables.check("x", x)
   validation.check_scalar_output("upper_fn", upper_fn, x, y0)
   x_dyn, x_rest = variables.partition(x)

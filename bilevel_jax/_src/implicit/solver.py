@@ -281,10 +281,7 @@ _SOLVE_DEFAULTS = {name: param.default for name, param in
 
 
 def _solve_kwargs(kwargs):
-  unknown = sorted(set(kwargs) - set(_SOLVE_DEFAULTS))
-  if unknown:
-    raise TypeError(f"unknown keyword argument(s) {unknown}; `solve` takes "
-                    f"{sorted(_SOLVE_DEFAULTS)}.")
+  validation.check_keywords("implicit.solve", kwargs, _SOLVE_DEFAULTS)
   return {**_SOLVE_DEFAULTS, **kwargs}
 
 
