@@ -1,11 +1,11 @@
-"""The README's "Performance" tables, generated from the committed JSON.
+"""The "Performance" tables of docs/performance.md, generated from the committed JSON.
 
     python benchmarks/performance_tables.py            # print the tables
-    python benchmarks/performance_tables.py --write    # rewrite them in README.md
+    python benchmarks/performance_tables.py --write    # rewrite them in docs/performance.md
 
-Every number in the README's Performance section comes from a file under
+Every number in the Performance page comes from a file under
 benchmarks/results/ through this script; `tests/test_docs.py` checks that the
-README holds exactly what it prints.
+page holds exactly what it prints.
 """
 from __future__ import annotations
 
@@ -190,7 +190,7 @@ def render() -> str:
   return "\n\n".join(p for p in parts if p)
 
 
-def write_readme(path: str = os.path.join(ROOT, "README.md")) -> None:
+def write_readme(path: str = os.path.join(ROOT, "docs", "performance.md")) -> None:
   with open(path) as handle:
     text = handle.read()
   if START not in text or END not in text:

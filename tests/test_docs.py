@@ -19,8 +19,10 @@ def test_docstring_examples(module):
 
 
 def test_readme_python_example(tmp_path, monkeypatch):
-  with open(os.path.join(REPO, "README.md")) as handle:
-    blocks = re.findall(r"```python\n(.*?)```", handle.read(), flags=re.S)
+  blocks = []
+  for name in ("README.md", os.path.join("docs", "reference.md")):
+    with open(os.path.join(REPO, name)) as handle:
+      blocks += re.findall(r"```python\n(.*?)```", handle.read(), flags=re.S)
   assert blocks
   monkeypatch.chdir(tmp_path)
   namespace = {}
@@ -39,7 +41,7 @@ def test_readme_performance_section_matches_the_committed_json():
       "performance_tables", os.path.join(REPO, "benchmarks", "performance_tables.py"))
   tables = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tables)
-  with open(os.path.join(REPO, "README.md")) as handle:
+  with open(os.path.join(REPO, "docs", "performance.md")) as handle:
     text = handle.read()
   block = text.split(tables.START, 1)[1].split(tables.END, 1)[0]
   assert block.strip() == tables.render().strip()
