@@ -109,7 +109,7 @@ def test_detection_f1():
 
 def test_cleaning_beats_uniform_weights_on_digits():
   """A short BDA run on digits flags corrupted samples and improves accuracy."""
-  from bilevel_jax._src.experiments import hypercleaning as exp
+  from experiments import hypercleaning as exp
   import optax
   from bilevel_jax import upper
   cfg = {"data": {"dataset": "digits", "path": "", "n_train": 400, "n_val": 40, "n_test": 0,

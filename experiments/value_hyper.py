@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bilevel_jax._src import config
+from experiments import config
 from bilevel_jax._src import projections
 from bilevel_jax._src import smoothing
-from bilevel_jax._src.experiments import common
-from bilevel_jax._src.experiments import value_common as vc
+from experiments import common
+from experiments import value_common as vc
 from bilevel_jax._src.value import quadratic
 
 F = config.Field

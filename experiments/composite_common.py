@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bilevel_jax._src import config
+from experiments import config
 from bilevel_jax._src import status as status_lib
 from bilevel_jax._src.composite import solver
 from bilevel_jax._src.problems import regression

@@ -3,7 +3,7 @@
 BOAT pins an old numpy and needs PyTorch, so it cannot share our
 environment. A peer gets its own venv under ``$BILEVEL_JAX_PEERS`` (default
 ``.peers/`` in the working directory), created on request with
-``bilevel-jax bench CONFIG --setup-peers``; the benchmark then runs the peer's
+``python -m benchmarks CONFIG --setup-peers``; the benchmark then runs the peer's
 script with that venv's interpreter, on data files we write.
 """
 from __future__ import annotations

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bilevel_jax._src import config
+from experiments import config
 from bilevel_jax._src import schedules
 from bilevel_jax._src import unrolled
-from bilevel_jax._src.experiments import common
+from experiments import common
 from bilevel_jax._src.problems import quadratic as quad
 
 F = config.Field

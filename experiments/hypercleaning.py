@@ -7,12 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bilevel_jax._src import config
+from experiments import config
 from bilevel_jax._src import datasets
 from bilevel_jax._src import status as status_lib
 from bilevel_jax._src import unrolled
 from bilevel_jax._src import upper_loop
-from bilevel_jax._src.experiments import common
+from experiments import common
 from bilevel_jax._src.problems import hypercleaning as hc
 
 F = config.Field

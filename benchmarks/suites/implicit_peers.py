@@ -59,10 +59,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from bilevel_jax import implicit
-from bilevel_jax._src import config
-from bilevel_jax._src.bench import measure
-from bilevel_jax._src.bench import peers
-from bilevel_jax._src.bench import runner
+from experiments import config
+from benchmarks import timing
+from benchmarks import peers
+from benchmarks import runner
 
 X64 = True
 TITLE = "Implicit hypergradients vs jaxopt: hypergradient error against time"
@@ -357,14 +357,14 @@ def _measure_setting(problem, impls, repeats):
   """Compiles and checks each impl, then times them alternately."""
   rows, calls = {}, {}
   for name, fn in impls.items():
-    compiled, compile_s = measure.compile_timed(fn, problem.x, problem.data)
+    compiled, compile_s = timing.compile_timed(fn, problem.x, problem.data)
     _, grad, steps = compiled(problem.x, problem.data)
     rows[name] = {"compile_s": compile_s, "metric": _error(grad, problem.reference),
                   "lower_steps": int(steps)}
     calls[name] = functools.partial(compiled, problem.x, problem.data)
-  samples = measure.time_alternating(calls, repeats)
+  samples = timing.time_alternating(calls, repeats)
   for name in impls:
-    rows[name].update(measure.summarize(samples[name]))
+    rows[name].update(timing.summarize(samples[name]))
   return rows
 
 

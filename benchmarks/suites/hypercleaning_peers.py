@@ -31,14 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bilevel_jax._src import config
+from experiments import config
 from bilevel_jax._src import datasets
 from bilevel_jax._src import schedules
 from bilevel_jax._src import tree as tree_ops
 from bilevel_jax._src import unrolled
-from bilevel_jax._src.bench import measure
-from bilevel_jax._src.bench import runner
-from bilevel_jax._src.bench.peers import venv
+from benchmarks import timing
+from benchmarks import runner
+from benchmarks.peers import venv
 from bilevel_jax._src.problems import hypercleaning as hc
 
 F = config.Field
@@ -179,11 +179,11 @@ def run_ours(problem, method, K, y0, cfg, compiled_cache) -> dict:
   state = (x, optimizer.init(x), y0)
   key = (method, K)
   if key not in compiled_cache:
-    compiled, seconds = measure.compile_timed(step, *state)
-    compiled_cache[key] = (compiled, seconds, measure.compiled_memory(compiled)["compiled_mib"])
+    compiled, seconds = timing.compile_timed(step, *state)
+    compiled_cache[key] = (compiled, seconds, timing.compiled_memory(compiled)["compiled_mib"])
   compiled, compile_s, compiled_mib = compiled_cache[key]
   for _ in range(cfg["timing"]["warmup"]):
-    measure.time_call(compiled, *state)
+    timing.time_call(compiled, *state)
   times, values = [], []
   for _ in range(m["upper_iterations"]):
     tic = time.perf_counter()
@@ -220,14 +220,14 @@ def _row(impl: str, method: str, K: int, runs: list[dict], cfg: dict) -> dict:
   times = [s for r in runs for s in r["times_s"]]
   row = {"problem": "hypercleaning", "impl": impl, "method": METHODS[method],
          "size_name": "K", "size": K, "per": "upper_iteration",
-         **measure.summarize(times), "metric_name": "test_acc_percent",
+         **timing.summarize(times), "metric_name": "test_acc_percent",
          "metric": 100 * runs[0]["test_acc"], "val_loss": runs[0]["val_loss"],
          "upper_iterations": cfg["method"]["upper_iterations"]}
   if impl == "bilevel_jax":
     row["compile_s"], row["compiled_mib"] = runs[0]["compile_s"], runs[0]["compiled_mib"]
   else:
     reported = [s for r in runs for s in r["boat_run_time_s"]]
-    row["boat_hg_median_s"] = measure.summarize(reported)["median_s"]
+    row["boat_hg_median_s"] = timing.summarize(reported)["median_s"]
   return row
 
 
@@ -383,7 +383,7 @@ def run(cfg: dict, ctx: runner.Context) -> runner.SuiteResult:
                         cfg["data"]["seed"])
   problem = hc.HyperCleaning(jax.tree_util.tree_map(jnp.asarray, split), l2=0.0)
   y0 = jax.tree_util.tree_map(jnp.asarray, y0_np)
-  cores = measure.machine()["cpu_affinity"]
+  cores = timing.machine()["cpu_affinity"]
   threads = cfg["timing"]["threads"] or cores
   python, status = _boat_python(cfg, ctx)
   with tempfile.TemporaryDirectory() as tmp:

@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bilevel_jax._src import config
+from experiments import config
 from bilevel_jax._src import gradient_sampling as gs
-from bilevel_jax._src.experiments import common
-from bilevel_jax._src.experiments import composite_common as cc
+from experiments import common
+from experiments import composite_common as cc
 from bilevel_jax._src.problems import regression
 
 F = config.Field

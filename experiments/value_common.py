@@ -16,9 +16,9 @@ from typing import Callable
 import jax
 import numpy as np
 
-from bilevel_jax._src import config
+from experiments import config
 from bilevel_jax._src import status as status_lib
-from bilevel_jax._src.experiments import common
+from experiments import common
 from bilevel_jax._src.value import vfp
 
 F = config.Field

@@ -8,6 +8,7 @@ take the schema's defaults.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from typing import Any, Callable, Optional
@@ -38,7 +39,7 @@ class Field:
 
 def positive(value):
   values = value if isinstance(value, list) else [value]
-  if any(v <= 0 for v in values):
+  if any(not v > 0 for v in values):
     return "must be > 0"
   return None
 
@@ -89,6 +90,8 @@ def _coerce(kind: str, value):
   if kind == "float":
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ValueError("must be a number")
+    if not math.isfinite(value):
+      raise ValueError("must be a finite number")
     return float(value)
   if kind == "str":
     if not isinstance(value, str):
@@ -133,15 +136,42 @@ def validate(raw: dict, schema: dict[str, dict[str, Field]], source: str) -> dic
   return out
 
 
-def read(path: str) -> tuple[str, dict]:
-  """Returns (experiment name, raw sections) of a TOML config."""
+def check_out_dir(path: str) -> None:
+  """Raises ``ConfigError`` when the ``--out`` folder cannot be a folder."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"--out {path!r} is a file; give a folder.")
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+    raise ConfigError(f"--out {path!r}: {parent!r} is not a writable folder.")
+
+
+def read_toml(path: str) -> dict:
+  """The parsed TOML file at ``path``: the one place configs are read.
+
+  Raises ``ConfigError`` naming the file when it is missing, a folder, not
+  UTF-8 or not valid TOML.
+  """
   if not os.path.exists(path):
     raise ConfigError(f"config file {path!r} does not exist.")
+  if os.path.isdir(path):
+    raise ConfigError(f"config path {path!r} is a folder, not a TOML file.")
   try:
     with open(path, "rb") as handle:
-      raw = tomllib.load(handle)
+      text = handle.read().decode("utf-8")
+    return tomllib.loads(text)
+  except UnicodeDecodeError as err:
+    raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start}).") from None
   except tomllib.TOMLDecodeError as err:
     raise ConfigError(f"{path}: not valid TOML: {err}") from None
+  except OSError as err:
+    raise ConfigError(f"{path}: cannot be read: {err.strerror}.") from None
+
+
+def read(path: str) -> tuple[str, dict]:
+  """Returns (experiment name, raw sections) of an experiment's TOML config."""
+  raw = read_toml(path)
   experiment = raw.pop("experiment", None)
   if experiment is None:
     raise ConfigError(f"{path}: missing top-level key `experiment`.")
@@ -151,5 +181,4 @@ def read(path: str) -> tuple[str, dict]:
 
 def description(path: str) -> str:
   """The optional top-level ``description`` of a config."""
-  with open(path, "rb") as handle:
-    return str(tomllib.load(handle).get("description", ""))
+  return str(read_toml(path).get("description", ""))

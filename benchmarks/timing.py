@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import jax
 
-from bilevel_jax._src import report
+from experiments import report
 
 
 def compile_timed(fn: Callable, *args, **kwargs) -> tuple[Any, float]:
@@ -162,3 +162,11 @@ def device_tag() -> str:
   kind = getattr(device, "device_kind", device.platform)
   kind = "".join(c if c.isalnum() else "_" for c in kind.lower()).strip("_")
   return f"{device.platform}_{kind}"
+
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def results_path(name: str) -> str:
+  """``benchmarks/results/<name>_<device tag>.json``."""
+  return os.path.join(RESULTS, f"{name}_{device_tag()}.json")

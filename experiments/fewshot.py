@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bilevel_jax._src import config
+from experiments import config
 from bilevel_jax._src import datasets
 from bilevel_jax._src import sharding
-from bilevel_jax._src.experiments import common
+from experiments import common
 from bilevel_jax._src.meta import episodes as ep
 from bilevel_jax._src.meta import fewshot
 

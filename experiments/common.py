@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import optax
 
-from bilevel_jax._src import config
+from experiments import config
 from bilevel_jax._src import schedules
 
 OPTIMIZERS = ("sgd", "momentum", "adam")

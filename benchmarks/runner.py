@@ -1,4 +1,4 @@
-"""``bilevel-jax bench CONFIG``: run a benchmark suite, write JSON, markdown, plot.
+"""``python -m benchmarks CONFIG``: run a benchmark suite, write JSON, markdown, plot.
 
 A benchmark config names its suite at the top level (``suite = "scaling"``)
 and sets keys in sections that the suite's ``SCHEMA`` validates, like an
@@ -16,6 +16,7 @@ Every suite returns rows with (a subset of) these keys:
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 import os
@@ -23,9 +24,10 @@ import sys
 import time
 from typing import Any, Callable
 
-from bilevel_jax._src import config
-from bilevel_jax._src import report
+from experiments import config
+from experiments import report
 
+SCRIPTS_DIR = os.path.dirname(os.path.abspath(__file__))
 SUITES = ("scaling", "hypercleaning_peers", "implicit_peers", "composite_peers")
 
 
@@ -48,9 +50,9 @@ class Context:
     """Writes the rows so far (``"partial": true``), so that a run stopped
     by a time limit still leaves its finished sections behind."""
     if self.partial_path:
-      from bilevel_jax._src.bench import measure
+      from benchmarks import timing
       report.write_json(self.partial_path, {"config": self.config_path, "partial": True,
-                                            "machine": measure.machine(), "rows": rows})
+                                            "machine": timing.machine(), "rows": rows})
 
 
 @dataclasses.dataclass
@@ -65,20 +67,14 @@ class SuiteResult:
 
 def read_config(path: str) -> tuple[Any, str, dict]:
   """Returns (suite module, suite name, validated config)."""
-  if not os.path.exists(path):
-    raise config.ConfigError(f"config file {path!r} does not exist.")
-  with open(path, "rb") as handle:
-    try:
-      raw = config.tomllib.load(handle)
-    except config.tomllib.TOMLDecodeError as err:
-      raise config.ConfigError(f"{path}: not valid TOML: {err}") from None
+  raw = config.read_toml(path)
   name = raw.pop("suite", None)
   raw.pop("description", None)
   if name is None:
     raise config.ConfigError(f"{path}: missing top-level key `suite` (one of {list(SUITES)}).")
   if name not in SUITES:
     raise config.ConfigError(f"{path}: unknown suite {name!r}; known: {list(SUITES)}.")
-  module = importlib.import_module(f"bilevel_jax._src.bench.suites.{name}")
+  module = importlib.import_module(f"benchmarks.suites.{name}")
   return module, name, config.validate(raw, module.SCHEMA, path)
 
 
@@ -90,12 +86,8 @@ def standalone_script(config_path: str) -> str | None:
   with the same interpreter, so that one command runs every benchmark.
   """
   stem = os.path.splitext(os.path.basename(config_path))[0]
-  config_dir = os.path.dirname(os.path.abspath(config_path))
-  for root in (os.path.dirname(os.path.dirname(config_dir)), os.getcwd()):
-    script = os.path.join(root, "benchmarks", f"bench_{stem}.py")
-    if os.path.exists(script):
-      return script
-  return None
+  script = os.path.join(SCRIPTS_DIR, f"bench_{stem}.py")
+  return script if os.path.exists(script) else None
 
 
 def run_standalone(config_path: str) -> int:
@@ -106,15 +98,16 @@ def run_standalone(config_path: str) -> int:
     raise config.ConfigError(f"{config_path}: missing top-level key `suite` (one of "
                              f"{list(SUITES)}), and no benchmarks/bench_<name>.py script "
                              "matches its name.")
-  print(f"bilevel-jax bench: {config_path} is run by its script {script}", file=sys.stderr,
+  print(f"benchmarks: {config_path} is run by its script {script}", file=sys.stderr,
         flush=True)
-  return subprocess.run([sys.executable, script, config_path], check=False).returncode
+  return subprocess.run([sys.executable, script, os.path.abspath(config_path)],
+                        check=False).returncode
 
 
 def result_stem(config_path: str) -> str:
-  from bilevel_jax._src.bench import measure
+  from benchmarks import timing
   stem = os.path.splitext(os.path.basename(config_path))[0]
-  return f"{stem}_{measure.device_tag()}"
+  return f"{stem}_{timing.device_tag()}"
 
 
 def run(config_path: str, *, out_dir: str = os.path.join("benchmarks", "results"),
@@ -125,17 +118,17 @@ def run(config_path: str, *, out_dir: str = os.path.join("benchmarks", "results"
   if getattr(module, "X64", False):
     import jax
     jax.config.update("jax_enable_x64", True)
-  from bilevel_jax._src.bench import measure
+  from benchmarks import timing
   stem = os.path.join(out_dir, result_stem(config_path))
   ctx = Context(config_path=config_path, out_dir=out_dir, quiet=quiet,
                 setup_peers=setup_peers, peers=peers, partial_path=stem + ".json")
-  ctx.log(f"bilevel-jax bench: {config_path} (suite {name}) on {measure.device_tag()}")
+  ctx.log(f"benchmarks: {config_path} (suite {name}) on {timing.device_tag()}")
   tic = time.perf_counter()
   result: SuiteResult = module.run(cfg, ctx)
   wall = time.perf_counter() - tic
   table = report.markdown_table(result.columns, result.rows)
   payload = {"config": config_path, "suite": name, "settings": cfg,
-             "machine": measure.machine(), "wall_time_s": wall, "title": result.title,
+             "machine": timing.machine(), "wall_time_s": wall, "title": result.title,
              "columns": result.columns, "rows": result.rows, "notes": result.notes,
              **result.extra}
   report.write_json(stem + ".json", payload)
@@ -156,4 +149,33 @@ def markdown_footer(payload: dict) -> str:
   m = payload["machine"]
   return (f"Machine: {m['processor']}, {m['cpu_count']} CPUs ({m.get('cpu_affinity')} usable), "
           f"device {m['device']} ({m['backend']}); JAX {m['jax']}; commit {m['commit']}; "
-          f"x64 {m['x64']}. Regenerate: `bilevel-jax bench {payload['config']}`.")
+          f"x64 {m['x64']}. Regenerate: `python -m benchmarks {payload['config']}`.")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m benchmarks",
+      description="Runs the benchmark a TOML config in configs/bench/ names.")
+  parser.add_argument("config")
+  parser.add_argument("--out", default=os.path.join("benchmarks", "results"),
+                      help="output folder (default benchmarks/results)")
+  parser.add_argument("--quiet", action="store_true", help="no progress lines")
+  parser.add_argument("--no-plot", action="store_true", help="skip the PNG figure")
+  parser.add_argument("--x64", action="store_true", help="enable float64")
+  parser.add_argument("--setup-peers", action="store_true",
+                      help="create missing peer virtual environments (needs the package index)")
+  parser.add_argument("--no-peers", action="store_true", help="run our side only")
+  args = parser.parse_args(argv)
+  try:
+    if "suite" not in config.read_toml(args.config):
+      return run_standalone(args.config)
+    if args.x64:
+      import jax
+      jax.config.update("jax_enable_x64", True)
+    config.check_out_dir(args.out)
+    run(args.config, out_dir=args.out, quiet=args.quiet, setup_peers=args.setup_peers,
+        peers=not args.no_peers, plot=not args.no_plot)
+  except config.ConfigError as err:
+    print(f"python -m benchmarks: error: {err}", file=sys.stderr)
+    return 2
+  return 0

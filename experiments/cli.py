@@ -1,4 +1,9 @@
-"""Command line: ``bilevel-jax run CONFIG``, ``bilevel-jax bench CONFIG``, ``bilevel-jax list``."""
+"""Command line of the paper experiments, run from a clone of the repository.
+
+``python -m experiments run CONFIG`` runs the experiment a TOML config in
+``configs/`` describes; ``python -m experiments list`` lists the configs.
+Benchmarks have their own: ``python -m benchmarks CONFIG``.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,18 +12,18 @@ import os
 import sys
 import time
 
-from bilevel_jax._src import config
-from bilevel_jax._src import report
+from experiments import config
+from experiments import report
 
 
 def _experiments():
-  from bilevel_jax._src.experiments import example1, hypercleaning, quadratic
-  from bilevel_jax._src.experiments import (value_doublewell, value_example1, value_hyper,
+  from experiments import example1, hypercleaning, quadratic
+  from experiments import (value_doublewell, value_example1, value_hyper,
                                             value_nonsmooth)
   value_experiments = {m.__name__.rsplit(".", 1)[-1]: m for m in (
       value_doublewell, value_example1, value_hyper, value_nonsmooth)}
-  from bilevel_jax._src.experiments import fewshot
-  from bilevel_jax._src.experiments import elasticnet, poisoning
+  from experiments import fewshot
+  from experiments import elasticnet, poisoning
   return {"example1": example1, "hypercleaning": hypercleaning, "quadratic": quadratic,
           "fewshot": fewshot, "elasticnet": elasticnet, "poisoning": poisoning,
           **value_experiments}
@@ -42,8 +47,9 @@ def cmd_run(args) -> int:
     jax.config.update("jax_enable_x64", True)
   stem = os.path.splitext(os.path.basename(args.config))[0]
   out_dir = args.out or os.path.join("runs", stem)
+  config.check_out_dir(out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  print(f"bilevel-jax: running {args.config} (experiment {name}) -> {out_dir}",
+  print(f"experiments: running {args.config} (experiment {name}) -> {out_dir}",
         file=sys.stderr, flush=True)
   tic = time.perf_counter()
   result = module.run(cfg, quiet=args.quiet)
@@ -68,25 +74,6 @@ def cmd_run(args) -> int:
   return 0
 
 
-def cmd_bench(args) -> int:
-  from bilevel_jax._src.bench import runner
-  if not os.path.exists(args.config):
-    raise config.ConfigError(f"config file {args.config!r} does not exist.")
-  with open(args.config, "rb") as handle:
-    try:
-      has_suite = "suite" in config.tomllib.load(handle)
-    except config.tomllib.TOMLDecodeError as err:
-      raise config.ConfigError(f"{args.config}: not valid TOML: {err}") from None
-  if not has_suite:
-    return runner.run_standalone(args.config)
-  if args.x64:
-    import jax
-    jax.config.update("jax_enable_x64", True)
-  runner.run(args.config, out_dir=args.out, quiet=args.quiet, setup_peers=args.setup_peers,
-             peers=not args.no_peers, plot=not args.no_plot)
-  return 0
-
-
 def cmd_list(args) -> int:
   paths = sorted(glob.glob(os.path.join(args.dir, "**", "*.toml"), recursive=True))
   bench = [p for p in paths if os.sep + "bench" + os.sep in p]
@@ -101,7 +88,7 @@ def cmd_list(args) -> int:
       print(f"{path:45s} {name:14s} {description}")
     except config.ConfigError as err:
       print(f"{path:45s} INVALID: {err}")
-  from bilevel_jax._src.bench import runner
+  from benchmarks import runner
   for path in bench:
     try:
       _, suite, _ = runner.read_config(path)
@@ -112,7 +99,7 @@ def cmd_list(args) -> int:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="bilevel-jax", description=__doc__)
+  parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
   run_p = sub.add_parser("run", help="run the experiment a TOML config describes")
   run_p.add_argument("config")
@@ -121,19 +108,6 @@ def main(argv=None) -> int:
   run_p.add_argument("--no-plot", action="store_true", help="skip PNG figures")
   run_p.add_argument("--x64", action="store_true", help="enable float64")
   run_p.set_defaults(func=cmd_run)
-  bench_p = sub.add_parser("bench", help="run the benchmark suite a TOML config in "
-                           "configs/bench/ describes (JSON, markdown table, plot)")
-  bench_p.add_argument("config")
-  bench_p.add_argument("--out", default=os.path.join("benchmarks", "results"),
-                       help="output folder (default benchmarks/results)")
-  bench_p.add_argument("--quiet", action="store_true", help="no progress lines")
-  bench_p.add_argument("--no-plot", action="store_true", help="skip the PNG figure")
-  bench_p.add_argument("--x64", action="store_true", help="enable float64")
-  bench_p.add_argument("--setup-peers", action="store_true",
-                       help="create missing peer virtual environments (needs the package "
-                       "index)")
-  bench_p.add_argument("--no-peers", action="store_true", help="run our side only")
-  bench_p.set_defaults(func=cmd_bench)
   list_p = sub.add_parser("list", help="list the configs in a folder")
   list_p.add_argument("--dir", default="configs")
   list_p.set_defaults(func=cmd_list)
@@ -141,7 +115,7 @@ def main(argv=None) -> int:
   try:
     return args.func(args)
   except config.ConfigError as err:
-    print(f"bilevel-jax: error: {err}", file=sys.stderr)
+    print(f"python -m experiments: error: {err}", file=sys.stderr)
     return 2
 
 

@@ -26,9 +26,9 @@ import numpy as np
 import optax
 
 from bilevel_jax import bda, data, schedules
-from bilevel_jax._src import config
-from bilevel_jax._src.bench import measure, roofline
-from bilevel_jax._src.bench.runner import SuiteResult
+from experiments import config
+from benchmarks import roofline, timing
+from benchmarks.runner import SuiteResult
 from bilevel_jax._src.problems.hypercleaning import CleaningData, HyperCleaning, accuracy
 
 TITLE = "Scaling of unrolled hypergradients: K, dim(y), vmapped instances, memory"
@@ -153,9 +153,9 @@ def unrolled_cost(make_fn, x, steps: int, probes: tuple[int, int] = (4, 8)) -> d
   """
   a, b = probes
   if steps <= b:
-    return roofline.cost(measure.compile_timed(make_fn(steps), x)[0])
-  ca = roofline.cost(measure.compile_timed(make_fn(a), x)[0])
-  cb = roofline.cost(measure.compile_timed(make_fn(b), x)[0])
+    return roofline.cost(timing.compile_timed(make_fn(steps), x)[0])
+  ca = roofline.cost(timing.compile_timed(make_fn(a), x)[0])
+  cb = roofline.cost(timing.compile_timed(make_fn(b), x)[0])
   out = {}
   for key in ("flops", "bytes"):
     if ca[key] is None or cb[key] is None:
@@ -186,17 +186,17 @@ def _k_rows(cfg, ctx, prob, dataset, peaks, bandwidth):
         hypergradient, upper_step, opt, test_acc = _cleaning_fns(prob, K, method,
                                                                  unroll=min(unroll, K))
         opt_state = opt.init(x)
-        with measure.peak_memory() as mem:
-          hg, compile_s = measure.compile_timed(hypergradient, x)
-          step, _ = measure.compile_timed(upper_step, x, opt_state)
-          samples = measure.time_alternating(
+        with timing.peak_memory() as mem:
+          hg, compile_s = timing.compile_timed(hypergradient, x)
+          step, _ = timing.compile_timed(upper_step, x, opt_state)
+          samples = timing.time_alternating(
               {"hg": lambda: hg(x), "step": lambda: step(x, opt_state)}, kc["repeats"])
-        hg_stats = measure.summarize(samples["hg"])
+        hg_stats = timing.summarize(samples["hg"])
         row = {"problem": f"hypercleaning ({dataset})", "method": method,
                "size_name": "K", "size": K, "unroll": unroll, "per": "hypergradient",
                "compile_s": compile_s, **hg_stats,
-               "upper_iter_median_s": measure.summarize(samples["step"])["median_s"],
-               "compiled_mib": measure.compiled_memory(hg)["compiled_mib"], **mem,
+               "upper_iter_median_s": timing.summarize(samples["step"])["median_s"],
+               "compiled_mib": timing.compiled_memory(hg)["compiled_mib"], **mem,
                "metric_name": "test_acc(y_K(0))", "metric": float(jax.jit(test_acc)(x))}
         if peaks is not None:
           if (K, method) not in costs:
@@ -219,14 +219,14 @@ def _dim_rows(cfg, ctx, dtype, peaks, bandwidth):
     prob = _synthetic_cleaning(features, dc["n_train"], dtype)
     x = jnp.zeros(prob.data.y_train.shape, dtype)
     hypergradient, _, _, test_acc = _cleaning_fns(prob, dc["K"], "bda")
-    with measure.peak_memory() as mem:
-      hg, compile_s = measure.compile_timed(hypergradient, x)
-      samples = measure.time_alternating({"hg": lambda: hg(x)}, dc["repeats"])["hg"]
-    stats = measure.summarize(samples)
+    with timing.peak_memory() as mem:
+      hg, compile_s = timing.compile_timed(hypergradient, x)
+      samples = timing.time_alternating({"hg": lambda: hg(x)}, dc["repeats"])["hg"]
+    stats = timing.summarize(samples)
     rows.append({"problem": "hypercleaning (synthetic)", "method": "bda",
                  "size_name": "dim(y)", "size": (features + 1) * 10, "features": features,
                  "K": dc["K"], "per": "hypergradient", "compile_s": compile_s, **stats,
-                 "compiled_mib": measure.compiled_memory(hg)["compiled_mib"], **mem,
+                 "compiled_mib": timing.compiled_memory(hg)["compiled_mib"], **mem,
                  "metric_name": "test_acc(y_K(0))", "metric": float(jax.jit(test_acc)(x))})
     if peaks is not None:
       cost = unrolled_cost(lambda k: _cleaning_fns(prob, k, "bda", unroll=True)[0], x,  # noqa: B023
@@ -291,12 +291,12 @@ def _vmap_rows(cfg, ctx, dtype):
     xs, dat = ridge_instances(num, vc["dim"], vc["samples"], dtype)
     per_instance = [(xs[i], jax.tree_util.tree_map(lambda a: a[i], dat)) for i in range(num)]
     if single is None:  # one executable serves every instance of every size
-      single, single_compile = measure.compile_timed(single_fn, *per_instance[0])
-    batched, batched_compile = measure.compile_timed(jax.vmap(single_fn), xs, dat)
+      single, single_compile = timing.compile_timed(single_fn, *per_instance[0])
+    batched, batched_compile = timing.compile_timed(jax.vmap(single_fn), xs, dat)
     loop = lambda: [single(x, d) for x, d in per_instance]
-    samples = measure.time_alternating({"vmap": lambda: batched(xs, dat), "loop": loop},
+    samples = timing.time_alternating({"vmap": lambda: batched(xs, dat), "loop": loop},
                                        vc["repeats"])
-    sv, sl = measure.summarize(samples["vmap"]), measure.summarize(samples["loop"])
+    sv, sl = timing.summarize(samples["vmap"]), timing.summarize(samples["loop"])
     ratio = sl["median_s"] / sv["median_s"]
     check = float(jnp.max(jnp.abs(batched(xs, dat)[1][-1] - single(*per_instance[-1])[1])))
     common = {"problem": f"ridge dim {vc['dim']}, K={vc['K']}", "size_name": "instances",
@@ -318,12 +318,12 @@ def _memory_rows(cfg, ctx, prob, dataset):
   for K in mc["K"]:
     for ck in mc["checkpoint"]:
       fn = _cleaning_fns(prob, K, "bda", checkpoint=CHECKPOINTS[ck])[0]
-      with measure.peak_memory() as mem:
-        compiled, compile_s = measure.compile_timed(fn, x)
-        seconds = measure.time_call(compiled, x)
+      with timing.peak_memory() as mem:
+        compiled, compile_s = timing.compile_timed(fn, x)
+        seconds = timing.time_call(compiled, x)
       rows.append({"problem": f"hypercleaning ({dataset})", "method": f"bda checkpoint={ck}",
                    "size_name": "K", "size": K, "per": "hypergradient", "compile_s": compile_s,
-                   "median_s": seconds, "repeats": 1, **measure.compiled_memory(compiled),
+                   "median_s": seconds, "repeats": 1, **timing.compiled_memory(compiled),
                    **mem})
       ctx.log(f"memory K={K:4d} checkpoint={ck:5s}: "
               f"{rows[-1]['compiled_mib']:.1f} MiB compiled, peak RSS "

@@ -31,15 +31,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bilevel_jax._src import config
+from experiments import config
 from bilevel_jax._src import gradient_sampling as gs
 from bilevel_jax._src import status as status_lib
-from bilevel_jax._src.bench import measure
-from bilevel_jax._src.bench import peers
-from bilevel_jax._src.bench import runner
-from bilevel_jax._src.bench.peers import cvxpy_composite as peer
-from bilevel_jax._src.experiments import composite_common as cc
-from bilevel_jax._src.experiments import elasticnet
+from benchmarks import timing
+from benchmarks import peers
+from benchmarks import runner
+from benchmarks.peers import cvxpy_composite as peer
+from experiments import composite_common as cc
+from experiments import elasticnet
 from bilevel_jax._src.problems import regression
 
 X64 = True
@@ -156,7 +156,7 @@ def run(cfg, ctx) -> runner.SuiteResult:
   cache_key = (tuple(sorted(a.items())), jax.tree_util.tree_map(jnp.shape, _instance(data, 0)))
   cache_key = repr(cache_key)
   if cache_key not in _COMPILED:
-    _COMPILED[cache_key] = measure.compile_timed(_ours(cfg), _instance(data, 0), keys[0])
+    _COMPILED[cache_key] = timing.compile_timed(_ours(cfg), _instance(data, 0), keys[0])
   compiled, compile_s = _COMPILED[cache_key]
   ctx.log(f"bilevel_jax: compiled in {compile_s:.1f} s")
   retrain = _retrain(r["retrain_reg"])
@@ -171,7 +171,7 @@ def run(cfg, ctx) -> runner.SuiteResult:
     val, test, _ = retrain(di, res["x"])
     row = {"problem": "elasticnet", "impl": "bilevel_jax", "method": "algorithm1",
            "size_name": "instance", "size": i, "per": "instance", "compile_s": compile_s,
-           **measure.summarize(times), "metric_name": "validation_error",
+           **timing.summarize(times), "metric_name": "validation_error",
            "metric": float(val), "test_error": float(test),
            "iterations": int(res["iterations"]), "status": _status_name(res["status"]),
            "inner_status": _status_name(res["inner_status"]),

@@ -16,12 +16,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from bilevel_jax._src import config
+from experiments import config
 from bilevel_jax._src import projections
 from bilevel_jax._src import unrolled
 from bilevel_jax._src import upper_loop
-from bilevel_jax._src.experiments import common
-from bilevel_jax._src.experiments import value_common as vc
+from experiments import common
+from experiments import value_common as vc
 from bilevel_jax._src.problems import example1 as ex1
 from bilevel_jax._src.value import entropic
 from bilevel_jax._src.value import quadratic
