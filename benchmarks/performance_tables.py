@@ -1,7 +1,8 @@
-"""The "Performance" tables of docs/performance.md, generated from the committed JSON.
+"""The Performance tables of docs/performance.md and the README's headline results,
+generated from the committed JSON.
 
     python benchmarks/performance_tables.py            # print the tables
-    python benchmarks/performance_tables.py --write    # rewrite them in docs/performance.md
+    python benchmarks/performance_tables.py --write    # rewrite docs/performance.md and README.md
 
 Every number in the Performance page comes from a file under
 benchmarks/results/ through this script; `tests/test_docs.py` checks that the
@@ -17,6 +18,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
+HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
 GPU = "gpu_nvidia_h100_80gb_hbm3"
 
 
@@ -190,19 +192,59 @@ def render() -> str:
   return "\n\n".join(p for p in parts if p)
 
 
-def write_readme(path: str = os.path.join(ROOT, "docs", "performance.md")) -> None:
+def headline() -> str:
+  """The README's few measured results, each linked to the page with its table."""
+  lines = []
+  d = _load("hypercleaning_peers_cpu_cpu.json")
+  if d is not None:
+    ratios = [r["speedup"] for r in d["rows"] if r["impl"] != "bilevel_jax" and r.get("speedup")]
+    ks = sorted({r["size"] for r in d["rows"]})
+    lines.append(f"- Unrolled hypergradients (hyper-cleaning, K = {ks[0]}–{ks[-1]}): "
+                 f"{_x(min(ratios))}–{_x(max(ratios))} less time per upper iteration than "
+                 "BOAT (PyTorch) on the same CPU, at the same test accuracy.")
+  d = _load("implicit_peers_cpu_cpu.json")
+  if d is not None:
+    ratios = [r["speedup"] for r in d["rows"] if r.get("per") == "matched_accuracy"]
+    lines.append(f"- Implicit hypergradients: {_x(min(ratios))}–{_x(max(ratios))} the speed "
+                 "of jaxopt at matched hypergradient error (ridge, logistic regression, "
+                 "benchopt's quadratic).")
+  d = _load("composite_peers_cpu_cpu.json")
+  if d is not None:
+    lines.append(f"- Composite lower levels (elastic net): median "
+                 f"{_x(d['summary'].get('speedup_median'))} faster than the paper's approach "
+                 "(the same algorithm on cvxpy).")
+  for name, label in (("scaling_cpu_cpu.json", "a 2-core CPU"),
+                      (f"scaling_gpu_{GPU}.json", "an H100")):
+    d = _load(name)
+    if d is None:
+      continue
+    vm = [r for r in d["rows"] if r["size_name"] == "instances"
+          and r["method"].startswith("vmap") and r["size"] == 256]
+    if vm:
+      lines.append(f"- 256 small problems in one `jax.vmap` call: {_x(vm[0]['speedup'])} "
+                   f"faster than 256 jitted calls on {label}.")
+  return "\n".join(lines) + "\n\nTables, machines and commits: [docs/performance.md](docs/performance.md)."
+
+
+def _replace_block(path: str, start: str, end: str, body: str) -> None:
   with open(path) as handle:
     text = handle.read()
-  if START not in text or END not in text:
-    raise SystemExit(f"{path} has no {START} ... {END} block")
-  head, rest = text.split(START, 1)
-  _, tail = rest.split(END, 1)
+  if start not in text or end not in text:
+    raise SystemExit(f"{path} has no {start} ... {end} block")
+  head, rest = text.split(start, 1)
+  _, tail = rest.split(end, 1)
   with open(path, "w") as handle:
-    handle.write(f"{head}{START}\n{render()}\n{END}{tail}")
+    handle.write(f"{head}{start}\n{body}\n{end}{tail}")
+
+
+def write() -> None:
+  """Rewrites the generated blocks of docs/performance.md and README.md."""
+  _replace_block(os.path.join(ROOT, "docs", "performance.md"), START, END, render())
+  _replace_block(os.path.join(ROOT, "README.md"), HEADLINE_START, HEADLINE_END, headline())
 
 
 if __name__ == "__main__":
   if "--write" in sys.argv[1:]:
-    write_readme()
+    write()
   else:
     print(render())

@@ -79,3 +79,25 @@ def test_import_loads_only_declared_dependencies():
   # Compiled submodules of allowed packages (e.g. jaxlib's `_jax`) have no owner entry.
   stray = {m for m in stray if not m.startswith("_")}
   assert not stray, f"importing bilevel_jax loads undeclared modules: {sorted(stray)}"
+
+
+def test_ci_floor_constraints_are_the_declared_floors():
+  """.ci/run installs .ci/floor-constraints.txt for its minimum-version job:
+  the pins must be exactly pyproject.toml's `>=` floors, so what CI tests is
+  what the package promises."""
+  try:
+    import tomllib
+  except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as handle:
+    declared = tomllib.load(handle)["project"]["dependencies"]
+  floors = {}
+  for text in declared:
+    req = Requirement(text)
+    if req.marker is None or req.marker.evaluate():
+      (spec,) = [s for s in req.specifier if s.operator == ">="]
+      floors[req.name] = spec.version
+  with open(os.path.join(REPO, ".ci", "floor-constraints.txt")) as handle:
+    pins = dict(line.split("#")[0].strip().split("==") for line in handle
+                if line.split("#")[0].strip())
+  assert pins == floors
