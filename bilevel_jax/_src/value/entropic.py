@@ -103,6 +103,12 @@ def log_radius(r0: float = 10.0) -> Callable:
   """Radius schedule r_mu = r0 (1 + ln(1 + 1/mu)) for unbounded Y (Thm 4.13).
 
   r_mu increases to infinity as mu -> 0 while mu ln vol(Y_mu) -> 0.
+
+  Examples:
+    >>> from bilevel_jax import value
+    >>> radius = value.log_radius(10.0)
+    >>> [round(float(radius(mu)), 3) for mu in (1.0, 0.01)]
+    [16.931, 56.151]
   """
   validation.check_positive("r0", r0)
   return lambda mu: r0 * (1.0 + jnp.log1p(1.0 / mu))

@@ -137,7 +137,13 @@ class VFPSolution(NamedTuple):
 
 
 def geometric_mus(mu0: float, factor: float, count: int) -> np.ndarray:
-  """mu_k = mu0 factor^k, k = 0..count-1 (a decreasing schedule)."""
+  """mu_k = mu0 factor^k, k = 0..count-1 (a decreasing schedule).
+
+  Examples:
+    >>> from bilevel_jax import value
+    >>> [float(mu) for mu in value.geometric_mus(1.0, 0.1, 3)]
+    [1.0, 0.1, 0.01]
+  """
   validation.check_positive("mu0", mu0)
   if not 0 < factor < 1:
     raise ValueError(f"`factor` must lie in (0, 1), got {factor}.")
