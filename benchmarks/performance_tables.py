@@ -186,9 +186,37 @@ def memory_section() -> str:
           + _table(["K", "no checkpointing", "checkpoint='sqrt'", "checkpoint=True"], rows))
 
 
+def compile_section() -> str:
+  name = "compile_times_cpu_cpu.json"
+  d = _load(name)
+  if d is None:
+    return ""
+  by_entry: dict = {}
+  for r in d["rows"]:
+    by_entry.setdefault(r["entry_point"], {})[r["dtype"]] = r
+  rows = []
+  for entry, per in by_entry.items():
+    cells = [f"`{entry}`"]
+    for dtype in ("float32", "float64"):
+      r = per.get(dtype)
+      cells += ["–", "–"] if r is None else [f"{r['first_call_s']:.2f}", _ms(r["run_s"])]
+    r = per.get("float64") or next(iter(per.values()))
+    cells += [f"{r['target_s']:.0f}", "yes" if all(p["meets_target"] for p in per.values())
+              else "**no**", f"{r['jaxpr_equations']} / {r['hlo_instructions']}"]
+    rows.append(cells)
+  m = d["machine"]
+  return ("**Compile time** of every public solver on a small problem (the contract test's "
+          "problems): the first call (tracing + lowering + XLA compile, JAX's caches cleared) "
+          "and a warm call; `python -m benchmarks.compile_times` → "
+          f"`benchmarks/results/{name}` ({m['device']}, JAX {m['jax']}, commit {m['commit']}):"
+          "\n\n" + _table(["entry point", "f32 first call s", "f32 run ms", "f64 first call s",
+                            "f64 run ms", "target s", "meets target", "jaxpr eqns / HLO instr."],
+                           rows))
+
+
 def render() -> str:
-  parts = [boat_section(), jaxopt_section(), cvxpy_section(), vmap_section(), k_section(),
-           memory_section()]
+  parts = [compile_section(), boat_section(), jaxopt_section(), cvxpy_section(), vmap_section(),
+           k_section(), memory_section()]
   return "\n\n".join(p for p in parts if p)
 
 
