@@ -202,11 +202,13 @@ def _read(path: str) -> dict[str, np.ndarray]:
   if size == 0:
     raise fail("the file is empty")
   try:
-    data = np.load(path, allow_pickle=False)
-    if not isinstance(data, np.lib.npyio.NpzFile):
-      raise fail("it holds a single .npy array, not an .npz archive")
-    with data:
-      return {key: data[key] for key in data.files}
+    # Opened here, not by np.load, which leaves its handle open on a bad archive.
+    with open(path, "rb") as handle:
+      data = np.load(handle, allow_pickle=False)
+      if not isinstance(data, np.lib.npyio.NpzFile):
+        raise fail("it holds a single .npy array, not an .npz archive")
+      with data:
+        return {key: data[key] for key in data.files}
   except CheckpointError:
     raise
   except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as err:
