@@ -202,6 +202,17 @@ def _read(path: str) -> dict[str, np.ndarray]:
   if size == 0:
     raise fail("the file is empty")
   try:
+    with open(path, "rb") as handle:
+      head = handle.read(8)
+  except OSError as err:
+    raise fail(f"it cannot be read ({type(err).__name__}: {err.strerror or err})") from err
+  if head.startswith(b"\x93NUMPY"):
+    raise fail("it holds a single .npy array, not an .npz archive")
+  if head[:1] == b"\x80":
+    raise fail("it holds pickled Python objects, which checkpoints never do")
+  if not head.startswith(b"PK"):
+    raise fail(f"it is not an .npz archive (it begins with {head!r})")
+  try:
     # Opened here, not by np.load, which leaves its handle open on a bad archive.
     with open(path, "rb") as handle:
       data = np.load(handle, allow_pickle=False)
