@@ -81,9 +81,9 @@ def test_split_rejects_more_feature_rows_than_labels():
 
 def test_split_rejects_float_sizes():
   feats, labels = _feats_labels()
-  with pytest.raises(TypeError, match="`n_train` must be an int"):
+  with pytest.raises(TypeError, match="`n_train` must be a positive Python int"):
     data.hypercleaning_split(feats, labels, n_train=5.0, n_val=5)
-  with pytest.raises(TypeError, match="`n_test` must be an int"):
+  with pytest.raises(TypeError, match="`n_test` must be a positive Python int"):
     data.hypercleaning_split(feats, labels, n_train=5, n_val=5, n_test=2.5)
 
 

@@ -19,6 +19,7 @@ from typing import Optional
 
 import numpy as np
 
+from bilevel_jax._src import validation
 from bilevel_jax._src.problems.hypercleaning import CleaningData
 
 DATASETS = ("digits", "mnist5k", "mnist")
@@ -164,15 +165,6 @@ def balanced_permutation(labels: np.ndarray, rng: np.random.Generator) -> np.nda
   return order[np.argsort(rank, kind="stable")]
 
 
-def _check_size(name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise TypeError(f"`{name}` must be an int (a number of samples), got {value!r} of "
-                    f"type {type(value).__name__}.")
-  if value <= 0:
-    raise ValueError(f"`{name}` must be positive, got {value}.")
-  return int(value)
-
-
 def _check_labels(name: str, labels) -> np.ndarray:
   labels = np.asarray(labels)
   if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer)
@@ -254,13 +246,14 @@ def hypercleaning_split(features: np.ndarray, labels: np.ndarray, *, n_train: in
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise TypeError(f"`seed` must be an int, got {seed!r}.")
   n = labels.size
-  n_train, n_val = _check_size("n_train", n_train), _check_size("n_val", n_val)
+  n_train = validation.check_positive_int("n_train", n_train)
+  n_val = validation.check_positive_int("n_val", n_val)
   if n_test is None:
     if n_train + n_val >= n:
       raise ValueError(f"n_train + n_val = {n_train + n_val} exceeds the {n} samples "
                        "available, leaving none for the test set.")
     n_test = n - n_train - n_val
-  n_test = _check_size("n_test", n_test)
+  n_test = validation.check_positive_int("n_test", n_test)
   if n_train + n_val + n_test > n:
     raise ValueError(f"n_train + n_val + n_test = {n_train + n_val + n_test} "
                      f"exceeds the {n} samples available.")

@@ -17,6 +17,22 @@ No inner failure is hidden: the history has the lower status of every step,
 ``info.inner_failures`` counts the steps whose lower solve failed,
 ``info.status`` is INNER_FAILED when any did (and the upper loop itself did
 not fail), and ``stop_on_inner_failure=True`` stops at the first one.
+
+Practical choices (ours):
+  * Before any work, ``hypergradient_fn``, ``metrics_fn`` and ``projection``
+    are evaluated abstractly (`jax.eval_shape`, nothing runs) on the initial
+    point: a wrong arity, output count, shape, tree structure or dtype is a
+    TypeError/ValueError naming the function, never a broadcast or a cast
+    inside the step (a scalar gradient for a vector x would otherwise be
+    broadcast by optax).
+  * ``steps`` is bounded up front: at most 2**31 - 1 (optax's step counters
+    are int32 and stop advancing there), and the history it implies (8 bytes
+    per step and recorded name, kept in NumPy chunks of 4096 steps allocated
+    as the run goes) must fit in the machine's memory.
+  * Checkpoints (`checkpointing`) are written atomically with SIGINT/SIGTERM
+    held until the file is in place, the path is checked writable before the
+    first step, stale temporaries of killed runs are removed, and a file that
+    does not fit this run (dtype, structure, step) is refused by name.
 """
 from __future__ import annotations
 
@@ -307,8 +323,10 @@ def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransforma
     metrics_fn: ``fn(x, y) -> dict of scalars`` recorded every step, inside
       the jitted step (y is None when there is none).
     checkpoint_path: save (x, y0, opt_state, history) every
-      ``checkpoint_every`` steps and on interruption; with ``resume=True`` an
-      existing file there is loaded and the run continues from it.
+      ``checkpoint_every`` steps, at the end and on Ctrl-C (a Ctrl-C during a
+      save is delivered once the file is complete); with ``resume=True`` an
+      existing file there is loaded and the run continues from it. The path
+      must be writable (checked before the first step).
     log_every: print a progress line every this many steps (0: never).
     stop_on_nonfinite: stop when the value or gradient is not finite;
       ``info.status`` says so either way.
@@ -320,6 +338,19 @@ def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransforma
 
   Returns:
     `OptimizeSolution`.
+
+  Raises:
+    TypeError, ValueError: a bad argument, named: ``hypergradient_fn`` not
+      returning (value, grad[, solution]) with a real scalar value and a
+      gradient of exactly x's structure, shapes and dtypes (and, with
+      ``y0``, a lower solution like ``y0``); ``metrics_fn`` not returning a
+      dict of scalars (or reusing a history name); ``projection`` changing
+      x's structure or shapes; ``steps`` beyond the bound above; an
+      unwritable ``checkpoint_path``.
+    bilevel_jax._src.checkpointing.CheckpointError: (a ValueError) the file
+      at ``checkpoint_path`` is not a checkpoint of this run (unreadable,
+      truncated, foreign, another structure or dtype, a negative step).
+    SolverError: with ``throw=True``, when ``info.status`` is not SUCCESS.
 
   Example:
     >>> import jax.numpy as jnp, optax
