@@ -467,6 +467,7 @@ _SAVER = textwrap.dedent("""
         print("interrupted", step, flush=True)
         if sys.stdin.readline().strip() != "go":
           break
+        print("resumed", flush=True)
 """)
 
 
@@ -505,6 +506,8 @@ def test_sigint_at_random_times_leaves_a_valid_checkpoint(tmp_path):
       assert _temporaries(path) == []
       proc.stdin.write("go\n" if trial < 5 else "quit\n")
       proc.stdin.flush()
+      if trial < 5:     # no SIGINT while it still reads "go"
+        assert proc.stdout.readline().strip() == "resumed"
     _, err = proc.communicate(timeout=60)
   finally:
     if proc.poll() is None:

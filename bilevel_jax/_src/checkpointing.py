@@ -228,7 +228,7 @@ def _read(path: str) -> dict[str, np.ndarray]:
     if "pickle" in str(err):
       raise fail("it holds pickled Python objects, which checkpoints never do") from err
     raise fail(f"numpy cannot read it ({err})") from err
-  except Exception as err:  # noqa: BLE001 - any other reader failure, re-raised named
+  except Exception as err:  # any other reader failure, re-raised named
     raise fail(f"numpy cannot read it ({type(err).__name__}: {err})") from err
 
 

@@ -84,7 +84,7 @@ def _read_mnist_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
   with open(path, "rb") as handle:
     try:
       data = np.load(handle, allow_pickle=False)
-    except Exception as err:  # noqa: BLE001 - any reader failure, re-raised named
+    except Exception as err:  # any reader failure, re-raised named
       raise ValueError(f"MNIST file {path!r} is not a readable .npz file "
                        f"({type(err).__name__}: {err}); expected a Keras-style "
                        f"mnist.npz with {list(_NPZ_KEYS)}.") from err
@@ -98,7 +98,7 @@ def _read_mnist_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
                          f"Keras-style mnist.npz has {list(_NPZ_KEYS)}.")
       try:
         parts = {k: data[k] for k in _NPZ_KEYS}
-      except Exception as err:  # noqa: BLE001 - truncated member, pickled object...
+      except Exception as err:  # truncated member, pickled object...
         raise ValueError(f"MNIST file {path!r} is corrupt: {type(err).__name__}: "
                          f"{err}") from err
   return (np.concatenate([parts["x_train"], parts["x_test"]]),
