@@ -422,6 +422,23 @@ def test_signal_inside_a_save_is_delivered_after_it(tmp_path, monkeypatch):
   np.testing.assert_array_equal(trees["x"], [0.0, 1.0, 2.0])
 
 
+def test_sigterm_inside_a_save_reaches_its_handler_after_the_file_is_in_place(
+    tmp_path, monkeypatch):
+  path = str(tmp_path / "ck.npz")
+  real_savez, seen = np.savez, []
+  monkeypatch.setattr(checkpointing.np, "savez", lambda handle, **arrays: (
+      os.kill(os.getpid(), signal.SIGTERM), real_savez(handle, **arrays)))
+  handler = lambda signum, frame: seen.append((signum, os.path.exists(path),
+                                               _temporaries(path)))
+  previous = signal.signal(signal.SIGTERM, handler)
+  try:
+    checkpointing.save(path, {"x": jnp.zeros(2)}, {"step": np.int64(1)})
+    assert signal.getsignal(signal.SIGTERM) is handler
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert seen == [(signal.SIGTERM, True, [])]
+
+
 def test_ctrl_c_inside_a_periodic_save_ends_with_a_resumable_checkpoint(tmp_path, monkeypatch):
   path = str(tmp_path / "run.npz")
   real_savez, calls = np.savez, []

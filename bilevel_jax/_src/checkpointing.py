@@ -110,13 +110,13 @@ def signals_deferred():
     return
   received: list[int] = []
   previous = {}
-  for sig in _DEFERRED_SIGNALS:
-    handler = signal.getsignal(sig)
-    if handler is None or handler == signal.SIG_IGN:
-      continue
-    previous[sig] = handler
-    signal.signal(sig, lambda signum, frame: received.append(signum))
   try:
+    for sig in _DEFERRED_SIGNALS:
+      handler = signal.getsignal(sig)
+      if handler is None or handler == signal.SIG_IGN:
+        continue
+      previous[sig] = handler
+      signal.signal(sig, lambda signum, frame: received.append(signum))
     yield
   finally:
     for sig, handler in previous.items():
