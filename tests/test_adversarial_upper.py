@@ -227,7 +227,7 @@ def test_checkpoint_path_under_a_regular_file(tmp_path):
                      "written .* before the first step"):
     _run(lambda x, y: (calls.append(1), _hg(x, y))[1],
          checkpoint_path=str(tmp_path / "file" / "run.npz"))
-  assert len(calls) == 1      # the abstract check only: no step ran
+  assert len(calls) <= 1      # at most the abstract check: no step ran
 
 
 def test_checkpoint_path_in_a_read_only_folder(tmp_path):
