@@ -178,7 +178,7 @@ def _as_batches(name: str, batches, steps: int, key, stream: int) -> _Batches:
     return _Batches()
   if callable(batches):
     if key is None:
-      raise ValueError(f"`{name}` is a sampler (k, key) -> batch, which needs `key=` "
+      raise ValueError(f"`{name}` is a sampler (k, key) -> batch, which needs `key` "
                        f"(a PRNG key; step k gets jax.random.fold_in(key, k)).")
     return _Batches(sample=batches, stream=stream)
   leaves = jax.tree_util.tree_leaves(batches)
@@ -196,6 +196,12 @@ def _as_batches(name: str, batches, steps: int, key, stream: int) -> _Batches:
 def _as_optimizer(lower_optimizer, x):
   """``lower_optimizer`` or ``lower_optimizer(x)`` as a GradientTransformation."""
   opt = lower_optimizer
+  if getattr(opt, "__module__", "").startswith("optax") and not isinstance(
+      opt, optax.GradientTransformation):
+    raise TypeError(f"`lower_optimizer` is the optax factory "
+                    f"{getattr(opt, '__name__', opt)!r}, not a GradientTransformation: "
+                    "call it (optax.adam(1e-3)), or pass a function x -> "
+                    "GradientTransformation whose hyperparameters depend on x.")
   if not isinstance(opt, optax.GradientTransformation) and callable(opt):
     opt = opt(x)
   if not isinstance(opt, optax.GradientTransformation):
