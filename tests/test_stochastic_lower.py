@@ -50,10 +50,14 @@ def sample(k, key):
 
 
 def _check_fd(kw, upper_fn=upper, lower_fn=lower, x=X, y0=W0, rtol=1e-6):
-  _, grad = bda.hypergradient(upper_fn, lower_fn, x, y0, **kw)
+  """The hypergradient against central differences of phi_K; returns the
+  gradient and the solution at x."""
+  _, grad, sol = jax.jit(lambda v: bda.hypergradient(upper_fn, lower_fn, v, y0,
+                                                     return_info=True, **kw))(x)
   phi = lambda v: bda.solve(upper_fn, lower_fn, v, y0, **kw).info.upper_value
   np.testing.assert_allclose(grad, finite_difference_grad(phi, x), rtol=rtol, atol=1e-9)
-  return grad
+  assert int(sol.info.status) == Status.SUCCESS
+  return grad, sol
 
 
 # --------------------------------------------------- reduction to eq. (10)
@@ -152,7 +156,7 @@ def _lr_problem():
 def test_injected_learning_rate_is_the_upper_variable():
   make, low, up, x = _lr_problem()
   kw = dict(steps=K, upper_lr=0.2, alpha=0.0, lower_optimizer=make, lower_batches=BATCHES)
-  grad = _check_fd(kw, upper_fn=up, lower_fn=low, x=x, rtol=1e-5)
+  grad, _ = _check_fd(kw, upper_fn=up, lower_fn=low, x=x, rtol=1e-5)
   assert np.all(np.abs(grad) > 1e-6)  # both hyperparameters matter
 
 
@@ -200,26 +204,24 @@ def test_jit_vmap_over_keys_and_no_retrace():
   assert np.all(np.isfinite(new_style))
 
 
-@pytest.mark.parametrize("extra", [{"checkpoint": True}, {"checkpoint": "sqrt"},
-                                   {"unroll": 4}, {"checkpoint": 5, "unroll": 2}])
-def test_checkpoint_and_unroll_give_the_same_gradient(extra):
+def test_checkpoint_gives_the_same_gradient():
+  """Per-step remat with a sampler; segments of 5 (and a remainder of 2) over
+  a batch pytree (`unroll`: in the truncation test below)."""
   key = jax.random.PRNGKey(3)
-  ref = _sampled_hypergradient(X, key)
-  got = _sampled_hypergradient(X, key, **extra)
-  np.testing.assert_allclose(got[1], ref[1], rtol=1e-12)
   fixed = dict(lower_batches=BATCHES, upper_batches=VAL_BATCHES, rng=None)
-  batched = _sampled_hypergradient(X, **fixed, **extra)
-  batched_ref = _sampled_hypergradient(X, **fixed)
-  np.testing.assert_allclose(batched[1], batched_ref[1], rtol=1e-12)
+  for batches, extra in (({}, {"checkpoint": True}), (fixed, {"checkpoint": 5})):
+    ref = _sampled_hypergradient(X, **dict(dict(rng=key), **batches))
+    got = _sampled_hypergradient(X, **dict(dict(rng=key), **batches), **extra)
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-12)
 
 
 def test_truncated_stochastic_run_matches_finite_differences_of_its_tail():
   kw = dict(upper_lr=0.2, alpha=0.5, lower_optimizer=optax.sgd(0.05, momentum=0.5),
             lower_batches=BATCHES)
-  _, grad = bda.hypergradient(upper, lower, X, W0, steps=K, truncate=K, upper_batches=VAL_BATCHES,
-                              **kw)
-  full = _check_fd(dict(kw, steps=K, upper_batches=VAL_BATCHES))
-  np.testing.assert_allclose(grad, full, rtol=1e-12)   # truncate = K is full backprop
+  _, grad = bda.hypergradient(upper, lower, X, W0, steps=K, truncate=K, unroll=3,
+                              upper_batches=VAL_BATCHES, **kw)
+  full, _ = _check_fd(dict(kw, steps=K, upper_batches=VAL_BATCHES))
+  np.testing.assert_allclose(grad, full, rtol=1e-12)   # truncate = K: full backprop
   short = bda.hypergradient(upper, lower, X, W0, steps=K, truncate=4,
                             upper_batches=VAL_BATCHES, **kw)[1]
   assert np.all(np.isfinite(short)) and not np.allclose(short, full)
@@ -245,7 +247,9 @@ eqx = pytest.importorskip("equinox")
 
 class _EqxNet(eqx.Module):
   hidden: eqx.nn.Linear
-  drop: eqx.nn.Dropout
+  # Static: `bilevel_jax._src.variables` iterates Python-float leaves, and the
+  # rate `Dropout.p` is one; as a static field it stays a hyperparameter.
+  drop: eqx.nn.Dropout = eqx.field(static=True)
   out: eqx.nn.Linear
 
   def __init__(self, key):
@@ -255,7 +259,8 @@ class _EqxNet(eqx.Module):
     self.out = eqx.nn.Linear(6, 1, key=k2)
 
   def __call__(self, inputs, key):
-    return self.out(self.drop(jnp.tanh(self.hidden(inputs)), key=key))[0]
+    hidden = self.drop(jnp.tanh(self.hidden(inputs)), key=key, inference=key is None)
+    return self.out(hidden)[0]
 
 
 def test_equinox_mlp_with_dropout_key_in_the_batch():
@@ -271,20 +276,19 @@ def test_equinox_mlp_with_dropout_key_in_the_batch():
         jnp.sum(p ** 2) for p in params)
 
   def eqx_upper(log_l2, net):
-    inference = eqx.nn.inference_mode(net)
-    pred = jax.vmap(lambda f: inference(f, None))(FEATURES[:10])
+    pred = jax.vmap(lambda f: net(f, None))(FEATURES[:10])
     return jnp.mean((pred - TARGETS[:10]) ** 2)
 
   kw = dict(steps=K, upper_lr=0.1, alpha=0.3, lower_optimizer=optax.adam(0.02),
             lower_batches=batches)
-  sol = bda.solve(eqx_upper, eqx_lower, jnp.array([-3.0]), net0, **kw)
-  assert isinstance(sol.y, _EqxNet) and int(sol.info.status) == Status.SUCCESS
-  _check_fd(kw, upper_fn=eqx_upper, lower_fn=eqx_lower, x=jnp.array([-3.0]), y0=net0,
-            rtol=1e-5)
-  # Another dropout key changes the iterates: the masks do come from the batch.
-  other = dict(kw, lower_batches=(BATCHES[0], BATCHES[1],
-                                  jax.random.split(jax.random.PRNGKey(6), K)))
-  moved = bda.solve(eqx_upper, eqx_lower, jnp.array([-3.0]), net0, **other).y
+  _, sol = _check_fd(kw, upper_fn=eqx_upper, lower_fn=eqx_lower, x=jnp.array([-3.0]),
+                     y0=net0, rtol=1e-5)
+  assert isinstance(sol.y, _EqxNet) and sol.y.drop.p == 0.3
+  # Other dropout keys change the iterates: the masks do come from the batch.
+  solve = eqx.filter_jit(lambda bs: bda.solve(eqx_upper, eqx_lower, jnp.array([-3.0]), net0,
+                                              **dict(kw, lower_batches=bs)).y)
+  moved = solve((BATCHES[0], BATCHES[1], jax.random.split(jax.random.PRNGKey(6), K)))
+  np.testing.assert_allclose(solve(batches).hidden.weight, sol.y.hidden.weight, rtol=1e-12)
   assert not np.allclose(moved.hidden.weight, sol.y.hidden.weight)
 
 
@@ -331,10 +335,8 @@ def test_flax_nnx_model_with_batchnorm_and_dropout():
   kw = dict(steps=K, upper_lr=0.1, alpha=0.3, lower_optimizer=optax.adam(0.02),
             lower_batches=sampler, key=jax.random.PRNGKey(8))
   x = jnp.array([-3.0])
-  sol = bda.solve(nnx_upper, nnx_lower, x, params, **kw)
-  assert int(sol.info.status) == Status.SUCCESS
+  _, sol = _check_fd(kw, upper_fn=nnx_upper, lower_fn=nnx_lower, x=x, y0=params, rtol=1e-5)
   assert float(sol.info.upper_value) < float(nnx_upper(x, params))
-  _check_fd(kw, upper_fn=nnx_upper, lower_fn=nnx_lower, x=x, y0=params, rtol=1e-5)
 
 
 # ------------------------------------------------------------ bad inputs
