@@ -166,7 +166,7 @@ def main(argv=None):
   uniform = train_plain(split, jnp.ones(n), args, key)
   rows.append(("uniform weights", test(uniform), float("nan"), float("nan")))
   clean = train_plain(split, jnp.asarray(~corrupted, jnp.float32), args, key)
-  rows.append(("clean only (oracle)", test(clean), 1.0, float("nan")))
+  rows.append(("clean only (oracle)", test(clean), float("nan"), float("nan")))
   for name, alpha in (("RHG (alpha = 0)", 0.0), ("BDA (alpha_k = 0.5 / k)",
                                                  schedules.harmonic(0.5))):
     params, weights, per_step = reweight(split, args, alpha, key)

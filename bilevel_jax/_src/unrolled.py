@@ -354,7 +354,10 @@ def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
       Or a function ``x -> GradientTransformation`` (static), so that its
       hyperparameters can be the upper variable, e.g. ``lambda x:
       optax.inject_hyperparams(optax.sgd)(learning_rate=x["lr"])``.
-      ``optax.sgd(s)`` reproduces ``lower_lr=s`` (eq. 10).
+      ``optax.sgd(s)`` reproduces ``lower_lr=s`` (eq. 10). To differentiate
+      through Adam give ``eps_root > 0`` (``optax.adam(lr, eps_root=1e-12)``):
+      with 0, a coordinate with an exactly zero gradient makes the
+      derivative of sqrt(nu) infinite and the hypergradient NaN.
     lower_batches: batches for f: a pytree whose leaves have a leading axis of
       length ``steps`` (step k gets slice k), or a sampler ``(k, key_k) ->
       batch`` (static) called inside the loop for k = 0..K-1 with
