@@ -153,10 +153,6 @@ class _Batches(NamedTuple):
   sample: Optional[Callable] = None
   stream: int = 0  # 0: the lower sampler's keys, 1: the upper sampler's
 
-  @property
-  def given(self) -> bool:
-    return self.xs is not None or self.sample is not None
-
   def at(self, k, xs_k, key):
     """The batch of step k (0-based); ``xs_k`` is the scanned slice."""
     if self.sample is None:
