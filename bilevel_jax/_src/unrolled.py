@@ -236,7 +236,7 @@ def _validate(upper_fn, lower_fn, x, y0, steps, upper_lr, lower_lr, truncate, pr
   if key is not None:
     try:
       jax.eval_shape(jax.random.fold_in, key, 0)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
       raise TypeError(f"`key` must be a PRNG key (jax.random.key or PRNGKey), got "
                       f"{key!r}: {err}") from err
   upper_b = _as_batches("upper_batches", batches[0], steps, key, stream=1)
@@ -245,21 +245,22 @@ def _validate(upper_fn, lower_fn, x, y0, steps, upper_lr, lower_lr, truncate, pr
     raise ValueError("`key` is only used by a sampler `lower_batches`/`upper_batches` "
                      "(k, key) -> batch; pass one, or drop `key` (a batch pytree can "
                      "carry its own keys).")
-  first = {}
   for name, b in (("upper_batches", upper_b), ("lower_batches", lower_b)):
-    xs0 = None if b.xs is None else jax.tree_util.tree_map(lambda v: v[0], b.xs)
-    first[name] = lambda b=b, xs0=xs0: b.at(0, xs0, key)
     if b.sample is not None:
       try:
-        jax.eval_shape(lambda: b.sample(0, jax.random.fold_in(key, 0)))
-      except Exception as err:  # noqa: BLE001
+        jax.eval_shape(b.sample, 0, jax.random.fold_in(key, 0))
+      except Exception as err:
         raise TypeError(f"`{name}` failed when called as {name}(0, key): {err}") from err
+
+  def first(b):  # the batch of step 0 (abstract inside eval_shape)
+    return b.at(0, jax.tree_util.tree_map(lambda v: v[0], b.xs), key)
+
   x_dyn, x_rest = variables.partition(x)
   as_x = lambda xd: variables.combine(xd, x_rest)
   validation.check_scalar_output(
-      "upper_fn", lambda xd, yy: upper_fn(as_x(xd), yy, first["upper_batches"]()), x_dyn, y0)
+      "upper_fn", lambda xd, yy: upper_fn(as_x(xd), yy, first(upper_b)), x_dyn, y0)
   validation.check_scalar_output(
-      "lower_fn", lambda xd, yy: lower_fn(as_x(xd), yy, first["lower_batches"]()), x_dyn, y0)
+      "lower_fn", lambda xd, yy: lower_fn(as_x(xd), yy, first(lower_b)), x_dyn, y0)
   if truncate is not None:
     truncate = validation.check_positive_int("truncate", truncate)
     if truncate > steps:
@@ -274,7 +275,7 @@ def _validate(upper_fn, lower_fn, x, y0, steps, upper_lr, lower_lr, truncate, pr
     opt = _as_optimizer(lower_optimizer, x)
     try:
       jax.eval_shape(lambda yy: opt.update(yy, opt.init(yy), yy), y0)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
       raise TypeError(f"`lower_optimizer` failed on a gradient shaped like `y0`: "
                       f"{err}") from err
   return steps, truncate, upper_b, lower_b
