@@ -43,8 +43,8 @@ def init_mlp(key, sizes):
 
 def logits(params, feats):
   for layer in params[:-1]:
-    feats = jax.nn.relu(feats @ layer["w"] + layer["b"])
-  return feats @ params[-1]["w"] + params[-1]["b"]
+    feats = jax.nn.relu(feats @ layer["w"] + layer["b"][None])
+  return feats @ params[-1]["w"] + params[-1]["b"][None]
 
 
 def cross_entropy(params, feats, labels):

@@ -41,8 +41,8 @@ def init_mlp(key, sizes):
 
 def logits(params, feats):
   for layer in params[:-1]:
-    feats = jnp.tanh(feats @ layer["w"] + layer["b"])
-  return feats @ params[-1]["w"] + params[-1]["b"]
+    feats = jnp.tanh(feats @ layer["w"] + layer["b"][None])
+  return feats @ params[-1]["w"] + params[-1]["b"][None]
 
 
 def loss(params, feats, labels):
