@@ -125,13 +125,14 @@ def test_sampler_matches_finite_differences_and_fold_in_keys():
                              bda.solve(upper, lower, X, W0, **explicit).y, rtol=1e-14)
 
 
-@pytest.mark.parametrize("name, optimizer", [
-    ("momentum", optax.sgd(0.05, momentum=0.9)),
-    ("nesterov", optax.sgd(0.05, momentum=0.9, nesterov=True)),
-    ("adam", optax.adam(0.05)),
-    ("adamw-schedule", optax.adamw(optax.exponential_decay(0.05, 5, 0.5), weight_decay=0.1)),
+@pytest.mark.parametrize("name, optimizer, alpha", [
+    ("momentum", optax.sgd(0.05, momentum=0.9), 0.5),
+    ("nesterov", optax.sgd(0.05, momentum=0.9, nesterov=True), 0.0),
+    ("adam", optax.adam(0.05), 0.0),
+    ("adam", optax.adam(0.05), 0.5),
+    ("adamw-schedule", optax.adamw(optax.exponential_decay(0.05, 5, 0.5), weight_decay=0.1),
+     0.5),
 ])
-@pytest.mark.parametrize("alpha", [0.0, 0.5])
 def test_optax_lower_step_matches_finite_differences(name, optimizer, alpha):
   kw = dict(steps=K, upper_lr=0.2, alpha=alpha, lower_optimizer=optimizer,
             lower_batches=BATCHES, upper_batches=VAL_BATCHES)
@@ -193,15 +194,11 @@ def test_jit_vmap_over_keys_and_no_retrace():
   jitted = jax.jit(chex.assert_max_traces(_sampled_hypergradient, n=1))
   loop = [jitted(X, k) for k in keys]          # same shapes: one trace
   jitted(X + 0.1, keys[0])
-  eager = _sampled_hypergradient(X, keys[1])
-  chex.assert_trees_all_close(loop[1], eager, rtol=1e-10)
   values, grads = jax.jit(jax.vmap(_sampled_hypergradient, in_axes=(None, 0)))(X, keys)
   for i, (value, grad) in enumerate(loop):
     np.testing.assert_allclose(values[i], value, rtol=1e-10)
     np.testing.assert_allclose(grads[i], grad, rtol=1e-9)
   assert not np.allclose(grads[0], grads[1])   # different keys, different batches
-  new_style = _sampled_hypergradient(X, jax.random.key(0))[1]   # typed keys work too
-  assert np.all(np.isfinite(new_style))
 
 
 def test_checkpoint_gives_the_same_gradient():
@@ -265,8 +262,9 @@ class _EqxNet(eqx.Module):
 
 def test_equinox_mlp_with_dropout_key_in_the_batch():
   net0 = _EqxNet(jax.random.PRNGKey(4))
-  drop_keys = jax.random.split(jax.random.PRNGKey(5), K)   # one dropout key a step
-  batches = (BATCHES[0], BATCHES[1], drop_keys)
+  steps = 6
+  drop_keys = jax.random.split(jax.random.PRNGKey(5), steps)   # one dropout key a step
+  batches = (BATCHES[0][:steps], BATCHES[1][:steps], drop_keys)
 
   def eqx_lower(log_l2, net, batch):
     feats, targets, key = batch
@@ -279,7 +277,7 @@ def test_equinox_mlp_with_dropout_key_in_the_batch():
     pred = jax.vmap(lambda f: net(f, None))(FEATURES[:10])
     return jnp.mean((pred - TARGETS[:10]) ** 2)
 
-  kw = dict(steps=K, upper_lr=0.1, alpha=0.3, lower_optimizer=optax.adam(0.02),
+  kw = dict(steps=steps, upper_lr=0.1, alpha=0.3, lower_optimizer=optax.adam(0.02),
             lower_batches=batches)
   _, sol = _check_fd(kw, upper_fn=eqx_upper, lower_fn=eqx_lower, x=jnp.array([-3.0]),
                      y0=net0, rtol=1e-5)
@@ -287,7 +285,7 @@ def test_equinox_mlp_with_dropout_key_in_the_batch():
   # Other dropout keys change the iterates: the masks do come from the batch.
   solve = eqx.filter_jit(lambda bs: bda.solve(eqx_upper, eqx_lower, jnp.array([-3.0]), net0,
                                               **dict(kw, lower_batches=bs)).y)
-  moved = solve((BATCHES[0], BATCHES[1], jax.random.split(jax.random.PRNGKey(6), K)))
+  moved = solve(batches[:2] + (jax.random.split(jax.random.PRNGKey(6), steps),))
   np.testing.assert_allclose(solve(batches).hidden.weight, sol.y.hidden.weight, rtol=1e-12)
   assert not np.allclose(moved.hidden.weight, sol.y.hidden.weight)
 
@@ -332,8 +330,8 @@ def test_flax_nnx_model_with_batchnorm_and_dropout():
     feats, targets = sample(k, key)
     return feats, targets, jax.random.fold_in(key, 1)
 
-  kw = dict(steps=K, upper_lr=0.1, alpha=0.3, lower_optimizer=optax.adam(0.02),
-            lower_batches=sampler, key=jax.random.PRNGKey(8))
+  kw = dict(steps=6, upper_lr=0.1, alpha=0.3, lower_optimizer=optax.adam(0.02),
+            lower_batches=sampler, key=jax.random.key(8))   # a typed key
   x = jnp.array([-3.0])
   _, sol = _check_fd(kw, upper_fn=nnx_upper, lower_fn=nnx_lower, x=x, y0=params, rtol=1e-5)
   assert float(sol.info.upper_value) < float(nnx_upper(x, params))
