@@ -70,7 +70,7 @@ from bilevel_jax._src import tree as tree_ops
 from bilevel_jax._src import validation
 from bilevel_jax._src import variables
 
-Objective = Callable[[Any, Any], jax.Array]
+Objective = Callable[..., jax.Array]  # F(x, y) or F(x, y, batch)
 Checkpoint = Union[bool, str, int]
 
 
