@@ -189,6 +189,7 @@ def aggregate(runs: dict) -> dict:
              "process_wall_s": [o["process_wall_s"] for o in outs]}
       if "compile_s" in per_round[0]:
         row["compile_s"] = [r["compile_s"] for r in per_round]
+        row["xla_temp_mib"] = per_round[0].get("xla_temp_mib")
       if "max_rel_gap_to_scan" in per_round[0]:
         row["max_rel_gap_to_scan"] = max(r["max_rel_gap_to_scan"] for r in per_round)
       row["val_loss_history_round1"] = per_round[0]["val_loss_history"]

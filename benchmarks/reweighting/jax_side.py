@@ -186,7 +186,7 @@ def main(data_path, settings_path):
     impls["library"] = make_library_step(arrays, settings)
     impls["library_remat"] = make_library_step(arrays, settings, checkpoint=True)
 
-  compiled, compile_s = {}, {}
+  compiled, compile_s, temp_mib = {}, {}, {}
   for name, (step, outer) in list(impls.items()):
     args = (x0, theta0, outer.init(x0), idx[0], val_idx[0])
     tic = time.perf_counter()
@@ -199,6 +199,9 @@ def main(data_path, settings_path):
       del impls[name]
       continue
     compile_s[name] = time.perf_counter() - tic
+    mem = compiled[name].memory_analysis()
+    temp_mib[name] = (getattr(mem, "temp_size_in_bytes", -1) / 2**20
+                      if mem is not None else None)
   rss_after_compile = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
   warmup, upper_steps = int(settings["warmup"]), int(settings["upper_steps"])
@@ -227,7 +230,8 @@ def main(data_path, settings_path):
     pred = np.asarray(jnp.argmax(mlp_logits(theta, test_x), axis=1))
     w = np.asarray(jax.nn.sigmoid(x))
     corrupted = data["corrupted"].astype(bool)
-    results[name] = {"compile_s": compile_s[name], "times_s": times[name],
+    results[name] = {"compile_s": compile_s[name], "xla_temp_mib": temp_mib[name],
+                     "times_s": times[name],
                      "cpu_times_s": cpu[name],
                      "test_acc": float(np.mean(pred == test_y)),
                      "val_loss_history": history[name],
