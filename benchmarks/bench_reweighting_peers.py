@@ -30,8 +30,22 @@ JAX, ...) for ``--repeats`` rounds:
 
 The peers' venvs live under ``--peers-dir`` (default /work/peer-venvs, or
 $BILEVEL_JAX_PEERS), created by ``--setup`` with the pinned requirements in
-`PEERS`. Threads: the same count on every side (OMP/MKL/OpenBLAS env vars,
-torch.set_num_threads, XLA's intra-op threads), 1 by default.
+`PEERS` (torch 2.13.0 is the CPU wheel on this machine's disk; about 2.5
+minutes for both). ``--bilevel-jax DIR`` puts another checkout's bilevel_jax
+on the JAX child's path. Threads: the same count on every side
+(OMP/MKL/OpenBLAS env vars, torch.set_num_threads(1) and one interop thread,
+XLA's intra-op threads), 1 by default.
+
+Measured per upper step (K lower steps, hypergradient, upper Adam step), each
+child timing its own steps after ``--warmup`` throwaway ones: the wall time
+and the process CPU time (time.process_time, all threads), medians pooled
+over the rounds; on a shared machine the CPU time is the stable one (wall
+time waits for the cores). Also: the compile time (jax.jit(...).lower().
+compile(), apart), XLA's temp memory of each compiled step, each process's
+peak RSS (getrusage; the JAX child holds all its compiled variants), the test
+accuracy of the final theta on the whole test split, the mean weight
+sigmoid(x) on clean and on corrupted samples, and the largest relative gap of
+each validation-loss history to the hand-written scan's.
 """
 from __future__ import annotations
 
