@@ -165,6 +165,8 @@ def interpreters(args, impls) -> dict:
 
 def run_child(name, python, data_path, settings_path, args) -> dict:
   env = dict(os.environ)
+  for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    env[var] = str(args.threads)  # before any import in the child
   if name == "jax":
     env["PYTHONPATH"] = args.bilevel_jax
   else:
