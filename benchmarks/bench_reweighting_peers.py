@@ -62,8 +62,9 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-import _common  # noqa: E402  (puts ROOT on sys.path)
+sys.path.insert(0, ROOT)
+from benchmarks import timing  # noqa: E402
+from experiments import report  # noqa: E402
 
 PEERS = {
     "torchopt": ["torch==2.13.0", "torchopt==0.7.3"],
@@ -145,7 +146,7 @@ def settings_of(args) -> dict:
 def interpreters(args, impls) -> dict:
   """The Python of each implementation (None with the reason when missing)."""
   os.environ["BILEVEL_JAX_PEERS"] = args.peers_dir
-  from bilevel_jax._src.bench.peers import venv
+  from benchmarks.peers import venv
   out = {}
   for name in impls:
     if name == "jax":
@@ -192,9 +193,9 @@ def aggregate(runs: dict) -> dict:
     for impl in outs[0]["results"]:
       name = "bilevel_jax_" + impl if child == "jax" else child
       per_round = [o["results"][impl] for o in outs]
-      row = {"time_per_upper_step": _common.summarize(
+      row = {"time_per_upper_step": timing.summarize(
                  [s for r in per_round for s in r["times_s"]]),
-             "cpu_time_per_upper_step": _common.summarize(
+             "cpu_time_per_upper_step": timing.summarize(
                  [s for r in per_round for s in r["cpu_times_s"]]),
              "round_medians_s": [statistics.median(r["times_s"]) for r in per_round],
              "test_acc": [r["test_acc"] for r in per_round],
@@ -280,7 +281,7 @@ def main(argv=None):
         meta[name] = {k: v for k, v in out.items() if k not in ("results", "process_wall_s")}
   total = time.perf_counter() - tic
   rows = aggregate({k: v for k, v in runs.items() if v})
-  machine = _common.machine()
+  machine = timing.machine()
   machine.update(cpu_affinity=len(os.sched_getaffinity(0)), loadavg_at_end=os.getloadavg())
   for name, m in meta.items():
     status.setdefault(name, "ran")
@@ -293,7 +294,7 @@ def main(argv=None):
              "bilevel_jax_path": os.path.relpath(args.bilevel_jax, ROOT), "note": args.note,
              "children": meta, "rows": rows, "ratios": ratios(rows),
              "benchmark_wall_s": total}
-  _common.report.write_json(args.out, payload)
+  report.write_json(args.out, payload)
   print(json.dumps({"ratios": payload["ratios"], "status": status,
                     "medians_ms": {k: 1e3 * r["time_per_upper_step"]["median_s"]
                                    for k, r in rows.items()},
