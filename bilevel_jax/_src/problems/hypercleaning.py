@@ -24,9 +24,9 @@ class CleaningData(NamedTuple):
   `bilevel_jax.data.hypercleaning_split` builds one from a real data set.
 
   Example:
-    >>> import jax, jax.numpy as jnp
+    >>> import numpy as np, jax.numpy as jnp
     >>> from bilevel_jax import problems
-    >>> u = jax.random.uniform(jax.random.PRNGKey(0), (12, 3))
+    >>> u = jnp.asarray(np.random.default_rng(0).random((12, 3)), jnp.float32)
     >>> clean = (u[:, 0] > 0.5).astype(jnp.int32)
     >>> noisy = clean.at[:2].set(1 - clean[:2])          # flip two training labels
     >>> data = problems.CleaningData(
@@ -86,9 +86,9 @@ class HyperCleaning(NamedTuple):
   and ``lower_smoothness()`` a bound on L_f for the lower step size.
 
   Example:
-    >>> import jax, jax.numpy as jnp
+    >>> import numpy as np, jax.numpy as jnp
     >>> from bilevel_jax import problems
-    >>> u = jax.random.uniform(jax.random.PRNGKey(0), (12, 3))
+    >>> u = jnp.asarray(np.random.default_rng(0).random((12, 3)), jnp.float32)
     >>> labels = (u[:, 0] > 0.5).astype(jnp.int32)
     >>> data = problems.CleaningData(u[:6], labels[:6], u[6:9], labels[6:9], u[9:],
     ...                              labels[9:], jnp.zeros(6, bool))
