@@ -27,22 +27,49 @@ X_BOUNDS = (-100.0, 100.0)
 
 
 def upper(x, y):
-  """F(x, y) = (x - y_2)^2 / 2 + (y_1 - 1)^2 / 2."""
+  """F(x, y) = (x - y_2)^2 / 2 + (y_1 - 1)^2 / 2.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax.problems import example1
+    >>> float(example1.upper(1.5, jnp.array([2.0, 2.0])))
+    0.625
+  """
   return 0.5 * (x - y[1]) ** 2 + 0.5 * (y[0] - 1.0) ** 2
 
 
 def lower(x, y):
-  """f(x, y) = y_1^2 / 2 - x y_1."""
+  """f(x, y) = y_1^2 / 2 - x y_1.
+
+  Example (y_2 does not enter: every y = (x, t) is a minimizer):
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax.problems import example1
+    >>> float(example1.lower(1.0, jnp.array([1.0, 5.0]))), float(example1.lower(1.0, jnp.array([1.0, -3.0])))
+    (-0.5, -0.5)
+  """
   return 0.5 * y[0] ** 2 - x * y[0]
 
 
 def lower_value(x):
-  """f*(x) = min_y f(x, y) = -x^2 / 2."""
+  """f*(x) = min_y f(x, y) = -x^2 / 2.
+
+  Example:
+    >>> from bilevel_jax.problems import example1
+    >>> example1.lower_value(3.0)
+    -4.5
+  """
   return -0.5 * x ** 2
 
 
 def projection():
-  """Projection onto X = [-100, 100]."""
+  """Projection onto X = [-100, 100].
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax.problems import example1
+    >>> float(example1.projection()(jnp.asarray(250.0)))
+    100.0
+  """
   return projections.box(*X_BOUNDS)
 
 
