@@ -44,8 +44,8 @@ def lower(x, y):
   Example (y_2 does not enter: every y = (x, t) is a minimizer):
     >>> import jax.numpy as jnp
     >>> from bilevel_jax.problems import example1
-    >>> float(example1.lower(1.0, jnp.array([1.0, 5.0]))), float(example1.lower(1.0, jnp.array([1.0, -3.0])))
-    (-0.5, -0.5)
+    >>> [float(example1.lower(1.0, jnp.array([1.0, t]))) for t in (5.0, -3.0)]
+    [-0.5, -0.5]
   """
   return 0.5 * y[0] ** 2 - x * y[0]
 
