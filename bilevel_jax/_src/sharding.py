@@ -81,6 +81,12 @@ def make_mesh(num_devices: Optional[int] = None, *, axis_name: str = DEFAULT_AXI
 
   Returns:
     A `jax.sharding.Mesh` with the single axis ``axis_name``.
+
+  Example:
+    >>> from bilevel_jax import sharding
+    >>> mesh = sharding.make_mesh(1)
+    >>> mesh.axis_names, mesh.shape["batch"]
+    (('batch',), 1)
   """
   devices = list(jax.devices() if devices is None else devices)
   if not isinstance(axis_name, str) or not axis_name:
@@ -303,6 +309,14 @@ def process_local_batch(tree, mesh: Mesh, *, axis_name: Optional[str] = None):
     tree: pytree of host arrays with a leading batch axis (this process's tasks).
     mesh: the global mesh.
     axis_name: the mesh axis to split along (default: the mesh's only axis).
+
+  Example (one process: the whole batch is local):
+    >>> import numpy as np
+    >>> from bilevel_jax import sharding
+    >>> mesh = sharding.make_mesh(1)
+    >>> tasks = sharding.process_local_batch({"a": np.arange(4.0)}, mesh)
+    >>> tasks["a"].shape, tuple(tasks["a"].sharding.spec)
+    ((4,), ('batch',))
   """
   axis = _resolve_axis(mesh, axis_name)
   sharding = NamedSharding(mesh, P(axis))
@@ -314,6 +328,13 @@ def replicate(tree, mesh: Mesh):
   """Places ``tree`` on every device of ``mesh`` (the upper variables).
 
   In a multi-process run every process must pass the same values.
+
+  Example:
+    >>> import numpy as np
+    >>> from bilevel_jax import sharding
+    >>> x = sharding.replicate({"w": np.ones(3)}, sharding.make_mesh(1))
+    >>> x["w"].shape, x["w"].sharding.is_fully_replicated
+    ((3,), True)
   """
   if not isinstance(mesh, Mesh):
     raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
