@@ -79,7 +79,7 @@ def min_norm_hull(points, *, max_steps: int | None = None, tol=None,
   Returns:
     `MinNormSolution(point, weights, info)`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import upper
     >>> sol = upper.min_norm_hull(jnp.array([[1.0, 1.0], [1.0, -1.0]]))

@@ -32,7 +32,7 @@ def _broadcast_like(bound, tree):
 def box(lower, upper) -> Projection:
   """P(y) = clip(y, lower, upper); bounds are scalars or pytrees like y.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import projections
     >>> projections.box(-1.0, 1.0)(jnp.array([-2.0, 0.5, 3.0])).tolist()
@@ -55,7 +55,7 @@ def box(lower, upper) -> Projection:
 def nonnegative() -> Projection:
   """P(y) = max(y, 0) leaf by leaf.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import projections
     >>> projections.nonnegative()({"w": jnp.array([-1.0, 2.0])})["w"].tolist()
@@ -71,7 +71,7 @@ def nonnegative() -> Projection:
 def l2_ball(radius: float) -> Projection:
   """P(y) = y * min(1, radius / ||y||), with ||.|| over the whole pytree.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import projections
     >>> [round(v, 4) for v in projections.l2_ball(1.0)(jnp.array([3.0, 4.0])).tolist()]

@@ -33,7 +33,7 @@ def l1(strength) -> Prox:
     strength: a nonnegative number, or a callable ``x -> strength`` so that
       the regularization weight can be an upper-level variable.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import prox
     >>> prox.l1(0.5)(None, jnp.array([-2.0, 0.2, 1.0]), 1.0).tolist()
@@ -60,7 +60,7 @@ def l1(strength) -> Prox:
 def from_projection(projection: projections.Projection) -> Prox:
   """prox of the indicator of a closed convex set is its projection.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import projections, prox
     >>> p = prox.from_projection(projections.nonnegative())
@@ -78,7 +78,7 @@ def from_projection(projection: projections.Projection) -> Prox:
 def box(lower, upper) -> Prox:
   """prox of the indicator of {lower <= y <= upper}.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import prox
     >>> prox.box(0.0, 1.0)(None, jnp.array([-2.0, 0.5, 1.5]), 0.1).tolist()
@@ -90,7 +90,7 @@ def box(lower, upper) -> Prox:
 def nonnegative() -> Prox:
   """prox of the indicator of {y >= 0}.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import prox
     >>> prox.nonnegative()(None, jnp.array([-1.0, 2.0]), 0.1).tolist()
@@ -102,7 +102,7 @@ def nonnegative() -> Prox:
 def l2_ball(radius: float) -> Prox:
   """prox of the indicator of {||y|| <= radius}.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import prox
     >>> [round(v, 4) for v in prox.l2_ball(1.0)(None, jnp.array([3.0, 4.0]), 0.1).tolist()]

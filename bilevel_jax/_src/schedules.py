@@ -24,7 +24,7 @@ callable (it is static: a new callable recompiles) as well as a number.
 def constant(value: float) -> Schedule:
   """alpha_k = value. ``value = 0`` gives RHG (plain unrolled descent).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import schedules
     >>> [float(a) for a in schedules.constant(0.5)(jnp.arange(1, 4))]
@@ -41,7 +41,7 @@ def constant(value: float) -> Schedule:
 def harmonic(c: float) -> Schedule:
   """alpha_k = c / k, the adaptive choice of Section 5.1 (c = 0.5 or 0.9).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import schedules
     >>> [round(float(a), 4) for a in schedules.harmonic(0.9)(jnp.arange(1, 4))]
@@ -58,7 +58,7 @@ def harmonic(c: float) -> Schedule:
 def geometric(alpha0: float, decay: float) -> Schedule:
   """alpha_k = alpha0 * decay**(k - 1) (the decay used by some toolboxes).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import schedules
     >>> [round(float(a), 4) for a in schedules.geometric(0.5, 0.9)(jnp.arange(1, 4))]
@@ -79,7 +79,7 @@ def theorem2_beta(upper_lr: float, sigma: float, smoothness: float) -> float:
   Requires 0 < s_u <= 2 / (L_F + sigma), where sigma is the strong convexity
   and L_F the smoothness constant of F(x, .).
 
-  Example:
+  Examples:
     >>> from bilevel_jax import schedules
     >>> round(schedules.theorem2_beta(0.4, sigma=1.0, smoothness=2.0), 4)
     0.6831
@@ -113,7 +113,7 @@ def theorem2(*, upper_lr: float, sigma: float, smoothness: float,
     gamma: in (0, 1].
     epsilon: in (0, 1); caps alpha_k at 1 - epsilon.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import schedules
     >>> alpha = schedules.theorem2(upper_lr=0.4, sigma=1.0, smoothness=2.0, gamma=0.5)

@@ -82,7 +82,7 @@ def make_mesh(num_devices: Optional[int] = None, *, axis_name: str = DEFAULT_AXI
   Returns:
     A `jax.sharding.Mesh` with the single axis ``axis_name``.
 
-  Example:
+  Examples:
     >>> from bilevel_jax import sharding
     >>> mesh = sharding.make_mesh(1)
     >>> mesh.axis_names, mesh.shape["batch"]
@@ -203,7 +203,7 @@ def shard_hypergradient(fn: Callable, mesh: Mesh, *, in_axes: Sequence[Optional[
     ``sharded(*args) -> tuple`` with the same outputs as ``fn``, reduced ones
     replacing their batch axis by the mean or sum over it.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from bilevel_jax import sharding
     >>> def task(x, a):     # phi_j(x) = (x - a_j)^2 / 2 and its gradient
@@ -310,7 +310,10 @@ def process_local_batch(tree, mesh: Mesh, *, axis_name: Optional[str] = None):
     mesh: the global mesh.
     axis_name: the mesh axis to split along (default: the mesh's only axis).
 
-  Example (one process: the whole batch is local):
+  Examples:
+    One process: the whole batch is local:
+
+
     >>> import numpy as np
     >>> from bilevel_jax import sharding
     >>> mesh = sharding.make_mesh(1)
@@ -329,7 +332,7 @@ def replicate(tree, mesh: Mesh):
 
   In a multi-process run every process must pass the same values.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> from bilevel_jax import sharding
     >>> x = sharding.replicate({"w": np.ones(3)}, sharding.make_mesh(1))

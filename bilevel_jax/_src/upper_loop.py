@@ -412,7 +412,7 @@ def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransforma
       truncated, foreign, another structure or dtype, a negative step).
     SolverError: with ``throw=True``, when ``info.status`` is not SUCCESS.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax
     >>> from bilevel_jax import implicit, upper
     >>> f = lambda lam, y: 0.5 * jnp.sum((y - 1.0) ** 2) + 0.5 * lam * jnp.sum(y ** 2)

@@ -757,7 +757,7 @@ def solve(g, G, h, x, y0, *, alpha, beta, tol=None, max_steps: int = 100,
     jax.jacrev (reverse mode; the custom rule implements (3.6)).  The data
     of h and y0 get a zero cotangent.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from bilevel_jax import composite
     >>> g = lambda x, y: 0.5 * jnp.sum((y - x) ** 2)    # min (y - x)^2/2 s.t. y <= 0
@@ -797,7 +797,7 @@ def hypergradient(upper_fn, g, G, h, x, y0, *, alpha, beta, return_info: bool = 
   ``throw``: raise `bilevel_jax.SolverError` when the lower solve did not
   succeed.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import composite
     >>> g = lambda x, y: 0.5 * jnp.sum((y - x) ** 2)
@@ -838,7 +838,7 @@ residual, which the driver records every upper step; with ``warm_start=True``
 the driver passes the previous ``solution.y`` back as y0 (use
 ``method="warm"``).  The builder is `bilevel_jax._src.hypergradient.make`.
 
-Example:
+Examples:
   >>> import jax.numpy as jnp
   >>> from bilevel_jax import composite
   >>> g = lambda x, y: 0.5 * jnp.sum((y - x) ** 2)

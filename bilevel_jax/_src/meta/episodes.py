@@ -29,7 +29,7 @@ class Episodes(NamedTuple):
     x_val: (T, N * Q, d) features of the validation (query) split D_val^j.
     y_val: (T, N * Q) int32 labels.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> from bilevel_jax import meta
     >>> features, labels = meta.synthetic_classes(num_classes=6, per_class=5, dim=4,
@@ -49,7 +49,7 @@ def split_classes(labels: np.ndarray, *, test_classes: int, seed: int = 0
                   ) -> tuple[np.ndarray, np.ndarray]:
   """Splits the classes of ``labels`` at random into (meta-train, test) classes.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> from bilevel_jax import meta
     >>> train, test = meta.split_classes(np.repeat(np.arange(6), 5), test_classes=2)
@@ -79,7 +79,10 @@ def sample_episodes(features: np.ndarray, labels: np.ndarray, classes: np.ndarra
     num_tasks: T.
     rng: NumPy generator.
 
-  Example (3 two-way one-shot episodes, two queries per class):
+  Examples:
+    3 two-way one-shot episodes, two queries per class:
+
+
     >>> import numpy as np
     >>> from bilevel_jax import meta
     >>> features, labels = meta.synthetic_classes(num_classes=6, per_class=5, dim=4,
@@ -133,7 +136,7 @@ def synthetic_classes(*, num_classes: int = 100, per_class: int = 40, dim: int =
   Returns:
     (features (num_classes * per_class, dim), labels).
 
-  Example:
+  Examples:
     >>> from bilevel_jax import meta
     >>> features, labels = meta.synthetic_classes(num_classes=6, per_class=5, dim=4,
     ...                                           latent_dim=2)
@@ -185,7 +188,10 @@ def load_omniglot(path: str, *, image_size: int = 28, invert: bool = True,
     (features (n, image_size ** 2) float32, labels (n,) int32, class names:
     each class's folder relative to ``path``).
 
-  Example (a made-up folder of two classes with two 4 x 4 images each):
+  Examples:
+    A made-up folder of two classes with two 4 x 4 images each:
+
+
     >>> import os, tempfile
     >>> import numpy as np
     >>> from PIL import Image

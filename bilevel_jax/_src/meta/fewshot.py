@@ -40,7 +40,7 @@ def init_representation(key: jax.Array, sizes: Sequence[int], dtype=jnp.float32)
   Weights are N(0, 1 / fan_in), biases zero; returns a list of
   ``{"w": (fan_in, fan_out), "b": (fan_out,)}``.
 
-  Example:
+  Examples:
     >>> import jax
     >>> from bilevel_jax import meta
     >>> x = meta.init_representation(jax.random.PRNGKey(0), [4, 8, 3])
@@ -58,7 +58,7 @@ def init_representation(key: jax.Array, sizes: Sequence[int], dtype=jnp.float32)
 def represent(x: list, inputs: jax.Array) -> jax.Array:
   """h(x; u): the meta features of ``inputs`` (..., d), each entry in [-1, 1].
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from bilevel_jax import meta
     >>> x = meta.init_representation(jax.random.PRNGKey(0), [4, 3])
@@ -81,7 +81,7 @@ def _affine(h: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
 def init_heads(num_tasks: int, feature_dim: int, ways: int, dtype=jnp.float32) -> dict:
   """y0 = 0 for ``num_tasks`` heads: {"w": (T, feature_dim, ways), "b": (T, ways)}.
 
-  Example:
+  Examples:
     >>> from bilevel_jax import meta
     >>> heads = meta.init_heads(num_tasks=3, feature_dim=8, ways=5)
     >>> heads["w"].shape, heads["b"].shape
@@ -98,7 +98,10 @@ def logits(x: list, head: dict, inputs: jax.Array) -> jax.Array:
 def cross_entropy(x: list, head: dict, inputs: jax.Array, labels: jax.Array) -> jax.Array:
   """l(x, y; D): mean softmax cross-entropy of one head on (inputs, labels).
 
-  Example (a zero head predicts uniformly: the loss is ln 2 for two ways):
+  Examples:
+    A zero head predicts uniformly: the loss is ln 2 for two ways:
+
+
     >>> import jax, jax.numpy as jnp
     >>> from bilevel_jax import meta
     >>> x = meta.init_representation(jax.random.PRNGKey(0), [4, 3])
@@ -115,7 +118,7 @@ def cross_entropy(x: list, head: dict, inputs: jax.Array, labels: jax.Array) -> 
 def task_lower(x: list, head: dict, task, l2: float) -> jax.Array:
   """f_j = l(x, y^j; D_tr^j) + (l2 / 2) ||W^j||^2 for one task (an `Episodes` row).
 
-  Example:
+  Examples:
     >>> import numpy as np, jax, jax.numpy as jnp
     >>> from bilevel_jax import meta
     >>> features, labels = meta.synthetic_classes(num_classes=6, per_class=5, dim=4,
@@ -137,7 +140,7 @@ def task_lower(x: list, head: dict, task, l2: float) -> jax.Array:
 def task_upper(x: list, head: dict, task) -> jax.Array:
   """F_j = l(x, y^j; D_val^j).
 
-  Example:
+  Examples:
     >>> import numpy as np, jax, jax.numpy as jnp
     >>> from bilevel_jax import meta
     >>> features, labels = meta.synthetic_classes(num_classes=6, per_class=5, dim=4,
@@ -159,7 +162,10 @@ def lower_smoothness(feature_dim: int, l2: float) -> float:
   """A bound on the Lipschitz constant of grad_y f_j: features lie in [-1, 1]^h,
   so the softmax cross-entropy's Hessian is at most (h + 1) / 2, plus l2.
 
-  Example (a safe lower step size is its inverse):
+  Examples:
+    A safe lower step size is its inverse:
+
+
     >>> from bilevel_jax import meta
     >>> meta.lower_smoothness(feature_dim=3, l2=0.1)
     2.1
@@ -174,7 +180,7 @@ def task_hypergradient(x: list, y0: dict, task, *, l2: float, **solve_kwargs):
   lower_lr, alpha, truncate, ...): alpha = 0 is RHG, truncate = M truncated
   RHG.
 
-  Example:
+  Examples:
     >>> import numpy as np, jax, jax.numpy as jnp
     >>> from bilevel_jax import meta
     >>> features, labels = meta.synthetic_classes(num_classes=6, per_class=5, dim=4,
@@ -204,7 +210,10 @@ def batched_hypergradient(*, l2: float, **solve_kwargs):
   give it to `bilevel_jax.sharding.shard_hypergradient` with
   ``in_axes=(None, 0, 0)``.
 
-  Example (three RHG tasks; the meta-gradient is the sum over tasks):
+  Examples:
+    Three RHG tasks; the meta-gradient is the sum over tasks:
+
+
     >>> import numpy as np, jax, jax.numpy as jnp
     >>> from bilevel_jax import meta
     >>> features, labels = meta.synthetic_classes(num_classes=6, per_class=5, dim=4,
@@ -229,7 +238,7 @@ def batched_hypergradient(*, l2: float, **solve_kwargs):
 def adapt(x: list, tasks, y0: dict, *, steps: int, lower_lr: float, l2: float) -> dict:
   """Fits each task's head on its training split: K gradient steps on f_j.
 
-  Example:
+  Examples:
     >>> import numpy as np, jax, jax.numpy as jnp
     >>> from bilevel_jax import meta
     >>> features, labels = meta.synthetic_classes(num_classes=6, per_class=5, dim=4,
@@ -254,7 +263,7 @@ def adapt(x: list, tasks, y0: dict, *, steps: int, lower_lr: float, l2: float) -
 def accuracy(x: list, heads: dict, inputs: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-task accuracy of the heads (T, ...) on inputs (T, n, d), labels (T, n).
 
-  Example:
+  Examples:
     >>> import numpy as np, jax, jax.numpy as jnp
     >>> from bilevel_jax import meta
     >>> features, labels = meta.synthetic_classes(num_classes=6, per_class=5, dim=4,
@@ -275,7 +284,7 @@ def accuracy(x: list, heads: dict, inputs: jax.Array, labels: jax.Array) -> jax.
 def evaluate(x: list, tasks, y0: dict, *, steps: int, lower_lr: float, l2: float) -> jax.Array:
   """Query-set accuracy of each test task after `adapt` (shape (T,)).
 
-  Example:
+  Examples:
     >>> import numpy as np, jax, jax.numpy as jnp
     >>> from bilevel_jax import meta
     >>> features, labels = meta.synthetic_classes(num_classes=6, per_class=5, dim=4,

@@ -7,7 +7,7 @@ S(x) = {(x, t) : t in R} is not a singleton; the optimistic solution is
 x* = 1, y* = (1, 1) with F* = 0. RHG (alpha = 0) never moves y_2 from its
 initial value, so it converges to the wrong x (x = 1.5 from y0 = (2, 2)).
 
-Example:
+Examples:
   >>> import jax.numpy as jnp
   >>> from bilevel_jax.problems import example1
   >>> float(example1.upper(1.0, jnp.array([1.0, 1.0])))      # F* = 0 at (x*, y*)
@@ -29,7 +29,7 @@ X_BOUNDS = (-100.0, 100.0)
 def upper(x, y):
   """F(x, y) = (x - y_2)^2 / 2 + (y_1 - 1)^2 / 2.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax.problems import example1
     >>> float(example1.upper(1.5, jnp.array([2.0, 2.0])))
@@ -41,7 +41,10 @@ def upper(x, y):
 def lower(x, y):
   """f(x, y) = y_1^2 / 2 - x y_1.
 
-  Example (y_2 does not enter: every y = (x, t) is a minimizer):
+  Examples:
+    Y_2 does not enter: every y = (x, t) is a minimizer:
+
+
     >>> import jax.numpy as jnp
     >>> from bilevel_jax.problems import example1
     >>> [float(example1.lower(1.0, jnp.array([1.0, t]))) for t in (5.0, -3.0)]
@@ -53,7 +56,7 @@ def lower(x, y):
 def lower_value(x):
   """f*(x) = min_y f(x, y) = -x^2 / 2.
 
-  Example:
+  Examples:
     >>> from bilevel_jax.problems import example1
     >>> example1.lower_value(3.0)
     -4.5
@@ -64,7 +67,7 @@ def lower_value(x):
 def projection():
   """Projection onto X = [-100, 100].
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax.problems import example1
     >>> float(example1.projection()(jnp.asarray(250.0)))
@@ -79,7 +82,7 @@ def metrics(x, y):
   |F - F*| with F* = 0; |f - f*| is the lower optimality gap
   f(x, y) - min_y f(x, y) at the current x; relative squared errors of x and y.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax.problems import example1
     >>> m = example1.metrics(1.5, jnp.array([1.0, 2.0]))

@@ -23,7 +23,7 @@ class CleaningData(NamedTuple):
 
   `bilevel_jax.data.hypercleaning_split` builds one from a real data set.
 
-  Example:
+  Examples:
     >>> import numpy as np, jax.numpy as jnp
     >>> from bilevel_jax import problems
     >>> u = jnp.asarray(np.random.default_rng(0).random((12, 3)), jnp.float32)
@@ -62,7 +62,7 @@ def cross_entropy(params, features, labels):
   ``params`` is ``{"W": (classes, features), "b": (classes,)}``; returns one
   loss per row of ``features``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import problems
     >>> params = {"W": jnp.eye(2), "b": jnp.zeros(2)}
@@ -85,7 +85,7 @@ class HyperCleaning(NamedTuple):
   (every weight sigmoid(0) = 1/2), ``init_params()`` a zero linear model,
   and ``lower_smoothness()`` a bound on L_f for the lower step size.
 
-  Example:
+  Examples:
     >>> import numpy as np, jax.numpy as jnp
     >>> from bilevel_jax import problems
     >>> u = jnp.asarray(np.random.default_rng(0).random((12, 3)), jnp.float32)
@@ -127,7 +127,7 @@ class HyperCleaning(NamedTuple):
     return (jnp.sum(losses) + self.l2 * sq) / losses.shape[0]
 
   def lower_smoothness(self) -> float:
-    """Upper bound on L_f: softmax CE has Hessian <= (1/2) [u;1][u;1]^T per
+    """Upper bound on L_f: softmax CE has Hessian <= (1/2) `[u;1][u;1]^T` per
     sample, so L_f <= lambda_max(U^T U) / (2 n) with U = [features, 1]."""
     u = np.asarray(self.data.x_train, dtype=np.float64)
     u = np.concatenate([u, np.ones((u.shape[0], 1))], axis=1)
@@ -138,7 +138,7 @@ class HyperCleaning(NamedTuple):
 def accuracy(params, features, labels):
   """Fraction of rows of ``features`` whose arg-max logit is their label.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import problems
     >>> params = {"W": jnp.eye(2), "b": jnp.zeros(2)}
@@ -152,7 +152,7 @@ def accuracy(params, features, labels):
 def detection_f1(x, corrupted):
   """F1 score of flagging sample i as corrupted when sigma(x_i) < 1/2.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import problems
     >>> x = jnp.array([-1.0, 2.0, -0.5, 1.0])            # samples 0 and 2 flagged

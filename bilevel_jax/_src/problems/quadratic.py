@@ -24,7 +24,7 @@ class QuadraticProblem(NamedTuple):
   ``upper`` and ``lower`` are the objectives; ``solution``, ``value`` and
   ``hypergradient`` the closed forms y*(x), phi(x) and grad phi(x).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import problems
     >>> prob = problems.QuadraticProblem(A=jnp.eye(2), B=jnp.eye(2), c=jnp.ones(2),
@@ -67,7 +67,7 @@ def make_quadratic(key, *, dim_x: int = 5, dim_y: int = 10, condition: float = 1
                    rho: float = 0.1, dtype=None) -> QuadraticProblem:
   """Random instance with eigenvalues of A spread in [1, condition].
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from bilevel_jax import problems
     >>> prob = problems.make_quadratic(jax.random.PRNGKey(0), dim_x=2, dim_y=3,
