@@ -156,12 +156,13 @@ def load(name: str, path: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]
 
 def balanced_permutation(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """A permutation whose every prefix is as class-balanced as possible."""
-  order, rank = [], []
+  parts: list = []
+  ranks: list = []
   for cls in np.unique(labels):
     idx = rng.permutation(np.flatnonzero(labels == cls))
-    order.append(idx)
-    rank.append(np.arange(idx.size) + rng.random(idx.size) * 0.5)
-  order, rank = np.concatenate(order), np.concatenate(rank)
+    parts.append(idx)
+    ranks.append(np.arange(idx.size) + rng.random(idx.size) * 0.5)
+  order, rank = np.concatenate(parts), np.concatenate(ranks)
   return order[np.argsort(rank, kind="stable")]
 
 

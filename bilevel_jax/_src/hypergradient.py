@@ -33,7 +33,7 @@ def make(hypergradient_fn: Callable, *problem, jit: bool = True, **options) -> C
   if not jit:
     return fn
   array_jitted = jax.jit(fn)
-  module_jitted = []
+  module_jitted: list = []
 
   def jitted(x, y0, **data):
     # jax.jit takes arrays only; an Equinox module (its activation functions)

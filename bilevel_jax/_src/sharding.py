@@ -58,7 +58,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 if hasattr(jax, "shard_map"):  # JAX >= 0.6
-  _shard_map, _UNCHECKED = jax.shard_map, {"check_vma": False}
+  _shard_map: Any = jax.shard_map
+  _UNCHECKED = {"check_vma": False}
 else:  # pragma: no cover - older JAX
   from jax.experimental.shard_map import shard_map as _shard_map
   _UNCHECKED = {"check_rep": False}
@@ -149,7 +150,7 @@ def _batch_size(args, in_axes) -> int:
         raise ValueError(f"argument {i} has batch size {shape[0]} but argument "
                          f"{first} has {size}: batched leaves must share their "
                          "leading dimension.")
-  if size == 0:
+  if not size:
     raise ValueError(f"argument {first} has an empty batch (size 0).")
   return size
 

@@ -10,7 +10,7 @@ their minimizers unchanged and only rescales the step sizes.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,13 +35,14 @@ class CleaningData(NamedTuple):
     >>> data.x_train.shape, int(data.corrupted.sum())
     ((6, 3), 2)
   """
-  x_train: jax.Array
-  y_train: jax.Array
-  x_val: jax.Array
-  y_val: jax.Array
-  x_test: jax.Array
-  y_test: jax.Array
-  corrupted: jax.Array
+  # Arrays: NumPy from `bilevel_jax.data` (moved to the device on use), or JAX.
+  x_train: Any
+  y_train: Any
+  x_val: Any
+  y_val: Any
+  x_test: Any
+  y_test: Any
+  corrupted: Any
 
 
 def logits(params, features):
