@@ -723,6 +723,7 @@ class _Prepared(NamedTuple):
   y0: Any           # flat
   unravel: Any      # flat -> the structure of y0
   options: _Options
+  p_scale: Any      # p = p_scale * the multiplier of the solve (h's traced scale)
 
 
 def _prepare(g, G, h, x, y0, alpha, beta, tol, max_steps, derivative, linear_solver,
@@ -752,6 +753,18 @@ def _prepare(g, G, h, x, y0, alpha, beta, tol, max_steps, derivative, linear_sol
 
   g_flat = lambda xx, yy: g(xx, unravel(yy))
   G_flat = lambda xx, yy: G(xx, unravel(yy))
+  h, scale = h.unscaled()
+  p_scale = 1.0
+  if scale is not None:
+    # h = s h_1 with h_1 positively homogeneous (`polyhedral.l1`, `hinge`):
+    # e_alpha h(z) = e_{alpha s^2} h_1(s z), so the solve runs on (s G, alpha
+    # s^2, h_1) and p = s p_1.  s then reaches the derivative through the
+    # arrays G closes over and through alpha.
+    scale = jnp.asarray(scale, y0_flat.dtype)
+    G_unscaled = G_flat
+    G_flat = lambda xx, yy: scale * G_unscaled(xx, yy)
+    alpha = alpha * scale ** 2
+    p_scale = scale
   validation.check_scalar_output("g", g_flat, x, y0_flat)
   try:
     out = jax.eval_shape(G_flat, x, y0_flat)
@@ -766,7 +779,8 @@ def _prepare(g, G, h, x, y0, alpha, beta, tol, max_steps, derivative, linear_sol
   dtype = y0_flat.dtype
   theta = _Theta(x, (g_consts, G_consts), h, jnp.asarray(alpha, dtype),
                  jnp.asarray(beta, dtype))
-  return _Prepared(_Model(g_conv, G_conv), theta, y0_flat, unravel, options)
+  return _Prepared(_Model(g_conv, G_conv), theta, y0_flat, unravel, options,
+                   jnp.asarray(p_scale, dtype))
 
 
 def solve(g, G, h, x, y0, *, alpha, beta, tol=None, max_steps: int = 100,
@@ -823,8 +837,10 @@ def solve(g, G, h, x, y0, *, alpha, beta, tol=None, max_steps: int = 100,
   Returns:
     `CompositeSolution(y, p, info)`.  y and p are differentiable in x, in
     the arrays g and G close over, and in alpha and beta, by jax.grad /
-    jax.jacrev (reverse mode; the custom rule implements (3.6)).  The data
-    of h and y0 get a zero cotangent.
+    jax.jacrev (reverse mode; the custom rule implements (3.6)), and in
+    the traced ``scale`` of `l1` and `hinge`.  The other data of h (slopes
+    and offsets) and y0 get a zero cotangent: put a weight to differentiate
+    into G or into ``scale``.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -844,7 +860,7 @@ def solve(g, G, h, x, y0, *, alpha, beta, tol=None, max_steps: int = 100,
                   max_backtracks, cg_max_steps, method, warm_steps)
   y, p, info = _solution(prep.model, prep.options, prep.theta, prep.y0)
   status_lib.raise_if_failed(info.status, throw=throw, where="composite.solve")
-  return CompositeSolution(prep.unravel(y), p, info)
+  return CompositeSolution(prep.unravel(y), prep.p_scale * p, info)
 
 
 _SOLVE_KEYWORDS = tuple(name for name, param in inspect.signature(solve).parameters.items()
