@@ -584,7 +584,8 @@ def test_diverging_interior_phase_keeps_its_best_iterate(monkeypatch):
   monkeypatch.setattr(ipm, "PATIENCE", 10**6)
   g, G, h, (a_np, b_np) = _jaxopt_lasso(jnp.float64)
   y_ref = _sklearn_lasso(a_np, b_np, [10.0])[0]
-  sol = composite.solve(g, G, h, jnp.asarray(10.0), jnp.zeros(3), alpha=1e-8, beta=1e-8)
+  sol = jax.jit(lambda lam: composite.solve(g, G, h, lam, jnp.zeros(3), alpha=1e-8,
+                                            beta=1e-8))(jnp.asarray(10.0))
   assert int(sol.info.interior_status) == Status.NONFINITE, sol.info
   assert int(sol.info.interior_steps) < 100
   assert int(sol.info.status) == Status.SUCCESS, sol.info
@@ -617,14 +618,21 @@ def test_success_only_below_tolerance_on_hard_cases(method, steps):
   assert Status.SUCCESS in outcomes
 
 
+@pytest.fixture(scope="module")
+def enet_float64_at_small_alpha():
+  g, G, h = _elastic_net()
+  return jax.jit(lambda x: composite.solve(g, G, h, x, 5.0 * jnp.ones(6), alpha=1e-6,
+                                           beta=1e-6, **TIGHT).y)(jnp.zeros(2))
+
+
 @pytest.mark.parametrize("method", ["ipm", "newton"])
-def test_float32_elastic_net_at_small_alpha(method):
+def test_float32_elastic_net_at_small_alpha(method, enet_float64_at_small_alpha):
   # The float32 case: alpha = beta = 1e-6 from y0 = 5 gave a relative
   # residual of 1.01 with SUCCESS after one step.  p from the prox's
   # multipliers (no (G - w) / alpha cancellation) makes it solvable.
   x = jnp.zeros(2)
-  g, G, h = _elastic_net()
-  y64 = composite.solve(g, G, h, x, 5.0 * jnp.ones(6), alpha=1e-6, beta=1e-6, **TIGHT).y
+  _, _, h = _elastic_net()
+  y64 = enet_float64_at_small_alpha
   rng = np.random.default_rng(9)
   A = jnp.asarray(rng.normal(size=(15, 6)), jnp.float32)
   b = jnp.asarray(rng.normal(size=15), jnp.float32)

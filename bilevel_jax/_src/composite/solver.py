@@ -9,7 +9,10 @@ Regularized problem (3.1):
 
 a strongly convex C^1 problem (Proposition 3.1).  With w = prox_{a h}(G) and
 p = (G - w) / a (Section 5.1), grad phi = grad_y g + grad_y G^T p + b y, and
-(y, p) solves (3.2).  We minimize phi by a damped semismooth Newton method:
+(y, p) solves (3.2).  p is computed as a^T sigma + b^T tau from the prox's
+multipliers (2.2) (`polyhedral.multiplier`), not as (G - w) / a, whose
+cancellation costs eps |G| / a: more than p itself at a = 1e-8 in float64 or
+a = 1e-6 in float32.  We minimize phi by a damped semismooth Newton method:
 the generalized Hessian of phi is
 
     M = hess_yy L_{a,b}(x, y, p) + grad_y G^T P grad_y G / a,
@@ -81,10 +84,15 @@ class CompositeInfo(NamedTuple):
   Attributes:
     num_steps: Newton iterations on phi taken (after the interior-point
       phase; with method="warm", those before and after it).
-    status: a `bilevel_jax.Status` code: SUCCESS, MAX_STEPS, NONFINITE or
-      LINESEARCH_FAILED.
+    status: a `bilevel_jax.Status` code: SUCCESS, MAX_STEPS, NONFINITE,
+      LINESEARCH_FAILED or INACCURATE.  SUCCESS exactly when the relative
+      residual at the returned y is at most max(tol, floor / scale), the
+      rounding floor (see ``tol`` of `solve`) and the scale taken at that y,
+      and floor / scale <= eps^(1/4); INACCURATE when the residual is at the
+      floor but the floor is above eps^(1/4) (rounding leaves the point
+      uncertified).
     residual: |grad_y g + grad_y G^T p + beta y|_inf, the residual of (3.2)
-      (its second line holds exactly: p = (G - w)/alpha with w the exact prox).
+      (its second line holds exactly: p in dh(w) from the exact prox w).
     relative_residual: residual / (1 + |grad_y g|_inf + beta |y|_inf), the
       quantity compared with ``tol``.
     interior_steps: interior-point iterations (method="ipm" or "warm"), else 0.
@@ -805,7 +813,10 @@ def solve(g, G, h, x, y0, *, alpha, beta, tol=None, max_steps: int = 100,
     beta: Tikhonov parameter, > 0 (traced values allowed).
     tol: stop when the relative residual of (3.2) is below tol (default
       1e-10 in float64, 1e-5 in float32), or below the rounding floor
-      10 eps |grad G|^T (1 + |G|) / alpha where that is larger.
+      10 eps |grad G|^T (|p| + r) where that is larger, r = (|G_b| + |c0_b|)
+      / alpha on blocks of h with several active pieces, else 0 (dense mode;
+      matrix-free, tol alone).  Floor and residual are taken at the same
+      point.
     max_steps: Newton iterations at most (and interior-point iterations at
       most); MAX_STEPS when reached first.
     derivative: "regularized" for (3.6) (always well defined for alpha,
