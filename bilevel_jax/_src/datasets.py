@@ -26,6 +26,14 @@ DATASETS = ("digits", "mnist5k", "mnist")
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's 8 x 8 digits: features (1797, 64) in [0, 1] and labels 0..9.
+
+  Examples:
+    >>> from bilevel_jax import data
+    >>> features, labels = data.load_digits()
+    >>> features.shape, int(labels.max())
+    ((1797, 64), 9)
+  """
   try:
     from sklearn.datasets import load_digits as sk_load_digits
   except ImportError as err:

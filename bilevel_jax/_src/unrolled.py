@@ -584,6 +584,21 @@ def make_hypergradient(upper_fn: Objective, lower_fn: Objective, *, jit: bool = 
   ``solution.info.status`` tells the driver whether the lower iterations
   stayed finite. The driver passes the same y0 every time, or y_K of the
   previous upper step with ``warm_start=True``. ``kwargs`` are those of
-  `solve`; the builder is `bilevel_jax._src.hypergradient.make`.
+  `solve`; the builder is `bilevel_jax._src.hypergradient.make`. Per-call
+  data (``lower_batches``, ``upper_batch``, ``key``) may also be passed to
+  ``fn`` as keywords, new at every upper step.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> from bilevel_jax import bda, upper
+    >>> F = lambda x, y: 0.5 * (x - y[1]) ** 2 + 0.5 * (y[0] - 1.0) ** 2
+    >>> f = lambda x, y: 0.5 * y[0] ** 2 - x * y[0]
+    >>> hg = bda.make_hypergradient(F, f, steps=32, upper_lr=0.7, lower_lr=0.2, alpha=0.5)
+    >>> value, grad, sol = hg(0.5, jnp.array([2.0, 2.0]))
+    >>> int(sol.info.status), sol.y.shape
+    (0, (2,))
+    >>> result = upper.optimize(hg, 0.0, optax.sgd(0.5), steps=50, y0=jnp.array([2.0, 2.0]))
+    >>> round(float(result.x), 2)
+    1.0
   """
   return hypergradient_lib.make(hypergradient, upper_fn, lower_fn, jit=jit, **kwargs)

@@ -924,23 +924,22 @@ def hypergradient(upper_fn, g, G, h, x, y0, *, alpha, beta, return_info: bool = 
   return value, grad
 
 
-make_hypergradient = functools.partial(hypergradient_lib.make, hypergradient)
-make_hypergradient.__doc__ = """\
-make_hypergradient(upper_fn, g, G, h, *, alpha, beta, jit=True, **solve_kw)
+def make_hypergradient(upper_fn: Callable, g: Callable, G: Callable, h, *, jit: bool = True,
+                       **kwargs):
+  """Builds ``fn(x, y0) -> (value, grad, solution)`` of `hypergradient` for
+  `bilevel_jax.upper.optimize`: ``solution.info`` carries the lower status and
+  residual, which the driver records every upper step; with ``warm_start=True``
+  the driver passes the previous ``solution.y`` back as y0 (use
+  ``method="warm"``).  The builder is `bilevel_jax._src.hypergradient.make`.
 
-Builds ``fn(x, y0) -> (value, grad, solution)`` of `hypergradient` for
-`bilevel_jax.upper.optimize`: ``solution.info`` carries the lower status and
-residual, which the driver records every upper step; with ``warm_start=True``
-the driver passes the previous ``solution.y`` back as y0 (use
-``method="warm"``).  The builder is `bilevel_jax._src.hypergradient.make`.
-
-Examples:
-  >>> import jax.numpy as jnp
-  >>> from bilevel_jax import composite
-  >>> g = lambda x, y: 0.5 * jnp.sum((y - x) ** 2)
-  >>> fn = composite.make_hypergradient(lambda x, y: y[0], g, lambda x, y: y,
-  ...                                   composite.nonpositive(1), alpha=0.1, beta=0.1)
-  >>> value, grad, sol = fn(jnp.array(1.0), jnp.zeros(1))
-  >>> round(float(grad), 6), int(sol.info.status)
-  (0.09009, 0)
-"""
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import composite
+    >>> g = lambda x, y: 0.5 * jnp.sum((y - x) ** 2)
+    >>> fn = composite.make_hypergradient(lambda x, y: y[0], g, lambda x, y: y,
+    ...                                   composite.nonpositive(1), alpha=0.1, beta=0.1)
+    >>> value, grad, sol = fn(jnp.array(1.0), jnp.zeros(1))
+    >>> round(float(grad), 6), int(sol.info.status)
+    (0.09009, 0)
+  """
+  return hypergradient_lib.make(hypergradient, upper_fn, g, G, h, jit=jit, **kwargs)

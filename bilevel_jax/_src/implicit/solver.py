@@ -293,6 +293,16 @@ def make_hypergradient(upper_fn: Callable, lower_fn: Callable, *, jit: bool = Tr
   records every upper step; with ``warm_start=True`` the driver passes the
   previous y* back as y0, so each lower solve starts close. ``kwargs`` are
   those of `solve`; the builder is `bilevel_jax._src.hypergradient.make`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import implicit
+    >>> f = lambda lam, y: 0.5 * jnp.sum((y - 1.0) ** 2) + 0.5 * lam * jnp.sum(y ** 2)
+    >>> F = lambda lam, y: 0.5 * jnp.sum((y - 0.25) ** 2)
+    >>> hg = implicit.make_hypergradient(F, f, solver="newton")
+    >>> value, grad, sol = hg(1.0, jnp.zeros(2))     # y* = 1 / (1 + lam) = 0.5
+    >>> round(float(grad), 4), int(sol.info.status)   # dF/dlam = -2 (y* - 1/4) y*^2
+    (-0.125, 0)
   """
   _solve_kwargs({k: v for k, v in kwargs.items() if k != "throw"})
   return hypergradient_lib.make(hypergradient, upper_fn, lower_fn, jit=jit, **kwargs)
