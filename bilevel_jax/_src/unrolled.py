@@ -41,6 +41,8 @@ from bilevel_jax._src import variables
 
 Objective = Callable[[Any, Any], jax.Array]
 Checkpoint = Union[bool, str, int]
+# `steps` at most: the loop scans over (and may record) arrays of length K.
+MAX_UNROLL = 2 ** 24
 
 
 class BDAInfo(NamedTuple):
@@ -48,8 +50,14 @@ class BDAInfo(NamedTuple):
 
   Attributes:
     num_steps: K, the number of lower iterations run.
-    status: `Status.SUCCESS`, or `Status.NONFINITE` when an iterate y_1..y_K
-      had a NaN or infinity (a fixed unroll has no tolerance to miss).
+    status: a `Status` code (a fixed unroll has no tolerance to miss):
+      INVALID_INPUT when a traced step size is not > 0 or an alpha_k lies
+      outside [0, 1]; NONFINITE when an iterate y_1..y_K, F(x, y_K),
+      f(x, y_K), the residual or (from `hypergradient`) the gradient had a
+      NaN or infinity; DIVERGED when the lower iterations did not settle
+      (K >= 2; from y_0 to y_K the lower residual did not shrink, and f does
+      not curve up along the last lower direction: a lower level unbounded
+      below, such as f = sum(y) or f = -|y|^2 / 2); SUCCESS otherwise.
     residual: norm of the lower gradient mapping at y_K,
       ||y_K - prox(y_K - s_l grad_y f)|| / s_l (= ||grad_y f|| without prox).
     upper_value: F(x, y_K).
@@ -115,15 +123,17 @@ def _scan(step, carry, ks, checkpoint: Checkpoint, unroll: Union[int, bool] = 1)
 def _validate(upper_fn, lower_fn, x, y0, steps, upper_lr, lower_lr, truncate, prox):
   """Checks the arguments; ``upper_fn`` and ``lower_fn`` take (x, the
   differentiable part of y), ``prox`` too (see `solve`)."""
-  steps = validation.check_positive_int("steps", steps)
+  steps = validation.check_positive_int(
+      "steps", steps, MAX_UNROLL, "the unrolled loop keeps arrays of length K")
   if not callable(upper_fn):
     raise TypeError(f"`upper_fn` must be callable, got {type(upper_fn).__name__}.")
   if not callable(lower_fn):
     raise TypeError(f"`lower_fn` must be callable, got {type(lower_fn).__name__}.")
   variables.check("x", x)
   variables.check("y0", y0)
-  validation.check_positive("upper_lr", upper_lr)
-  validation.check_positive("lower_lr", lower_lr)
+  for name, lr in (("upper_lr", upper_lr), ("lower_lr", lower_lr)):
+    validation.check_positive(name, lr)
+    _check_step_shape(name, lr, y0)
   x_dyn, x_rest = variables.partition(x)
   as_x = lambda xd: variables.combine(xd, x_rest)
   validation.check_scalar_output("upper_fn", lambda xd, yy: upper_fn(as_x(xd), yy), x_dyn, y0)
@@ -136,9 +146,30 @@ def _validate(upper_fn, lower_fn, x, y0, steps, upper_lr, lower_lr, truncate, pr
     if not callable(prox):
       raise TypeError(f"`prox` must be a callable (x, y, step) -> y, got "
                       f"{type(prox).__name__}.")
-    out = jax.eval_shape(lambda xd, yy: prox(as_x(xd), yy, lower_lr), x_dyn, y0)
+    try:
+      out = jax.eval_shape(lambda xd, yy: prox(as_x(xd), yy, lower_lr), x_dyn, y0)
+    except Exception as err:  # re-raised with the argument's name
+      raise TypeError(f"`prox` failed when called as prox(x, y0, lower_lr); it must "
+                      f"take (x, y, step) and return y: {err}") from err
     validation.check_same_structure("prox", y0, out, "prox(x, y0, lower_lr)")
   return steps, truncate
+
+
+def _check_step_shape(name: str, lr, y0) -> None:
+  """A step size is a scalar, or an array that broadcasts to each leaf of y
+  without changing its shape (a per-coordinate step)."""
+  shape = jnp.shape(lr)
+  if shape == ():
+    return
+  for leaf in jax.tree_util.tree_leaves(y0):
+    try:
+      ok = jnp.broadcast_shapes(shape, jnp.shape(leaf)) == jnp.shape(leaf)
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ValueError(f"`{name}` must be a scalar or broadcast to each leaf of `y0` "
+                       f"(a per-coordinate step), got shape {shape} for a leaf of "
+                       f"shape {jnp.shape(leaf)}.")
 
 
 def _check_schedule_range(schedule, steps: int) -> None:
@@ -159,6 +190,25 @@ def _check_schedule_range(schedule, steps: int) -> None:
     if bad.size:
       raise ValueError(f"`alpha` schedule must return values in [0, 1], got "
                        f"alpha_{bad[0] + 1} = {concrete[bad[0]]}.")
+
+
+def _diverged(lower, lower_step, y0, y_final, step_final):
+  """True when the lower iterations did not settle: the lower residual
+  r = |d| (d = grad_y f, or the gradient mapping) did not shrink from y_0 to
+  y_K (r_K >= r_0 up to sqrt(eps), r_K > 0) and f has no positive curvature
+  along d_K (d_K' H d_K <= 0), so the quadratic model of f along -d_K has no
+  minimizer: f keeps decreasing with nothing bending it back, as for a lower
+  level unbounded below (f = sum(y), f = -|y|^2 / 2). A run that converges
+  shrinks r; BDA that settles at a compromise between F and a convex f
+  (r_K > 0 by design) has f curving up along d_K. Costs a gradient at y_0
+  and one Hessian-vector product at y_K (the status is never differentiated)."""
+  residual0 = tree_ops.tree_norm(lower_step(y0, jax.grad(lower)(y0)))
+  residual = tree_ops.tree_norm(step_final)
+  _, hd = jax.jvp(jax.grad(lower), (y_final,), (step_final,))
+  curvature = sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(step_final),
+                                                  jax.tree_util.tree_leaves(hd)))
+  rtol = 1 - jnp.sqrt(jnp.finfo(jnp.result_type(residual)).eps)
+  return (residual >= rtol * residual0) & (residual > 0) & (curvature <= 0)
 
 
 def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
@@ -280,19 +330,32 @@ def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
     carry, history = _scan(make_step(x, upper_lr, lower_lr), carry, ks, checkpoint, unroll)
   y_final, finite = carry
 
-  g_f = jax.grad(lower_fn, argnums=1)(x, y_final)
-  if prox is None:
-    residual = tree_ops.tree_norm(g_f)
-  else:
-    moved = prox(x, tree_ops.tree_axpy(-lower_lr, g_f, y_final), lower_lr)
-    residual = tree_ops.tree_norm(tree_ops.tree_sub(y_final, moved)) / lower_lr
-  status = jnp.where(finite, status_lib.SUCCESS, status_lib.NONFINITE).astype(jnp.int32)
+  def lower_step(y, g_f):
+    """grad_y f, or the gradient mapping (y - prox(y - s_l grad_y f)) / s_l."""
+    if prox is None:
+      return g_f
+    moved = prox(x, tree_ops.tree_axpy(-lower_lr, g_f, y), lower_lr)
+    return tree_ops.tree_scale(1 / lower_lr, tree_ops.tree_sub(y, moved))
+
+  step_final = lower_step(y_final, jax.grad(lower_fn, argnums=1)(x, y_final))
+  residual = tree_ops.tree_norm(step_final)
+  upper_value, lower_value = upper_fn(x, y_final), lower_fn(x, y_final)
+  finite = finite & jnp.isfinite(upper_value) & jnp.isfinite(lower_value) & jnp.isfinite(
+      residual)
+  status = jnp.where(finite, status_lib.SUCCESS, status_lib.NONFINITE)
+  if steps >= 2:
+    status = jnp.where((status == status_lib.SUCCESS) & _diverged(
+        lambda y: lower_fn(x, y), lower_step, y0_dyn, y_final, step_final),
+        status_lib.DIVERGED, status)
+  valid = (validation.is_positive(upper_lr) & validation.is_positive(lower_lr)
+           & validation.in_unit_interval(schedule(ks)))
+  status = status_lib.unless_invalid(valid, status)
   info = BDAInfo(
       num_steps=jnp.asarray(steps, jnp.int32),
       status=status,
       residual=residual,
-      upper_value=upper_fn(x, y_final),
-      lower_value=lower_fn(x, y_final),
+      upper_value=upper_value,
+      lower_value=lower_value,
       upper_history=history[0] if record_history else None,
       lower_history=history[1] if record_history else None,
   )
@@ -327,6 +390,10 @@ def hypergradient(upper_fn: Objective, lower_fn: Objective, x, y0, *,
     return solution.info.upper_value, solution  # F(x, y_K(x)), computed once
 
   (value, solution), grad = jax.value_and_grad(phi, has_aux=True)(x_dyn)
+  status = solution.info.status
+  status = jnp.where((status == status_lib.SUCCESS) & ~tree_ops.tree_all_finite(grad),
+                     status_lib.NONFINITE, status).astype(jnp.int32)
+  solution = solution._replace(info=solution.info._replace(status=status))
   status_lib.raise_if_failed(solution.info.status, throw=throw, where="bda.hypergradient")
   if return_info:
     return value, grad, solution
