@@ -72,8 +72,8 @@ MESSAGES = {
                           "mu, eps, ...) is outside its valid range; the solve was not "
                           "trusted (see the entry point's docstring for the ranges)",
     Status.DIVERGED: "the lower iterations did not settle: the lower residual did not "
-                     "shrink and the lower objective does not curve up along the last "
-                     "step; is the lower level bounded below?",
+                     "shrink and the lower objective does not curve up between the "
+                     "first and the last iterate; is the lower level bounded below?",
     Status.NOT_CONVEX: "a direction of zero or negative curvature of the lower objective "
                        "at the solution (a saddle point, a maximum or a singular "
                        "Hessian): the lower level is not strongly convex there, so the "
