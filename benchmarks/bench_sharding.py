@@ -8,7 +8,7 @@ episodes (`bilevel_jax.meta`, BDA Section 5.3) is timed: compile time
 `block_until_ready` repeats, alternating between the mesh sizes), and tasks
 per second = B / median.
 
-Usage: python benchmarks/bench_sharding.py [configs/bench/sharding.toml]
+Usage: python -m benchmarks.bench_sharding [configs/bench/sharding.toml]
 Writes benchmarks/results/sharding_<platform>_<device>.json.
 """
 from __future__ import annotations
@@ -21,11 +21,12 @@ import sys
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import timing  # noqa: E402
+from experiments import report  # noqa: E402
 
 from bilevel_jax import meta, schedules, sharding  # noqa: E402
-from bilevel_jax._src import config  # noqa: E402
+from experiments import config  # noqa: E402
 
 F = config.Field
 SCHEMA = {
@@ -75,16 +76,16 @@ def measure(cfg, counts):
         args = (sharding.replicate(x0, mesh), sharding.process_local_batch(heads, mesh),
                 sharding.process_local_batch(episodes, mesh))
         fn = sharding.shard_hypergradient(batched, mesh, in_axes=(None, 0, 0), reduce="mean")
-        compiled, compile_s[d] = _common.compile_fn(fn, *args)
-        _common.time_call(compiled, *args)  # warm-up
+        compiled, compile_s[d] = timing.compile_timed(fn, *args)
+        timing.time_call(compiled, *args)  # warm-up
         calls[d] = (compiled, args)
       samples = {d: [] for d in counts}
       for _ in range(t["repeats"]):
         for d, (compiled, args) in calls.items():
-          samples[d].append(_common.time_call(compiled, *args))
+          samples[d].append(timing.time_call(compiled, *args))
       for d in counts:
         row = {"devices": d, "method": method, "tasks": tasks, "compile_s": compile_s[d],
-               **_common.summarize(samples[d])}
+               **timing.summarize(samples[d])}
         row["tasks_per_s"] = tasks / row["median_s"]
         rows.append(row)
         print(f"D={d} {method:4s} B={tasks:4d}: {1e3 * row['median_s']:9.2f} ms, "
@@ -94,8 +95,7 @@ def measure(cfg, counts):
 
 
 def main(path, devices_override=None):
-  with open(path, "rb") as handle:
-    raw = config.tomllib.load(handle)
+  raw = config.read_toml(path)
   raw.pop("description", None)
   cfg = config.validate(raw, SCHEMA, path)
   counts = devices_override or cfg["timing"]["devices"]
@@ -118,7 +118,7 @@ def main(path, devices_override=None):
   for row in rows:
     ref = base.get((row["method"], row["tasks"]))
     row["speedup_vs_1_device"] = row["tasks_per_s"] / ref if ref else None
-  machine = _common.machine()
+  machine = timing.machine()
   machine["cpu_count"] = os.cpu_count()
   if platform == "cpu":
     machine["xla_flags"] = f"--xla_force_host_platform_device_count={max(counts)}"
@@ -126,8 +126,8 @@ def main(path, devices_override=None):
          "note": ("CPU host devices share the machine's cores: with few physical cores the "
                   "speedup from more devices is bounded by them, not by the sharding.")
          if platform == "cpu" else ""}
-  target = _common.results_path("sharding")
-  _common.report.write_json(target, out)
+  target = timing.results_path("sharding")
+  report.write_json(target, out)
   print(f"wrote {target}")
 
 
@@ -137,8 +137,7 @@ if __name__ == "__main__":
                          "configs", "bench", "sharding.toml")
   if args and args[0] == "--worker":
     counts, path = [int(v) for v in args[1].split(",")], args[2]
-    with open(path, "rb") as handle:
-      raw = config.tomllib.load(handle)
+    raw = config.read_toml(path)
     raw.pop("description", None)
     print(json.dumps(measure(config.validate(raw, SCHEMA, path), counts)))
   elif args and args[0] == "--devices":

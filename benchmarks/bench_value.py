@@ -10,7 +10,7 @@
    lower level against the dimension of y: compile time, run time, FISTA
    iterations.
 
-Usage: python benchmarks/bench_value.py [configs/bench/value.toml]
+Usage: python -m benchmarks.bench_value [configs/bench/value.toml]
 Writes benchmarks/results/value_<platform>_<device>.json.
 """
 from __future__ import annotations
@@ -23,11 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import timing  # noqa: E402
+from experiments import report  # noqa: E402
 
 from bilevel_jax import Status, smoothing, value  # noqa: E402
-from bilevel_jax._src import config  # noqa: E402
+from experiments import config  # noqa: E402
 from bilevel_jax._src.value import rules  # noqa: E402
 
 F = config.Field
@@ -50,10 +51,10 @@ def _memory(compiled) -> int:
 
 
 def _timed(fn, *args, repeats):
-  compiled, compile_s = _common.compile_fn(fn, *args)
-  _common.time_call(compiled, *args)  # warm-up
-  samples = [_common.time_call(compiled, *args) for _ in range(repeats)]
-  return compiled, compile_s, _common.summarize(samples)
+  compiled, compile_s = timing.compile_timed(fn, *args)
+  timing.time_call(compiled, *args)  # warm-up
+  samples = [timing.time_call(compiled, *args) for _ in range(repeats)]
+  return compiled, compile_s, timing.summarize(samples)
 
 
 def bench_entropic(cfg):
@@ -129,15 +130,14 @@ def bench_quadratic(cfg):
 
 
 def main(path):
-  with open(path, "rb") as handle:
-    raw = config.tomllib.load(handle)
+  raw = config.read_toml(path)
   raw.pop("description", None)
   cfg = config.validate(raw, SCHEMA, path)
   jax.config.update("jax_enable_x64", True)
-  out = {"machine": _common.machine(), "config": cfg, "dtype": "float64",
+  out = {"machine": timing.machine(), "config": cfg, "dtype": "float64",
          "entropic": bench_entropic(cfg), "quadratic": bench_quadratic(cfg)}
-  target = _common.results_path("value")
-  _common.report.write_json(target, out)
+  target = timing.results_path("value")
+  report.write_json(target, out)
   print(f"wrote {target}")
 
 

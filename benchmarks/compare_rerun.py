@@ -55,14 +55,14 @@ def main() -> int:
                                                     "compare_rerun.json"))
   args = parser.parse_args()
   sys.path.insert(0, REPO)
-  from bilevel_jax._src import report
+  from experiments import report
 
   entries = []
   for item in args.configs:
     stem, _, flag = item.partition(":")
     committed = os.path.join(REPO, "benchmarks", "results", "experiments", stem, "results.json")
     with tempfile.TemporaryDirectory() as out:
-      command = [sys.executable, "-m", "bilevel_jax", "run",
+      command = [sys.executable, "-m", "experiments", "run",
                  os.path.join(REPO, "configs", f"{stem}.toml"), "--out", out, "--quiet",
                  "--no-plot"] + (["--x64"] if flag == "x64" else [])
       subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)

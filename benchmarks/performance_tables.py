@@ -1,7 +1,8 @@
-"""The "Performance" tables of docs/performance.md, generated from the committed JSON.
+"""The Performance tables of docs/performance.md and the README's headline results,
+generated from the committed JSON.
 
     python benchmarks/performance_tables.py            # print the tables
-    python benchmarks/performance_tables.py --write    # rewrite them in docs/performance.md
+    python benchmarks/performance_tables.py --write    # rewrite docs/performance.md and README.md
 
 Every number in the Performance page comes from a file under
 benchmarks/results/ through this script; `tests/test_docs.py` checks that the
@@ -17,6 +18,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
+HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
 GPU = "gpu_nvidia_h100_80gb_hbm3"
 
 
@@ -184,25 +186,93 @@ def memory_section() -> str:
           + _table(["K", "no checkpointing", "checkpoint='sqrt'", "checkpoint=True"], rows))
 
 
+def compile_section() -> str:
+  name = "compile_times_cpu_cpu.json"
+  d = _load(name)
+  if d is None:
+    return ""
+  by_entry: dict = {}
+  for r in d["rows"]:
+    by_entry.setdefault(r["entry_point"], {})[r["dtype"]] = r
+  rows = []
+  for entry, per in by_entry.items():
+    cells = [f"`{entry}`"]
+    for dtype in ("float32", "float64"):
+      r = per.get(dtype)
+      cells += ["–", "–"] if r is None else [f"{r['first_call_s']:.2f}", _ms(r["run_s"])]
+    r = per.get("float64") or next(iter(per.values()))
+    cells += [f"{r['target_s']:.0f}", "yes" if all(p["meets_target"] for p in per.values())
+              else "**no**", f"{r['jaxpr_equations']} / {r['hlo_instructions']}"]
+    rows.append(cells)
+  m = d["machine"]
+  return ("**Compile time** of every public solver on a small problem (the contract test's "
+          "problems): the first call (tracing + lowering + XLA compile, JAX's caches cleared) "
+          "and a warm call; `python -m benchmarks.compile_times` → "
+          f"`benchmarks/results/{name}` ({m['device']}, JAX {m['jax']}, commit {m['commit']}):"
+          "\n\n" + _table(["entry point", "f32 first call s", "f32 run ms", "f64 first call s",
+                            "f64 run ms", "target s", "meets target", "jaxpr eqns / HLO instr."],
+                           rows))
+
+
 def render() -> str:
-  parts = [boat_section(), jaxopt_section(), cvxpy_section(), vmap_section(), k_section(),
-           memory_section()]
+  parts = [compile_section(), boat_section(), jaxopt_section(), cvxpy_section(), vmap_section(),
+           k_section(), memory_section()]
   return "\n\n".join(p for p in parts if p)
 
 
-def write_readme(path: str = os.path.join(ROOT, "docs", "performance.md")) -> None:
+def headline() -> str:
+  """The README's few measured results, each linked to the page with its table."""
+  lines = []
+  d = _load("hypercleaning_peers_cpu_cpu.json")
+  if d is not None:
+    ratios = [r["speedup"] for r in d["rows"] if r["impl"] != "bilevel_jax" and r.get("speedup")]
+    ks = sorted({r["size"] for r in d["rows"]})
+    lines.append(f"- Unrolled hypergradients (hyper-cleaning, K = {ks[0]}–{ks[-1]}): "
+                 f"{_x(min(ratios))}–{_x(max(ratios))} less time per upper iteration than "
+                 "BOAT (PyTorch) on the same CPU, at the same test accuracy.")
+  d = _load("implicit_peers_cpu_cpu.json")
+  if d is not None:
+    ratios = [r["speedup"] for r in d["rows"] if r.get("per") == "matched_accuracy"]
+    lines.append(f"- Implicit hypergradients: {_x(min(ratios))}–{_x(max(ratios))} the speed "
+                 "of jaxopt at matched hypergradient error (ridge, logistic regression, "
+                 "benchopt's quadratic).")
+  d = _load("composite_peers_cpu_cpu.json")
+  if d is not None:
+    lines.append(f"- Composite lower levels (elastic net): median "
+                 f"{_x(d['summary'].get('speedup_median'))} faster than the paper's approach "
+                 "(the same algorithm on cvxpy).")
+  for name, label in (("scaling_cpu_cpu.json", "a 2-core CPU"),
+                      (f"scaling_gpu_{GPU}.json", "an H100")):
+    d = _load(name)
+    if d is None:
+      continue
+    vm = [r for r in d["rows"] if r["size_name"] == "instances"
+          and r["method"].startswith("vmap") and r["size"] == 256]
+    if vm:
+      lines.append(f"- 256 small problems in one `jax.vmap` call: {_x(vm[0]['speedup'])} "
+                   f"faster than 256 jitted calls on {label}.")
+  return "\n".join(lines) + "\n\nTables, machines and commits: [docs/performance.md](docs/performance.md)."
+
+
+def _replace_block(path: str, start: str, end: str, body: str) -> None:
   with open(path) as handle:
     text = handle.read()
-  if START not in text or END not in text:
-    raise SystemExit(f"{path} has no {START} ... {END} block")
-  head, rest = text.split(START, 1)
-  _, tail = rest.split(END, 1)
+  if start not in text or end not in text:
+    raise SystemExit(f"{path} has no {start} ... {end} block")
+  head, rest = text.split(start, 1)
+  _, tail = rest.split(end, 1)
   with open(path, "w") as handle:
-    handle.write(f"{head}{START}\n{render()}\n{END}{tail}")
+    handle.write(f"{head}{start}\n{body}\n{end}{tail}")
+
+
+def write() -> None:
+  """Rewrites the generated blocks of docs/performance.md and README.md."""
+  _replace_block(os.path.join(ROOT, "docs", "performance.md"), START, END, render())
+  _replace_block(os.path.join(ROOT, "README.md"), HEADLINE_START, HEADLINE_END, headline())
 
 
 if __name__ == "__main__":
   if "--write" in sys.argv[1:]:
-    write_readme()
+    write()
   else:
     print(render())

@@ -1,5 +1,6 @@
-"""Upper-level drivers: any Optax optimizer on the hypergradient, and the
-gradient-sampling methods of Solla & Royset (Algorithms 1 and 2)."""
+"""Upper-level drivers: one upper step for your own loop (`make_step`), the loop
+`optimize` (history, checkpoints, data per step), and the gradient-sampling
+methods of Solla & Royset (Algorithms 1 and 2)."""
 from bilevel_jax._src.gradient_sampling import GradientSamplingHistory
 from bilevel_jax._src.gradient_sampling import GradientSamplingInfo
 from bilevel_jax._src.gradient_sampling import GradientSamplingSolution
@@ -13,8 +14,13 @@ from bilevel_jax._src.minnorm import min_norm_hull
 from bilevel_jax._src.upper_loop import OptimizeInfo
 from bilevel_jax._src.upper_loop import OptimizeSolution
 from bilevel_jax._src.upper_loop import optimize
+from bilevel_jax._src.upper_step import UpperState
+from bilevel_jax._src.upper_step import UpperStep
+from bilevel_jax._src.upper_step import UpperStepInfo
+from bilevel_jax._src.upper_step import make_step
 
 __all__ = ["GradientSamplingHistory", "GradientSamplingInfo", "GradientSamplingSolution",
            "MinNormInfo", "MinNormSolution", "OptimizeInfo", "OptimizeSolution",
-           "SQPGradientSamplingHistory", "SQPGradientSamplingInfo", "gradient_sampling",
-           "min_norm_hull", "optimize", "sqp_gradient_sampling"]
+           "SQPGradientSamplingHistory", "SQPGradientSamplingInfo", "UpperState", "UpperStep",
+           "UpperStepInfo", "gradient_sampling", "make_step", "min_norm_hull", "optimize",
+           "sqp_gradient_sampling"]

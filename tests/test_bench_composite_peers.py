@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from bilevel_jax._src.bench import runner
-from bilevel_jax._src.bench.peers import cvxpy_composite as peer
+from benchmarks import runner
+from benchmarks.peers import cvxpy_composite as peer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = os.path.join(ROOT, "configs", "bench", "composite_peers_small.toml")

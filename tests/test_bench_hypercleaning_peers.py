@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bilevel_jax._src import config
-from bilevel_jax._src.bench import runner
-from bilevel_jax._src.bench.peers import venv
-from bilevel_jax._src.bench.suites import hypercleaning_peers as suite
+from experiments import config
+from benchmarks import runner
+from benchmarks.peers import venv
+from benchmarks.suites import hypercleaning_peers as suite
 from bilevel_jax.problems import CleaningData, HyperCleaning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

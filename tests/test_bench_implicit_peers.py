@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from bilevel_jax import implicit
-from bilevel_jax._src import config
-from bilevel_jax._src.bench import runner
-from bilevel_jax._src.bench.suites import implicit_peers as suite
+from experiments import config
+from benchmarks import runner
+from benchmarks.suites import implicit_peers as suite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = os.path.join(ROOT, "configs", "bench", "implicit_peers_small.toml")

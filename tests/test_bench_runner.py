@@ -1,4 +1,4 @@
-"""The benchmark runner (`bilevel-jax bench`), its measurements and the scaling suite."""
+"""The benchmark runner (`python -m benchmarks`), its measurements and the scaling suite."""
 import json
 import os
 
@@ -7,11 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bilevel_jax import cli
-from bilevel_jax._src import config
-from bilevel_jax._src.bench import measure, roofline, runner
-from bilevel_jax._src.bench.peers import venv
-from bilevel_jax._src.bench.suites import scaling
+from experiments import config
+from benchmarks import roofline, runner, timing
+from benchmarks.peers import venv
+from benchmarks.suites import scaling
 
 TINY_SCALING = """
 suite = "scaling"
@@ -49,7 +48,7 @@ def _write(tmp_path, text, name="tiny.toml"):
 def test_bench_command_writes_json_markdown_and_machine(tmp_path, capsys):
   path = _write(tmp_path, TINY_SCALING)
   out = tmp_path / "out"
-  assert cli.main(["bench", path, "--out", str(out), "--no-plot", "--quiet"]) == 0
+  assert runner.main([path, "--out", str(out), "--no-plot", "--quiet"]) == 0
   stem = runner.result_stem(path)
   payload = json.loads((out / f"{stem}.json").read_text())
   for key in ("jax", "device", "commit", "cpu_count", "xla_flags"):
@@ -79,7 +78,7 @@ def test_config_errors_name_the_key(tmp_path):
     runner.read_config(_write(tmp_path, 'suite = "scaling"\n[K]\nrepeats = 0\n'))
   with pytest.raises(config.ConfigError, match="does not exist"):
     runner.read_config(str(tmp_path / "missing.toml"))
-  assert cli.main(["bench", str(tmp_path / "missing.toml")]) == 2
+  assert runner.main([str(tmp_path / "missing.toml")]) == 2
 
 
 def test_a_config_without_suite_runs_its_standalone_script(tmp_path, monkeypatch):
@@ -87,31 +86,32 @@ def test_a_config_without_suite_runs_its_standalone_script(tmp_path, monkeypatch
   (tmp_path / "configs" / "bench").mkdir(parents=True)
   (tmp_path / "benchmarks" / "bench_demo.py").write_text(
       "import sys\nopen(sys.argv[1] + '.ran', 'w').write('ok')\n")
+  monkeypatch.setattr(runner, "SCRIPTS_DIR", str(tmp_path / "benchmarks"))
   path = tmp_path / "configs" / "bench" / "demo.toml"
   path.write_text("[section]\nkey = 1\n")
-  assert cli.main(["bench", str(path)]) == 0
+  assert runner.main([str(path)]) == 0
   assert (tmp_path / "configs" / "bench" / "demo.toml.ran").read_text() == "ok"
   orphan = tmp_path / "configs" / "bench" / "orphan.toml"
   orphan.write_text("[section]\nkey = 1\n")
   monkeypatch.chdir(tmp_path)
-  assert cli.main(["bench", str(orphan)]) == 2  # no suite, no script: a named error
+  assert runner.main([str(orphan)]) == 2  # no suite, no script: a named error
 
 
 def test_summarize_and_alternation_order():
-  stats = measure.summarize([3.0, 1.0, 2.0, 10.0, 4.0])
+  stats = timing.summarize([3.0, 1.0, 2.0, 10.0, 4.0])
   assert stats["median_s"] == 3.0 and stats["min_s"] == 1.0 and stats["max_s"] == 10.0
   assert stats["q25_s"] == 2.0 and stats["q75_s"] == 4.0 and stats["repeats"] == 5
   order = []
-  samples = measure.time_alternating({"a": lambda: order.append("a"),
+  samples = timing.time_alternating({"a": lambda: order.append("a"),
                                       "b": lambda: order.append("b")}, repeats=3, warmup=1)
   assert order == ["a", "b"] + ["a", "b"] * 3
   assert len(samples["a"]) == len(samples["b"]) == 3
 
 
 def test_peak_memory_sees_a_large_allocation():
-  with measure.peak_memory() as small:
+  with timing.peak_memory() as small:
     np.ones(10)
-  with measure.peak_memory() as large:
+  with timing.peak_memory() as large:
     block = np.ones(64 * 2 ** 20 // 8)  # 64 MiB, touched
     block[::512] = 2.0
   del block

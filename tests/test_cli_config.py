@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from bilevel_jax import cli
-from bilevel_jax._src import config
+from experiments import cli
+from experiments import config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,12 +18,11 @@ BENCH_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "bench", "*.toml"
 
 @pytest.mark.parametrize("path", BENCH_CONFIGS)
 def test_benchmark_configs_validate(path):
-  """A config naming a `suite` validates against it (`bilevel-jax bench`); the
+  """A config naming a `suite` validates against it (`python -m benchmarks`); the
   others against the SCHEMA of their standalone script in benchmarks/."""
   import importlib.util
-  from bilevel_jax._src.bench import runner
-  with open(path, "rb") as handle:
-    raw = config.tomllib.load(handle)
+  from benchmarks import runner
+  raw = config.read_toml(path)
   if "suite" in raw:
     runner.read_config(path)
     return
@@ -148,7 +147,31 @@ theorem2 = false
 def test_python_dash_m_entry_point():
   import subprocess
   import sys
-  out = subprocess.run([sys.executable, "-m", "bilevel_jax", "list", "--dir",
+  out = subprocess.run([sys.executable, "-m", "experiments", "list", "--dir",
                         os.path.join(REPO, "configs")], capture_output=True, text=True,
-                       timeout=120, check=True)
+                       timeout=120, check=True, cwd=REPO)
   assert "example1" in out.stdout
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"experiment = \"example1\"\n# \xff\xfe latin-1 bytes\n", "not a UTF-8 text file"),
+    (b"experiment = \"example1\"\n[lower]\nupper_lr = nan\n", "must be a finite number"),
+    (b"experiment = \"example1\"\n[upper]\nlearning_rate = -inf\n", "upper.*learning_rate"),
+])
+def test_unreadable_or_non_finite_config_is_one_named_line(tmp_path, capsys, content, match):
+  path = tmp_path / "bad.toml"
+  path.write_bytes(content)
+  assert cli.main(["run", str(path), "--quiet", "--no-plot"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "bad.toml" in err
+  assert __import__("re").search(match, err), err
+
+
+def test_config_folder_and_out_file_are_named(tmp_path, capsys):
+  assert cli.main(["run", str(tmp_path)]) == 2
+  assert "is a folder" in capsys.readouterr().err
+  out_file = tmp_path / "taken"
+  out_file.write_text("")
+  quick = os.path.join(REPO, "configs", "quickstart.toml")
+  assert cli.main(["run", quick, "--out", str(out_file), "--quiet", "--no-plot"]) == 2
+  assert "--out" in capsys.readouterr().err

@@ -68,6 +68,117 @@ def test_split_rejects_bad_sizes():
     data.load("cifar")
 
 
+# ------------------------------------------------- bad data is named, never used
+def _feats_labels(n=20):
+  return np.random.default_rng(0).random((n, 3)), np.arange(n) % 2
+
+
+def test_split_rejects_more_feature_rows_than_labels():
+  feats, labels = np.zeros((60, 4)), np.arange(50) % 5
+  with pytest.raises(ValueError, match="`features` has 60 rows but `labels` has 50"):
+    data.hypercleaning_split(feats, labels, n_train=10, n_val=10)
+
+
+def test_split_rejects_float_sizes():
+  feats, labels = _feats_labels()
+  with pytest.raises(TypeError, match="`n_train` must be a positive Python int"):
+    data.hypercleaning_split(feats, labels, n_train=5.0, n_val=5)
+  with pytest.raises(TypeError, match="`n_test` must be a positive Python int"):
+    data.hypercleaning_split(feats, labels, n_train=5, n_val=5, n_test=2.5)
+
+
+def test_split_rejects_float_labels():
+  feats, labels = _feats_labels()
+  with pytest.raises(TypeError, match="`labels` must be a 1-d array of integer"):
+    data.hypercleaning_split(feats, labels.astype(float), n_train=5, n_val=5)
+
+
+def test_split_rejects_one_dimensional_features():
+  _, labels = _feats_labels()
+  with pytest.raises(ValueError, match="`features` must be a 2-d numeric"):
+    data.hypercleaning_split(np.zeros(20), labels, n_train=5, n_val=5)
+
+
+def test_split_rejects_a_single_class():
+  feats, _ = _feats_labels()
+  with pytest.raises(ValueError, match="single class"):
+    data.hypercleaning_split(feats, np.zeros(20, int), n_train=5, n_val=5)
+
+
+@pytest.mark.parametrize("fraction", [2.0, -0.1, float("nan")])
+def test_corrupt_labels_rejects_fraction_outside_unit_interval(fraction):
+  with pytest.raises(ValueError, match="`fraction` must lie in"):
+    data.corrupt_labels(np.arange(10) % 3, fraction, 3, np.random.default_rng(0))
+
+
+def test_corrupt_labels_rejects_labels_beyond_num_classes():
+  with pytest.raises(ValueError, match=r"`labels` must lie in \[0, num_classes\)"):
+    data.corrupt_labels(np.arange(10), 0.5, 3, np.random.default_rng(0))
+
+
+def test_corrupt_labels_rejects_one_class():
+  with pytest.raises(ValueError, match="`num_classes` must be >= 2"):
+    data.corrupt_labels(np.zeros(10, int), 0.5, 1, np.random.default_rng(0))
+
+
+def test_corrupt_labels_rejects_a_seed_for_rng():
+  with pytest.raises(TypeError, match="`rng` must be a numpy.random.Generator"):
+    data.corrupt_labels(np.arange(10) % 3, 0.5, 3, 0)
+
+
+def test_mnist_npz_with_wrong_keys_is_named(tmp_path):
+  path = tmp_path / "mnist.npz"
+  np.savez(path, images=np.zeros((2, 28, 28)), labels=np.zeros(2, int))
+  with pytest.raises(ValueError, match=r"mnist.npz' lacks \['x_train'.*it has \['images'"):
+    data.load("mnist", str(path))
+
+
+def test_corrupt_mnist_npz_is_named(tmp_path):
+  path = tmp_path / "mnist.npz"
+  path.write_bytes(b"PK\x03\x04 this is not a zip archive")
+  with pytest.raises(ValueError, match="mnist.npz' is not a readable .npz"):
+    data.load("mnist", str(path))
+
+
+def test_truncated_mnist_npz_is_named(tmp_path):
+  path = tmp_path / "mnist.npz"
+  rng = np.random.default_rng(0)
+  np.savez(path, x_train=rng.integers(0, 256, (50, 28, 28)), y_train=np.zeros(50, int),
+           x_test=rng.integers(0, 256, (5, 28, 28)), y_test=np.zeros(5, int))
+  raw = path.read_bytes()
+  path.write_bytes(raw[:len(raw) // 2])
+  with pytest.raises(ValueError, match="mnist.npz'"):
+    data.load("mnist", str(path))
+
+
+def test_mnist_npz_with_mismatched_labels_is_named(tmp_path):
+  path = tmp_path / "mnist.npz"
+  np.savez(path, x_train=np.zeros((6, 28, 28)), y_train=np.zeros(5, int),
+           x_test=np.zeros((4, 28, 28)), y_test=np.zeros(4, int))
+  with pytest.raises(ValueError, match="one label per image"):
+    data.load("mnist", str(path))
+
+
+def test_truncated_idx_file_is_named(tmp_path):
+  rng = np.random.default_rng(0)
+  _write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (6, 28, 28)))
+  _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 6))
+  _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 4))
+  with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as handle:
+    handle.write(bytes([0, 0, 8, 3]) + b"".join(int(n).to_bytes(4, "big") for n in (4, 28, 28))
+                 + b"\x00" * 100)
+  with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz' is truncated or corrupt"):
+    data.load("mnist", str(tmp_path))
+
+
+def test_idx_file_that_is_not_gzip_is_named(tmp_path):
+  for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+    (tmp_path / (stem + ".gz")).write_bytes(b"not gzip at all")
+  with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz' cannot be read"):
+    data.load("mnist", str(tmp_path))
+
+
 def _write_idx(path, array):
   header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
   with gzip.open(path, "wb") as handle:
@@ -109,7 +220,7 @@ def test_detection_f1():
 
 def test_cleaning_beats_uniform_weights_on_digits():
   """A short BDA run on digits flags corrupted samples and improves accuracy."""
-  from bilevel_jax._src.experiments import hypercleaning as exp
+  from experiments import hypercleaning as exp
   import optax
   from bilevel_jax import upper
   cfg = {"data": {"dataset": "digits", "path": "", "n_train": 400, "n_val": 40, "n_test": 0,

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from bilevel_jax import bda
-from bilevel_jax import cli
+from experiments import cli
 from bilevel_jax import meta
 from bilevel_jax import sharding
-from bilevel_jax._src import config
+from experiments import config
 from bilevel_jax._src.meta import episodes as ep
 from tests.helpers import finite_difference_grad, tree_allclose
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from bilevel_jax import cli
+from experiments import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow

@@ -119,7 +119,7 @@ def test_interrupted_run_leaves_a_resumable_checkpoint(quad, tmp_path):
 
 
 @pytest.mark.parametrize("second_optimizer, second_steps, match", [
-    (optax.adam(0.1), 4, "does not match this run"),   # another run's state
+    (optax.adam(0.1), 4, "is not a checkpoint of this run: `opt_state`"),  # another run
     (optax.sgd(0.1), 2, "beyond `steps` = 2"),         # further along than asked
 ])
 def test_unusable_checkpoint_is_rejected(quad, tmp_path, second_optimizer, second_steps, match):

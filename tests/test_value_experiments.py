@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bilevel_jax import Status
-from bilevel_jax import cli
+from experiments import cli
 
 TINY_VFP = "[vfp]\nmus = [1e-1, 1e-2]\ninner_steps = 20\nouter_steps = 2\nrepeats = 1\n"
 CASES = {

@@ -64,7 +64,14 @@ DENSITIES = {
 
 
 def kappa(density: str) -> float:
-  """kappa = int |s| rho(s) ds of a density: plus_mu - plus <= kappa mu."""
+  """kappa = int |s| rho(s) ds of a density: plus_mu - plus <= kappa mu.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import smoothing
+    >>> round(smoothing.kappa("softplus"), 4)  # ln 2
+    1.3863
+  """
   return _density(density).kappa
 
 
@@ -104,6 +111,14 @@ def plus(t, mu, density: str = "softplus"):
   Returns:
     plus_mu(t), with 0 <= plus_mu(t) - t_+ <= kappa mu / 2 <= kappa mu; NaN
     where a traced ``mu`` (under jit or vmap) is not > 0.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import smoothing
+    >>> [round(float(v), 4) for v in smoothing.plus(jnp.array([-1.0, 0.0, 1.0]), 0.1)]
+    [0.0, 0.0693, 1.0]
+    >>> round(float(smoothing.plus(0.0, 0.1, density="chks")), 4)
+    0.1
   """
   _density(density)
   t = _as_float(t)
@@ -125,17 +140,40 @@ def _plus(t, mu, density):
 
 
 def abs(t, mu, density: str = "softplus"):  # noqa: A001 - mirrors jnp.abs
-  """|t| ~ plus_mu(t) + plus_mu(-t); 0 <= gap <= kappa mu (attained at t = 0)."""
+  """|t| ~ plus_mu(t) + plus_mu(-t); 0 <= gap <= kappa mu (attained at t = 0).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import smoothing
+    >>> round(float(smoothing.abs(0.0, 0.1)), 4)   # the gap at t = 0: kappa mu
+    0.1386
+    >>> round(float(smoothing.abs(-2.0, 0.1)), 4)
+    2.0
+  """
   return plus(t, mu, density) + plus(-_as_float(t), mu, density)
 
 
 def hinge(t, mu, density: str = "softplus"):
-  """max(0, 1 - t) ~ plus_mu(1 - t); 0 <= gap <= kappa mu / 2."""
+  """max(0, 1 - t) ~ plus_mu(1 - t); 0 <= gap <= kappa mu / 2.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import smoothing
+    >>> [round(float(v), 4) for v in smoothing.hinge(jnp.array([0.0, 1.0, 2.0]), 0.1)]
+    [1.0, 0.0693, 0.0]
+  """
   return plus(1.0 - _as_float(t), mu, density)
 
 
 def maximum(a, b, mu, density: str = "softplus"):
-  """max(a, b) ~ b + plus_mu(a - b); 0 <= gap <= kappa mu / 2."""
+  """max(a, b) ~ b + plus_mu(a - b); 0 <= gap <= kappa mu / 2.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import smoothing
+    >>> round(float(smoothing.maximum(1.0, 3.0, 0.1)), 4)
+    3.0
+  """
   a, b = _as_float(a), _as_float(b)
   return b + plus(a - b, mu, density)
 
@@ -144,6 +182,12 @@ def max(z, mu, density: str = "softplus", axis: int = -1):  # noqa: A001
   """max_i z_i along ``axis`` by a left fold of `maximum`.
 
   0 <= gap <= (n - 1) kappa mu / 2 for n entries.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import smoothing
+    >>> round(float(smoothing.max(jnp.array([1.0, 3.0, 2.0]), 0.01)), 4)
+    3.0
   """
   z = _as_float(z)
   if z.ndim == 0 or z.shape[axis] == 0:
@@ -157,7 +201,14 @@ def max(z, mu, density: str = "softplus", axis: int = -1):  # noqa: A001
 
 
 def l1(z, mu, density: str = "softplus"):
-  """||z||_1 (summed over all entries); 0 <= gap <= n kappa mu."""
+  """||z||_1 (summed over all entries); 0 <= gap <= n kappa mu.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import smoothing
+    >>> round(float(smoothing.l1(jnp.array([1.0, -2.0, 0.5]), 0.01)), 4)
+    3.5
+  """
   return jnp.sum(abs(z, mu, density))
 
 
@@ -165,6 +216,12 @@ def moreau_abs(t, mu):
   """Moreau envelope of |t| (Huber): t^2/(2 mu) if |t| <= mu else |t| - mu/2.
 
   0 <= |t| - e_mu(t) <= mu / 2 (L = 1).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import smoothing
+    >>> [round(float(v), 4) for v in smoothing.moreau_abs(jnp.array([0.05, 2.0]), 0.1)]
+    [0.0125, 1.95]
   """
   t = _as_float(t)
   mu = _mu_like(mu, t)
@@ -174,7 +231,14 @@ def moreau_abs(t, mu):
 
 
 def moreau_l1(z, mu):
-  """Moreau envelope of ||z||_1 = sum of Huber terms; 0 <= gap <= n mu / 2."""
+  """Moreau envelope of ||z||_1 = sum of Huber terms; 0 <= gap <= n mu / 2.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import smoothing
+    >>> round(float(smoothing.moreau_l1(jnp.array([0.05, -2.0]), 0.1)), 4)
+    1.9625
+  """
   return jnp.sum(moreau_abs(z, mu))
 
 
@@ -182,6 +246,12 @@ def moreau_hinge(t, mu):
   """Moreau envelope of max(0, 1 - t); 0 <= gap <= mu / 2 (L = 1).
 
   With u = 1 - t: 0 if u <= 0, u^2/(2 mu) if 0 <= u <= mu, u - mu/2 if u >= mu.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import smoothing
+    >>> [round(float(v), 4) for v in smoothing.moreau_hinge(jnp.array([0.0, 0.95, 2.0]), 0.1)]
+    [0.95, 0.0125, 0.0]
   """
   t = _as_float(t)
   mu = _mu_like(mu, t)
@@ -194,6 +264,12 @@ def moreau_box(z, mu, lower, upper):
   """Moreau envelope of the indicator of [lower, upper]: dist(z, box)^2 / (2 mu).
 
   Summed over all entries. Zero on the box; its gradient is (z - P(z)) / mu.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import smoothing
+    >>> round(float(smoothing.moreau_box(jnp.array([2.0, 0.5]), 0.5, 0.0, 1.0)), 4)
+    1.0
   """
   z = _as_float(z)
   mu = _mu_like(mu, z)
@@ -211,6 +287,14 @@ def bound(kind: str, mu, density: str = "softplus", n: int = 1):
 
   ``kind`` is one of "plus", "abs", "hinge", "maximum", "max", "l1",
   "moreau_abs", "moreau_l1", "moreau_hinge".
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import smoothing
+    >>> round(float(smoothing.bound("abs", 0.1)), 4)
+    0.1386
+    >>> round(float(smoothing.bound("l1", 0.1, n=3)), 4)
+    0.4159
   """
   if kind.startswith("moreau_"):
     scale = {"moreau_abs": 1, "moreau_hinge": 1, "moreau_l1": n}.get(kind)

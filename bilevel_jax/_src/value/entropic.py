@@ -103,6 +103,12 @@ def log_radius(r0: float = 10.0) -> Callable:
   """Radius schedule r_mu = r0 (1 + ln(1 + 1/mu)) for unbounded Y (Thm 4.13).
 
   r_mu increases to infinity as mu -> 0 while mu ln vol(Y_mu) -> 0.
+
+  Examples:
+    >>> from bilevel_jax import value
+    >>> radius = value.log_radius(10.0)
+    >>> [round(float(radius(mu)), 3) for mu in (1.0, 0.01)]
+    [16.931, 56.151]
   """
   validation.check_positive("r0", r0)
   return lambda mu: r0 * (1.0 + jnp.log1p(1.0 / mu))
@@ -294,13 +300,17 @@ def entropic(g: Callable, x, *, mu, box=None, rule: str = "auto",
       entries make Y unbounded; then ``radius`` is required (Y_mu of (4.20)).
     rule: "auto" (Gauss-Legendre for m <= 3, Halton for m > 3),
       "gauss-legendre", "halton", or "points" (use ``points``/``weights``).
-    order, panels: Gauss-Legendre nodes per panel and panels per axis, ints
-      or one per axis (defaults: m=1 (8, 32), m=2 (6, 12), m=3 (4, 6)).
-    num_points, randomizations: Halton points per randomization and the
-      number R of random shifts (R * num_points evaluations of g).
+    order: Gauss-Legendre nodes per panel, an int or one per axis
+      (defaults: m=1 8, m=2 6, m=3 4).
+    panels: Gauss-Legendre panels per axis, an int or one per axis
+      (defaults: m=1 32, m=2 12, m=3 6).
+    num_points: Halton points per randomization.
+    randomizations: the number R of random shifts (R * num_points
+      evaluations of g).
     key: PRNG key for the shifts (default ``PRNGKey(0)``: deterministic).
-    points, weights: a user rule, arrays (N, m) and (N,) with positive
-      weights that include the volume (int ~ sum_i w_i f(y_i)).
+    points: a user rule's nodes, an array (N, m).
+    weights: the user rule's positive weights (N,), which include the
+      volume (int ~ sum_i w_i f(y_i)).
     radius: schedule mu -> r_mu (or a number) for unbounded Y; see `log_radius`.
       When given, Y_mu = Y cap [-r_mu, r_mu]^m is used even if ``box`` is
       bounded (a box traced under jit cannot be inspected for infinities).

@@ -139,7 +139,13 @@ class VFPSolution(NamedTuple):
 
 
 def geometric_mus(mu0: float, factor: float, count: int) -> np.ndarray:
-  """mu_k = mu0 factor^k, k = 0..count-1 (a decreasing schedule)."""
+  """mu_k = mu0 factor^k, k = 0..count-1 (a decreasing schedule).
+
+  Examples:
+    >>> from bilevel_jax import value
+    >>> [float(mu) for mu in value.geometric_mus(1.0, 0.1, 3)]
+    [1.0, 0.1, 0.01]
+  """
   validation.check_positive("mu0", mu0)
   if not 0 < factor < 1:
     raise ValueError(f"`factor` must lie in (0, 1), got {factor}.")
@@ -175,14 +181,18 @@ def solve_vfp(f: Callable, g: Callable, value_fn: Callable, x0, y0, *, mus,
     value_fn: (x, mu) -> v_mu(x) or a solution with ``.value`` (and
       ``.info.status``, which is passed on), e.g.
       ``lambda x, mu: value.entropic(g, x, mu=mu, box=box)``.
-    x0, y0: initial points (pytrees of float arrays).
+    x0: initial upper point (a pytree of float arrays).
+    y0: initial lower point (a pytree of float arrays).
     mus: decreasing smoothing parameters mu_1 >= ... >= mu_K > 0.
     epsilon: eps > 0 of (VFP_eps).
     optimizer: Optax transformation for the inner steps on (x, y).
-    projection_x, projection_y: projections onto X and Y (default: identity).
+    projection_x: projection onto X (default: identity).
+    projection_y: projection onto Y (default: identity).
     inner_steps: Optax steps per augmented-Lagrangian round (static).
     outer_steps: rounds (multiplier updates) per mu_k (static).
-    rho, rho_growth, rho_max: penalty parameter, its growth factor and cap.
+    rho: initial penalty parameter.
+    rho_growth: its growth factor.
+    rho_max: its cap.
     feas_tol: violations c_+ below this never increase rho.
     lam0: initial multiplier >= 0.
     pass_mu: call f and g with mu as the third argument.

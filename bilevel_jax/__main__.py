@@ -1,3 +1,0 @@
-from bilevel_jax.cli import main
-
-raise SystemExit(main())

@@ -1,1 +1,0 @@
-"""The benchmark runner behind ``bilevel-jax bench CONFIG`` (private)."""

@@ -1,1 +1,0 @@
-"""Experiments run by the CLI (`bilevel-jax run CONFIG`), one module each."""
