@@ -365,3 +365,17 @@ def _call(**overrides):
 def test_bad_input_names_the_argument(overrides, error, match):
   with pytest.raises(error, match=match):
     _call(**overrides)
+
+
+def test_one_upper_batch_for_every_step_equals_it_stacked():
+  """``upper_batch`` (this upper step's validation minibatch) is
+  ``upper_batches`` with the same batch at every step, and is checked against
+  finite differences; giving both is an error naming them."""
+  val = (FEATURES[:8], TARGETS[:8])
+  kw = dict(steps=K, upper_lr=0.05, lower_lr=0.05, alpha=0.5, lower_batches=BATCHES)
+  one, _ = _check_fd({**kw, "upper_batch": val})
+  stacked = jax.tree_util.tree_map(lambda v: jnp.stack([v] * K), val)
+  _, many = bda.hypergradient(upper, lower, X, W0, upper_batches=stacked, **kw)
+  np.testing.assert_allclose(one, many, rtol=1e-12)
+  with pytest.raises(ValueError, match="`upper_batch`.*`upper_batches`"):
+    bda.solve(upper, lower, X, W0, upper_batch=val, upper_batches=stacked, **kw)

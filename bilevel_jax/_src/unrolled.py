@@ -160,9 +160,12 @@ class _Batches(NamedTuple):
   xs: Any = None
   sample: Optional[Callable] = None
   stream: int = 0  # 0: the lower sampler's keys, 1: the upper sampler's
+  fixed: Any = None  # one batch for every step (``upper_batch``)
 
   def at(self, k, xs_k, key):
     """The batch of step k (0-based); ``xs_k`` is the scanned slice."""
+    if self.fixed is not None:
+      return self.fixed
     if self.sample is None:
       return xs_k
     key_k = jax.random.fold_in(key, k)
@@ -170,9 +173,16 @@ class _Batches(NamedTuple):
 
   def last(self, steps: int, key):
     """The batch of the last step, b_{K-1}, used for the values at y_K."""
+    if self.fixed is not None:
+      return self.fixed
     if self.xs is not None:
       return jax.tree_util.tree_map(lambda v: v[-1], self.xs)
     return self.at(steps - 1, None, key) if self.sample is not None else None
+
+
+class _OneBatch(NamedTuple):
+  """``upper_batch``: the same batch at every step."""
+  batch: Any
 
 
 def _as_batches(name: str, batches, steps: int, key, stream: int) -> _Batches:
@@ -180,6 +190,8 @@ def _as_batches(name: str, batches, steps: int, key, stream: int) -> _Batches:
   (which needs ``key``) or a pytree whose leaves have leading axis ``steps``."""
   if batches is None:
     return _Batches()
+  if isinstance(batches, _OneBatch):
+    return _Batches(fixed=batches.batch, stream=stream)
   if callable(batches):
     if key is None:
       raise ValueError(f"`{name}` is a sampler (k, key) -> batch, which needs `key` "
@@ -360,7 +372,7 @@ def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
           prox=None, checkpoint: Checkpoint = False,
           record_history: bool = False, unroll: Union[int, bool] = 1,
           throw: bool = False, lower_optimizer=None, lower_batches=None,
-          upper_batches=None, key=None) -> BDASolution:
+          upper_batches=None, upper_batch=None, key=None) -> BDASolution:
   """Runs K aggregated lower iterations (BDA eq. 10, or eq. 13 with ``prox``).
 
   Args:
@@ -417,6 +429,9 @@ def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
       dropout).
     upper_batches: the same for F in the d^F term; a sampler gets
       ``jax.random.fold_in(key_k, 1)``, a stream apart from the lower one.
+    upper_batch: one batch for F at every step, F(x, y, upper_batch) (e.g.
+      the validation minibatch of this upper step); not with
+      ``upper_batches``.
     key: the PRNG key for the samplers (traced: may be vmapped over).
 
   Returns:
@@ -461,6 +476,11 @@ def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
   y0_dyn, y_rest = variables.partition(y0)
   as_y = lambda yd: variables.combine(yd, y_rest)
   user_upper, user_lower, user_prox = upper_fn, lower_fn, prox
+  if upper_batch is not None:
+    if upper_batches is not None:
+      raise ValueError("pass `upper_batch` (one batch for every step) or `upper_batches` "
+                       "(one per step), not both.")
+    upper_batches = _OneBatch(upper_batch)
   if upper_batches is None:
     upper_fn = lambda xx, yd, b: user_upper(xx, as_y(yd))
   else:

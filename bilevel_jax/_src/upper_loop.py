@@ -98,6 +98,13 @@ MAX_STEPS = 2 ** 31 - 1
 _RESERVED = ("value", "grad_norm", "lower_status", "lower_residual", "step_time")
 
 
+def _arrays_only(tree):
+  """``tree`` with ``None`` for leaves that are not arrays or numbers (an
+  Equinox module's functions), which `jax.eval_shape` cannot return."""
+  keep = (jax.Array, np.ndarray, np.generic, jax.core.Tracer, int, float, bool)
+  return jax.tree_util.tree_map(lambda v: v if isinstance(v, keep) else None, tree)
+
+
 def _eval_shape(name: str, call: str, fn, *args):
   """``jax.eval_shape(fn, *args)``; a failure is re-raised naming ``name``."""
   try:
@@ -148,9 +155,12 @@ def _check_functions(hypergradient_fn, x0, x_dyn, as_x, y0, with_y, metrics_fn,
   keywords = "".join(f", {k}=..." for k in data)
   call = (f"hypergradient_fn(x0, y0{keywords})" if with_y
           else f"hypergradient_fn(x0{keywords}) (no `y0` given)")
+  y_dyn, y_rest = variables.partition(y0) if with_y else (None, None)
+  as_y = lambda yd: variables.combine(yd, y_rest)
   out = _eval_shape("hypergradient_fn", call,
-                    lambda xd, y, d: hypergradient_fn(as_x(xd), y, **d) if with_y
-                    else hypergradient_fn(as_x(xd), **d), x_dyn, y0, data)
+                    lambda xd, yd, d: _arrays_only(
+                        hypergradient_fn(as_x(xd), as_y(yd), **d) if with_y
+                        else hypergradient_fn(as_x(xd), **d)), x_dyn, y_dyn, data)
   value, grad, y_next, lower_status, lower_residual = upper_step.unpack(out, with_y)
   _check_scalar("hypergradient_fn", "its first output (the value phi(x))", value,
                 (jnp.floating,))
@@ -162,11 +172,11 @@ def _check_functions(hypergradient_fn, x0, x_dyn, as_x, y0, with_y, metrics_fn,
                   (jnp.floating,))
   if with_y:
     _check_like("hypergradient_fn", "the lower solution y it returns (third output, "
-                "or `solution.y`), which must be like `y0`,", y0, y_next)
+                "or `solution.y`), which must be like `y0`,", _arrays_only(y0), y_next)
   metric_names = ()
   if metrics_fn is not None:
-    metrics = _eval_shape("metrics_fn", "metrics_fn(x0, y)", lambda xd, y: metrics_fn(
-        as_x(xd), y), x_dyn, y_next)
+    metrics = _eval_shape("metrics_fn", "metrics_fn(x0, y)", lambda xd, yd: metrics_fn(
+        as_x(xd), None if yd is None else as_y(yd)), x_dyn, y_next)
     if not isinstance(metrics, dict):
       raise TypeError("`metrics_fn` must return a dict of named scalars, got "
                       f"{type(metrics).__name__}.")
@@ -442,9 +452,14 @@ def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransforma
   x0 = upper_step.canonical(x0)
   if with_y:
     try:
-      y0 = jax.tree_util.tree_map(jnp.asarray, y0)
+      y0 = jax.tree_util.tree_map(  # arrays; an Equinox module's functions stay
+          lambda v: jnp.asarray(v) if isinstance(v, (jax.Array, np.ndarray, np.generic,
+                                                     int, float)) else v, y0)
     except TypeError as err:
       raise TypeError(f"`y0` must be a pytree of arrays: {err}") from err
+  y_rest = variables.partition(y0)[1] if with_y else None
+  as_y = lambda yd: None if yd is None else variables.combine(yd, y_rest)
+  y_dyn = lambda y: None if y is None else variables.partition(y)[0]
   x0_dyn, x_rest = variables.partition(x0)
   as_x = lambda xd: variables.combine(xd, x_rest)
   state = stepper.init(x0, y0)
@@ -455,15 +470,16 @@ def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransforma
   if checkpoint_path is not None and resume and os.path.exists(checkpoint_path):
     templates = {"x": x0_dyn, "opt_state": state.opt_state}
     if with_y:
-      templates["y"] = y0
-      templates["y_last"] = y0
+      templates["y"] = y_dyn(y0)
+      templates["y_last"] = y_dyn(y0)
     trees, meta = checkpointing.load(checkpoint_path, templates)
     if meta["step"] > steps:
       raise ValueError(f"checkpoint {checkpoint_path!r} is at step {meta['step']}, beyond "
                        f"`steps` = {steps}; raise `steps` or use another path.")
     state = upper_step.UpperState(
-        x=as_x(trees["x"]), opt_state=trees["opt_state"], y0=trees.get("y", y0),
-        y=trees.get("y_last", y0), step=jnp.asarray(meta["step"], jnp.int32))
+        x=as_x(trees["x"]), opt_state=trees["opt_state"],
+        y0=as_y(trees["y"]) if with_y else None, y=as_y(trees["y_last"]) if with_y else None,
+        step=jnp.asarray(meta["step"], jnp.int32))
   first_step = int(state.step)
   pending = draw(first_step) if first_step < steps else {}
   has_status, has_residual, metric_names = _check_functions(
@@ -487,19 +503,27 @@ def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransforma
     completed = int(state.step)
     trees = {"x": variables.partition(state.x)[0], "opt_state": state.opt_state}
     if with_y:
-      trees["y"] = state.y0
-      trees["y_last"] = state.y
+      trees["y"] = y_dyn(state.y0)
+      trees["y_last"] = y_dyn(state.y)
     meta = {"step": np.int64(completed)}
     meta.update({f"history.{k}": v for k, v in history.arrays(completed).items()})
     checkpointing.save(checkpoint_path, trees, meta)
 
   def array_step(x_dyn, rest_of_state, batch):
-    # The non-array leaves of x (an Equinox module's functions) stay out of jit.
-    new, step_info = stepper.step(upper_step.UpperState(as_x(x_dyn), *rest_of_state), **batch)
-    return variables.partition(new.x)[0], tuple(new)[1:], step_info
+    # The non-array leaves of x and y (an Equinox module's functions) stay out of jit.
+    opt_state, y0_d, y_d, count = rest_of_state
+    new, step_info = stepper.step(
+        upper_step.UpperState(as_x(x_dyn), opt_state, as_y(y0_d), as_y(y_d), count), **batch)
+    return (variables.partition(new.x)[0],
+            (new.opt_state, y_dyn(new.y0), y_dyn(new.y), new.step), step_info)
 
   def split(state):
-    return variables.partition(state.x)[0], tuple(state)[1:]
+    return variables.partition(state.x)[0], (state.opt_state, y_dyn(state.y0),
+                                             y_dyn(state.y), state.step)
+
+  def join(x_d, rest_of_state):
+    opt_state, y0_d, y_d, count = rest_of_state
+    return upper_step.UpperState(as_x(x_d), opt_state, as_y(y0_d), as_y(y_d), count)
 
   compile_start = time.perf_counter()
   compiled = jax.jit(array_step).lower(*split(state), pending).compile()
@@ -517,7 +541,7 @@ def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransforma
       tic = time.perf_counter()
       x_new, rest_new, step_info = compiled(*split(state), batch)
       jax.block_until_ready((x_new, step_info))
-      new_state = upper_step.UpperState(as_x(x_new), *rest_new)
+      new_state = join(x_new, rest_new)
       elapsed = time.perf_counter() - tic
       metrics = {"value": float(step_info.value), "grad_norm": float(step_info.grad_norm)}
       if has_status:

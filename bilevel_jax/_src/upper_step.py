@@ -36,6 +36,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from bilevel_jax._src import status as status_lib
@@ -174,7 +175,9 @@ def make_step(hypergradient_fn: Callable, optimizer: optax.GradientTransformatio
     variables.check("x0", x0)
     x0 = canonical(x0)
     if y0 is not None:
-      y0 = jax.tree_util.tree_map(jnp.asarray, y0)
+      y0 = jax.tree_util.tree_map(  # arrays; an Equinox module's functions stay
+          lambda v: jnp.asarray(v) if isinstance(v, (jax.Array, np.ndarray, np.generic,
+                                                     int, float)) else v, y0)
     elif warm_start:
       raise ValueError("`warm_start=True` needs `y0` in `init(x0, y0)`.")
     opt_state = optimizer.init(variables.partition(x0)[0])
