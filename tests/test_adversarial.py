@@ -185,7 +185,7 @@ def test_smoothing_traced_nonpositive_mu_is_nan(fn):
   assert np.all(np.isnan(out[1:]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gradient_sampling_info():
   """Algorithm 1 jitted over four of its parameters (compiled once)."""
   fun = lambda x, a, b: jnp.sum(jnp.abs(x - 1.0))
