@@ -249,6 +249,15 @@ def test_implicit_singular_hessian_is_not_success(linear_solver):
   assert _status(sol) == Status.NOT_CONVEX
 
 
+def test_implicit_nan_hessian_gives_nan_gradient_not_zero():
+  # A NaN in the lower level must not turn into a finite (zero) adjoint term.
+  f = lambda x, y: 0.5 * jnp.sum(y ** 2) * x - jnp.sum(y)
+  _, grad, sol = implicit.hypergradient(lambda x, y: jnp.sum(y ** 2), f, jnp.nan,
+                                        jnp.ones(2), return_info=True)
+  assert not np.isfinite(grad)
+  assert _status(sol) == Status.NONFINITE
+
+
 def test_implicit_adjoint_not_converged_is_max_steps():
   a = jnp.diag(jnp.array([1.0, 10.0, 100.0]))
   f = lambda x, y: 0.5 * y @ a @ y - jnp.sum(x * y)

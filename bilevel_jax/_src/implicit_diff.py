@@ -115,27 +115,28 @@ def cg(matvec: Callable, b, *, tol: float, max_steps: int, curvature: bool = Fal
   """Conjugate gradients for H v = b, H symmetric positive definite, from v = 0.
 
   Stops when ||r_k||_2 <= tol ||b||_2 (the criterion of
-  `jax.scipy.sparse.linalg.cg` and jaxopt's `solve_cg`), after
-  ``max_steps`` iterations, or at a direction p with p' H p <= 0 (H is not
-  positive definite; the step along p is not taken).  Returns ``(v, steps,
-  residual)`` with residual = ||r_k|| / ||b|| (0 when b = 0), the recursive
-  residual r_k = b - H v_k; with ``curvature=True`` also the smallest
-  Rayleigh quotient p' H p / p' p over the directions (+inf when b = 0).
+  `jax.scipy.sparse.linalg.cg` and jaxopt's `solve_cg`) or after
+  ``max_steps`` iterations.  Returns ``(v, steps, residual)`` with residual
+  = ||r_k|| / ||b|| (0 when b = 0), the recursive residual r_k = b - H v_k;
+  with ``curvature=True`` also the smallest Rayleigh quotient p' H p / p' p
+  over the directions (+inf when b = 0; NaN ones skipped): a value <= 0
+  proves H is not positive definite.  The iteration itself does not change
+  (a zero curvature still gives an infinite step, so v is NaN rather than
+  silently wrong).
   """
   b_norm2 = jnp.vdot(b, b)
   threshold = tol ** 2 * b_norm2
 
   def cond(state):
-    _, _, _, rs, k, curv = state
-    return (rs > threshold) & (k < max_steps) & (curv > 0)
+    _, _, _, rs, k, _ = state
+    return (rs > threshold) & (k < max_steps)
 
   def body(state):
     v, r, p, rs, k, curv = state
     hp = matvec(p)
     php = jnp.vdot(p, hp)
-    curv = jnp.minimum(curv, php / jnp.vdot(p, p))
-    positive = php > 0
-    alpha = jnp.where(positive, rs / jnp.where(positive, php, 1), 0)
+    curv = jnp.fmin(curv, php / jnp.vdot(p, p))
+    alpha = rs / php
     v = v + alpha * p
     r = r - alpha * hp
     rs_new = jnp.vdot(r, r)

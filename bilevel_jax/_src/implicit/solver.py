@@ -113,7 +113,7 @@ def _lower(fn, options, x, consts, y0):
   y, steps, value, grad_norm, status = minimize.minimize(
       lambda yy: fn(x, yy, *consts), y0, options.lower)
   curvature = implicit_diff.probe_curvature(jax.grad(lambda yy: fn(x, yy, *consts)), y)
-  status = jnp.where((status == status_lib.SUCCESS) & ~(curvature > 0),
+  status = jnp.where((status == status_lib.SUCCESS) & (curvature <= 0),
                      status_lib.NOT_CONVEX, status).astype(jnp.int32)
   info = ImplicitInfo(steps, status, grad_norm, value, jnp.array(-1, jnp.int32),
                       jnp.full((), jnp.nan, y.dtype), curvature)
@@ -134,12 +134,12 @@ def _adjoint(fn, options, x, consts, y, ct_y):
 
 def _adjoint_status(info, options, grad, residual, curvature):
   """The status of `hypergradient`: the lower solve's, then NOT_CONVEX at
-  curvature <= 0, NONFINITE for a non-finite adjoint solve or gradient,
-  MAX_STEPS when CG stopped above ``linear_tol``."""
+  curvature <= 0, NONFINITE for a non-finite adjoint solve, curvature or
+  gradient, MAX_STEPS when CG stopped above ``linear_tol``."""
   status = info.status
   ok = status == status_lib.SUCCESS
-  finite = jnp.isfinite(residual) & tree_ops.tree_all_finite(grad)
-  for failed, code in ((~(curvature > 0), status_lib.NOT_CONVEX),
+  finite = jnp.isfinite(residual) & jnp.isfinite(curvature) & tree_ops.tree_all_finite(grad)
+  for failed, code in ((curvature <= 0, status_lib.NOT_CONVEX),
                        (~finite, status_lib.NONFINITE),
                        (residual > options.linear_tol, status_lib.MAX_STEPS)):
     status = jnp.where(ok & failed, code, status)
@@ -299,7 +299,7 @@ def hypergradient(upper_fn: Callable, lower_fn: Callable, x, y0, *,
     value, (grad_x, grad_y) = jax.value_and_grad(upper, argnums=(0, 1))(x, y)
     ct_x, _, steps, residual, curvature = _adjoint(p.fn, p.options, x, consts, y, grad_y)
     grad = jax.tree_util.tree_map(jnp.add, grad_x, ct_x)
-    curvature = jnp.minimum(info.curvature, curvature)
+    curvature = jnp.fmin(info.curvature, curvature)
     status = _adjoint_status(info, p.options, grad, residual, curvature)
     status = jnp.where((status == status_lib.SUCCESS) & ~jnp.isfinite(value),
                        status_lib.NONFINITE, status).astype(jnp.int32)
