@@ -8,8 +8,6 @@ monitoring episodes first reaches a target (Table 4's "UL Iter.").
 """
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +15,7 @@ import optax
 
 from experiments import config
 from bilevel_jax._src import datasets
+from bilevel_jax import upper
 from bilevel_jax._src import sharding
 from experiments import common
 from bilevel_jax._src.meta import episodes as ep
@@ -63,6 +62,9 @@ SCHEMA = {
         "lower_lr_scale": F("float", 2.0, config.positive,
                             "s_l = scale / L, L = (h + 1) / 2 + l2 (fewshot.lower_smoothness)"),
         "upper_lr_scale": F("float", 2.0, config.positive, "s_u = scale / L"),
+        "optimizer": F("str", "gd", config.one_of("gd", "adam"),
+                       "the lower step: eq. (10)'s gradient step, or Adam (lower_optimizer)"),
+        "adam_lr": F("float", 1e-2, config.positive, "Adam's learning rate (optimizer = adam)"),
     },
     "upper": {
         **common.upper_schema(optimizer="adam", learning_rate=1e-3, steps=500),
@@ -131,48 +133,45 @@ def train(cfg: dict, method: str, x0, train_data, monitor_acc, mesh, shots: int,
   feature_dim = cfg["model"]["hidden"][-1]
   lipschitz = fewshot.lower_smoothness(feature_dim, cfg["model"]["l2"])
   s_l, s_u = low["lower_lr_scale"] / lipschitz, low["upper_lr_scale"] / lipschitz
+  if low["optimizer"] == "adam":
+    lower_step = {"lower_optimizer": optax.adam(low["adam_lr"], eps_root=1e-12)}
+  else:
+    lower_step = {"lower_lr": s_l}
   batched = fewshot.batched_hypergradient(l2=cfg["model"]["l2"], steps=low["K"], upper_lr=s_u,
-                                          lower_lr=s_l, **method_settings(method, cfg))
+                                          **lower_step, **method_settings(method, cfg))
   hypergradient = sharding.shard_hypergradient(batched, mesh, in_axes=(None, 0, 0),
                                                reduce=cfg["sharding"]["reduce"], jit=False)
   optimizer = common.make_optimizer(up["optimizer"], up["learning_rate"])
   dtype = jax.tree_util.tree_leaves(x0)[0].dtype
   y0 = fewshot.init_heads(tasks, feature_dim, ways, dtype)
 
-  @jax.jit
-  def step(x, opt_state, batch):
-    value, grad, _ = hypergradient(x, y0, batch)
-    updates, opt_state = optimizer.update(grad, opt_state, x)
-    return optax.apply_updates(x, updates), opt_state, value
-
   features, labels, classes = train_data
   rng = np.random.default_rng(cfg["data"]["seed"] + 17)  # same episodes for every method
-  sample = lambda: jax.tree_util.tree_map(jnp.asarray, ep.sample_episodes(
-      features, labels, classes, ways=ways, shots=shots, queries=cfg["data"]["queries"],
-      num_tasks=tasks, rng=rng))
-  opt_state = optimizer.init(x0)
-  batch = sample()
-  tic = time.perf_counter()
-  compiled = step.lower(x0, opt_state, batch).compile()
-  compile_s = time.perf_counter() - tic
-  x = x0
-  history = {"value": [], "eval_step": [0], "monitor_acc": [float(monitor_acc(x))]}
-  step_times = []
-  for t in range(1, up["steps"] + 1):
-    tic = time.perf_counter()
-    x, opt_state, value = compiled(x, opt_state, batch)
-    value = float(value)
-    step_times.append(time.perf_counter() - tic)
-    history["value"].append(value)
-    batch = sample()
-    if t % ev["every"] == 0 or t == up["steps"]:
-      history["eval_step"].append(t)
-      history["monitor_acc"].append(float(monitor_acc(x)))
-      if up["log_every"] or not quiet:
-        common.progress(f"    step {t:5d}  F={value:.4f}  monitor acc "
-                        f"{100 * history['monitor_acc'][-1]:.1f}%", quiet)
-  return x, history, {"compile_s": compile_s,
-                      "ms_per_upper_step": 1e3 * float(np.median(step_times))}
+
+  def new_tasks(t, key):  # a new meta-batch of episodes every upper step
+    return {"tasks": jax.tree_util.tree_map(jnp.asarray, ep.sample_episodes(
+        features, labels, classes, ways=ways, shots=shots, queries=cfg["data"]["queries"],
+        num_tasks=tasks, rng=rng))}
+
+  history = {"eval_step": [0], "monitor_acc": [float(monitor_acc(x0))]}
+
+  def record(t, x, value):
+    history["eval_step"].append(t)
+    history["monitor_acc"].append(float(monitor_acc(x)))
+    if up["log_every"] or not quiet:
+      common.progress(f"    step {t:5d}  F={value:.4f}  monitor acc "
+                      f"{100 * history['monitor_acc'][-1]:.1f}%", quiet)
+
+  result = upper.optimize(lambda x, y0, tasks: hypergradient(x, y0, tasks), x0, optimizer,
+                          steps=up["steps"], y0=y0, data=new_tasks, key=jax.random.PRNGKey(0),
+                          callback=lambda t, state, info: record(t, state.x, float(info.value)),
+                          callback_every=ev["every"])
+  if up["steps"] % ev["every"]:
+    record(up["steps"], result.x, float(result.history["value"][-1]))
+  history["value"] = [float(v) for v in result.history["value"]]
+  return result.x, history, {"compile_s": float(result.info.compile_time),
+                             "ms_per_upper_step": 1e3 * float(np.median(
+                                 result.history["step_time"]))}
 
 
 def episode_accuracy(cfg: dict, episodes: ep.Episodes, lower_lr: float, mean: bool = False):

@@ -118,3 +118,27 @@ def test_flax_nnx_state_with_dropout_rngs_in_bda_and_implicit():
 def test_model_without_float_leaves_is_rejected_by_name():
   with pytest.raises(TypeError, match="`y0` must have floating-point leaves"):
     bda.solve(_eqx_upper, _eqx_lower, -2.0, {"count": jnp.zeros((), jnp.uint32)}, **BDA_KW)
+
+
+def test_jitted_make_hypergradient_and_optimize_take_an_equinox_module_as_y0():
+  """make_hypergradient's default jit and upper.optimize keep a module's
+  functions out of jit (equinox.filter_jit), with warm starts and the same
+  numbers as the unjitted builder."""
+  import equinox as eqx
+  import optax
+
+  from bilevel_jax import bda, upper
+  net = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.PRNGKey(0))
+  X, Y = jnp.ones((5, 2)), jnp.zeros(5)
+  params = lambda m: jax.tree_util.tree_leaves(eqx.filter(m, eqx.is_array))
+  f = lambda lam, m: (jnp.mean((jax.vmap(m)(X)[:, 0] - Y) ** 2)
+                      + lam * sum(jnp.sum(w ** 2) for w in params(m)))
+  F = lambda lam, m: jnp.mean(jax.vmap(m)(X)[:, 0] ** 2)
+  kw = dict(steps=3, upper_lr=0.1, lower_lr=0.1, alpha=0.0)
+  value, grad, sol = bda.make_hypergradient(F, f, **kw)(jnp.asarray(0.1), net)
+  value_ref, grad_ref, _ = bda.make_hypergradient(F, f, jit=False, **kw)(jnp.asarray(0.1), net)
+  np.testing.assert_allclose(grad, grad_ref, rtol=1e-10)
+  assert isinstance(sol.y, eqx.nn.MLP)
+  result = upper.optimize(bda.make_hypergradient(F, f, **kw), jnp.asarray(0.1), optax.sgd(0.1),
+                          steps=3, y0=net, warm_start=True)
+  assert int(result.info.status) == 0 and isinstance(result.y, eqx.nn.MLP)

@@ -181,7 +181,7 @@ def save(path: str, trees: dict[str, Any], meta: dict[str, Any]) -> None:
     tmp = temporary_path(path)
     try:
       with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
+        np.savez(handle, **arrays)  # type: ignore[arg-type]
         handle.flush()
         os.fsync(handle.fileno())
       os.replace(tmp, path)
@@ -281,7 +281,7 @@ def load(path: str, templates: dict[str, Any]) -> tuple[dict[str, Any], dict[str
                    f"`jax_enable_x64` setting or dtype of `x0`/`y0`?)")
       new_leaves.append(jnp.asarray(value))
     trees[name] = jax.tree_util.tree_unflatten(treedef, new_leaves)
-  meta = {k[len("meta/"):]: v for k, v in stored.items()
+  meta: dict[str, Any] = {k[len("meta/"):]: v for k, v in stored.items()
           if k.startswith("meta/") and k != "meta/format"}
   meta["step"] = int(step)
   return trees, meta

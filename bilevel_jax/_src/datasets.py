@@ -156,12 +156,13 @@ def load(name: str, path: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]
 
 def balanced_permutation(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """A permutation whose every prefix is as class-balanced as possible."""
-  order, rank = [], []
+  parts: list = []
+  ranks: list = []
   for cls in np.unique(labels):
     idx = rng.permutation(np.flatnonzero(labels == cls))
-    order.append(idx)
-    rank.append(np.arange(idx.size) + rng.random(idx.size) * 0.5)
-  order, rank = np.concatenate(order), np.concatenate(rank)
+    parts.append(idx)
+    ranks.append(np.arange(idx.size) + rng.random(idx.size) * 0.5)
+  order, rank = np.concatenate(parts), np.concatenate(ranks)
   return order[np.argsort(rank, kind="stable")]
 
 
@@ -189,7 +190,7 @@ def corrupt_labels(labels: np.ndarray, fraction: float, num_classes: int,
   Exactly ``round(fraction * n)`` labels change; each changed label is
   ``(label + s) mod num_classes`` with s uniform on 1..num_classes-1.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> noisy, mask = corrupt_labels(np.arange(10) % 3, 0.5, 3, np.random.default_rng(0))
     >>> int(mask.sum()), bool(np.all(noisy[mask] != (np.arange(10) % 3)[mask]))
@@ -226,7 +227,7 @@ def hypercleaning_split(features: np.ndarray, labels: np.ndarray, *, n_train: in
   The paper (Section 5.2) uses 7000/7000/56000 on MNIST with half of the
   training labels corrupted.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> feats, labels = np.random.default_rng(0).random((30, 4)), np.arange(30) % 3
     >>> split = hypercleaning_split(feats, labels, n_train=12, n_val=6, seed=0)

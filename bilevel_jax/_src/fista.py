@@ -80,7 +80,7 @@ def project_simplex(v, total=1.0):
   """Euclidean projection onto {x >= 0, sum x = total} (sort-based; Held,
   Wolfe and Crowder 1974, Duchi et al. 2008) of a 1-D array.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax._src.fista import project_simplex
     >>> project_simplex(jnp.array([0.5, 2.0, -1.0])).tolist()
@@ -136,7 +136,7 @@ def fista(project: Callable, x0, *, lipschitz, max_steps: int, tol=None,
   Returns:
     the final `FistaState`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax._src.fista import fista
     >>> fun = lambda x: jnp.sum((x - jnp.array([2.0, -0.5])) ** 2)   # over [0, 1]^2

@@ -407,7 +407,7 @@ def gradient_sampling(fun: Callable, x0, *, key, num_samples: int,
     `GradientSamplingSolution(x, value, info)`: value = f(x, Y_{alpha,beta}(x))
     at the final alpha, beta; info a `GradientSamplingInfo`.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from bilevel_jax import upper
     >>> fun = lambda x, alpha, beta: jnp.abs(x[0] - 1.0) + 0.1 * x[0] ** 2
@@ -499,7 +499,7 @@ def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
     `SQPGradientSamplingInfo`: info.stationarity holds Delta q, info.rho
     and info.theta the final penalty weight and infeasibility threshold.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from bilevel_jax import upper
     >>> fun = lambda x, alpha, beta: -x[0]               # max x s.t. x <= 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import numpy as np
 
 
 def make(hypergradient_fn: Callable, *problem, jit: bool = True, **options) -> Callable:
@@ -29,4 +30,29 @@ def make(hypergradient_fn: Callable, *problem, jit: bool = True, **options) -> C
   def fn(x, y0, **data):
     return hypergradient_fn(*problem, x, y0, return_info=True, **options, **data)
 
-  return jax.jit(fn) if jit else fn
+  if not jit:
+    return fn
+  array_jitted = jax.jit(fn)
+  module_jitted: list = []
+
+  def jitted(x, y0, **data):
+    # jax.jit takes arrays only; an Equinox module (its activation functions)
+    # goes through equinox.filter_jit, imported only when one is passed.
+    if _arrays_only((x, y0, data)):
+      return array_jitted(x, y0, **data)
+    if not module_jitted:
+      try:
+        import equinox
+      except ImportError as err:  # pragma: no cover - a module implies equinox
+        raise TypeError("`x`/`y0` hold non-array leaves; pass arrays, or install "
+                        "equinox for models, or use make_hypergradient(..., jit=False) "
+                        "inside your own jit.") from err
+      module_jitted.append(equinox.filter_jit(fn))
+    return module_jitted[0](x, y0, **data)
+
+  return jitted
+
+
+def _arrays_only(tree) -> bool:
+  return all(isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, bool, complex))
+             for leaf in jax.tree_util.tree_leaves(tree))

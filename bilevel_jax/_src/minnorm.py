@@ -83,7 +83,7 @@ def min_norm_hull(points, *, max_steps: int | None = None, tol=None,
   Raises:
     ValueError: ``points`` is not a non-empty (N, n) array.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import upper
     >>> sol = upper.min_norm_hull(jnp.array([[1.0, 1.0], [1.0, -1.0]]))

@@ -14,6 +14,12 @@ from bilevel_jax._src import tree as tree_ops
 from bilevel_jax._src import validation
 
 Projection = Callable[[Any], Any]
+"""A projection ``P(tree) -> tree``: the Euclidean projection of a pytree onto
+a closed convex set, returning a pytree of the same structure, shapes and
+dtypes. `bilevel_jax.upper.optimize` (``projection=``), `bilevel_jax.value`
+(``projection=``, ``projection_x=``, ``projection_y=``) and
+`bilevel_jax.prox.from_projection` take any such callable.
+"""
 
 
 def _broadcast_like(bound, tree):
@@ -24,7 +30,17 @@ def _broadcast_like(bound, tree):
 
 
 def box(lower, upper) -> Projection:
-  """P(y) = clip(y, lower, upper); bounds are scalars or pytrees like y."""
+  """P(y) = clip(y, lower, upper); bounds are scalars or pytrees like y.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import projections
+    >>> projections.box(-1.0, 1.0)(jnp.array([-2.0, 0.5, 3.0])).tolist()
+    [-1.0, 0.5, 1.0]
+    >>> per_leaf = projections.box({"a": 0.0, "b": -1.0}, {"a": 1.0, "b": 2.0})
+    >>> {k: float(v) for k, v in per_leaf({"a": 3.0, "b": -3.0}).items()}
+    {'a': 1.0, 'b': -1.0}
+  """
   lo, hi = validation.concrete_value(lower), validation.concrete_value(upper)
   if lo is not None and hi is not None and lo.dtype != object and (lo > hi).any():
     raise ValueError(f"`lower` must be <= `upper`, got {lower} and {upper}.")
@@ -37,7 +53,14 @@ def box(lower, upper) -> Projection:
 
 
 def nonnegative() -> Projection:
-  """P(y) = max(y, 0) leaf by leaf."""
+  """P(y) = max(y, 0) leaf by leaf.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import projections
+    >>> projections.nonnegative()({"w": jnp.array([-1.0, 2.0])})["w"].tolist()
+    [0.0, 2.0]
+  """
 
   def project(tree):
     return jax.tree_util.tree_map(lambda v: jnp.maximum(v, 0), tree)
@@ -46,7 +69,16 @@ def nonnegative() -> Projection:
 
 
 def l2_ball(radius: float) -> Projection:
-  """P(y) = y * min(1, radius / ||y||), with ||.|| over the whole pytree."""
+  """P(y) = y * min(1, radius / ||y||), with ||.|| over the whole pytree.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import projections
+    >>> [round(v, 4) for v in projections.l2_ball(1.0)(jnp.array([3.0, 4.0])).tolist()]
+    [0.6, 0.8]
+    >>> [round(v, 4) for v in projections.l2_ball(1.0)(jnp.array([0.3, 0.4])).tolist()]
+    [0.3, 0.4]
+  """
   validation.check_positive("radius", radius)
 
   def project(tree):

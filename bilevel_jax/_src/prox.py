@@ -19,6 +19,11 @@ from bilevel_jax._src import projections
 from bilevel_jax._src import validation
 
 Prox = Callable[[Any, Any, Any], Any]
+"""A proximal operator ``prox(x, y, step) -> z``: prox_{step * g(x, .)}(y) for a
+convex g that may depend on the upper variable x; z has the structure,
+shapes and dtypes of the pytree y. The ``prox=`` argument of
+`bilevel_jax.bda.solve` (proximal BDA, eq. 12-13) takes any such callable.
+"""
 
 
 def l1(strength) -> Prox:
@@ -27,6 +32,15 @@ def l1(strength) -> Prox:
   Args:
     strength: a nonnegative number, or a callable ``x -> strength`` so that
       the regularization weight can be an upper-level variable.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import prox
+    >>> prox.l1(0.5)(None, jnp.array([-2.0, 0.2, 1.0]), 1.0).tolist()
+    [-1.5, 0.0, 0.5]
+    >>> weighted = prox.l1(lambda x: x["lam"])    # the weight is read from x
+    >>> weighted({"lam": 0.25}, jnp.array([-2.0, 0.2, 1.0]), 2.0).tolist()
+    [-1.5, 0.0, 0.5]
   """
   if not callable(strength):
     concrete = validation.concrete_value(strength)
@@ -44,7 +58,15 @@ def l1(strength) -> Prox:
 
 
 def from_projection(projection: projections.Projection) -> Prox:
-  """prox of the indicator of a closed convex set is its projection."""
+  """prox of the indicator of a closed convex set is its projection.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import projections, prox
+    >>> p = prox.from_projection(projections.nonnegative())
+    >>> p(None, jnp.array([-1.0, 2.0]), 0.1).tolist()    # x and step are ignored
+    [0.0, 2.0]
+  """
 
   def prox(x, y, step):
     del x, step
@@ -54,15 +76,36 @@ def from_projection(projection: projections.Projection) -> Prox:
 
 
 def box(lower, upper) -> Prox:
-  """prox of the indicator of {lower <= y <= upper}."""
+  """prox of the indicator of {lower <= y <= upper}.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import prox
+    >>> prox.box(0.0, 1.0)(None, jnp.array([-2.0, 0.5, 1.5]), 0.1).tolist()
+    [0.0, 0.5, 1.0]
+  """
   return from_projection(projections.box(lower, upper))
 
 
 def nonnegative() -> Prox:
-  """prox of the indicator of {y >= 0}."""
+  """prox of the indicator of {y >= 0}.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import prox
+    >>> prox.nonnegative()(None, jnp.array([-1.0, 2.0]), 0.1).tolist()
+    [0.0, 2.0]
+  """
   return from_projection(projections.nonnegative())
 
 
 def l2_ball(radius: float) -> Prox:
-  """prox of the indicator of {||y|| <= radius}."""
+  """prox of the indicator of {||y|| <= radius}.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import prox
+    >>> [round(v, 4) for v in prox.l2_ball(1.0)(None, jnp.array([3.0, 4.0]), 0.1).tolist()]
+    [0.6, 0.8]
+  """
   return from_projection(projections.l2_ball(radius))

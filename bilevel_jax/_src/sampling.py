@@ -25,7 +25,7 @@ def ball(key, center, radius, count: int):
   The key is split once: directions from the first half (`sphere`), radii
   radius U^{1/n} from the second.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from bilevel_jax._src import sampling
     >>> pts = sampling.ball(jax.random.PRNGKey(0), jnp.zeros(3), 0.5, 4)

@@ -15,10 +15,22 @@ import numpy as np
 from bilevel_jax._src import validation
 
 Schedule = Callable[[jnp.ndarray], jnp.ndarray]
+"""A schedule ``k -> alpha_k``: takes the 1-based iteration index ``k`` (an int
+array of any shape) and returns alpha_k in [0, 1] of the same shape, a float
+array. The ``alpha`` argument of `bilevel_jax.bda.solve` accepts any such
+callable (it is static: a new callable recompiles) as well as a number.
+"""
 
 
 def constant(value: float) -> Schedule:
-  """alpha_k = value. ``value = 0`` gives RHG (plain unrolled descent)."""
+  """alpha_k = value. ``value = 0`` gives RHG (plain unrolled descent).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import schedules
+    >>> [float(a) for a in schedules.constant(0.5)(jnp.arange(1, 4))]
+    [0.5, 0.5, 0.5]
+  """
   validation.check_in_unit_interval("value", value)
 
   def schedule(k):
@@ -28,7 +40,14 @@ def constant(value: float) -> Schedule:
 
 
 def harmonic(c: float) -> Schedule:
-  """alpha_k = c / k, the adaptive choice of Section 5.1 (c = 0.5 or 0.9)."""
+  """alpha_k = c / k, the adaptive choice of Section 5.1 (c = 0.5 or 0.9).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import schedules
+    >>> [round(float(a), 4) for a in schedules.harmonic(0.9)(jnp.arange(1, 4))]
+    [0.9, 0.45, 0.3]
+  """
   validation.check_in_unit_interval("c", c)
 
   def schedule(k):
@@ -38,7 +57,14 @@ def harmonic(c: float) -> Schedule:
 
 
 def geometric(alpha0: float, decay: float) -> Schedule:
-  """alpha_k = alpha0 * decay**(k - 1) (the decay used by some toolboxes)."""
+  """alpha_k = alpha0 * decay**(k - 1) (the decay used by some toolboxes).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import schedules
+    >>> [round(float(a), 4) for a in schedules.geometric(0.5, 0.9)(jnp.arange(1, 4))]
+    [0.5, 0.45, 0.405]
+  """
   validation.check_in_unit_interval("alpha0", alpha0)
   validation.check_in_unit_interval("decay", decay)
 
@@ -53,6 +79,11 @@ def theorem2_beta(upper_lr: float, sigma: float, smoothness: float) -> float:
 
   Requires 0 < s_u <= 2 / (L_F + sigma), where sigma is the strong convexity
   and L_F the smoothness constant of F(x, .).
+
+  Examples:
+    >>> from bilevel_jax import schedules
+    >>> round(schedules.theorem2_beta(0.4, sigma=1.0, smoothness=2.0), 4)
+    0.6831
   """
   for name, value in (("upper_lr", upper_lr), ("sigma", sigma),
                       ("smoothness", smoothness)):
@@ -82,6 +113,13 @@ def theorem2(*, upper_lr: float, sigma: float, smoothness: float,
     smoothness: L_F, the Lipschitz constant of grad_y F(x, .).
     gamma: in (0, 1].
     epsilon: in (0, 1); caps alpha_k at 1 - epsilon.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import schedules
+    >>> alpha = schedules.theorem2(upper_lr=0.4, sigma=1.0, smoothness=2.0, gamma=0.5)
+    >>> [round(float(a), 4) for a in alpha(jnp.array([1, 10, 100]))]
+    [0.99, 0.3156, 0.0316]
   """
   if not 0 < gamma <= 1:
     raise ValueError(f"`gamma` must lie in (0, 1], got {gamma}.")

@@ -58,7 +58,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 if hasattr(jax, "shard_map"):  # JAX >= 0.6
-  _shard_map, _UNCHECKED = jax.shard_map, {"check_vma": False}
+  _shard_map: Any = jax.shard_map
+  _UNCHECKED = {"check_vma": False}
 else:  # pragma: no cover - older JAX
   from jax.experimental.shard_map import shard_map as _shard_map
   _UNCHECKED = {"check_rep": False}
@@ -81,6 +82,12 @@ def make_mesh(num_devices: Optional[int] = None, *, axis_name: str = DEFAULT_AXI
 
   Returns:
     A `jax.sharding.Mesh` with the single axis ``axis_name``.
+
+  Examples:
+    >>> from bilevel_jax import sharding
+    >>> mesh = sharding.make_mesh(1)
+    >>> mesh.axis_names, mesh.shape["batch"]
+    (('batch',), 1)
   """
   devices = list(jax.devices() if devices is None else devices)
   if not isinstance(axis_name, str) or not axis_name:
@@ -143,7 +150,7 @@ def _batch_size(args, in_axes) -> int:
         raise ValueError(f"argument {i} has batch size {shape[0]} but argument "
                          f"{first} has {size}: batched leaves must share their "
                          "leading dimension.")
-  if size == 0:
+  if not size:
     raise ValueError(f"argument {first} has an empty batch (size 0).")
   return size
 
@@ -197,7 +204,7 @@ def shard_hypergradient(fn: Callable, mesh: Mesh, *, in_axes: Sequence[Optional[
     ``sharded(*args) -> tuple`` with the same outputs as ``fn``, reduced ones
     replacing their batch axis by the mean or sum over it.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from bilevel_jax import sharding
     >>> def task(x, a):     # phi_j(x) = (x - a_j)^2 / 2 and its gradient
@@ -303,6 +310,17 @@ def process_local_batch(tree, mesh: Mesh, *, axis_name: Optional[str] = None):
     tree: pytree of host arrays with a leading batch axis (this process's tasks).
     mesh: the global mesh.
     axis_name: the mesh axis to split along (default: the mesh's only axis).
+
+  Examples:
+    One process: the whole batch is local:
+
+
+    >>> import numpy as np
+    >>> from bilevel_jax import sharding
+    >>> mesh = sharding.make_mesh(1)
+    >>> tasks = sharding.process_local_batch({"a": np.arange(4.0)}, mesh)
+    >>> tasks["a"].shape, tuple(tasks["a"].sharding.spec)
+    ((4,), ('batch',))
   """
   axis = _resolve_axis(mesh, axis_name)
   sharding = NamedSharding(mesh, P(axis))
@@ -314,6 +332,13 @@ def replicate(tree, mesh: Mesh):
   """Places ``tree`` on every device of ``mesh`` (the upper variables).
 
   In a multi-process run every process must pass the same values.
+
+  Examples:
+    >>> import numpy as np
+    >>> from bilevel_jax import sharding
+    >>> x = sharding.replicate({"w": np.ones(3)}, sharding.make_mesh(1))
+    >>> x["w"].shape, x["w"].sharding.is_fully_replicated
+    ((3,), True)
   """
   if not isinstance(mesh, Mesh):
     raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")

@@ -26,7 +26,7 @@ vmap over tasks: an exception there loses every lane's result, and the
 drivers (`bilevel_jax.upper.optimize`, gradient sampling, `solve_vfp`) need
 the inner status to report it.  Check ``info.status`` or pass ``throw=True``.
 
-Example:
+Examples:
   >>> import jax.numpy as jnp
   >>> from bilevel_jax import Status, status_message
   >>> int(Status.MAX_STEPS), status_message(jnp.array(1))

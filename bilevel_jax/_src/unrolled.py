@@ -443,7 +443,7 @@ def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
     does not go to zero with a constant step; status is still SUCCESS or
     NONFINITE.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from bilevel_jax import bda
     >>> F = lambda x, y: 0.5 * (x - y[1]) ** 2 + 0.5 * (y[0] - 1.0) ** 2
@@ -623,7 +623,7 @@ def hypergradient(upper_fn: Objective, lower_fn: Objective, x, y0, *,
   structure of ``x`` (``None`` at leaves that are not floating point, as
   `equinox.filter_grad` returns). ``throw``: as in `solve`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import bda
     >>> F = lambda x, y: 0.5 * jnp.sum((y - 1.0) ** 2)

@@ -120,7 +120,7 @@ def _check_like(name: str, what: str, reference, candidate, dtypes: bool = True)
   structure, shapes and (with ``dtypes``) dtypes of ``reference``."""
   ref_def = jax.tree_util.tree_structure(reference)
   cand_def = jax.tree_util.tree_structure(candidate)
-  if ref_def != cand_def:
+  if ref_def != cand_def:  # type: ignore[operator]
     raise TypeError(f"`{name}`: {what} has tree structure {cand_def}, expected "
                     f"{ref_def}.")
   for i, (ref, cand) in enumerate(zip(jax.tree_util.tree_leaves(reference),
@@ -216,7 +216,7 @@ class _History:
 
   def __init__(self, dtypes: dict):
     self.dtypes = dtypes
-    self.done = {k: [] for k in dtypes}
+    self.done: dict[str, list] = {k: [] for k in dtypes}
     self.tail = {k: np.empty(self.CHUNK, dtype) for k, dtype in dtypes.items()}
     self.fill = 0
     self.length = 0
@@ -412,7 +412,7 @@ def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransforma
       truncated, foreign, another structure or dtype, a negative step).
     SolverError: with ``throw=True``, when ``info.status`` is not SUCCESS.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax
     >>> from bilevel_jax import implicit, upper
     >>> f = lambda lam, y: 0.5 * jnp.sum((y - 1.0) ** 2) + 0.5 * lam * jnp.sum(y ** 2)
@@ -484,7 +484,7 @@ def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransforma
   pending = draw(first_step) if first_step < steps else {}
   has_status, has_residual, metric_names = _check_functions(
       hypergradient_fn, x0, x0_dyn, as_x, y0, with_y, metrics_fn, projection, pending)
-  history_dtypes = {"value": np.float64, "grad_norm": np.float64}
+  history_dtypes: dict[str, Any] = {"value": np.float64, "grad_norm": np.float64}
   if has_status:
     history_dtypes["lower_status"] = np.int64
   if has_residual:
@@ -494,7 +494,7 @@ def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransforma
   _check_steps(steps, len(history_dtypes))
   history = _History(history_dtypes)
   if meta is not None:
-    history.extend(_load_history(checkpoint_path, meta, first_step, history_dtypes))
+    history.extend(_load_history(str(checkpoint_path), meta, first_step, history_dtypes))
   resumed_from = int(state.step)
 
   def save(state):
@@ -543,7 +543,8 @@ def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransforma
       jax.block_until_ready((x_new, step_info))
       new_state = join(x_new, rest_new)
       elapsed = time.perf_counter() - tic
-      metrics = {"value": float(step_info.value), "grad_norm": float(step_info.grad_norm)}
+      metrics: dict[str, Any] = {"value": float(step_info.value),
+                                 "grad_norm": float(step_info.grad_norm)}
       if has_status:
         metrics["lower_status"] = int(step_info.lower_status)
       if has_residual:

@@ -73,6 +73,17 @@ def check_positive(name: str, value: Any) -> None:
     raise ValueError(f"`{name}` must be > 0, got {value!r}.")
 
 
+def check_finite(name: str, value: Any) -> None:
+  """Raises a ValueError naming ``name`` if a concrete ``value`` has a NaN or
+  infinite entry (traced values are left to the solver's status)."""
+  concrete = concrete_value(value)
+  if concrete is None or not np.issubdtype(concrete.dtype, np.number):
+    return
+  if not np.all(np.isfinite(concrete)):
+    raise ValueError(f"`{name}` must be finite; it has {int(np.sum(~np.isfinite(concrete)))} "
+                     "NaN or infinite entries.")
+
+
 def check_in_unit_interval(name: str, value: Any) -> None:
   concrete = concrete_value(value)
   if concrete is None:

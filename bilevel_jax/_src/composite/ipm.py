@@ -21,6 +21,17 @@ with alpha = 1e-6 it needs 20-40 steps where the envelope Newton stalls.
 
 Coordinates of z that no block reads have h = 0 there; their w equals G and
 they drop out.  Returns y; the caller recomputes w = prox(G(y)) exactly.
+
+Stopping (ours).  The KKT error cannot fall below what rounding allows: p =
+(G - w) / alpha carries eps |G| / alpha of noise, so for small alpha the
+error levels off far above eps^0.6 while mu keeps shrinking, and some 20
+steps later s and lam underflow and the iterates blow up (1e-7 -> 1e21 ->
+1e58 -> NaN on a lasso at alpha = 1e-8).  The loop therefore keeps its best
+iterate (least error) and stops when the error has not halved in `PATIENCE`
+steps (the attainable accuracy: status INACCURATE), when it grew a
+`DIVERGED` factor above the best or became non-finite (divergence: status
+NONFINITE), at tol (SUCCESS) or at max_steps (MAX_STEPS).  The best iterate
+is returned in every case.
 """
 from __future__ import annotations
 
@@ -29,7 +40,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from bilevel_jax._src import status as status_lib
 from bilevel_jax._src.composite import linalg
+
+PATIENCE = 8       # steps without halving the error before the loop stops
+DIVERGED = 1e6     # error growth over the best that counts as divergence
 
 
 class _Group(NamedTuple):
@@ -37,6 +52,17 @@ class _Group(NamedTuple):
   offsets: Any   # (nb, n) c0
   is_piece: Any  # (1, n) 1.0 for max pieces, 0.0 for constraints
   index: Any     # (nb, k)
+
+
+class _Loop(NamedTuple):
+  y: Any
+  blocks: Any
+  k: Any
+  err: Any          # error of the current iterate (inf once non-finite)
+  y_best: Any
+  err_best: Any
+  err_ref: Any      # error when it last halved, at step k_ref
+  k_ref: Any
 
 
 def _groups(h, dtype):
@@ -52,7 +78,12 @@ def _groups(h, dtype):
 
 def solve(g_fn, G_fn, lin_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=None,
           active=True):
-  """Interior-point solve of (3.1); returns (y, steps, kkt_residual).
+  """Interior-point solve of (3.1); returns (y, steps, kkt_error, status).
+
+  y is the best iterate (least KKT error), kkt_error its error, status a
+  `bilevel_jax.Status` code: SUCCESS (error <= tol), INACCURATE (stopped at
+  the attainable accuracy above tol), NONFINITE (diverged: the error grew
+  `DIVERGED`-fold above the best or became non-finite), MAX_STEPS.
 
   Args:
     g_fn: y -> g(x, y); G_fn: y -> G(x, y); lin_fn: (y, p) -> (hess_yy of
@@ -117,7 +148,7 @@ def solve(g_fn, G_fn, lin_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=No
     return jax.vjp(G_fn, y)[1](p)[0]
 
   def step(state):
-    y, blocks, k, _ = state
+    y, blocks = state
     r_y, p, res = residuals(y, blocks)
     mu = duality_measure(blocks)
     sigma = 0.1
@@ -183,17 +214,33 @@ def solve(g_fn, G_fn, lin_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=No
         for (w, t, s, lam), (dw, dt, ds, dlam) in zip(blocks, directions))
     y_new = y + alpha_p * dy
     err, _ = measure(y_new, new_blocks)
-    # Past the attainable accuracy s and lam underflow; keep the last finite
-    # iterate and stop (err = -1 marks it).
-    finite = jnp.isfinite(err) & jnp.all(jnp.isfinite(y_new))
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
-    return (keep(y_new, y), keep(new_blocks, blocks), k + 1,
-            jnp.where(finite, err, -1.0).astype(dtype))
+    return y_new, new_blocks, err
 
-  def cond(state):
-    _, _, k, err = state
-    return active & (err > tol) & (k < max_steps)
+  def body(st):
+    y_new, new_blocks, err = step((st.y, st.blocks))
+    finite = jnp.isfinite(err) & jnp.all(jnp.isfinite(y_new))
+    err = jnp.where(finite, err, jnp.inf).astype(dtype)
+    better = err < st.err_best
+    halved = err <= 0.5 * st.err_ref
+    return _Loop(y_new, new_blocks, st.k + 1, err,
+                jnp.where(better, y_new, st.y_best), jnp.where(better, err, st.err_best),
+                jnp.where(halved, err, st.err_ref), jnp.where(halved, st.k + 1, st.k_ref))
+
+  def diverged(st):
+    return ~(st.err <= DIVERGED * st.err_best)      # also when err is inf or NaN
+
+  def stalled(st):
+    return st.k - st.k_ref >= PATIENCE
+
+  def cond(st):
+    return active & (st.err_best > tol) & (st.k < max_steps) & ~stalled(st) & ~diverged(st)
 
   err0, _ = measure(y0, blocks0)
-  y, blocks, steps, err = jax.lax.while_loop(cond, step, (y0, blocks0, 0, err0))
-  return y, steps, err
+  err0 = err0.astype(dtype)
+  zero = jnp.array(0, jnp.int32)
+  st = jax.lax.while_loop(cond, body, _Loop(y0, blocks0, zero, err0, y0, err0, err0, zero))
+  status = jnp.where(st.err_best <= tol, status_lib.SUCCESS,
+                     jnp.where(diverged(st), status_lib.NONFINITE,
+                               jnp.where(stalled(st), status_lib.INACCURATE,
+                                         status_lib.MAX_STEPS)))
+  return st.y_best, st.k, st.err_best, status

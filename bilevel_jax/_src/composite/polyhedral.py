@@ -65,26 +65,39 @@ class Polyhedral:
 
   Build it with `polyhedral`, `nonpositive`, `l1`, `hinge`, `maximum`,
   `linear` and `separable`; evaluate with `value`, `prox`, `active`.
+
+  ``scale`` (None, or a positive scalar that is a traced value) multiplies
+  the whole of h: h = scale * h_1 with h_1 the blocks.  `l1` and `hinge`
+  store a traced scale here instead of in the slopes, so that `solve` can
+  differentiate in it (see `unscaled`); a concrete scale goes into the
+  slopes.  The module-level functions (`prox`, `value`, ...) read the blocks
+  only; the methods apply the scale.
   """
 
-  def __init__(self, groups: tuple, size: int):
+  def __init__(self, groups: tuple, size: int, scale=None):
     self.groups = tuple(groups)
     self.size = int(size)
+    self.scale = scale
 
   def tree_flatten(self):
-    return (self.groups,), self.size
+    return (self.groups, self.scale), self.size
 
   @classmethod
   def tree_unflatten(cls, size, children):
-    return cls(children[0], size)
+    return cls(children[0], size, children[1])
+
+  def unscaled(self):
+    """(h_1, scale) with h = scale * h_1; scale is None when h has none."""
+    return Polyhedral(self.groups, self.size), self.scale
 
   def __call__(self, z):
     """h(z), +inf outside dom h."""
-    return value(self, z)
+    out = value(self, z)
+    return out if self.scale is None else self.scale * out
 
   def prox(self, z, step):
     """prox_{step h}(z) = argmin_w h(w) + |w - z|^2 / (2 step)."""
-    return prox(self, z, step)[0]
+    return prox(self, z, _step(self, step))[0]
 
   def active_pieces(self, z):
     """Per group, (nb, J + I) bools: the pieces attaining the max, J(z), then
@@ -95,7 +108,7 @@ class Polyhedral:
     """The (s, s) orthogonal projector onto K_{h*}(p, w) at w = prox_{step
     h}(z), p = (z - w)/step: the span of a_j - a_j0 over active pieces and
     b_i over active constraints (5.1), (2.4)."""
-    _, states = prox(self, z, step)
+    _, states = prox(self, z, _step(self, step))
     eye = jnp.eye(self.size, dtype=jnp.result_type(z))
     return jax.vmap(lambda col: project_dual(self, states, col), 1, 1)(eye)
 
@@ -103,7 +116,7 @@ class Polyhedral:
     """An orthonormal basis of K_{h*}(p, w), as (s, dim) with dim found at
     run time: returns (basis (s, s) whose first `dim` columns span the cone,
     dim).  Needs concrete values (not jittable: dim is data dependent)."""
-    proj = np.asarray(self.critical_cone_projector(z, step))
+    proj = np.asarray(self.critical_cone_projector(z, step))  # the scale is applied there
     u, sv, _ = np.linalg.svd(proj)
     dim = int(np.sum(sv > 0.5))
     return u[:, :dim], dim
@@ -111,7 +124,13 @@ class Polyhedral:
   def __repr__(self):
     parts = ", ".join(f"{g.a.shape[0]}x(J={g.a.shape[1]}, I={g.b.shape[1]}, "
                       f"k={g.a.shape[2]})" for g in self.groups)
-    return f"Polyhedral(size={self.size}, blocks=[{parts}])"
+    scale = "" if self.scale is None else ", scale=<traced>"
+    return f"Polyhedral(size={self.size}, blocks=[{parts}]{scale})"
+
+
+def _step(h: Polyhedral, step):
+  """prox_{step (s h_1)} = prox_{(step s) h_1}."""
+  return step if h.scale is None else step * h.scale
 
 
 # ----------------------------------------------------------------- builders
@@ -137,7 +156,9 @@ def polyhedral(a, alpha=None, b=None, beta=None) -> Polyhedral:
     beta: (I,) constraint levels (default 0).
 
   One block over all s coordinates; J + I must be at most
-  MAX_PIECES_PER_BLOCK (write larger h as a `separable` sum).
+  MAX_PIECES_PER_BLOCK (write larger h as a `separable` sum).  Concrete data
+  must be finite (ValueError naming the argument); traced data with NaN
+  makes `solve` report a status other than SUCCESS.
   """
   if a is None and b is None:
     raise ValueError("`a` and `b` cannot both be None: give h's pieces or its "
@@ -163,6 +184,8 @@ def polyhedral(a, alpha=None, b=None, beta=None) -> Polyhedral:
     raise ValueError(f"`alpha` must have shape ({a.shape[0]},), got {alpha.shape}.")
   if beta.shape != (b.shape[0],):
     raise ValueError(f"`beta` must have shape ({b.shape[0]},), got {beta.shape}.")
+  for name, value in (("a", a), ("alpha", alpha), ("b", b), ("beta", beta)):
+    validation.check_finite(name, value)
   _check_nonnegative("a", a)
   _check_nonnegative("b", b)
   return _from_blocks(a[None], alpha[None], b[None], beta[None],
@@ -199,6 +222,7 @@ def linear(c) -> Polyhedral:
   c = jnp.asarray(c, float)
   if c.ndim != 1:
     raise ValueError(f"`c` must be a vector, got shape {c.shape}.")
+  validation.check_finite("c", c)
   _check_nonnegative("c", c)
   s = c.shape[0]
   return _from_blocks(c[:, None, None], jnp.zeros((s, 1), c.dtype),
@@ -206,27 +230,58 @@ def linear(c) -> Polyhedral:
                       np.arange(s)[:, None], size=s)
 
 
+def _scaled(h: Polyhedral, scale) -> Polyhedral:
+  """scale * h for a scalar scale > 0: into the slopes when concrete, else
+  kept as ``h.scale`` (a traced value, differentiable through `solve`)."""
+  if np.ndim(scale) != 0:
+    raise ValueError(f"`scale` must be a scalar, got shape {np.shape(scale)}.")
+  if validation.concrete_value(scale) is None:
+    return Polyhedral(h.groups, h.size, jnp.asarray(scale))
+  groups = tuple(g._replace(a=g.a * float(scale)) for g in h.groups)
+  return Polyhedral(groups, h.size)
+
+
 def l1(d: int, scale=1.0) -> Polyhedral:
   """h(z1, z2) = scale * sum_i max(z1_i, z2_i) on R^(2d), as in (6.1).
 
-  With G(x, y) = (y, -y) this is scale * ||y||_1; scale may be a traced value
-  (the elastic net's exp(lambda_1) can go either into scale or into G).
+  With G(x, y) = (y, -y) this is scale * ||y||_1.  The weight can go into
+  ``scale`` or into G (G = scale * (y, -y)): both give the same solution and
+  the same derivatives, e.g. in the elastic net's exp(lambda_1).  A traced
+  ``scale`` (under jit, grad or vmap) is kept apart from the slopes, so that
+  `solve` differentiates in it: as h = scale * h_1 with h_1 = l1(d),
+
+      e_alpha h(z) = e_{alpha scale^2} h_1(scale z),     p = scale p_1,
+
+  and `solve` runs with G scaled by ``scale`` and alpha by scale^2.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from bilevel_jax import composite
+    >>> g = lambda lam, y: 0.5 * jnp.sum((y - 3.0) ** 2)     # y = 3 - lam for lam < 3
+    >>> def y_of(lam):
+    ...   h = composite.l1(1, scale=lam)
+    ...   return composite.solve(g, lambda lam, y: jnp.concatenate([y, -y]), h, lam,
+    ...                          jnp.zeros(1), alpha=1e-9, beta=1e-9).y[0]
+    >>> round(float(y_of(1.0)), 6), round(float(jax.grad(y_of)(1.0)), 6)
+    (2.0, -1.0)
   """
   d = validation.check_positive_int("d", d)
   validation.check_positive("scale", scale)
-  a = scale * jnp.broadcast_to(jnp.eye(2), (d, 2, 2))
+  a = jnp.broadcast_to(jnp.eye(2), (d, 2, 2))
   _, alpha, b, beta = _repeat([[0.0]], [0.0, 0.0], np.zeros((0, 2)), np.zeros(0), d)
   index = np.stack([np.arange(d), d + np.arange(d)], axis=1)
-  return _from_blocks(a, alpha, b, beta, index, size=2 * d)
+  return _scaled(_from_blocks(a, alpha, b, beta, index, size=2 * d), scale)
 
 
 def hinge(s: int, scale=1.0) -> Polyhedral:
-  """h(z) = scale * sum_i max(z_i, 0) on R^s (hinge losses when G_i = 1 - t_i)."""
+  """h(z) = scale * sum_i max(z_i, 0) on R^s (hinge losses when G_i = 1 - t_i).
+
+  A traced ``scale`` is differentiable through `solve`, as in `l1`."""
   s = validation.check_positive_int("s", s)
   validation.check_positive("scale", scale)
-  a = scale * jnp.broadcast_to(jnp.array([[1.0], [0.0]]), (s, 2, 1))
+  a = jnp.broadcast_to(jnp.array([[1.0], [0.0]]), (s, 2, 1))
   _, alpha, b, beta = _repeat([[0.0]], [0.0, 0.0], np.zeros((0, 1)), np.zeros(0), s)
-  return _from_blocks(a, alpha, b, beta, np.arange(s)[:, None], size=s)
+  return _scaled(_from_blocks(a, alpha, b, beta, np.arange(s)[:, None], size=s), scale)
 
 
 def maximum(s: int) -> Polyhedral:
@@ -244,6 +299,10 @@ def separable(*hs: Polyhedral) -> Polyhedral:
     if not isinstance(h, Polyhedral):
       raise TypeError(f"argument {i} of `separable` must be a Polyhedral, got "
                       f"{type(h).__name__}.")
+    if h.scale is not None:
+      raise ValueError(f"argument {i} of `separable` has a traced `scale`; a separable "
+                       "sum holds one scale per block only when it is concrete. Put "
+                       "the weight into G instead (G = scale * (...)).")
     groups += [g._replace(index=g.index + offset) for g in h.groups]
     offset += h.size
   return Polyhedral(tuple(groups), offset)
@@ -420,6 +479,38 @@ def project_dual(h: Polyhedral, states, v):
   out = jnp.zeros_like(v)
   for g, st in zip(h.groups, states):
     out = out.at[g.index].set(jnp.einsum("bij,bj->bi", st.projector.astype(v.dtype), v[g.index]))
+  return out
+
+
+def multiplier(h: Polyhedral, states, z):
+  """p = (z - w) / step computed from the prox's multipliers, p_b = a^T sigma
+  + b^T tau (2.2), without the subtraction: (z - w) / step loses eps |z| /
+  step to cancellation (for step = 1e-8 in float64, or 1e-6 in float32, more
+  than p itself), while the multipliers of a block with one active piece are
+  exact (sigma = e_j) and those of a block with several active members carry
+  only the rounding of its small KKT system (`multiplier_rounding`).  Coordinates no block reads get 0."""
+  out = jnp.zeros_like(z)
+  for g, st in zip(h.groups, states):
+    rows = jnp.concatenate([g.a, g.b], axis=1).astype(z.dtype)        # (nb, n, k)
+    out = out.at[g.index].set(jnp.einsum("bnk,bn->bk", rows, st.lam.astype(z.dtype)))
+  return out
+
+
+def multiplier_rounding(h: Polyhedral, states, z, step):
+  """(s,) bounds, in units of eps, on the rounding of `multiplier` beyond
+  eps |p|: (max |z_b| + max |c0_b|) / step on the coordinates of blocks whose
+  active set has more than one member (two pieces or more, or a
+  constraint), whose multipliers solve a KKT system with right side <c_r,
+  z_b> - c0_r divided by step; 0 on blocks with one active piece (sigma =
+  e_j exactly) and on coordinates no block reads."""
+  out = jnp.zeros_like(z)
+  for g, st in zip(h.groups, states):
+    num_j = g.a.shape[1]
+    several = (jnp.sum(st.active[:, :num_j], axis=1) > 1) | jnp.any(st.active[:, num_j:], axis=1)
+    offsets = jnp.concatenate([g.alpha, g.beta], axis=1).astype(z.dtype)
+    size = jnp.max(jnp.abs(z[g.index]), axis=1) + jnp.max(jnp.abs(offsets), axis=1)
+    bound = jnp.where(several, size / step, 0)
+    out = out.at[g.index].set(jnp.broadcast_to(bound[:, None], g.index.shape))
   return out
 
 

@@ -9,7 +9,10 @@ Regularized problem (3.1):
 
 a strongly convex C^1 problem (Proposition 3.1).  With w = prox_{a h}(G) and
 p = (G - w) / a (Section 5.1), grad phi = grad_y g + grad_y G^T p + b y, and
-(y, p) solves (3.2).  We minimize phi by a damped semismooth Newton method:
+(y, p) solves (3.2).  p is computed as a^T sigma + b^T tau from the prox's
+multipliers (2.2) (`polyhedral.multiplier`), not as (G - w) / a, whose
+cancellation costs eps |G| / a: more than p itself at a = 1e-8 in float64 or
+a = 1e-6 in float32.  We minimize phi by a damped semismooth Newton method:
 the generalized Hessian of phi is
 
     M = hess_yy L_{a,b}(x, y, p) + grad_y G^T P grad_y G / a,
@@ -81,13 +84,25 @@ class CompositeInfo(NamedTuple):
   Attributes:
     num_steps: Newton iterations on phi taken (after the interior-point
       phase; with method="warm", those before and after it).
-    status: a `bilevel_jax.Status` code: SUCCESS, MAX_STEPS, NONFINITE or
-      LINESEARCH_FAILED.
+    status: a `bilevel_jax.Status` code: SUCCESS, MAX_STEPS, NONFINITE,
+      LINESEARCH_FAILED or INACCURATE.  SUCCESS exactly when the relative
+      residual at the returned y is at most max(tol, floor / scale), the
+      rounding floor (see ``tol`` of `solve`) and the scale taken at that y,
+      and floor / scale <= eps^(1/4); INACCURATE when the residual is at the
+      floor but the floor is above eps^(1/4) (rounding leaves the point
+      uncertified).
     residual: |grad_y g + grad_y G^T p + beta y|_inf, the residual of (3.2)
-      (its second line holds exactly: p = (G - w)/alpha with w the exact prox).
+      (its second line holds exactly: p in dh(w) from the exact prox w).
     relative_residual: residual / (1 + |grad_y g|_inf + beta |y|_inf), the
       quantity compared with ``tol``.
     interior_steps: interior-point iterations (method="ipm" or "warm"), else 0.
+    interior_status: the interior-point phase's own `bilevel_jax.Status`:
+      SUCCESS (KKT error below eps^0.6, or the phase did not run), INACCURATE
+      (stopped where rounding keeps the error from falling further; Newton
+      polishes), NONFINITE (it diverged; its best iterate was kept) or
+      MAX_STEPS.  ``status`` is decided at the returned point alone; a
+      diverged phase whose point Newton could not bring to tol makes it
+      NONFINITE.
     ri_violated: True when the relative interior condition of Theorem 3.2
       fails at the solution: an active piece or constraint of h at
       G - alpha p whose multiplier in (2.2) is zero (below sqrt(eps) times
@@ -124,6 +139,7 @@ class CompositeInfo(NamedTuple):
   residual: Any
   relative_residual: Any
   interior_steps: Any
+  interior_status: Any
   ri_violated: Any
   num_active: Any
   condition_number: Any
@@ -215,13 +231,14 @@ def _empty_lin(y, s):
   return _Lin(jnp.zeros((m, m), y.dtype), jnp.zeros((s, m), y.dtype), jnp.array(False))
 
 
-def _update_lin(model, x, consts, y, p, beta, struct, lin):
-  """hess and jac at (y, p): constant parts computed once, then reused."""
+def _update_lin(model, x, consts, y, p, beta, struct, lin, jac=None):
+  """hess and jac at (y, p): constant parts computed once, then reused; a
+  ``jac`` already computed at y (not constant) is taken as it is."""
   def hess_at():
     return _hessian_L(model, x, consts, y, p, beta, dense=True)
 
   def jac_at():
-    return _jacobian_G(model, x, consts, y)
+    return _jacobian_G(model, x, consts, y) if jac is None else jac
 
   if struct.hess_const and struct.jac_const:
     hess, jac = linalg.maybe(~lin.have, lambda: (hess_at(), jac_at()), (lin.hess, lin.jac))
@@ -287,8 +304,8 @@ def _evaluate(model, h, x, consts, y, alpha, beta):
   g_consts, G_consts = consts
   z = model.G(x, y, *G_consts)
   w, states = poly.prox(h, z, alpha)
-  p = (z - w) / alpha
-  envelope = poly.max_part(h, w) + jnp.vdot(z - w, z - w) / (2 * alpha)
+  p = poly.multiplier(h, states, z)          # = (z - w) / alpha, without cancellation
+  envelope = poly.max_part(h, w) + 0.5 * alpha * jnp.vdot(p, p)
   phi = model.g(x, y, *g_consts) + envelope + 0.5 * beta * jnp.vdot(y, y)
   grad, gy = _lagrangian_grad(model, x, consts, y, p, beta)
   scale = 1 + jnp.max(jnp.abs(gy)) + beta * jnp.max(jnp.abs(y))
@@ -316,19 +333,46 @@ class _Newton(NamedTuple):
 STALLED = -2
 
 
-def _rounding_floor(model, x, consts, y, jac, alpha):
-  """10 eps |grad G|^T (1 + |G|) / alpha: p = (G - w)/alpha carries eps |G| /
-  alpha of noise, which grad G^T amplifies; tol is raised to it."""
+def _rounding_floor(model, h, x, consts, y, p, states, jac, alpha):
+  """10 eps |grad G|^T (|p| + r), the rounding of grad_y G^T p: p is exact to
+  eps |p| where one piece of a block is active and carries eps r more where
+  several are (r = (|G_b| + |c0_b|) / alpha there, else 0:
+  `polyhedral.multiplier_rounding`); tol is raised to it."""
   eps = float(jnp.finfo(y.dtype).eps)
   z = model.G(x, y, *consts[1])
-  return 10 * eps * jnp.max(jnp.abs(jac).T @ (1 + jnp.abs(z))) / alpha
+  noise = jnp.abs(p) + poly.multiplier_rounding(h, states, z, alpha)
+  return 10 * eps * jnp.max(jnp.abs(jac).T @ noise)
 
 
-def _newton_init(model, h, x, consts, y0, alpha, beta, options, lin, factor, floor,
+def _jac_and_floor(model, h, x, consts, y, p, states, alpha, struct, lin):
+  """grad_y G at y and the rounding floor of the residual at y (dense mode).
+
+  The floor that a point's residual is tested against is computed at that
+  same point: taken from an earlier iterate (a diverged one, |G| ~ 1e33), it
+  once let a wrong point pass as converged."""
+  if struct.jac_const:
+    jac = linalg.maybe(~lin.have, lambda: _jacobian_G(model, x, consts, y), lin.jac)
+  else:
+    jac = _jacobian_G(model, x, consts, y)
+  return jac, _rounding_floor(model, h, x, consts, y, p, states, jac, alpha)
+
+
+def _accepted(rel, floor, scale, tol):
+  """The convergence test: rel <= max(tol, floor / scale), all at one point."""
+  return rel <= jnp.maximum(tol, floor / scale)
+
+
+def _newton_init(model, h, x, consts, y0, alpha, beta, options, struct, lin, factor, floor,
                  condition):
+  """The loop state at y0; in dense mode the floor is computed at y0 (and
+  lin.jac holds grad G at y0 where it is not constant), else ``floor``."""
   phi, p, grad, states, scale = _evaluate(model, h, x, consts, y0, alpha, beta)
+  if factor is not None:
+    jac, floor = _jac_and_floor(model, h, x, consts, y0, p, states, alpha, struct, lin)
+    if not struct.jac_const:
+      lin = lin._replace(jac=jac)
   rel = jnp.max(jnp.abs(grad)) / scale
-  status = jnp.where(rel <= jnp.maximum(options.tol, floor / scale), status_lib.SUCCESS, -1)
+  status = jnp.where(_accepted(rel, floor, scale, options.tol), status_lib.SUCCESS, -1)
   return _Newton(y0, phi, p, grad, states, scale, jnp.array(0, jnp.int32), status, rel,
                  jnp.array(0, jnp.int32), floor, lin, factor, condition)
 
@@ -351,13 +395,15 @@ def _newton_loop(model, h, x, consts, alpha, beta, options, struct, init, *, max
 
   def body(st):
     if dense:
-      lin = _update_lin(model, x, consts, st.y, st.p, beta, struct, st.lin)
+      # lin.jac is grad G at st.y (computed with the floor at the end of the
+      # last step) where it is not constant.
+      lin = _update_lin(model, x, consts, st.y, st.p, beta, struct, st.lin,
+                        jac=None if struct.jac_const else st.lin.jac)
       factor = _factor(h, st.states, lin, alpha)
       direction = _factor_solve(factor, -st.grad)
-      floor = _rounding_floor(model, x, consts, st.y, lin.jac, alpha)
       condition = _condition_lower_bound(factor, lin)
     else:
-      lin, factor, floor, condition = st.lin, None, st.floor, st.condition
+      lin, factor, condition = st.lin, None, st.condition
       direction = _matrix_free_solve(model, x, consts, st.y, st.p, beta, h, st.states, alpha,
                                      -st.grad, options)
     slope = jnp.vdot(st.grad, direction)
@@ -408,8 +454,14 @@ def _newton_loop(model, h, x, consts, alpha, beta, options, struct, init, *, max
     phi_n, p_n, grad_n, states_n, scale_n = jax.tree_util.tree_map(
         lambda new, old: jnp.where(failed, old, new), trial, current)
     rel = jnp.max(jnp.abs(grad_n)) / scale_n
+    floor = st.floor
+    if dense:
+      jac_n, floor = _jac_and_floor(model, h, x, consts, y_new, p_n, states_n, alpha, struct,
+                                    lin)
+      if not struct.jac_const:
+        lin = lin._replace(jac=jac_n)
     finite = jnp.all(jnp.isfinite(y_new)) & jnp.isfinite(phi_n) & poly.prox_ok(states_n)
-    converged = rel <= jnp.maximum(options.tol, floor / scale_n)
+    converged = _accepted(rel, floor, scale_n, options.tol)
     status = jnp.where(~finite, status_lib.NONFINITE,
                        jnp.where(converged, status_lib.SUCCESS,
                                  jnp.where(failed, status_lib.LINESEARCH_FAILED, -1)))
@@ -432,7 +484,10 @@ def _placeholder_factor(y0, h):
 
 
 def _ipm_phase(model, h, x, consts, y, alpha, beta, options, struct, lin, active):
-  """The interior-point method from y where ``active``; (y, steps, lin)."""
+  """The interior-point method from y where ``active``; (y, steps, status, lin).
+
+  y is the phase's best iterate (`ipm.solve`), status its code (SUCCESS where
+  the phase did not run)."""
   g_consts, G_consts = consts
   p0 = jnp.zeros((h.size,), y.dtype)
   if struct.hess_const or struct.jac_const:
@@ -444,11 +499,12 @@ def _ipm_phase(model, h, x, consts, y, alpha, beta, options, struct, lin, active
     jac = lin.jac if struct.jac_const else _jacobian_G(model, x, consts, yy)
     return hess, jac
 
-  y_ipm, steps, _ = ipm.solve(
+  y_ipm, steps, _, status = ipm.solve(
       lambda yy: model.g(x, yy, *g_consts), lambda yy: model.G(x, yy, *G_consts), lin_fn,
       h, y, alpha, beta, max_steps=options.max_steps, active=active)
   y_ipm = jnp.where(active & jnp.all(jnp.isfinite(y_ipm)), y_ipm, y)
-  return y_ipm, jnp.asarray(steps, jnp.int32), lin
+  status = jnp.where(active, status, status_lib.SUCCESS).astype(jnp.int32)
+  return y_ipm, jnp.asarray(steps, jnp.int32), status, lin
 
 
 def _forward(model, h, x, consts, y0, alpha, beta, options):
@@ -474,30 +530,30 @@ def _forward(model, h, x, consts, y0, alpha, beta, options):
   loop = functools.partial(_newton_loop, model, h, x, consts, alpha, beta, options, struct)
   ipm_steps = jnp.array(0, jnp.int32)
   if options.method == "warm":
-    st = loop(init(y0, alpha, beta, options, lin, factor, floor, no_condition),
+    st = loop(init(y0, alpha, beta, options, struct, lin, factor, floor, no_condition),
               max_steps=options.warm_steps, warm=True)
     need_ipm = st.status != status_lib.SUCCESS
     y_start = jnp.where(jnp.all(jnp.isfinite(st.y)), st.y, y0)
-    y_ipm, ipm_steps, lin = _ipm_phase(model, h, x, consts, y_start, alpha, beta, options,
-                                       struct, st.lin, need_ipm)
+    y_ipm, ipm_steps, ipm_status, lin = _ipm_phase(model, h, x, consts, y_start, alpha, beta,
+                                                   options, struct, st.lin, need_ipm)
     first = st._replace(lin=lin, step=jnp.array(0, jnp.int32))
-    start = linalg.maybe(need_ipm, lambda: init(y_ipm, alpha, beta, options, lin, st.factor,
-                                                st.floor, st.condition), first)
+    start = linalg.maybe(need_ipm, lambda: init(y_ipm, alpha, beta, options, struct, lin,
+                                                st.factor, st.floor, st.condition), first)
     warm_steps = st.step
     ipm_ran = need_ipm
   else:
     y_start = y0
+    ipm_status = jnp.array(status_lib.SUCCESS, jnp.int32)
     if options.method == "ipm":
-      y_start, ipm_steps, lin = _ipm_phase(model, h, x, consts, y0, alpha, beta, options,
-                                           struct, lin, jnp.array(True))
-    start = init(y_start, alpha, beta, options, lin, factor, floor, no_condition)
+      y_start, ipm_steps, ipm_status, lin = _ipm_phase(model, h, x, consts, y0, alpha, beta,
+                                                       options, struct, lin, jnp.array(True))
+    start = init(y_start, alpha, beta, options, struct, lin, factor, floor, no_condition)
     warm_steps = jnp.array(0, jnp.int32)
     ipm_ran = jnp.array(options.method == "ipm")
   st = loop(start, max_steps=options.max_steps, warm=False)
   steps = warm_steps + st.step
-  status = jnp.where(st.status < 0, status_lib.MAX_STEPS, st.status)
   res = jnp.max(jnp.abs(st.grad))
-  status = jnp.where(jnp.isfinite(res), status, status_lib.NONFINITE)
+  status = _final_status(st, res, ipm_status, options)
   dense_data = None
   condition = no_condition
   if dense:
@@ -521,11 +577,32 @@ def _forward(model, h, x, consts, y0, alpha, beta, options):
     condition = jnp.where(usable | fresh, cond, no_condition)
   info = CompositeInfo(num_steps=steps.astype(jnp.int32), status=status.astype(jnp.int32),
                        residual=res, relative_residual=res / st.scale,
-                       interior_steps=ipm_steps,
+                       interior_steps=ipm_steps, interior_status=ipm_status,
                        ri_violated=poly.ri_violated(st.states),
                        num_active=poly.count_active(st.states).astype(jnp.int32),
                        condition_number=condition, objective=st.phi)
   return st.y, st.p, st.states, info, dense_data
+
+
+def _final_status(st, res, ipm_status, options):
+  """The status of the returned point, decided there alone.
+
+  SUCCESS exactly when its relative residual is at most max(tol, floor /
+  scale), floor and scale computed at that point (`_accepted`), and floor /
+  scale is at most eps^(1/4) (above it rounding leaves the point uncertified:
+  INACCURATE).  Otherwise the Newton loop's code (MAX_STEPS when it ran out of
+  steps, LINESEARCH_FAILED, NONFINITE), except that a diverged interior-point
+  phase (its status NONFINITE, `ipm.solve`) makes it NONFINITE: the cause to
+  report."""
+  eps = float(jnp.finfo(st.y.dtype).eps)
+  rel = res / st.scale
+  certified = st.floor / st.scale <= eps ** 0.25
+  ok = jnp.isfinite(res) & _accepted(rel, st.floor, st.scale, options.tol) & certified
+  status = jnp.where(st.status < 0, status_lib.MAX_STEPS, st.status)
+  status = jnp.where(jnp.isfinite(res), status, status_lib.NONFINITE)
+  status = jnp.where(ipm_status == status_lib.NONFINITE, status_lib.NONFINITE, status)
+  status = jnp.where(status == status_lib.SUCCESS, status_lib.INACCURATE, status)
+  return jnp.where(ok, status_lib.SUCCESS, status)
 
 
 def _dense_factor(model, theta, y, p, states, dense_data):
@@ -654,6 +731,7 @@ class _Prepared(NamedTuple):
   y0: Any           # flat
   unravel: Any      # flat -> the structure of y0
   options: _Options
+  p_scale: Any      # p = p_scale * the multiplier of the solve (h's traced scale)
 
 
 def _prepare(g, G, h, x, y0, alpha, beta, tol, max_steps, derivative, linear_solver,
@@ -683,6 +761,18 @@ def _prepare(g, G, h, x, y0, alpha, beta, tol, max_steps, derivative, linear_sol
 
   g_flat = lambda xx, yy: g(xx, unravel(yy))
   G_flat = lambda xx, yy: G(xx, unravel(yy))
+  h, scale = h.unscaled()
+  p_scale = 1.0
+  if scale is not None:
+    # h = s h_1 with h_1 positively homogeneous (`polyhedral.l1`, `hinge`):
+    # e_alpha h(z) = e_{alpha s^2} h_1(s z), so the solve runs on (s G, alpha
+    # s^2, h_1) and p = s p_1.  s then reaches the derivative through the
+    # arrays G closes over and through alpha.
+    scale = jnp.asarray(scale, y0_flat.dtype)
+    G_unscaled = G_flat
+    G_flat = lambda xx, yy: scale * G_unscaled(xx, yy)
+    alpha = alpha * scale ** 2
+    p_scale = scale
   validation.check_scalar_output("g", g_flat, x, y0_flat)
   try:
     out = jax.eval_shape(G_flat, x, y0_flat)
@@ -697,7 +787,8 @@ def _prepare(g, G, h, x, y0, alpha, beta, tol, max_steps, derivative, linear_sol
   dtype = y0_flat.dtype
   theta = _Theta(x, (g_consts, G_consts), h, jnp.asarray(alpha, dtype),
                  jnp.asarray(beta, dtype))
-  return _Prepared(_Model(g_conv, G_conv), theta, y0_flat, unravel, options)
+  return _Prepared(_Model(g_conv, G_conv), theta, y0_flat, unravel, options,
+                   jnp.asarray(p_scale, dtype))
 
 
 def solve(g, G, h, x, y0, *, alpha, beta, tol=None, max_steps: int = 100,
@@ -722,7 +813,10 @@ def solve(g, G, h, x, y0, *, alpha, beta, tol=None, max_steps: int = 100,
     beta: Tikhonov parameter, > 0 (traced values allowed).
     tol: stop when the relative residual of (3.2) is below tol (default
       1e-10 in float64, 1e-5 in float32), or below the rounding floor
-      10 eps |grad G|^T (1 + |G|) / alpha where that is larger.
+      10 eps |grad G|^T (|p| + r) where that is larger, r = (|G_b| + |c0_b|)
+      / alpha on blocks of h with several active pieces, else 0 (dense mode;
+      matrix-free, tol alone).  Floor and residual are taken at the same
+      point.
     max_steps: Newton iterations at most (and interior-point iterations at
       most); MAX_STEPS when reached first.
     derivative: "regularized" for (3.6) (always well defined for alpha,
@@ -754,10 +848,12 @@ def solve(g, G, h, x, y0, *, alpha, beta, tol=None, max_steps: int = 100,
   Returns:
     `CompositeSolution(y, p, info)`.  y and p are differentiable in x, in
     the arrays g and G close over, and in alpha and beta, by jax.grad /
-    jax.jacrev (reverse mode; the custom rule implements (3.6)).  The data
-    of h and y0 get a zero cotangent.
+    jax.jacrev (reverse mode; the custom rule implements (3.6)), and in
+    the traced ``scale`` of `l1` and `hinge`.  The other data of h (slopes
+    and offsets) and y0 get a zero cotangent: put a weight to differentiate
+    into G or into ``scale``.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from bilevel_jax import composite
     >>> g = lambda x, y: 0.5 * jnp.sum((y - x) ** 2)    # min (y - x)^2/2 s.t. y <= 0
@@ -775,7 +871,7 @@ def solve(g, G, h, x, y0, *, alpha, beta, tol=None, max_steps: int = 100,
                   max_backtracks, cg_max_steps, method, warm_steps)
   y, p, info = _solution(prep.model, prep.options, prep.theta, prep.y0)
   status_lib.raise_if_failed(info.status, throw=throw, where="composite.solve")
-  return CompositeSolution(prep.unravel(y), p, info)
+  return CompositeSolution(prep.unravel(y), prep.p_scale * p, info)
 
 
 _SOLVE_KEYWORDS = tuple(name for name, param in inspect.signature(solve).parameters.items()
@@ -797,7 +893,7 @@ def hypergradient(upper_fn, g, G, h, x, y0, *, alpha, beta, return_info: bool = 
   ``throw``: raise `bilevel_jax.SolverError` when the lower solve did not
   succeed.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import composite
     >>> g = lambda x, y: 0.5 * jnp.sum((y - x) ** 2)
@@ -838,7 +934,7 @@ residual, which the driver records every upper step; with ``warm_start=True``
 the driver passes the previous ``solution.y`` back as y0 (use
 ``method="warm"``).  The builder is `bilevel_jax._src.hypergradient.make`.
 
-Example:
+Examples:
   >>> import jax.numpy as jnp
   >>> from bilevel_jax import composite
   >>> g = lambda x, y: 0.5 * jnp.sum((y - x) ** 2)

@@ -248,7 +248,7 @@ def solve(lower_fn: Callable, x, y0, *, solver: str = "lbfgs", tol: Optional[flo
     `jax.grad` / `jax.vjp` (reverse mode; y0 gets a zero cotangent). The
     derivative assumes ``y`` is the minimizer: check ``info.status``.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from bilevel_jax import implicit
     >>> f = lambda lam, y: 0.5 * jnp.sum((y - 1.0) ** 2) + 0.5 * lam * jnp.sum(y ** 2)
@@ -278,7 +278,7 @@ def hypergradient(upper_fn: Callable, lower_fn: Callable, x, y0, *,
   ``x`` (``None`` at leaves that are not floating point). ``throw``: raise
   `bilevel_jax.SolverError` when the lower solve did not succeed.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import implicit
     >>> f = lambda lam, y: 0.5 * jnp.sum((y - 1.0) ** 2) + 0.5 * lam * jnp.sum(y ** 2)

@@ -28,6 +28,16 @@ class Episodes(NamedTuple):
     y_train: (T, N * M) int32 labels in 0..N-1.
     x_val: (T, N * Q, d) features of the validation (query) split D_val^j.
     y_val: (T, N * Q) int32 labels.
+
+  Examples:
+    >>> import numpy as np
+    >>> from bilevel_jax import meta
+    >>> features, labels = meta.synthetic_classes(num_classes=6, per_class=5, dim=4,
+    ...                                           latent_dim=2)
+    >>> ep = meta.sample_episodes(features, labels, np.arange(6), ways=2, shots=1,
+    ...                           queries=2, num_tasks=3, rng=np.random.default_rng(0))
+    >>> ep.x_train.shape, ep.y_train[0].tolist(), ep.x_val.shape, ep.y_val[0].tolist()
+    ((3, 2, 4), [0, 1], (3, 4, 4), [0, 0, 1, 1])
   """
   x_train: np.ndarray
   y_train: np.ndarray
@@ -37,7 +47,15 @@ class Episodes(NamedTuple):
 
 def split_classes(labels: np.ndarray, *, test_classes: int, seed: int = 0
                   ) -> tuple[np.ndarray, np.ndarray]:
-  """Splits the classes of ``labels`` at random into (meta-train, test) classes."""
+  """Splits the classes of ``labels`` at random into (meta-train, test) classes.
+
+  Examples:
+    >>> import numpy as np
+    >>> from bilevel_jax import meta
+    >>> train, test = meta.split_classes(np.repeat(np.arange(6), 5), test_classes=2)
+    >>> train.tolist(), test.tolist()
+    ([0, 1, 4, 5], [2, 3])
+  """
   classes = np.unique(labels)
   if not 0 < test_classes < classes.size:
     raise ValueError(f"`test_classes` must lie in [1, {classes.size - 1}] "
@@ -60,6 +78,20 @@ def sample_episodes(features: np.ndarray, labels: np.ndarray, classes: np.ndarra
     queries: Q, validation samples per class.
     num_tasks: T.
     rng: NumPy generator.
+
+  Examples:
+    3 two-way one-shot episodes, two queries per class:
+
+
+    >>> import numpy as np
+    >>> from bilevel_jax import meta
+    >>> features, labels = meta.synthetic_classes(num_classes=6, per_class=5, dim=4,
+    ...                                           latent_dim=2)
+    >>> train_classes, _ = meta.split_classes(labels, test_classes=2)
+    >>> ep = meta.sample_episodes(features, labels, train_classes, ways=2, shots=1,
+    ...                           queries=2, num_tasks=3, rng=np.random.default_rng(0))
+    >>> [a.shape for a in ep]
+    [(3, 2, 4), (3, 2), (3, 4, 4), (3, 4)]
   """
   for name, value in (("ways", ways), ("shots", shots), ("queries", queries),
                       ("num_tasks", num_tasks)):
@@ -103,6 +135,13 @@ def synthetic_classes(*, num_classes: int = 100, per_class: int = 40, dim: int =
 
   Returns:
     (features (num_classes * per_class, dim), labels).
+
+  Examples:
+    >>> from bilevel_jax import meta
+    >>> features, labels = meta.synthetic_classes(num_classes=6, per_class=5, dim=4,
+    ...                                           latent_dim=2)
+    >>> features.shape, features.dtype.name, labels[:7].tolist()
+    ((30, 4), 'float32', [0, 0, 0, 0, 0, 1, 1])
   """
   if latent_dim >= dim:
     raise ValueError(f"`latent_dim` ({latent_dim}) must be smaller than `dim` ({dim}).")
@@ -148,6 +187,27 @@ def load_omniglot(path: str, *, image_size: int = 28, invert: bool = True,
   Returns:
     (features (n, image_size ** 2) float32, labels (n,) int32, class names:
     each class's folder relative to ``path``).
+
+  Examples:
+    A made-up folder of two classes with two 4 x 4 images each:
+
+
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> from bilevel_jax import meta
+    >>> root = tempfile.mkdtemp()
+    >>> for char in ("character01", "character02"):
+    ...   os.makedirs(os.path.join(root, "Alpha", char))
+    ...   for i in range(2):
+    ...     Image.fromarray(np.full((4, 4), 255, np.uint8)).save(
+    ...         os.path.join(root, "Alpha", char, f"{i}.png"))
+    >>> features, labels, names = meta.load_omniglot(root, image_size=4)
+    >>> features.shape, labels.tolist(), names
+    ((4, 16), [0, 0, 1, 1], ['Alpha/character01', 'Alpha/character02'])
+    >>> float(features.max())       # white background, inverted to 0
+    0.0
+    >>> import shutil; shutil.rmtree(root)
   """
   try:
     from PIL import Image

@@ -6,6 +6,14 @@
 S(x) = {(x, t) : t in R} is not a singleton; the optimistic solution is
 x* = 1, y* = (1, 1) with F* = 0. RHG (alpha = 0) never moves y_2 from its
 initial value, so it converges to the wrong x (x = 1.5 from y0 = (2, 2)).
+
+Examples:
+  >>> import jax.numpy as jnp
+  >>> from bilevel_jax.problems import example1
+  >>> float(example1.upper(1.0, jnp.array([1.0, 1.0])))      # F* = 0 at (x*, y*)
+  0.0
+  >>> float(example1.lower(2.0, jnp.array([2.0, 5.0]))), float(example1.lower_value(2.0))
+  (-2.0, -2.0)
 """
 from __future__ import annotations
 
@@ -19,22 +27,52 @@ X_BOUNDS = (-100.0, 100.0)
 
 
 def upper(x, y):
-  """F(x, y) = (x - y_2)^2 / 2 + (y_1 - 1)^2 / 2."""
+  """F(x, y) = (x - y_2)^2 / 2 + (y_1 - 1)^2 / 2.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax.problems import example1
+    >>> float(example1.upper(1.5, jnp.array([2.0, 2.0])))
+    0.625
+  """
   return 0.5 * (x - y[1]) ** 2 + 0.5 * (y[0] - 1.0) ** 2
 
 
 def lower(x, y):
-  """f(x, y) = y_1^2 / 2 - x y_1."""
+  """f(x, y) = y_1^2 / 2 - x y_1.
+
+  Examples:
+    Y_2 does not enter: every y = (x, t) is a minimizer:
+
+
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax.problems import example1
+    >>> [float(example1.lower(1.0, jnp.array([1.0, t]))) for t in (5.0, -3.0)]
+    [-0.5, -0.5]
+  """
   return 0.5 * y[0] ** 2 - x * y[0]
 
 
 def lower_value(x):
-  """f*(x) = min_y f(x, y) = -x^2 / 2."""
+  """f*(x) = min_y f(x, y) = -x^2 / 2.
+
+  Examples:
+    >>> from bilevel_jax.problems import example1
+    >>> example1.lower_value(3.0)
+    -4.5
+  """
   return -0.5 * x ** 2
 
 
 def projection():
-  """Projection onto X = [-100, 100]."""
+  """Projection onto X = [-100, 100].
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax.problems import example1
+    >>> float(example1.projection()(jnp.asarray(250.0)))
+    100.0
+  """
   return projections.box(*X_BOUNDS)
 
 
@@ -43,6 +81,13 @@ def metrics(x, y):
 
   |F - F*| with F* = 0; |f - f*| is the lower optimality gap
   f(x, y) - min_y f(x, y) at the current x; relative squared errors of x and y.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax.problems import example1
+    >>> m = example1.metrics(1.5, jnp.array([1.0, 2.0]))
+    >>> {k: round(float(v), 4) for k, v in m.items()}
+    {'F_gap': 0.125, 'f_gap': 0.125, 'x_err': 0.25, 'y_err': 0.5}
   """
   y_star = jnp.asarray(Y_STAR, dtype=jnp.result_type(y))
   return {

@@ -10,7 +10,7 @@ their minimizers unchanged and only rescales the step sizes.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,14 +19,30 @@ import numpy as np
 
 class CleaningData(NamedTuple):
   """Features in [0, 1] and integer labels; ``corrupted`` marks the training
-  samples whose label was replaced."""
-  x_train: jax.Array
-  y_train: jax.Array
-  x_val: jax.Array
-  y_val: jax.Array
-  x_test: jax.Array
-  y_test: jax.Array
-  corrupted: jax.Array
+  samples whose label was replaced.
+
+  `bilevel_jax.data.hypercleaning_split` builds one from a real data set.
+
+  Examples:
+    >>> import numpy as np, jax.numpy as jnp
+    >>> from bilevel_jax import problems
+    >>> u = jnp.asarray(np.random.default_rng(0).random((12, 3)), jnp.float32)
+    >>> clean = (u[:, 0] > 0.5).astype(jnp.int32)
+    >>> noisy = clean.at[:2].set(1 - clean[:2])          # flip two training labels
+    >>> data = problems.CleaningData(
+    ...     x_train=u[:6], y_train=noisy[:6], x_val=u[6:9], y_val=clean[6:9],
+    ...     x_test=u[9:], y_test=clean[9:], corrupted=jnp.arange(6) < 2)
+    >>> data.x_train.shape, int(data.corrupted.sum())
+    ((6, 3), 2)
+  """
+  # Arrays: NumPy from `bilevel_jax.data` (moved to the device on use), or JAX.
+  x_train: Any
+  y_train: Any
+  x_val: Any
+  y_val: Any
+  x_test: Any
+  y_test: Any
+  corrupted: Any
 
 
 def logits(params, features):
@@ -42,14 +58,48 @@ def logits(params, features):
 
 
 def cross_entropy(params, features, labels):
-  """Per-sample softmax cross-entropy of the linear model ``params``."""
+  """Per-sample softmax cross-entropy of the linear model ``params``.
+
+  ``params`` is ``{"W": (classes, features), "b": (classes,)}``; returns one
+  loss per row of ``features``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import problems
+    >>> params = {"W": jnp.eye(2), "b": jnp.zeros(2)}
+    >>> features = jnp.array([[2.0, 0.0], [0.0, 1.0], [1.0, 3.0]])
+    >>> losses = problems.cross_entropy(params, features, jnp.array([0, 1, 0]))
+    >>> [round(float(v), 4) for v in losses]
+    [0.1269, 0.3133, 2.1269]
+  """
   logits_ = logits(params, features)
   logz = jax.nn.logsumexp(logits_, axis=-1)
   return logz - jnp.take_along_axis(logits_, labels[:, None], axis=-1)[:, 0]
 
 
 class HyperCleaning(NamedTuple):
-  """The bilevel objectives over ``data`` (a pytree, so it can be vmapped)."""
+  """The bilevel objectives over ``data`` (a pytree, so it can be vmapped).
+
+  ``lower(x, params)`` is f (the sigmoid(x)-weighted training loss) and
+  ``upper(x, params)`` is F (the validation loss plus ``l2`` ||params||^2),
+  both divided by their sample counts; ``init_weights()`` gives x = 0
+  (every weight sigmoid(0) = 1/2), ``init_params()`` a zero linear model,
+  and ``lower_smoothness()`` a bound on L_f for the lower step size.
+
+  Examples:
+    >>> import numpy as np, jax.numpy as jnp
+    >>> from bilevel_jax import problems
+    >>> u = jnp.asarray(np.random.default_rng(0).random((12, 3)), jnp.float32)
+    >>> labels = (u[:, 0] > 0.5).astype(jnp.int32)
+    >>> data = problems.CleaningData(u[:6], labels[:6], u[6:9], labels[6:9], u[9:],
+    ...                              labels[9:], jnp.zeros(6, bool))
+    >>> hc = problems.HyperCleaning(data, l2=1e-3)
+    >>> x, params = hc.init_weights(), hc.init_params()
+    >>> x.shape, params["W"].shape, hc.num_classes
+    ((6,), (2, 3), 2)
+    >>> round(float(hc.lower(x, params)), 4), round(float(hc.upper(x, params)), 4)
+    (0.3466, 0.6931)
+  """
   data: CleaningData
   l2: float = 1e-4
 
@@ -78,7 +128,7 @@ class HyperCleaning(NamedTuple):
     return (jnp.sum(losses) + self.l2 * sq) / losses.shape[0]
 
   def lower_smoothness(self) -> float:
-    """Upper bound on L_f: softmax CE has Hessian <= (1/2) [u;1][u;1]^T per
+    """Upper bound on L_f: softmax CE has Hessian <= (1/2) `[u;1][u;1]^T` per
     sample, so L_f <= lambda_max(U^T U) / (2 n) with U = [features, 1]."""
     u = np.asarray(self.data.x_train, dtype=np.float64)
     u = np.concatenate([u, np.ones((u.shape[0], 1))], axis=1)
@@ -87,11 +137,30 @@ class HyperCleaning(NamedTuple):
 
 
 def accuracy(params, features, labels):
+  """Fraction of rows of ``features`` whose arg-max logit is their label.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import problems
+    >>> params = {"W": jnp.eye(2), "b": jnp.zeros(2)}
+    >>> features = jnp.array([[2.0, 0.0], [0.0, 1.0], [1.0, 3.0]])
+    >>> round(float(problems.accuracy(params, features, jnp.array([0, 1, 0]))), 4)
+    0.6667
+  """
   return jnp.mean(jnp.argmax(logits(params, features), axis=-1) == labels)
 
 
 def detection_f1(x, corrupted):
-  """F1 score of flagging sample i as corrupted when sigma(x_i) < 1/2."""
+  """F1 score of flagging sample i as corrupted when sigma(x_i) < 1/2.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import problems
+    >>> x = jnp.array([-1.0, 2.0, -0.5, 1.0])            # samples 0 and 2 flagged
+    >>> corrupted = jnp.array([True, False, False, True])
+    >>> float(problems.detection_f1(x, corrupted))         # precision 1/2, recall 1/2
+    0.5
+  """
   flagged = x < 0
   tp = jnp.sum(flagged & corrupted)
   precision = tp / jnp.maximum(jnp.sum(flagged), 1)

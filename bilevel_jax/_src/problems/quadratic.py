@@ -19,6 +19,22 @@ import jax.numpy as jnp
 
 
 class QuadraticProblem(NamedTuple):
+  """f(x, y) = y^T A y / 2 - y^T B x and F(x, y) = ||y - c||^2 / 2 + rho ||x||^2 / 2.
+
+  ``upper`` and ``lower`` are the objectives; ``solution``, ``value`` and
+  ``hypergradient`` the closed forms y*(x), phi(x) and grad phi(x).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import problems
+    >>> prob = problems.QuadraticProblem(A=jnp.eye(2), B=jnp.eye(2), c=jnp.ones(2),
+    ...                                  rho=jnp.asarray(0.5))
+    >>> x = jnp.array([2.0, 0.0])
+    >>> prob.solution(x).tolist(), float(prob.value(x))
+    ([2.0, 0.0], 2.0)
+    >>> prob.hypergradient(x).tolist()       # (y* - c) + rho x
+    [2.0, -1.0]
+  """
   A: jax.Array
   B: jax.Array
   c: jax.Array
@@ -49,7 +65,19 @@ class QuadraticProblem(NamedTuple):
 
 def make_quadratic(key, *, dim_x: int = 5, dim_y: int = 10, condition: float = 10.0,
                    rho: float = 0.1, dtype=None) -> QuadraticProblem:
-  """Random instance with eigenvalues of A spread in [1, condition]."""
+  """Random instance with eigenvalues of A spread in [1, condition].
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from bilevel_jax import problems
+    >>> prob = problems.make_quadratic(jax.random.PRNGKey(0), dim_x=2, dim_y=3,
+    ...                                condition=4.0)
+    >>> prob.A.shape, prob.B.shape, round(float(prob.lower_smoothness()), 4)
+    ((3, 3), (3, 2), 4.0)
+    >>> y = prob.solution(jnp.array([1.0, -1.0]))   # grad_y f(x, y*) = A y* - B x = 0
+    >>> bool(jnp.allclose(prob.A @ y, prob.B @ jnp.array([1.0, -1.0]), atol=1e-5))
+    True
+  """
   dtype = dtype or jnp.result_type(float)
   k1, k2, k3 = jax.random.split(key, 3)
   q, _ = jnp.linalg.qr(jax.random.normal(k1, (dim_y, dim_y), dtype))

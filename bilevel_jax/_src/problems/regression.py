@@ -109,15 +109,16 @@ def elastic_net_lower(data: RegressionData, reformulated: bool = False,
 
     return CompositeLowerLevel(g, G, poly.l1(d), jnp.zeros(d, dtype), lambda y: y)
 
-  def g(x, y):
+  def g_split(x, y):
     _, l2, target = weights(x)
     coef = y[:d] - y[d:]
     r = a @ coef - target
     return jnp.vdot(r, r) + 0.5 * l2 * jnp.vdot(coef, coef)
 
-  def G(x, y):
+  def G_split(x, y):
     l1, _, _ = weights(x)
     return jnp.concatenate([l1 * (y[:d] + y[d:]), -y])
 
   h = poly.separable(poly.linear(jnp.ones(d, dtype)), poly.nonpositive(2 * d))
-  return CompositeLowerLevel(g, G, h, jnp.zeros(2 * d, dtype), lambda y: y[:d] - y[d:])
+  return CompositeLowerLevel(g_split, G_split, h, jnp.zeros(2 * d, dtype),
+                            lambda y: y[:d] - y[d:])

@@ -95,7 +95,7 @@ class ConsistencySolution(NamedTuple):
 def distance_to_hull(xi, generators, steps: int = 500):
   """min_{w in simplex} ||generators^T w - xi|| (``steps`` FISTA steps on w).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import value
     >>> float(value.distance_to_hull(jnp.array([2.0]), jnp.array([[-1.0], [1.0]])))
@@ -149,7 +149,7 @@ def consistency_check(value_fn: Callable, x_bar, *, mus, radii=None,
   Returns:
     `ConsistencySolution`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from bilevel_jax import value
     >>> # v(x) = -|x|, partial v(0) = [-1, 1]; v_mu(x) = -sqrt(x^2 + mu^2).

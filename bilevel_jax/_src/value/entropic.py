@@ -326,7 +326,7 @@ def entropic(g: Callable, x, *, mu, box=None, rule: str = "auto",
     `EntropicSolution` (value, y, info). ``value`` is differentiable by the
     rule (4.2)-(4.3); ``info.num_steps`` is 1 (no iterations).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from bilevel_jax import value
     >>> g = lambda x, y: x * y[0]   # v(x) = min_{|y|<=1} x y = -|x|; v_mu = v + O(mu ln(1/mu))

@@ -127,7 +127,7 @@ def quadratic(g: Callable, x, y0, *, mu, projection: Optional[Callable] = None,
     closes over, by Prop. 3.4), ``y`` = S_mu(x) (not differentiated) and
     ``info`` (`QuadraticInfo`).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from bilevel_jax import value, projections
     >>> g = lambda x, y: x * y[0]   # v(x) = -|x| on Y = [-1, 1]

@@ -204,7 +204,7 @@ def solve_vfp(f: Callable, g: Callable, value_fn: Callable, x0, y0, *, mus,
   Returns:
     `VFPSolution` (x, y, lam, info) with per-mu_k multipliers and KKT residuals.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax
     >>> from bilevel_jax import value
     >>> f = lambda x, y: 0.5 * (y[0] - 3.0) ** 2 + 0.5 * (x - 1.0) ** 2
