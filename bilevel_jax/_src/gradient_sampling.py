@@ -87,9 +87,11 @@ Diagnostics of `gradient_sampling` (Algorithm 1); all arrays.
 Attributes:
   num_steps: iterations nu taken.
   status: a `bilevel_jax.Status` code: SUCCESS (the stopping rule was met),
-    MAX_STEPS, NONFINITE (a non-finite value or gradient at the iterate), or
+    MAX_STEPS, NONFINITE (a non-finite value or gradient at the iterate),
     INNER_FAILED (the stopping rule was met, but an inner solve failed on
-    the way; see inner_status).
+    the way; see inner_status), or INVALID_INPUT (a traced parameter out of
+    range: eps0, alpha0, beta0, eta0 (rho0, theta0, eta) not > 0, or mu_*,
+    delta, gamma not in (0, 1); no iteration is run).
   stationarity: |w^nu| at the end.
   eps, alpha, beta: sampling radius and regularization at the end.
   eta: stationarity target at the end.
@@ -248,13 +250,15 @@ class _Setup(NamedTuple):
   f: Any
   state0: Any
   value_and_grad: Any
+  valid: Any  # the run-time check of the (possibly traced) parameters
 
 
-def _setup(fun, x0, state0, num_samples, gamma, delta, max_steps, mus, positives, batching,
-           alpha0, beta0) -> _Setup:
+def _setup(fun, x0, key, state0, num_samples, gamma, delta, max_steps, mus, positives,
+           batching, alpha0, beta0) -> _Setup:
   """Checks the arguments shared by both algorithms; wraps fun."""
   if not callable(fun):
     raise TypeError(f"`fun` must be callable, got {type(fun).__name__}.")
+  validation.check_prng_key("key", key)
   variables.check("x0", x0)
   if variables.has_rest(x0):
     raise TypeError("`x0` must hold floating-point arrays only (the variables that "
@@ -267,19 +271,25 @@ def _setup(fun, x0, state0, num_samples, gamma, delta, max_steps, mus, positives
   if num_samples < n + 1:
     raise ValueError(f"`num_samples` must be >= n + 1 = {n + 1} (Algorithm 1 and 2 "
                      f"require N_sam >= n + 1), got {num_samples}.")
+  valid = jnp.array(True)
   for name, value in (("gamma", gamma), ("delta", delta)) + tuple(mus.items()):
     concrete = validation.concrete_value(value)
     if concrete is not None and not (0 < float(concrete) < 1):
       raise ValueError(f"`{name}` must lie in (0, 1), got {value!r}.")
+    valid = valid & (jnp.asarray(value) > 0) & (jnp.asarray(value) < 1)
   for name, value in positives.items():
     validation.check_positive(name, value)
+    valid = valid & validation.is_positive(value)
   f = _wrap(fun, unravel, state0 is not None)
   st0 = () if state0 is None else state0
   dtype = flat0.dtype
+  call = ("as fun(x0, alpha0, beta0, state0)" if state0 is not None
+          else "as fun(x0, alpha0, beta0)") + "; does it take (x, alpha, beta" + (
+              ", state)" if state0 is not None else ")") + " and accept `x0`?"
   validation.check_scalar_output(
       "fun", lambda xf: f(xf, jnp.asarray(alpha0, dtype), jnp.asarray(beta0, dtype), st0)[0],
-      flat0)
-  return _Setup(flat0, unravel, f, st0, _batched_value_and_grad(f, batching))
+      flat0, call=call)
+  return _Setup(flat0, unravel, f, st0, _batched_value_and_grad(f, batching), valid)
 
 
 def _center_and_samples(setup, s, points):
@@ -326,7 +336,9 @@ def _run(setup, body, *, key, eps0, alpha0, beta0, params, history_cls, info_cls
   history = history_cls(**{name: jnp.full((max_steps,), jnp.nan, dtype)
                            for name in history_cls._fields if name != "inner_status"},
                         inner_status=jnp.full((max_steps,), -1, jnp.int32))
-  init = _Loop(setup.flat0, setup.state0, key, 0, jnp.array(-1), c(eps0), c(alpha0), c(beta0),
+  # An invalid traced parameter: no iteration runs and the status says so.
+  first = jnp.where(setup.valid, -1, status_lib.INVALID_INPUT)
+  init = _Loop(setup.flat0, setup.state0, key, 0, first, c(eps0), c(alpha0), c(beta0),
                type(params)(*map(c, params)), c(jnp.inf), zero, zero,
                jnp.asarray(status_lib.SUCCESS, jnp.int32), zero, history)
   s = jax.lax.while_loop(lambda s: (s.status < 0) & (s.k < max_steps), body, init)
@@ -404,7 +416,7 @@ def gradient_sampling(fun: Callable, x0, *, key, num_samples: int,
     >>> round(float(sol.x[0]), 3), int(sol.info.status)
     (1.0, 0)
   """
-  setup = _setup(fun, x0, state0, num_samples, gamma, delta, max_steps,
+  setup = _setup(fun, x0, key, state0, num_samples, gamma, delta, max_steps,
                  {"mu_eps": mu_eps, "mu_alpha": mu_alpha, "mu_beta": mu_beta, "mu_eta": mu_eta},
                  {"eps0": eps0, "alpha0": alpha0, "beta0": beta0, "eta0": eta0}, batching,
                  alpha0, beta0)
@@ -497,7 +509,7 @@ def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
     >>> round(float(sol.x[0]), 3), int(sol.info.status)
     (1.0, 0)
   """
-  setup = _setup(fun, x0, state0, num_samples, gamma, delta, max_steps,
+  setup = _setup(fun, x0, key, state0, num_samples, gamma, delta, max_steps,
                  {"mu_eps": mu_eps, "mu_alpha": mu_alpha, "mu_beta": mu_beta,
                   "mu_rho": mu_rho, "mu_theta": mu_theta},
                  {"eps0": eps0, "alpha0": alpha0, "beta0": beta0, "rho0": rho0,

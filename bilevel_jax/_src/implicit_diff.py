@@ -111,34 +111,43 @@ def _relative(residual_norm, b_norm):
   return jnp.where(b_norm > 0, residual_norm / jnp.where(b_norm > 0, b_norm, 1), 0.0)
 
 
-def cg(matvec: Callable, b, *, tol: float, max_steps: int):
+def cg(matvec: Callable, b, *, tol: float, max_steps: int, curvature: bool = False):
   """Conjugate gradients for H v = b, H symmetric positive definite, from v = 0.
 
   Stops when ||r_k||_2 <= tol ||b||_2 (the criterion of
   `jax.scipy.sparse.linalg.cg` and jaxopt's `solve_cg`) or after
   ``max_steps`` iterations.  Returns ``(v, steps, residual)`` with residual
-  = ||r_k|| / ||b|| (0 when b = 0), the recursive residual r_k = b - H v_k.
+  = ||r_k|| / ||b|| (0 when b = 0), the recursive residual r_k = b - H v_k;
+  with ``curvature=True`` also the smallest Rayleigh quotient p' H p / p' p
+  over the directions (+inf when b = 0; NaN ones skipped): a value <= 0
+  proves H is not positive definite.  The iteration itself does not change
+  (a zero curvature still gives an infinite step, so v is NaN rather than
+  silently wrong).
   """
   b_norm2 = jnp.vdot(b, b)
   threshold = tol ** 2 * b_norm2
 
   def cond(state):
-    _, _, _, rs, k = state
+    _, _, _, rs, k, _ = state
     return (rs > threshold) & (k < max_steps)
 
   def body(state):
-    v, r, p, rs, k = state
+    v, r, p, rs, k, curv = state
     hp = matvec(p)
-    alpha = rs / jnp.vdot(p, hp)
+    php = jnp.vdot(p, hp)
+    curv = jnp.fmin(curv, php / jnp.vdot(p, p))
+    alpha = rs / php
     v = v + alpha * p
     r = r - alpha * hp
     rs_new = jnp.vdot(r, r)
     p = r + (rs_new / rs) * p
-    return v, r, p, rs_new, k + 1
+    return v, r, p, rs_new, k + 1, curv
 
-  init = (jnp.zeros_like(b), b, b, b_norm2, jnp.array(0, jnp.int32))
-  v, _, _, rs, steps = jax.lax.while_loop(cond, body, init)
-  return v, steps, _relative(jnp.sqrt(rs), jnp.sqrt(b_norm2))
+  init = (jnp.zeros_like(b), b, b, b_norm2, jnp.array(0, jnp.int32),
+          jnp.full((), jnp.inf, jnp.real(b_norm2).dtype))
+  v, _, _, rs, steps, curv = jax.lax.while_loop(cond, body, init)
+  out = (v, steps, _relative(jnp.sqrt(rs), jnp.sqrt(b_norm2)))
+  return out + (curv,) if curvature else out
 
 
 def dense(matrix, b):
@@ -151,9 +160,24 @@ def dense(matrix, b):
 def symmetric_solve(method: str, operator: Callable, y, b, *, tol: float, max_steps: int):
   """Solves J v = b with J = d operator / d y at ``y`` symmetric positive
   definite (a Hessian): ``method`` "cg" on Jacobian-vector products, or
-  "dense" (form J by forward mode, LU).  Returns ``(v, steps, residual)``."""
+  "dense" (form J by forward mode, LU).  Returns ``(v, steps, residual,
+  curvature)``: curvature is CG's smallest Rayleigh quotient (`cg`), or the
+  smallest eigenvalue of the symmetrized J for "dense"; <= 0 means J is not
+  positive definite and v is not to be trusted."""
   if method == "dense":
-    return dense(jax.jacfwd(operator)(y), b)
+    matrix = jax.jacfwd(operator)(y)
+    curvature = jnp.linalg.eigvalsh(0.5 * (matrix + matrix.T))[0]
+    return dense(matrix, b) + (curvature,)
   _, matvec = jax.linearize(operator, y)
-  return cg(matvec, b, tol=tol, max_steps=max_steps)
+  return cg(matvec, b, tol=tol, max_steps=max_steps, curvature=True)
+
+
+def probe_curvature(operator: Callable, y):
+  """v' J v / v' v at ``y`` (J = d operator / d y, a Hessian) along a fixed
+  Rademacher direction v: one Jacobian-vector product.  A value <= 0 proves
+  that J is not positive definite (a saddle point, a maximum, a singular
+  Hessian); a positive value proves nothing."""
+  v = jax.random.rademacher(jax.random.PRNGKey(0), y.shape, dtype=y.dtype)
+  _, jv = jax.jvp(operator, (y,), (v,))
+  return jnp.vdot(v, jv) / jnp.vdot(v, v)
 

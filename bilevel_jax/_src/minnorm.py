@@ -77,7 +77,11 @@ def min_norm_hull(points, *, max_steps: int | None = None, tol=None,
       SUCCESS (see `bilevel_jax.Status`).
 
   Returns:
-    `MinNormSolution(point, weights, info)`.
+    `MinNormSolution(point, weights, info)`; ``info.status`` is NONFINITE
+    when a point, the result or the gap is not finite.
+
+  Raises:
+    ValueError: ``points`` is not a non-empty (N, n) array.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -87,9 +91,18 @@ def min_norm_hull(points, *, max_steps: int | None = None, tol=None,
     ([1.0, 0.0], 0)
   """
   points = jnp.asarray(points)
+  if points.ndim != 2 or points.shape[0] == 0 or points.shape[1] == 0:
+    raise ValueError(f"`points` must be a non-empty (N, n) array (N points of R^n), got "
+                     f"shape {points.shape}.")
+  if not jnp.issubdtype(points.dtype, jnp.floating):
+    points = points.astype(jnp.result_type(float))
   n_pts = points.shape[0]
   dtype = points.dtype
-  gram = points @ points.T
+  # Wolfe's method is scale invariant: run it on points / s, s = max |entry|,
+  # so that the Gram matrix neither overflows nor underflows.
+  s = jnp.max(jnp.abs(jnp.where(jnp.isfinite(points), points, 0)))
+  s = jnp.where(s > 0, s, 1)
+  gram = (points / s) @ (points / s).T
   max_steps = max_steps or 4 * n_pts + 10
   eps = jnp.finfo(dtype).eps
   tol = tol if tol is not None else 1e3 * eps
@@ -144,7 +157,9 @@ def min_norm_hull(points, *, max_steps: int | None = None, tol=None,
                                               (lam0, mask0, 0, jnp.array(False)))
   gap, _ = gap_of(lam)
   point = points.T @ lam
-  finite = jnp.all(jnp.isfinite(point)) & jnp.all(jnp.isfinite(lam))
+  finite = (jnp.all(jnp.isfinite(point)) & jnp.all(jnp.isfinite(lam)) & jnp.isfinite(gap)
+            & jnp.all(jnp.isfinite(points)))
+  gap = gap * s * s
   status = jnp.where(~finite, status_lib.NONFINITE,
                      jnp.where(done | (gap <= tol * scale), status_lib.SUCCESS,
                                status_lib.MAX_STEPS)).astype(jnp.int32)

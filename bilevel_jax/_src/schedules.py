@@ -10,6 +10,7 @@ import math
 from typing import Callable
 
 import jax.numpy as jnp
+import numpy as np
 
 from bilevel_jax._src import validation
 
@@ -149,6 +150,10 @@ def as_schedule(alpha) -> tuple[Schedule, bool]:
     return alpha, False
   concrete = validation.concrete_value(alpha)
   if concrete is not None:
+    if not np.issubdtype(concrete.dtype, np.number):
+      raise TypeError(f"`alpha` must be a number in [0, 1] or a callable k -> alpha_k "
+                      f"(e.g. `bilevel_jax.schedules.harmonic(0.5)` for 0.5 / k), got "
+                      f"{alpha!r}.")
     if concrete.shape != ():
       raise ValueError(f"`alpha` must be a scalar or a callable k -> alpha_k, "
                        f"got an array of shape {concrete.shape}.")

@@ -32,7 +32,8 @@ indicator of a box [lo, hi], whose envelope is dist(z, box)^2 / (2 mu): zero on
 the box and finite but growing like 1/mu outside (the indicator is not
 Lipschitz, so no L^2 mu / 2 bound; e_mu -> indicator pointwise as mu -> 0).
 
-All functions take ``mu`` as an array (vmap and grad over mu work) and stay
+All functions take ``mu`` as an array (vmap and grad over mu work; a traced
+mu that is not > 0 gives NaN, a concrete one raises) and stay
 finite in float32 down to mu = 1e-4 and below: the softplus is evaluated as
 mu * softplus(t / mu), the others have no exponentials.
 """
@@ -90,6 +91,15 @@ def _mu_like(mu, t):
   return jnp.asarray(mu, dtype=t.dtype)
 
 
+def _nan_unless_positive(out, mu):
+  """NaN where a traced ``mu`` is not > 0 (a concrete one raised already in
+  `_mu_like`): a bad mu under jit or vmap poisons the value, so the solver
+  that evaluates it reports NONFINITE instead of a finite wrong answer."""
+  if validation.concrete_value(mu) is not None:
+    return out
+  return jnp.where(mu > 0, out, jnp.nan)
+
+
 def plus(t, mu, density: str = "softplus"):
   """Chen-Mangasarian smoothing of t_+ = max(t, 0) (Example 2.7), elementwise.
 
@@ -99,7 +109,8 @@ def plus(t, mu, density: str = "softplus"):
     density: "softplus", "chks", "uniform" or "gaussian" (see the module doc).
 
   Returns:
-    plus_mu(t), with 0 <= plus_mu(t) - t_+ <= kappa mu / 2 <= kappa mu.
+    plus_mu(t), with 0 <= plus_mu(t) - t_+ <= kappa mu / 2 <= kappa mu; NaN
+    where a traced ``mu`` (under jit or vmap) is not > 0.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -112,6 +123,10 @@ def plus(t, mu, density: str = "softplus"):
   _density(density)
   t = _as_float(t)
   mu = _mu_like(mu, t)
+  return _nan_unless_positive(_plus(t, mu, density), mu)
+
+
+def _plus(t, mu, density):
   if density == "softplus":
     return mu * jax.nn.softplus(t / mu)
   if density == "chks":
@@ -174,7 +189,11 @@ def max(z, mu, density: str = "softplus", axis: int = -1):  # noqa: A001
     >>> round(float(smoothing.max(jnp.array([1.0, 3.0, 2.0]), 0.01)), 4)
     3.0
   """
-  z = jnp.moveaxis(_as_float(z), axis, 0)
+  z = _as_float(z)
+  if z.ndim == 0 or z.shape[axis] == 0:
+    raise ValueError(f"`z` must have at least one entry along `axis` ({axis}) to take "
+                     f"the max of, got shape {z.shape}.")
+  z = jnp.moveaxis(z, axis, 0)
   out = z[0]
   for i in range(1, z.shape[0]):
     out = maximum(z[i], out, mu, density)
@@ -208,7 +227,7 @@ def moreau_abs(t, mu):
   mu = _mu_like(mu, t)
   a = jnp.abs(t)
   small = jnp.minimum(a, mu)
-  return small * small / (2.0 * mu) + (a - small)
+  return _nan_unless_positive(small * small / (2.0 * mu) + (a - small), mu)
 
 
 def moreau_l1(z, mu):
@@ -238,7 +257,7 @@ def moreau_hinge(t, mu):
   mu = _mu_like(mu, t)
   u = jnp.maximum(1.0 - t, 0.0)
   small = jnp.minimum(u, mu)
-  return small * small / (2.0 * mu) + (u - small)
+  return _nan_unless_positive(small * small / (2.0 * mu) + (u - small), mu)
 
 
 def moreau_box(z, mu, lower, upper):
@@ -258,7 +277,7 @@ def moreau_box(z, mu, lower, upper):
   if lo is not None and hi is not None and (lo > hi).any():
     raise ValueError(f"`lower` must be <= `upper`, got {lower} and {upper}.")
   d = z - jnp.clip(z, jnp.asarray(lower, z.dtype), jnp.asarray(upper, z.dtype))
-  return jnp.sum(d * d) / (2.0 * mu)
+  return _nan_unless_positive(jnp.sum(d * d) / (2.0 * mu), mu)
 
 
 # Sharp upper bounds on |phi_mu - phi| used in the docs and tests; n is the

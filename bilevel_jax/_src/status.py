@@ -50,6 +50,9 @@ class Status(enum.IntEnum):
   INACCURATE = 4
   NOT_STATIONARY = 5
   INNER_FAILED = 6
+  INVALID_INPUT = 7
+  DIVERGED = 8
+  NOT_CONVEX = 9
 
 
 MESSAGES = {
@@ -65,6 +68,16 @@ MESSAGES = {
     Status.NOT_STATIONARY: "the final point is not stationary to the tolerance "
                            "(KKT residual above kkt_tol)",
     Status.INNER_FAILED: "an inner solve failed; info.inner_status holds its code",
+    Status.INVALID_INPUT: "an argument known only at run time (a traced step size, alpha, "
+                          "mu, eps, ...) is outside its valid range; the solve was not "
+                          "trusted (see the entry point's docstring for the ranges)",
+    Status.DIVERGED: "the lower iterations did not settle: the lower residual did not "
+                     "shrink and the lower objective does not curve up between the "
+                     "first and the last iterate; is the lower level bounded below?",
+    Status.NOT_CONVEX: "a direction of zero or negative curvature of the lower objective "
+                       "at the solution (a saddle point, a maximum or a singular "
+                       "Hessian): the lower level is not strongly convex there, so the "
+                       "implicit derivative does not apply",
 }
 
 # Python ints, for use in jnp.where inside traced code.
@@ -75,6 +88,9 @@ LINESEARCH_FAILED = int(Status.LINESEARCH_FAILED)
 INACCURATE = int(Status.INACCURATE)
 NOT_STATIONARY = int(Status.NOT_STATIONARY)
 INNER_FAILED = int(Status.INNER_FAILED)
+INVALID_INPUT = int(Status.INVALID_INPUT)
+DIVERGED = int(Status.DIVERGED)
+NOT_CONVEX = int(Status.NOT_CONVEX)
 
 
 class SolverError(RuntimeError):
@@ -132,6 +148,13 @@ def with_inner(status, inner_status):
   inner_status = jnp.asarray(inner_status, jnp.int32)
   return jnp.where((status == SUCCESS) & (inner_status != SUCCESS), INNER_FAILED,
                    status).astype(jnp.int32)
+
+
+def unless_invalid(valid, status):
+  """INVALID_INPUT where the run-time argument check ``valid`` fails, else
+  ``status``: an out-of-range argument outranks whatever the solve reports."""
+  return jnp.where(jnp.asarray(valid), jnp.asarray(status, jnp.int32),
+                   INVALID_INPUT).astype(jnp.int32)
 
 
 def first_failure(current, new):

@@ -72,6 +72,8 @@ from bilevel_jax._src import variables
 
 Objective = Callable[..., jax.Array]  # F(x, y) or F(x, y, batch)
 Checkpoint = Union[bool, str, int]
+# `steps` at most: the loop scans over (and may record) arrays of length K.
+MAX_UNROLL = 2 ** 24
 
 
 class BDAInfo(NamedTuple):
@@ -79,8 +81,14 @@ class BDAInfo(NamedTuple):
 
   Attributes:
     num_steps: K, the number of lower iterations run.
-    status: `Status.SUCCESS`, or `Status.NONFINITE` when an iterate y_1..y_K
-      had a NaN or infinity (a fixed unroll has no tolerance to miss).
+    status: a `Status` code (a fixed unroll has no tolerance to miss):
+      INVALID_INPUT when a traced step size is not > 0 or an alpha_k lies
+      outside [0, 1]; NONFINITE when an iterate y_1..y_K, F(x, y_K),
+      f(x, y_K), the residual or (from `hypergradient`) the gradient had a
+      NaN or infinity; DIVERGED when the lower iterations did not settle
+      (K >= 2; from y_0 to y_K the lower residual did not shrink, and f does
+      not curve up between them: a lower level unbounded below, such as
+      f = sum(y) or f = -|y|^2 / 2); SUCCESS otherwise.
     residual: norm of the lower gradient mapping at y_K,
       ||y_K - prox(y_K - s_l grad_y f)|| / s_l (= ||grad_y f|| without prox).
     upper_value: F(x, y_K).
@@ -225,7 +233,8 @@ def _validate(upper_fn, lower_fn, x, y0, steps, upper_lr, lower_lr, truncate, pr
   differentiable part of y, batch), ``prox`` (x, y, step) (see `solve`);
   ``batches`` are the raw ``(upper_batches, lower_batches)``. Returns
   ``steps, truncate, upper_batches, lower_batches`` (as `_Batches`)."""
-  steps = validation.check_positive_int("steps", steps)
+  steps = validation.check_positive_int(
+      "steps", steps, MAX_UNROLL, "the unrolled loop keeps arrays of length K")
   if not callable(upper_fn):
     raise TypeError(f"`upper_fn` must be callable, got {type(upper_fn).__name__}.")
   if not callable(lower_fn):
@@ -233,6 +242,7 @@ def _validate(upper_fn, lower_fn, x, y0, steps, upper_lr, lower_lr, truncate, pr
   variables.check("x", x)
   variables.check("y0", y0)
   validation.check_positive("upper_lr", upper_lr)
+  _check_step_shape("upper_lr", upper_lr, y0)
   if lower_optimizer is None and lower_lr is None:
     raise ValueError("`lower_lr` (s_l, the lower step size) is required unless a "
                      "`lower_optimizer` makes the lower step.")
@@ -245,6 +255,7 @@ def _validate(upper_fn, lower_fn, x, y0, steps, upper_lr, lower_lr, truncate, pr
                      "the step t of prox_{t g} after the transformation's step.")
   if lower_lr is not None:
     validation.check_positive("lower_lr", lower_lr)
+    _check_step_shape("lower_lr", lower_lr, y0)
   if key is not None:
     try:
       jax.eval_shape(jax.random.fold_in, key, 0)
@@ -281,7 +292,11 @@ def _validate(upper_fn, lower_fn, x, y0, steps, upper_lr, lower_lr, truncate, pr
     if not callable(prox):
       raise TypeError(f"`prox` must be a callable (x, y, step) -> y, got "
                       f"{type(prox).__name__}.")
-    out = jax.eval_shape(lambda xd, yy: prox(as_x(xd), yy, lower_lr), x_dyn, y0)
+    try:
+      out = jax.eval_shape(lambda xd, yy: prox(as_x(xd), yy, lower_lr), x_dyn, y0)
+    except Exception as err:  # re-raised with the argument's name
+      raise TypeError(f"`prox` failed when called as prox(x, y0, lower_lr); it must "
+                      f"take (x, y, step) and return y: {err}") from err
     validation.check_same_structure("prox", y0, out, "prox(x, y0, lower_lr)")
   if lower_optimizer is not None:
     opt = _as_optimizer(lower_optimizer, x)
@@ -291,6 +306,23 @@ def _validate(upper_fn, lower_fn, x, y0, steps, upper_lr, lower_lr, truncate, pr
       raise TypeError(f"`lower_optimizer` failed on a gradient shaped like `y0`: "
                       f"{err}") from err
   return steps, truncate, upper_b, lower_b
+
+
+def _check_step_shape(name: str, lr, y0) -> None:
+  """A step size is a scalar, or an array that broadcasts to each leaf of y
+  without changing its shape (a per-coordinate step)."""
+  shape = jnp.shape(lr)
+  if shape == ():
+    return
+  for leaf in jax.tree_util.tree_leaves(y0):
+    try:
+      ok = jnp.broadcast_shapes(shape, jnp.shape(leaf)) == jnp.shape(leaf)
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ValueError(f"`{name}` must be a scalar or broadcast to each leaf of `y0` "
+                       f"(a per-coordinate step), got shape {shape} for a leaf of "
+                       f"shape {jnp.shape(leaf)}.")
 
 
 def _check_schedule_range(schedule, steps: int) -> None:
@@ -311,6 +343,28 @@ def _check_schedule_range(schedule, steps: int) -> None:
     if bad.size:
       raise ValueError(f"`alpha` schedule must return values in [0, 1], got "
                        f"alpha_{bad[0] + 1} = {concrete[bad[0]]}.")
+
+
+def _diverged(lower_grad, lower_step, y0, y_final, grad_final, residual):
+  """True when the lower iterations did not settle: the lower residual
+  r = |d| (d = grad_y f, or the gradient mapping) did not shrink from y_0 to
+  y_K (r_K >= r_0 up to sqrt(eps), r_K > 0), y moved, and f has no positive
+  secant curvature between them, (grad f(y_K) - grad f(y_0))' (y_K - y_0)
+  <= 0: f keeps decreasing along the path with nothing bending it back, as
+  for a lower level unbounded below (f = sum(y): 0; f = -|y|^2 / 2:
+  -|y_K - y_0|^2). A run that converges shrinks r; a strictly convex f has a
+  positive secant curvature (so BDA settling at a compromise between F and
+  f, with r_K > 0 by design, is not flagged). Costs one gradient at y_0 (the
+  status is never differentiated)."""
+  grad0 = lower_grad(y0)
+  residual0 = tree_ops.tree_norm(lower_step(y0, grad0))
+  leaves = lambda t: jax.tree_util.tree_leaves(t)
+  moved = tree_ops.tree_sub(y_final, y0)
+  secant = sum(jnp.vdot(gk - g0, m) for gk, g0, m in
+               zip(leaves(grad_final), leaves(grad0), leaves(moved)))
+  rtol = 1 - jnp.sqrt(jnp.finfo(jnp.result_type(residual)).eps)
+  return ((residual >= rtol * residual0) & (residual > 0)
+          & (tree_ops.tree_norm(moved) > 0) & (secant <= 0))
 
 
 def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
@@ -524,19 +578,35 @@ def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
   y_final, _, finite = carry
 
   batch_F, batch_f = upper_b.last(steps, key), lower_b.last(steps, key)
-  g_f = jax.grad(lower_fn, argnums=1)(x, y_final, batch_f)
-  if prox is None:
-    residual = tree_ops.tree_norm(g_f)
-  else:
-    moved = prox(x, tree_ops.tree_axpy(-lower_lr, g_f, y_final), lower_lr)
-    residual = tree_ops.tree_norm(tree_ops.tree_sub(y_final, moved)) / lower_lr
-  status = jnp.where(finite, status_lib.SUCCESS, status_lib.NONFINITE).astype(jnp.int32)
+  lower_grad = lambda y: jax.grad(lower_fn, argnums=1)(x, y, batch_f)
+
+  def lower_step(y, g_f):
+    """grad_y f, or the gradient mapping (y - prox(y - s_l grad_y f)) / s_l."""
+    if prox is None:
+      return g_f
+    moved = prox(x, tree_ops.tree_axpy(-lower_lr, g_f, y), lower_lr)
+    return tree_ops.tree_scale(1 / lower_lr, tree_ops.tree_sub(y, moved))
+
+  grad_final = lower_grad(y_final)
+  residual = tree_ops.tree_norm(lower_step(y_final, grad_final))
+  upper_value, lower_value = upper_fn(x, y_final, batch_F), lower_fn(x, y_final, batch_f)
+  finite = finite & jnp.isfinite(upper_value) & jnp.isfinite(lower_value) & jnp.isfinite(
+      residual)
+  status = jnp.where(finite, status_lib.SUCCESS, status_lib.NONFINITE)
+  if steps >= 2:  # on the last batch at y_0 and y_K alike
+    status = jnp.where((status == status_lib.SUCCESS) & _diverged(
+        lower_grad, lower_step, y0_dyn, y_final, grad_final, residual),
+        status_lib.DIVERGED, status)
+  valid = validation.is_positive(upper_lr) & validation.in_unit_interval(schedule(xs[0]))
+  if lower_lr is not None:
+    valid = valid & validation.is_positive(lower_lr)
+  status = status_lib.unless_invalid(valid, status)
   info = BDAInfo(
       num_steps=jnp.asarray(steps, jnp.int32),
       status=status,
       residual=residual,
-      upper_value=upper_fn(x, y_final, batch_F),
-      lower_value=lower_fn(x, y_final, batch_f),
+      upper_value=upper_value,
+      lower_value=lower_value,
       upper_history=history[0] if record_history else None,
       lower_history=history[1] if record_history else None,
   )
@@ -571,6 +641,10 @@ def hypergradient(upper_fn: Objective, lower_fn: Objective, x, y0, *,
     return solution.info.upper_value, solution  # F(x, y_K(x)), computed once
 
   (value, solution), grad = jax.value_and_grad(phi, has_aux=True)(x_dyn)
+  status = solution.info.status
+  status = jnp.where((status == status_lib.SUCCESS) & ~tree_ops.tree_all_finite(grad),
+                     status_lib.NONFINITE, status).astype(jnp.int32)
+  solution = solution._replace(info=solution.info._replace(status=status))
   status_lib.raise_if_failed(solution.info.status, throw=throw, where="bda.hypergradient")
   if return_info:
     return value, grad, solution

@@ -2,7 +2,9 @@
 
 Checks run at trace time on Python numbers and concrete arrays; values that
 are traced (for example a step size under ``jax.vmap``) cannot be inspected
-without a device round trip and are left to the runtime status in ``info``.
+without a device round trip and are left to the runtime status in ``info``:
+`is_positive` and `in_unit_interval` return the traced condition, which the
+entry points turn into ``Status.INVALID_INPUT`` (`status.unless_invalid`).
 """
 from __future__ import annotations
 
@@ -26,13 +28,32 @@ def concrete_value(value: Any) -> np.ndarray | None:
     return None
 
 
-def check_positive_int(name: str, value: Any) -> int:
+# Iteration counters are int32 arrays.
+MAX_INT32 = 2 ** 31 - 1
+
+
+def check_positive_int(name: str, value: Any, maximum: int = MAX_INT32,
+                       why: str = "iteration counters are int32") -> int:
+  """A Python int in [1, maximum] (``why`` explains the bound in the error)."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise TypeError(f"`{name}` must be a positive Python int, got {value!r} "
                     f"of type {type(value).__name__}.")
   if value <= 0:
     raise ValueError(f"`{name}` must be positive, got {value}.")
+  if value > maximum:
+    raise ValueError(f"`{name}` must be at most {maximum} ({why}), got {value}.")
   return int(value)
+
+
+def is_positive(value: Any) -> jax.Array:
+  """``all(value > 0)`` as a (possibly traced) bool; False for NaN."""
+  return jnp.all(jnp.asarray(value) > 0)
+
+
+def in_unit_interval(value: Any) -> jax.Array:
+  """``all(0 <= value <= 1)`` as a (possibly traced) bool; False for NaN."""
+  value = jnp.asarray(value)
+  return jnp.all((value >= 0) & (value <= 1))
 
 
 def check_one_of(name: str, value: Any, choices) -> None:
@@ -71,14 +92,16 @@ def check_in_unit_interval(name: str, value: Any) -> None:
     raise ValueError(f"`{name}` must lie in [0, 1], got {value!r}.")
 
 
-def check_scalar_output(name: str, fn, *args) -> jax.ShapeDtypeStruct:
-  """Evaluates ``fn(*args)`` abstractly and checks that it is a real scalar."""
+def check_scalar_output(name: str, fn, *args,
+                        call: str = "on the initial point (x, `y0`); do `x` and `y0` "
+                                    "have the structure and shapes it expects?"
+                        ) -> jax.ShapeDtypeStruct:
+  """Evaluates ``fn(*args)`` abstractly and checks that it is a real scalar
+  (``call`` says how ``name`` was called, for the error message)."""
   try:
     out = jax.eval_shape(fn, *args)
   except Exception as err:  # re-raised with the argument's name
-    raise TypeError(f"`{name}` failed when called on the initial point (x, `y0`); do "
-                    f"`x` and `y0` have the structure and shapes `{name}` expects? "
-                    f"{err}") from err
+    raise TypeError(f"`{name}` failed when called {call} {err}") from err
   if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
     shape = getattr(out, "shape", type(out).__name__)
     raise ValueError(f"`{name}` must return a scalar, got an output of shape "
@@ -87,6 +110,18 @@ def check_scalar_output(name: str, fn, *args) -> jax.ShapeDtypeStruct:
     raise TypeError(f"`{name}` must return a floating-point scalar, got dtype "
                     f"{out.dtype}.")
   return out
+
+
+def check_prng_key(name: str, key: Any) -> None:
+  """A JAX PRNG key: a typed key (`jax.random.key`) or a raw uint32 key
+  (`jax.random.PRNGKey`, shape (..., 2) for the default implementation)."""
+  dtype = getattr(key, "dtype", None)
+  if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    return
+  if dtype is not None and dtype == jnp.uint32 and jnp.ndim(key) >= 1:
+    return
+  raise TypeError(f"`{name}` must be a JAX PRNG key (`jax.random.key(0)` or "
+                  f"`jax.random.PRNGKey(0)`), got {key!r} of type {type(key).__name__}.")
 
 
 def check_same_structure(name: str, reference, candidate, what: str) -> None:

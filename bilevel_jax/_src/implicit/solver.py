@@ -39,6 +39,7 @@ from jax.flatten_util import ravel_pytree
 from bilevel_jax._src import hypergradient as hypergradient_lib
 from bilevel_jax._src import implicit_diff
 from bilevel_jax._src import status as status_lib
+from bilevel_jax._src import tree as tree_ops
 from bilevel_jax._src import validation
 from bilevel_jax._src import variables
 from bilevel_jax._src.implicit import minimize
@@ -51,14 +52,26 @@ class ImplicitInfo(NamedTuple):
 
   Attributes:
     num_steps: lower-solver iterations taken.
-    status: SUCCESS, MAX_STEPS, NONFINITE or LINESEARCH_FAILED
-      (`bilevel_jax.Status`).
+    status: a `bilevel_jax.Status` code: the lower solve's SUCCESS, MAX_STEPS,
+      NONFINITE or LINESEARCH_FAILED; NOT_CONVEX when it succeeded but a
+      direction of zero or negative curvature of hess_yy f(x, y*) was found
+      (``curvature`` <= 0: y* is a saddle point or a maximum, or the
+      Hessian is singular, and (1) does not give the derivative of the
+      argmin); from `hypergradient`, also NONFINITE when the adjoint solve
+      (2) or the gradient is not finite and MAX_STEPS when CG stopped at
+      ``linear_max_steps`` above ``linear_tol``.
     residual: ||grad_y f(x, y*)||_2, the quantity compared with ``tol``.
     value: f(x, y*) at the returned y*.
     linear_steps: CG iterations of the adjoint solve (2) (1 for the dense
       solve). Set by `hypergradient`; `solve` returns -1, because its
       adjoint solve runs later, in the backward pass.
     linear_residual: ||H v - y-bar||_2 / ||y-bar||_2 of (2); NaN from `solve`.
+    curvature: the smallest Rayleigh quotient v' H v / v' v of
+      H = hess_yy f(x, y*) found: along one fixed probe direction (`solve`;
+      a saddle whose negative curvature avoids the probe goes unseen), and
+      from `hypergradient` also along CG's directions (or the smallest
+      eigenvalue with ``linear_solver="dense"``). Positive for a strongly
+      convex f.
   """
   num_steps: Any
   status: Any
@@ -66,6 +79,7 @@ class ImplicitInfo(NamedTuple):
   value: Any
   linear_steps: Any
   linear_residual: Any
+  curvature: Any
 
 
 class ImplicitSolution(NamedTuple):
@@ -98,20 +112,39 @@ def _lower(fn, options, x, consts, y0):
   """(y, info) of the lower solve; info's linear fields are placeholders."""
   y, steps, value, grad_norm, status = minimize.minimize(
       lambda yy: fn(x, yy, *consts), y0, options.lower)
+  curvature = implicit_diff.probe_curvature(jax.grad(lambda yy: fn(x, yy, *consts)), y)
+  status = jnp.where((status == status_lib.SUCCESS) & (curvature <= 0),
+                     status_lib.NOT_CONVEX, status).astype(jnp.int32)
   info = ImplicitInfo(steps, status, grad_norm, value, jnp.array(-1, jnp.int32),
-                      jnp.full((), jnp.nan, y.dtype))
+                      jnp.full((), jnp.nan, y.dtype), curvature)
   return y, info
 
 
 def _adjoint(fn, options, x, consts, y, ct_y):
-  """Solves (2) and returns (x-bar, consts-bar, linear steps, residual) of (3)."""
+  """Solves (2) and returns (x-bar, consts-bar, linear steps, residual,
+  curvature) of (3)."""
   grad_y = lambda theta, yy: jax.grad(fn, argnums=1)(theta[0], yy, *theta[1])
   ct_y = jnp.asarray(ct_y, y.dtype)
-  v, steps, residual = implicit_diff.symmetric_solve(
+  v, steps, residual, curvature = implicit_diff.symmetric_solve(
       options.linear_solver, lambda yy: grad_y((x, consts), yy), y, ct_y,
       tol=options.linear_tol, max_steps=options.linear_max_steps)
   ct_x, ct_consts = implicit_diff.root_vjp(grad_y, (x, consts), y, v)
-  return ct_x, ct_consts, steps, residual
+  return ct_x, ct_consts, steps, residual, curvature
+
+
+def _adjoint_status(info, options, grad, residual, curvature):
+  """The status of `hypergradient`: the lower solve's, then NOT_CONVEX at
+  curvature <= 0, NONFINITE for a non-finite adjoint solve, curvature or
+  gradient, MAX_STEPS when CG stopped above ``linear_tol``."""
+  status = info.status
+  ok = status == status_lib.SUCCESS
+  finite = jnp.isfinite(residual) & jnp.isfinite(curvature) & tree_ops.tree_all_finite(grad)
+  for failed, code in ((curvature <= 0, status_lib.NOT_CONVEX),
+                       (~finite, status_lib.NONFINITE),
+                       (residual > options.linear_tol, status_lib.MAX_STEPS)):
+    status = jnp.where(ok & failed, code, status)
+    ok = ok & ~failed
+  return status.astype(jnp.int32)
 
 
 def _solution(fn, options, x, consts, y0):
@@ -121,7 +154,7 @@ def _solution(fn, options, x, consts, y0):
     return (y, info), y
 
   def adjoint(theta, y, cotangent):
-    ct_x, ct_consts, _, _ = _adjoint(fn, options, theta[0], theta[1], y, cotangent[0])
+    ct_x, ct_consts, _, _, _ = _adjoint(fn, options, theta[0], theta[1], y, cotangent[0])
     return ct_x, ct_consts
 
   return implicit_diff.solution_map(solve, adjoint, (x, consts), y0)
@@ -264,14 +297,20 @@ def hypergradient(upper_fn: Callable, lower_fn: Callable, x, y0, *,
   def run(x, consts, y0):
     y, info = _lower(p.fn, p.options, x, consts, y0)
     value, (grad_x, grad_y) = jax.value_and_grad(upper, argnums=(0, 1))(x, y)
-    ct_x, _, steps, residual = _adjoint(p.fn, p.options, x, consts, y, grad_y)
-    return value, jax.tree_util.tree_map(jnp.add, grad_x, ct_x), y, info, steps, residual
+    ct_x, _, steps, residual, curvature = _adjoint(p.fn, p.options, x, consts, y, grad_y)
+    grad = jax.tree_util.tree_map(jnp.add, grad_x, ct_x)
+    curvature = jnp.fmin(info.curvature, curvature)
+    status = _adjoint_status(info, p.options, grad, residual, curvature)
+    status = jnp.where((status == status_lib.SUCCESS) & ~jnp.isfinite(value),
+                       status_lib.NONFINITE, status).astype(jnp.int32)
+    info = info._replace(status=status, linear_steps=steps, linear_residual=residual,
+                         curvature=curvature)
+    return value, grad, y, info
 
-  value, grad, y, info, steps, residual = run(p.x, p.consts, p.y0)
+  value, grad, y, info = run(p.x, p.consts, p.y0)
   status_lib.raise_if_failed(info.status, throw=throw, where="implicit.hypergradient")
   if not return_info:
     return value, grad
-  info = info._replace(linear_steps=steps, linear_residual=residual)
   return value, grad, ImplicitSolution(p.unravel(y), info)
 
 

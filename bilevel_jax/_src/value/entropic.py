@@ -70,8 +70,8 @@ class EntropicInfo(NamedTuple):
   Attributes:
     num_steps: 1 (a quadrature rule, no iterations; the field is there so
       that every ``info`` has the same core fields).
-    status: SUCCESS, NONFINITE or INACCURATE (integration_error > tol)
-      (`bilevel_jax.Status`).
+    status: SUCCESS, NONFINITE, INACCURATE (integration_error > tol) or
+      INVALID_INPUT (a traced ``mu`` that is not > 0) (`bilevel_jax.Status`).
     num_points: number of integration nodes.
     integration_error: estimate of |v_rule - v_mu| (see the module doc; NaN
       for user rules, which have none).
@@ -371,8 +371,8 @@ def entropic(g: Callable, x, *, mu, box=None, rule: str = "auto",
     error = jnp.full((), jnp.nan, dtype)
   finite = jnp.isfinite(v) & jnp.isfinite(mean_g)
   status = jnp.where(~finite, status_lib.NONFINITE,
-                     jnp.where(error > tol, status_lib.INACCURATE,
-                               status_lib.SUCCESS)).astype(jnp.int32)
+                     jnp.where(error > tol, status_lib.INACCURATE, status_lib.SUCCESS))
+  status = status_lib.unless_invalid(validation.is_positive(mu), status)
   info = EntropicInfo(
       num_steps=jnp.ones((), jnp.int32), status=status,
       num_points=jnp.asarray(nodes.shape[0] * nodes.shape[1], jnp.int32),

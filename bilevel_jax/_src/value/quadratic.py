@@ -30,6 +30,18 @@ Practical choices (ours):
 * ``y`` (S_mu(x)) is returned as a constant for differentiation
   (`lax.stop_gradient`): differentiating S_mu would need second derivatives
   of g_mu, which Proposition 3.4 avoids.
+* A feasible set that depends on x (or on any traced array: a projection
+  ``lambda y: jnp.clip(y, -x, x)``) is differentiated too; Proposition 3.4
+  assumes Y fixed. With p the arrays P_Y closes over, y* = P_{Y(p)}(z*) at
+  z* = y* - grad_y g~_mu(x, y*) / L, and
+
+      d v_mu / d p = grad_y g~_mu(x, y*)^T d_p P_{Y(p)}(z*),
+
+  one more VJP, of the projection. (Differentiating the fixed point
+  y* = P(z*) gives (I - J)^T u = grad_y g~ with J = D_z P (I - H / L); D_z P
+  is symmetric and annihilates the normal direction z* - y*, which is
+  parallel to grad_y g~, so u = grad_y g~ and no linear solve is needed.)
+  It assumes strict complementarity (P differentiable at z*).
 """
 from __future__ import annotations
 
@@ -52,8 +64,9 @@ class QuadraticInfo(NamedTuple):
 
   Attributes:
     num_steps: FISTA iterations run.
-    status: SUCCESS, MAX_STEPS (residual > 10 tol after ``max_steps``) or
-      NONFINITE (`bilevel_jax.Status`).
+    status: SUCCESS, MAX_STEPS (residual > 10 tol after ``max_steps``),
+      NONFINITE, or INVALID_INPUT for a traced ``mu`` that is not > 0
+      (`bilevel_jax.Status`).
     residual: gradient-mapping norm at the returned y (0 at S_mu(x)).
     lipschitz: final Lipschitz estimate L of grad_y g~_mu.
     restarts: number of momentum restarts.
@@ -80,6 +93,12 @@ def _initial_lipschitz(grad_h, y0, mu):
   return jnp.maximum(est, mu)
 
 
+def _merge(consts, inexact, moving):
+  """``consts`` with its inexact entries replaced, in order, by ``moving``."""
+  moving = iter(moving)
+  return [next(moving) if d else c for c, d in zip(consts, inexact)]
+
+
 def quadratic(g: Callable, x, y0, *, mu, projection: Optional[Callable] = None,
               tol: Optional[float] = None, max_steps: int = 2000,
               lipschitz=None, pass_mu: bool = False,
@@ -93,8 +112,9 @@ def quadratic(g: Callable, x, y0, *, mu, projection: Optional[Callable] = None,
     x: upper variable (pytree of float arrays).
     y0: initial y (pytree of float arrays); also fixes the structure of y.
     mu: > 0; both the weight of mu/2 ||y||^2 and the value passed to g.
-    projection: P_Y acting on y's pytree (default: Y = R^m). Y is treated
-      as fixed: differentiating through arrays it closes over is an error.
+    projection: P_Y acting on y's pytree (default: Y = R^m). It may close
+      over x or other traced arrays (an x-dependent Y); they get their
+      cotangents from d v_mu / d p = grad_y g~^T d_p P(z*) (module docstring).
     tol: gradient-mapping tolerance (default 1e-9 in float64, 1e-4 in float32).
     max_steps: FISTA iteration cap (static).
     lipschitz: initial Lipschitz estimate of grad_y g~_mu (default: secant).
@@ -139,16 +159,20 @@ def quadratic(g: Callable, x, y0, *, mu, projection: Optional[Callable] = None,
   mu = common.as_scalar(mu, dtype)
   common.check_g(g3, x, y0, mu)
   gp, consts = common.convert(lambda xx, yy, m: g3(xx, unravel(yy), m), x, y_flat0, mu)
-  project = lambda v: ravel_pytree(project_tree(unravel(v)))[0].astype(dtype)
+  # Arrays the projection closes over (x for an x-dependent Y) become inputs
+  # of the custom rule, so that they get cotangents too.
+  project_p, pconsts = implicit_diff.closure_convert(
+      lambda v: ravel_pytree(project_tree(unravel(v)))[0].astype(dtype), y_flat0)
   lip0 = None if lipschitz is None else jnp.asarray(lipschitz, dtype)
 
   def objective(theta, y):
-    p, m = theta
+    p, m, _ = theta
     return gp(p, y, m) + 0.5 * m * jnp.vdot(y, y)
 
   def solve(theta, start):
     """FISTA on g~_mu(x, .) over Y; out = (v_mu, y*, state, residual)."""
     y_start, lip_start = start
+    project = lambda v: project_p(v, *theta[2])
     h = lambda y: objective(theta, y)
     grad_h = jax.grad(h)
     y_start = project(y_start)
@@ -159,20 +183,34 @@ def quadratic(g: Callable, x, y0, *, mu, projection: Optional[Callable] = None,
                             restart="gradient_mapping")
     final_res = fista_lib.gradient_mapping(grad_h, project, state.x, state.lipschitz)
     y_star = state.x
-    return (h(y_star), y_star, state, final_res), y_star
+    return (h(y_star), y_star, state, final_res), (y_star, state.lipschitz)
 
-  def adjoint(theta, y_star, out_bar):
-    """Prop. 3.4: the cotangent of v_mu at fixed y* (one VJP, no solve)."""
-    _, vjp = jax.vjp(lambda t: objective(t, y_star), theta)
-    return vjp(out_bar[0])[0]
+  def adjoint(theta, saved, out_bar):
+    """Prop. 3.4: the cotangent of v_mu at fixed y* (one VJP, no solve); the
+    projection's arrays p: grad_y g~^T d_p P(z*) (module docstring)."""
+    y_star, lip = saved
+    (p, m, pc) = theta
+    _, vjp = jax.vjp(lambda t: objective((t[0], t[1], pc), y_star), (p, m))
+    ct_p, ct_m = vjp(out_bar[0])[0]
+    ct_pc = implicit_diff.zero_cotangent(pc)
+    if pc:
+      g = jax.grad(lambda y: objective(theta, y))(y_star)
+      z = y_star - g / lip
+      inexact = [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in pc]
+      moving = [c for c, d in zip(pc, inexact) if d]
+      _, vjp_p = jax.vjp(lambda *cs: project_p(z, *_merge(pc, inexact, cs)), *moving)
+      ct_moving = iter(vjp_p(out_bar[0] * g))
+      ct_pc = tuple(next(ct_moving) if d else zero for d, zero in zip(inexact, ct_pc))
+    return ct_p, ct_m, ct_pc
 
   value, y_star, state, final_res = implicit_diff.solution_map(
-      solve, adjoint, ((x, consts), mu), (y_flat0, lip0))
+      solve, adjoint, ((x, consts), mu, pconsts), (y_flat0, lip0))
   y_star = lax.stop_gradient(y_star)
   finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(y_star))
   status = jnp.where(~finite, status_lib.NONFINITE,
                      jnp.where(final_res <= 10 * tol, status_lib.SUCCESS,
-                               status_lib.MAX_STEPS)).astype(jnp.int32)
+                               status_lib.MAX_STEPS))
+  status = status_lib.unless_invalid(validation.is_positive(mu), status)
   info = QuadraticInfo(num_steps=state.num_steps, status=status, residual=final_res,
                        lipschitz=state.lipschitz, restarts=state.restarts)
   status_lib.raise_if_failed(status, throw=throw, where="value.quadratic")

@@ -87,7 +87,9 @@ class VFPInfo(NamedTuple):
   Attributes:
     num_steps: Optax steps run in all, K outer_steps inner_steps.
     status: NONFINITE, NOT_STATIONARY (final KKT residual above ``kkt_tol``),
-      INNER_FAILED (only ``value_fn`` failed) or SUCCESS (`bilevel_jax.Status`).
+      INNER_FAILED (only ``value_fn`` failed), INVALID_INPUT (a traced
+      ``epsilon``, ``rho``, ``rho_max``, ``feas_tol`` or mu_k not > 0,
+      ``rho_growth`` < 1 or ``lam0`` < 0) or SUCCESS (`bilevel_jax.Status`).
     residual: the final KKT residual, ``kkt_residual[-1]``.
     kkt_tol: the tolerance it was compared with.
     inner_status: the first non-SUCCESS status of ``value_fn`` over the final
@@ -316,6 +318,11 @@ def solve_vfp(f: Callable, g: Callable, value_fn: Callable, x0, y0, *, mus,
     tol = jnp.asarray(kkt_tol, dtype)
   own = jnp.where(~finite, status_lib.NONFINITE,
                   jnp.where(kkt_res[-1] > tol, status_lib.NOT_STATIONARY, status_lib.SUCCESS))
+  valid = (validation.is_positive(epsilon) & validation.is_positive(rho)
+           & validation.is_positive(rho_max) & validation.is_positive(feas_tol)
+           & validation.is_positive(mus) & jnp.all(jnp.asarray(rho_growth) >= 1)
+           & jnp.all(jnp.asarray(lam0) >= 0))
+  own = status_lib.unless_invalid(valid, own)
   inner_statuses = out["inner"].astype(jnp.int32)
   failed = inner_statuses != status_lib.SUCCESS
   inner_status = jnp.where(jnp.any(failed), inner_statuses[jnp.argmax(failed)],
