@@ -34,9 +34,16 @@ def test_every_code_block_of_the_docs_runs(page, tmp_path, monkeypatch):
     pytest.skip(f"{page} has no python block")
   monkeypatch.chdir(tmp_path)
   namespace = {"__name__": "__docs__"}
-  with jax.enable_x64(False), jax.numpy_rank_promotion("allow"):  # a user's defaults
+  # A user's defaults (float32, rank promotion allowed), which a page may change.
+  saved = (jax.config.jax_enable_x64, jax.config.jax_numpy_rank_promotion)
+  jax.config.update("jax_enable_x64", False)
+  jax.config.update("jax_numpy_rank_promotion", "allow")
+  try:
     for block in blocks:
       exec(compile(block, page, "exec"), namespace)  # noqa: S102
+  finally:
+    jax.config.update("jax_enable_x64", saved[0])
+    jax.config.update("jax_numpy_rank_promotion", saved[1])
   if page in ("README.md", os.path.join("docs", "index.md")):
     assert abs(float(namespace["result"].x) - 1.0) < 1e-2
     assert (tmp_path / "run.npz").exists()

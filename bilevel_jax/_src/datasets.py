@@ -56,7 +56,14 @@ def mnist5k_path() -> str:
 
 
 def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
-  """5000 MNIST images; each CSV row is 784 pixels then the label."""
+  """5000 MNIST images; each CSV row is 784 pixels then the label.
+
+  Examples:
+    >>> from bilevel_jax import data
+    >>> features, labels = data.load_mnist5k()
+    >>> features.shape, sorted(set(labels.tolist())) == list(range(10))
+    ((5000, 784), True)
+  """
   table = np.loadtxt(mnist5k_path(), delimiter=",", dtype=np.float32)
   return table[:, :-1] / 255.0, table[:, -1].astype(np.int32)
 
@@ -114,7 +121,20 @@ def _read_mnist_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_mnist(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """Full MNIST (train then test, 70000 images) from a local npz or IDX folder."""
+  """Full MNIST (train then test, 70000 images) from a local npz or IDX folder.
+
+  Examples:
+    >>> import os, tempfile, numpy as np
+    >>> from bilevel_jax import data
+    >>> path = os.path.join(tempfile.mkdtemp(), "mnist.npz")   # a stand-in with MNIST's layout
+    >>> rng = np.random.default_rng(0)
+    >>> np.savez(path, x_train=rng.integers(0, 256, (6, 28, 28), dtype=np.uint8),
+    ...          y_train=np.arange(6) % 10, x_test=rng.integers(0, 256, (2, 28, 28), dtype=np.uint8),
+    ...          y_test=np.arange(2))
+    >>> features, labels = data.load_mnist(path)
+    >>> features.shape, float(features.max()) <= 1.0
+    ((8, 784), True)
+  """
   if not isinstance(path, (str, os.PathLike)):
     raise TypeError(f"`path` must be a str or os.PathLike, got {type(path).__name__}.")
   path = os.fspath(path)
@@ -148,7 +168,14 @@ def load_mnist(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load(name: str, path: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
-  """Loads ``name`` in `DATASETS` as (features in [0, 1], int labels)."""
+  """Loads ``name`` in `DATASETS` as (features in [0, 1], int labels).
+
+  Examples:
+    >>> from bilevel_jax import data
+    >>> features, labels = data.load("digits")
+    >>> features.shape, labels.dtype.kind
+    ((1797, 64), 'i')
+  """
   if not isinstance(name, str):
     raise TypeError(f"`name` must be a str, one of {DATASETS}, got {type(name).__name__}.")
   if name == "digits":

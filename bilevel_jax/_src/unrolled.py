@@ -664,15 +664,16 @@ def make_hypergradient(upper_fn: Objective, lower_fn: Objective, *, jit: bool = 
 
   Examples:
     >>> import jax.numpy as jnp, optax
-    >>> from bilevel_jax import bda, upper
+    >>> from bilevel_jax import bda, schedules, upper
     >>> F = lambda x, y: 0.5 * (x - y[1]) ** 2 + 0.5 * (y[0] - 1.0) ** 2
     >>> f = lambda x, y: 0.5 * y[0] ** 2 - x * y[0]
-    >>> hg = bda.make_hypergradient(F, f, steps=32, upper_lr=0.7, lower_lr=0.2, alpha=0.5)
+    >>> hg = bda.make_hypergradient(F, f, steps=64, upper_lr=0.7, lower_lr=0.2,
+    ...                             alpha=schedules.harmonic(0.9))
     >>> value, grad, sol = hg(0.5, jnp.array([2.0, 2.0]))
     >>> int(sol.info.status), sol.y.shape
     (0, (2,))
-    >>> result = upper.optimize(hg, 0.0, optax.sgd(0.5), steps=50, y0=jnp.array([2.0, 2.0]))
-    >>> round(float(result.x), 2)
+    >>> result = upper.optimize(hg, 0.0, optax.sgd(0.5), steps=100, y0=jnp.array([2.0, 2.0]))
+    >>> round(float(result.x), 1)      # x* = 1 (Example 1 of the BDA paper)
     1.0
   """
   return hypergradient_lib.make(hypergradient, upper_fn, lower_fn, jit=jit, **kwargs)

@@ -159,6 +159,13 @@ def polyhedral(a, alpha=None, b=None, beta=None) -> Polyhedral:
   MAX_PIECES_PER_BLOCK (write larger h as a `separable` sum).  Concrete data
   must be finite (ValueError naming the argument); traced data with NaN
   makes `solve` report a status other than SUCCESS.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import composite
+    >>> h = composite.polyhedral(jnp.eye(2))          # max(z_1, z_2)
+    >>> float(h(jnp.array([0.5, 2.0])))
+    2.0
   """
   if a is None and b is None:
     raise ValueError("`a` and `b` cannot both be None: give h's pieces or its "
@@ -211,14 +218,29 @@ def _repeat(a, alpha, b, beta, nb):
 
 def nonpositive(s: int) -> Polyhedral:
   """h(z) = indicator{z <= 0} on R^s: inequality constraints G(x, y) <= 0
-  (Example 3.6 without the objective piece)."""
+  (Example 3.6 without the objective piece).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import composite
+    >>> h = composite.nonpositive(2)
+    >>> float(h(jnp.array([-1.0, 0.0]))), float(h(jnp.array([1.0, 0.0])))
+    (0.0, inf)
+  """
   s = validation.check_positive_int("s", s)
   a, alpha, b, beta = _repeat([[0.0]], [0.0], [[1.0]], [0.0], s)
   return _from_blocks(a, alpha, b, beta, np.arange(s)[:, None], size=s)
 
 
 def linear(c) -> Polyhedral:
-  """h(z) = <c, z> with c >= 0, one block per coordinate."""
+  """h(z) = <c, z> with c >= 0, one block per coordinate.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import composite
+    >>> float(composite.linear(jnp.array([1.0, 2.0]))(jnp.array([3.0, 1.0])))
+    5.0
+  """
   c = jnp.asarray(c, float)
   if c.ndim != 1:
     raise ValueError(f"`c` must be a vector, got shape {c.shape}.")
@@ -276,7 +298,16 @@ def l1(d: int, scale=1.0) -> Polyhedral:
 def hinge(s: int, scale=1.0) -> Polyhedral:
   """h(z) = scale * sum_i max(z_i, 0) on R^s (hinge losses when G_i = 1 - t_i).
 
-  A traced ``scale`` is differentiable through `solve`, as in `l1`."""
+  A traced ``scale`` is differentiable through `solve`, as in `l1`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import composite
+    >>> float(composite.hinge(2)(jnp.array([0.5, -2.0])))
+    0.5
+    >>> float(composite.hinge(2, scale=2.0)(jnp.array([0.5, -2.0])))
+    1.0
+  """
   s = validation.check_positive_int("s", s)
   validation.check_positive("scale", scale)
   a = jnp.broadcast_to(jnp.array([[1.0], [0.0]]), (s, 2, 1))
@@ -285,13 +316,28 @@ def hinge(s: int, scale=1.0) -> Polyhedral:
 
 
 def maximum(s: int) -> Polyhedral:
-  """h(z) = max_i z_i on R^s (minimax lower levels); s <= MAX_PIECES_PER_BLOCK."""
+  """h(z) = max_i z_i on R^s (minimax lower levels); s <= MAX_PIECES_PER_BLOCK.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import composite
+    >>> float(composite.maximum(3)(jnp.array([0.5, -2.0, 1.0])))
+    1.0
+  """
   s = validation.check_positive_int("s", s)
   return polyhedral(jnp.eye(s))
 
 
 def separable(*hs: Polyhedral) -> Polyhedral:
-  """h(z) = h_1(z[:s_1]) + h_2(z[s_1:s_1+s_2]) + ... (a separable sum)."""
+  """h(z) = h_1(z[:s_1]) + h_2(z[s_1:s_1+s_2]) + ... (a separable sum).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import composite
+    >>> h = composite.separable(composite.hinge(1), composite.maximum(2))
+    >>> float(h(jnp.array([0.5, -1.0, 3.0])))     # 0.5 + max(-1, 3)
+    3.5
+  """
   if not hs:
     raise ValueError("`separable` needs at least one h.")
   groups, offset = [], 0
