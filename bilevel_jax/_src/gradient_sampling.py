@@ -385,10 +385,22 @@ def gradient_sampling(fun: Callable, x0, *, key, num_samples: int,
     x0: starting point (array or pytree of float arrays).
     key: a jax.random key for the samples.
     num_samples: N_sam >= n + 1.
-    eps0, eps_opt, alpha0, alpha_opt, beta0, beta_opt, eta0, eta_opt,
-      mu_eps, mu_alpha, mu_beta, mu_eta, delta, gamma: as in Algorithm 1.
-      The paper's experiments do not state eta0 or eta_opt; the defaults
-      (1 and 1e-5, with mu_eta = 0.5) mirror the other parameters.
+    eps0: initial sampling radius epsilon^0 (Algorithm 1).
+    eps_opt: target sampling radius.
+    alpha0: initial dual regularization alpha^0.
+    alpha_opt: target alpha.
+    beta0: initial primal regularization beta^0.
+    beta_opt: target beta.
+    eta0: initial stationarity target eta^0 (not stated in the paper's
+      experiments; the default 1, with ``eta_opt`` = 1e-5 and ``mu_eta`` =
+      0.5, mirrors the other parameters).
+    eta_opt: target stationarity.
+    mu_eps: shrink factor of eps when the target is met.
+    mu_alpha: shrink factor of alpha.
+    mu_beta: shrink factor of beta.
+    mu_eta: shrink factor of eta.
+    delta: Armijo constant.
+    gamma: Armijo backtracking factor.
     max_steps: iterations at most (the paper's experiments use 1000).
     max_backtracks: if no step in {1, ..., gamma^(max_backtracks-1)} gives
       the decrease, the iteration is a null step (x unchanged; counted in
@@ -481,18 +493,23 @@ def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
   Delta q.  The run stops when Delta q <= eta eps^2 with eps, alpha, beta at
   their targets.
 
+  The parameters not listed below (eps0, ..., mu_rho, mu_theta) are those of
+  Algorithm 2; the defaults are the paper's data-poisoning settings (Section
+  6.2). mu_rho and mu_theta are not given in the paper; 0.5 is our choice.
+
   Args:
     fun: fun(x, alpha, beta) -> scalar (the regularized hyper-objective), or
       -> (scalar, aux) as in `gradient_sampling`.
     constraints: c(x) -> (r,) array (smooth), feasible where c(x) <= 0.
-    x0, key, num_samples (>= n + 1): as in `gradient_sampling`.
-    Remaining parameters: as in Algorithm 2; the defaults are the paper's
-      data-poisoning settings (Section 6.2).  mu_rho and mu_theta are not
-      given in the paper; 0.5 is our choice.
+    x0: starting point, as in `gradient_sampling`.
+    key: a jax.random key for the samples.
+    num_samples: N_sam >= n + 1.
     max_steps: iterations at most.
     qp_max_steps: iterations of the dual solver of (5.5) (an inner solve:
       MAX_STEPS when its duality gap is still above tolerance).
-    state0, batching, throw: as in `gradient_sampling`.
+    state0: as in `gradient_sampling`.
+    batching: as in `gradient_sampling`.
+    throw: as in `gradient_sampling`.
 
   Returns:
     `GradientSamplingSolution(x, value, info)` with info a
