@@ -151,10 +151,11 @@ def fista(project: Callable, x0, *, lipschitz, max_steps: int, tol=None,
     raise ValueError("one of `fun` and `grad` is required.")
   restart_test = _restart_test(restart)
   if grad is None:
+    assert fun is not None  # checked above
     grad = jax.grad(fun)
     value_and_grad = jax.value_and_grad(fun)
   else:
-    value_and_grad = lambda z: (fun(z), grad(z))
+    value_and_grad = lambda z: (fun(z), grad(z))  # type: ignore[misc]
 
   def backtrack(z, hz, gz, lip):
     def cond(c):

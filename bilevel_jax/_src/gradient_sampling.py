@@ -53,7 +53,7 @@ BATCHINGS = ("vmap", "map")
 def _named_tuple(name: str, doc: str, *groups):
   """A NamedTuple class from groups of field names (the two algorithms share
   most of their fields; each adds its own)."""
-  cls = NamedTuple(name, [(field, Any) for group in groups for field in group])
+  cls = NamedTuple(name, [(field, Any) for group in groups for field in group])  # type: ignore[misc]
   cls.__doc__ = doc
   cls.__module__ = __name__
   return cls
@@ -191,7 +191,7 @@ def _wrap(fun, unravel, stateful: bool):
       return out, (st, _status_of(None))
     return f
 
-  def f(xf, a, b, st):
+  def f(xf, a, b, st):  # type: ignore[no-redef]
     out = fun(unravel(xf), a, b, st)
     if not (isinstance(out, tuple) and len(out) == 2):
       raise TypeError("with `state0`, `fun(x, alpha, beta, state)` must return (value, "

@@ -129,7 +129,7 @@ def check_same_structure(name: str, reference, candidate, what: str) -> None:
   ``reference`` (``what`` describes where ``candidate`` came from)."""
   ref_def = jax.tree_util.tree_structure(reference)
   cand_def = jax.tree_util.tree_structure(candidate)
-  if ref_def != cand_def:
+  if ref_def != cand_def:  # type: ignore[operator]
     raise ValueError(f"`{name}`: {what} has tree structure {cand_def}, "
                      f"expected {ref_def}.")
   for ref, cand in zip(jax.tree_util.tree_leaves(reference),

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -772,7 +772,7 @@ def _prepare(g, G, h, x, y0, alpha, beta, tol, max_steps, derivative, linear_sol
     G_unscaled = G_flat
     G_flat = lambda xx, yy: scale * G_unscaled(xx, yy)
     alpha = alpha * scale ** 2
-    p_scale = scale
+    p_scale = scale  # type: ignore[assignment]
   validation.check_scalar_output("g", g_flat, x, y0_flat)
   try:
     out = jax.eval_shape(G_flat, x, y0_flat)

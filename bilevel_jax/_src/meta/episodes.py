@@ -231,8 +231,9 @@ def load_omniglot(path: str, *, image_size: int = 28, invert: bool = True,
       if not name.lower().endswith(IMAGE_SUFFIXES):
         continue
       with Image.open(os.path.join(folder, name)) as image:
-        image = image.convert("L").resize((image_size, image_size), Image.LANCZOS)
-        pixels = np.asarray(image, dtype=np.float32) / 255.0
+        resized = image.convert("L").resize((image_size, image_size),
+                                            Image.Resampling.LANCZOS)
+        pixels = np.asarray(resized, dtype=np.float32) / 255.0
       features.append((1.0 - pixels if invert else pixels).reshape(-1))
       labels.append(label)
   names = [os.path.relpath(d, path) for d in class_dirs]

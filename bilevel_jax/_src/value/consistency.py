@@ -222,15 +222,15 @@ def consistency_check(value_fn: Callable, x_bar, *, mus, radii=None,
     gens = gens.astype(dtype)
   dist = jax.jit(jax.vmap(jax.vmap(lambda xi, g: distance_to_hull(xi, g, steps),
                                    in_axes=(0, None)), in_axes=(0, None)))(grads, gens)
-  all_statuses = jnp.concatenate(all_statuses)
-  inner_status = _first_failure(all_statuses)
+  flat_statuses = jnp.concatenate(all_statuses)
+  inner_status = _first_failure(flat_statuses)
   finite = (jnp.all(jnp.isfinite(dist)) & jnp.all(jnp.isfinite(grads))
             & jnp.all(jnp.isfinite(gens)))
   own = jnp.where(finite, status_lib.SUCCESS, status_lib.NONFINITE)
   info = ConsistencyInfo(
       num_steps=jnp.asarray(steps, jnp.int32),
       status=status_lib.with_inner(own, inner_status), inner_status=inner_status,
-      inner_failures=jnp.sum(all_statuses != status_lib.SUCCESS).astype(jnp.int32),
+      inner_failures=jnp.sum(flat_statuses != status_lib.SUCCESS).astype(jnp.int32),
       inner_statuses=statuses)
   status_lib.raise_if_failed(info.status, throw=throw, where="value.consistency_check")
   return ConsistencySolution(mus=mus, radii=radii, distances=dist,
