@@ -22,11 +22,11 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import timing  # noqa: E402
-from experiments import report  # noqa: E402
+from benchmarks import timing
+from experiments import report
 
-from bilevel_jax import meta, schedules, sharding  # noqa: E402
-from experiments import config  # noqa: E402
+from bilevel_jax import meta, schedules, sharding
+from experiments import config
 
 F = config.Field
 SCHEMA = {

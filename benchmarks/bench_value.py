@@ -20,16 +20,15 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.scipy.special import logsumexp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import timing  # noqa: E402
-from experiments import report  # noqa: E402
+from benchmarks import timing
+from experiments import report
 
-from bilevel_jax import Status, smoothing, value  # noqa: E402
-from experiments import config  # noqa: E402
-from bilevel_jax._src.value import rules  # noqa: E402
+from bilevel_jax import Status, smoothing, value
+from experiments import config
+from bilevel_jax._src.value import rules
 
 F = config.Field
 SCHEMA = {

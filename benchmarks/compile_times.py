@@ -28,11 +28,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from benchmarks import timing  # noqa: E402
-from experiments import report  # noqa: E402
+from benchmarks import timing
+from experiments import report
 
 TARGET_S = {"upper.gradient_sampling": 10.0, "upper.sqp_gradient_sampling": 10.0}
 DEFAULT_TARGET_S = 3.0

@@ -16,7 +16,7 @@ is also measured here with a large copy, which is what a program can reach.
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ SPEC_PEAKS = {
 }
 
 
-def spec_peaks(device=None) -> Optional[dict]:
+def spec_peaks(device=None) -> dict | None:
   """The spec-sheet peaks of ``device`` (default: the first), or None."""
   device = device or jax.devices()[0]
   kind = getattr(device, "device_kind", "")
@@ -63,7 +63,7 @@ def cost(compiled) -> dict:
   """FLOPs and bytes accessed of a compiled executable (XLA cost analysis)."""
   try:
     analysis = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001 - not every backend implements it
+  except Exception:
     return {"flops": None, "bytes": None}
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else {}
@@ -71,9 +71,9 @@ def cost(compiled) -> dict:
   return {"flops": analysis.get("flops"), "bytes": analysis.get("bytes accessed")}
 
 
-def estimate(seconds: float, flops: Optional[float], num_bytes: Optional[float],
+def estimate(seconds: float, flops: float | None, num_bytes: float | None,
              peaks: dict, *, dtype: Any = jnp.float32,
-             bandwidth: Optional[float] = None) -> dict[str, Any]:
+             bandwidth: float | None = None) -> dict[str, Any]:
   """Roofline bound and the fraction of it a measured time achieves.
 
   Args:

@@ -22,7 +22,8 @@ import importlib
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from experiments import config
 from experiments import report

@@ -14,7 +14,8 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 
@@ -121,7 +122,7 @@ def device_peak_mib() -> float | None:
     return None
   try:
     stats = device.memory_stats() or {}
-  except Exception:  # noqa: BLE001 - backends without statistics
+  except Exception:
     return None
   peak = stats.get("peak_bytes_in_use")
   return None if peak is None else peak / 2 ** 20
@@ -131,7 +132,7 @@ def compiled_memory(compiled) -> dict:
   """XLA's buffer assignment of an executable: temp, argument, output bytes."""
   try:
     mem = compiled.memory_analysis()
-  except Exception:  # noqa: BLE001 - not every backend implements it
+  except Exception:
     mem = None
   row = {}
   for field in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",

@@ -6,12 +6,12 @@ See `bilevel_jax._src.smoothing` for the formulas and approximation bounds.
 """
 from bilevel_jax._src.smoothing import DENSITIES
 from bilevel_jax._src.smoothing import Density
-from bilevel_jax._src.smoothing import abs  # noqa: A004
+from bilevel_jax._src.smoothing import abs
 from bilevel_jax._src.smoothing import bound
 from bilevel_jax._src.smoothing import hinge
 from bilevel_jax._src.smoothing import kappa
 from bilevel_jax._src.smoothing import l1
-from bilevel_jax._src.smoothing import max  # noqa: A004
+from bilevel_jax._src.smoothing import max
 from bilevel_jax._src.smoothing import maximum
 from bilevel_jax._src.smoothing import moreau_abs
 from bilevel_jax._src.smoothing import moreau_box

@@ -11,7 +11,8 @@ import dataclasses
 import math
 import os
 import sys
-from typing import Any, Callable, Optional
+from typing import Any
+from collections.abc import Callable
 
 if sys.version_info >= (3, 11):
   import tomllib
@@ -33,7 +34,7 @@ class Field:
   """
   kind: str
   default: Any
-  check: Optional[Callable[[Any], Optional[str]]] = None
+  check: Callable[[Any], str | None] | None = None
   doc: str = ""
 
 

@@ -31,7 +31,7 @@ def git_commit() -> str:
   try:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, check=True, timeout=5).stdout.strip()
-  except Exception:  # noqa: BLE001 - not a git checkout
+  except Exception:
     return "unknown"
 
 

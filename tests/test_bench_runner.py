@@ -1,6 +1,5 @@
 """The benchmark runner (`python -m benchmarks`), its measurements and the scaling suite."""
 import json
-import os
 
 import jax
 import jax.numpy as jnp

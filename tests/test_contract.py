@@ -11,7 +11,8 @@ argument. The per-module test files keep what is specific to each method
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import NamedTuple
+from collections.abc import Callable
 
 import chex
 import jax
@@ -236,7 +237,7 @@ CASES = {
 NAMES = sorted(CASES)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(name):
   """The jitted float64 function (which fails if traced twice), x0, xs, and its
   outputs at each row of xs (the loop that vmap must equal)."""

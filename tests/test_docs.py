@@ -40,7 +40,7 @@ def test_every_code_block_of_the_docs_runs(page, tmp_path, monkeypatch):
   jax.config.update("jax_numpy_rank_promotion", "allow")
   try:
     for block in blocks:
-      exec(compile(block, page, "exec"), namespace)  # noqa: S102
+      exec(compile(block, page, "exec"), namespace)
   finally:
     jax.config.update("jax_enable_x64", saved[0])
     jax.config.update("jax_numpy_rank_promotion", saved[1])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bilevel_jax import bda, data, schedules
-from bilevel_jax.problems import CleaningData, HyperCleaning, detection_f1
+from bilevel_jax.problems import HyperCleaning, detection_f1
 from tests.helpers import finite_difference_grad
 
 

@@ -1,5 +1,4 @@
 """Proximal operators and projections against their closed forms."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

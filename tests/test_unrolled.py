@@ -1,5 +1,4 @@
 """BDA / RHG / truncated RHG: derivatives, closed forms, transformations, errors."""
-import functools
 
 import jax
 import jax.numpy as jnp

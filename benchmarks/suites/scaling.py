@@ -201,7 +201,7 @@ def _k_rows(cfg, ctx, prob, dataset, peaks, bandwidth):
         if peaks is not None:
           if (K, method) not in costs:
             costs[(K, method)] = unrolled_cost(
-                lambda k: _cleaning_fns(prob, k, method, unroll=True)[0], x, K)  # noqa: B023
+                lambda k: _cleaning_fns(prob, k, method, unroll=True)[0], x, K)
           _add_roofline(row, costs[(K, method)], x, peaks, bandwidth)
         rows.append(row)
         ctx.log(f"K={K:4d} {method} unroll={unroll}: {1e3 * hg_stats['median_s']:.2f} ms/"
@@ -229,7 +229,7 @@ def _dim_rows(cfg, ctx, dtype, peaks, bandwidth):
                  "compiled_mib": timing.compiled_memory(hg)["compiled_mib"], **mem,
                  "metric_name": "test_acc(y_K(0))", "metric": float(jax.jit(test_acc)(x))})
     if peaks is not None:
-      cost = unrolled_cost(lambda k: _cleaning_fns(prob, k, "bda", unroll=True)[0], x,  # noqa: B023
+      cost = unrolled_cost(lambda k: _cleaning_fns(prob, k, "bda", unroll=True)[0], x,
                            dc["K"])
       _add_roofline(rows[-1], cost, x, peaks, bandwidth)
     ctx.log(f"dim(y)={(features + 1) * 10:6d}: {1e3 * stats['median_s']:.2f} ms/hypergradient"

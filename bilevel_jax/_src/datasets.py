@@ -15,7 +15,6 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
-from typing import Optional
 
 import numpy as np
 
@@ -167,7 +166,7 @@ def load_mnist(path: str) -> tuple[np.ndarray, np.ndarray]:
   return images, labels.astype(np.int32)
 
 
-def load(name: str, path: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+def load(name: str, path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Loads ``name`` in `DATASETS` as (features in [0, 1], int labels).
 
   Examples:
@@ -254,7 +253,7 @@ def corrupt_labels(labels: np.ndarray, fraction: float, num_classes: int,
 
 
 def hypercleaning_split(features: np.ndarray, labels: np.ndarray, *, n_train: int,
-                        n_val: int, n_test: Optional[int] = None,
+                        n_val: int, n_test: int | None = None,
                         corruption: float = 0.5, seed: int = 0,
                         dtype=np.float32) -> CleaningData:
   """Class-balanced train/validation/test split with corrupted training labels.

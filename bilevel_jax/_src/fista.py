@@ -46,7 +46,8 @@ attach their own derivative rules).
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Union
+from typing import NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -112,10 +113,10 @@ def _restart_test(restart):
 
 
 def fista(project: Callable, x0, *, lipschitz, max_steps: int, tol=None,
-          fun: Optional[Callable] = None, grad: Optional[Callable] = None,
+          fun: Callable | None = None, grad: Callable | None = None,
           backtracking: bool = False, max_backtracks: int = 40,
-          restart: Union[str, Callable, None] = "gradient_mapping",
-          residual: Optional[Callable] = None) -> FistaState:
+          restart: str | Callable | None = "gradient_mapping",
+          residual: Callable | None = None) -> FistaState:
   """Accelerated projected gradient (1) from the feasible point ``x0``.
 
   Args:

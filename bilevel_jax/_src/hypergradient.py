@@ -13,7 +13,7 @@ hit ``max_steps`` is recorded, never dropped).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np

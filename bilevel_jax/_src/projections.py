@@ -5,7 +5,8 @@ and, through `prox.from_projection`, as proximal maps of indicator functions.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -10,7 +10,8 @@ everywhere, so reverse mode through the unrolled iterations works.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

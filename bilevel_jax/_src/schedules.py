@@ -7,7 +7,7 @@ alpha_k, so a K-step run reads alpha_1, ..., alpha_K.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np

@@ -47,7 +47,8 @@ GPU clusters with a scheduler (SLURM, Open MPI, Kubernetes),
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,8 +69,8 @@ REDUCTIONS = ("mean", "sum")
 DEFAULT_AXIS = "batch"
 
 
-def make_mesh(num_devices: Optional[int] = None, *, axis_name: str = DEFAULT_AXIS,
-              devices: Optional[Sequence[Any]] = None) -> Mesh:
+def make_mesh(num_devices: int | None = None, *, axis_name: str = DEFAULT_AXIS,
+              devices: Sequence[Any] | None = None) -> Mesh:
   """A one-dimensional mesh over ``num_devices`` devices (default: all).
 
   After `jax.distributed.initialize`, `jax.devices()` lists the devices of
@@ -102,7 +103,7 @@ def make_mesh(num_devices: Optional[int] = None, *, axis_name: str = DEFAULT_AXI
   return Mesh(np.asarray(devices[:num_devices], dtype=object), (axis_name,))
 
 
-def _resolve_axis(mesh: Mesh, axis_name: Optional[str]) -> str:
+def _resolve_axis(mesh: Mesh, axis_name: str | None) -> str:
   if not isinstance(mesh, Mesh):
     raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
   if axis_name is None:
@@ -172,9 +173,9 @@ def _count_outputs(fn, local_args, reduced) -> int:
   return len(outputs)
 
 
-def shard_hypergradient(fn: Callable, mesh: Mesh, *, in_axes: Sequence[Optional[int]],
+def shard_hypergradient(fn: Callable, mesh: Mesh, *, in_axes: Sequence[int | None],
                         reduce: str, reduced_outputs: Sequence[int] = (0, 1),
-                        axis_name: Optional[str] = None, pad: bool = True,
+                        axis_name: str | None = None, pad: bool = True,
                         jit: bool = True) -> Callable:
   """Runs a batched hypergradient with its batch split over a mesh axis.
 
@@ -263,7 +264,7 @@ def shard_hypergradient(fn: Callable, mesh: Mesh, *, in_axes: Sequence[Optional[
           result.append(out)
           continue
 
-        def reduce_leaf(leaf):
+        def reduce_leaf(leaf, i=i):
           if not jnp.issubdtype(leaf.dtype, jnp.inexact):
             raise TypeError(f"`reduced_outputs` includes output {i}, which has a "
                             f"leaf of dtype {leaf.dtype}; only float outputs reduce.")
@@ -295,7 +296,7 @@ def shard_hypergradient(fn: Callable, mesh: Mesh, *, in_axes: Sequence[Optional[
   return jax.jit(sharded) if jit else sharded
 
 
-def process_local_batch(tree, mesh: Mesh, *, axis_name: Optional[str] = None):
+def process_local_batch(tree, mesh: Mesh, *, axis_name: str | None = None):
   """Builds global batched arrays from the part of the batch this process owns.
 
   In a multi-process run (after `jax.distributed.initialize`), each process

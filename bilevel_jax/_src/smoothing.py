@@ -139,7 +139,7 @@ def _plus(t, mu, density):
   return t * special.ndtr(z) + mu * jnp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
 
 
-def abs(t, mu, density: str = "softplus"):  # noqa: A001 - mirrors jnp.abs
+def abs(t, mu, density: str = "softplus"):
   """|t| ~ plus_mu(t) + plus_mu(-t); 0 <= gap <= kappa mu (attained at t = 0).
 
   Examples:
@@ -178,7 +178,7 @@ def maximum(a, b, mu, density: str = "softplus"):
   return b + plus(a - b, mu, density)
 
 
-def max(z, mu, density: str = "softplus", axis: int = -1):  # noqa: A001
+def max(z, mu, density: str = "softplus", axis: int = -1):
   """max_i z_i along ``axis`` by a left fold of `maximum`.
 
   0 <= gap <= (n - 1) kappa mu / 2 for n entries.

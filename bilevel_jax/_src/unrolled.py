@@ -55,7 +55,8 @@ d^F term. Values reported at y_K (``info.upper_value`` = phi_K, the residual,
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +72,7 @@ from bilevel_jax._src import validation
 from bilevel_jax._src import variables
 
 Objective = Callable[..., jax.Array]  # F(x, y) or F(x, y, batch)
-Checkpoint = Union[bool, str, int]
+Checkpoint = bool | str | int
 # `steps` at most: the loop scans over (and may record) arrays of length K.
 MAX_UNROLL = 2 ** 24
 
@@ -101,8 +102,8 @@ class BDAInfo(NamedTuple):
   residual: jax.Array
   upper_value: jax.Array
   lower_value: jax.Array
-  upper_history: Optional[jax.Array] = None
-  lower_history: Optional[jax.Array] = None
+  upper_history: jax.Array | None = None
+  lower_history: jax.Array | None = None
 
 
 class BDASolution(NamedTuple):
@@ -124,7 +125,7 @@ def _segment_length(checkpoint: Checkpoint, steps: int) -> int:
                    f"positive int segment length, got {checkpoint!r}.")
 
 
-def _scan(step, carry, xs, checkpoint: Checkpoint, unroll: Union[int, bool] = 1):
+def _scan(step, carry, xs, checkpoint: Checkpoint, unroll: int | bool = 1):
   """`lax.scan` over ``xs`` (a pytree, leading axis K), optionally
   rematerializing the backward pass.
 
@@ -158,7 +159,7 @@ class _Batches(NamedTuple):
   """Where the batch of step k comes from: ``xs`` (leading axis K, scanned
   over), ``sample(k, key_k)``, or neither (the objective takes no batch)."""
   xs: Any = None
-  sample: Optional[Callable] = None
+  sample: Callable | None = None
   stream: int = 0  # 0: the lower sampler's keys, 1: the upper sampler's
   fixed: Any = None  # one batch for every step (``upper_batch``)
 
@@ -331,7 +332,7 @@ def _check_schedule_range(schedule, steps: int) -> None:
   try:
     with jax.ensure_compile_time_eval():
       values = schedule(ks)
-  except Exception as err:  # noqa: BLE001
+  except Exception as err:
     raise TypeError(f"`alpha` schedule failed on k = 1..{steps}: {err}") from err
   if jnp.shape(values) not in ((steps,), ()):
     raise ValueError(f"`alpha` schedule must map k (shape ({steps},)) to an "
@@ -368,9 +369,9 @@ def _diverged(lower_grad, lower_step, y0, y_final, grad_final, residual):
 
 
 def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
-          upper_lr, lower_lr=None, alpha, truncate: Optional[int] = None,
+          upper_lr, lower_lr=None, alpha, truncate: int | None = None,
           prox=None, checkpoint: Checkpoint = False,
-          record_history: bool = False, unroll: Union[int, bool] = 1,
+          record_history: bool = False, unroll: int | bool = 1,
           throw: bool = False, lower_optimizer=None, lower_batches=None,
           upper_batches=None, upper_batch=None, key=None) -> BDASolution:
   """Runs K aggregated lower iterations (BDA eq. 10, or eq. 13 with ``prox``).

@@ -39,7 +39,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -239,13 +240,13 @@ class _History:
         self.tail[k] = np.empty(self.CHUNK, self.dtypes[k])
       self.fill = 0
 
-  def arrays(self, n: Optional[int] = None) -> dict:
+  def arrays(self, n: int | None = None) -> dict:
     n = self.length if n is None else n
     return {k: np.concatenate(self.done[k] + [self.tail[k][:self.fill]])[:n]
             for k in self.dtypes}
 
 
-def _physical_memory() -> Optional[int]:
+def _physical_memory() -> int | None:
   try:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
   except (ValueError, OSError, AttributeError):
@@ -344,10 +345,10 @@ class _ProgressBar:
 
 def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransformation,
              *, steps: int, y0=None, warm_start: bool = False,
-             projection: Optional[Callable] = None,
-             metrics_fn: Optional[Callable] = None, data=None, key=None,
-             callback: Optional[Callable] = None, callback_every: int = 1,
-             checkpoint_path: Optional[str] = None, checkpoint_every: int = 100,
+             projection: Callable | None = None,
+             metrics_fn: Callable | None = None, data=None, key=None,
+             callback: Callable | None = None, callback_every: int = 1,
+             checkpoint_path: str | None = None, checkpoint_every: int = 100,
              resume: bool = True, log_every: int = 0, progress: bool = False,
              stop_on_nonfinite: bool = True, stop_on_inner_failure: bool = False,
              throw: bool = False, log=None) -> OptimizeSolution:

@@ -32,7 +32,8 @@ jax.jit cannot take, jit the step with ``equinox.filter_jit``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -123,8 +124,8 @@ def canonical(tree):
 
 
 def make_step(hypergradient_fn: Callable, optimizer: optax.GradientTransformation, *,
-              projection: Optional[Callable] = None, warm_start: bool = False,
-              metrics_fn: Optional[Callable] = None) -> UpperStep:
+              projection: Callable | None = None, warm_start: bool = False,
+              metrics_fn: Callable | None = None) -> UpperStep:
   """One upper step as ``init`` and ``step`` pure functions, for a loop you own.
 
   Args:

@@ -24,7 +24,7 @@ def concrete_value(value: Any) -> np.ndarray | None:
     return None
   try:
     return np.asarray(value)
-  except Exception:  # noqa: BLE001 - anything that is not concrete
+  except Exception:
     return None
 
 

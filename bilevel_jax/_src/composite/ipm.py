@@ -156,7 +156,7 @@ def solve(g_fn, G_fn, lin_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=No
     matrix, jac = lin_fn(y, p)                             # (m, m), (s, m)
     rhs = -r_y
     solves = []
-    for gr, (w, t, s, lam), (r_w, r_t, r_p) in zip(groups, blocks, res):
+    for gr, (_w, _t, s, lam), (r_w, r_t, r_p) in zip(groups, blocks, res):
       d = lam / s                                          # (nb, n)
       e = (target - s * lam + lam * r_p) / s               # (nb, n)
       crow = gr.rows                                       # (nb, n, k)
@@ -197,7 +197,7 @@ def solve(g_fn, G_fn, lin_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=No
 
     directions = []
     alpha_p, alpha_d = jnp.ones((), dtype), jnp.ones((), dtype)
-    for gr, (w, t, s, lam), (r_w, r_t, r_p), (r_mat, rg, jb, d, e, dp, total, f_t) in zip(
+    for gr, (_w, _t, s, lam), (_r_w, _r_t, r_p), (r_mat, rg, jb, d, e, dp, total, f_t) in zip(
         groups, blocks, res, solves):
       dw = alpha * rg + jnp.einsum("bkl,blm,m->bk", r_mat, jb, dy)
       dt = (f_t + jnp.einsum("bn,bnk,bk->b", dp, gr.rows, dw)) / total

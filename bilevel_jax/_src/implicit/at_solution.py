@@ -41,7 +41,8 @@ approximation knowingly).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +92,7 @@ def _with_batch(fn: Callable, batch) -> Callable:
 
 def hypergradient_at(upper_fn: Callable, lower_fn: Callable, x, y, *, adjoint: str = "cg",
                      v0=None, tol: float = 1e-6, max_steps: int = 100,
-                     neumann_lr: Optional[float] = None, darts_lr: Optional[float] = None,
+                     neumann_lr: float | None = None, darts_lr: float | None = None,
                      finite_difference: float = 1e-2, upper_batch=None, lower_batch=None,
                      throw: bool = False) -> AdjointSolution:
   """The implicit hypergradient (4) at a given (x, y), from Hessian-vector products.

@@ -36,7 +36,8 @@ rounding allows).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +59,7 @@ class Options(NamedTuple):
   solver: str
   tol: float
   max_steps: int
-  stepsize: Optional[float]
+  stepsize: float | None
   memory_size: int
 
 

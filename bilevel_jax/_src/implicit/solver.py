@@ -30,7 +30,8 @@ O(|e|) error in (4), and (2) solved to relative residual r another O(r).
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -209,10 +210,10 @@ def _prepare(lower_fn, x, y0, solver, tol, max_steps, linear_solver, linear_tol,
 # ------------------------------------------------------------------ public
 
 
-def solve(lower_fn: Callable, x, y0, *, solver: str = "lbfgs", tol: Optional[float] = None,
+def solve(lower_fn: Callable, x, y0, *, solver: str = "lbfgs", tol: float | None = None,
           max_steps: int = 500, linear_solver: str = "cg",
-          linear_tol: Optional[float] = None, linear_max_steps: Optional[int] = None,
-          stepsize: Optional[float] = None, memory_size: int = 10,
+          linear_tol: float | None = None, linear_max_steps: int | None = None,
+          stepsize: float | None = None, memory_size: int = 10,
           throw: bool = False) -> ImplicitSolution:
   """Minimizes y -> f(x, y); the minimizer is differentiable in x by (2)-(3).
 

@@ -15,7 +15,7 @@ synthetic task family `synthetic_classes`, and Omniglot from a local folder
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -174,7 +174,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
 def load_omniglot(path: str, *, image_size: int = 28, invert: bool = True,
-                  max_classes: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, list]:
+                  max_classes: int | None = None) -> tuple[np.ndarray, np.ndarray, list]:
   """Omniglot (Lake et al., 2015) from a local folder the user has.
 
   Every folder under ``path`` that holds image files is one class (in the

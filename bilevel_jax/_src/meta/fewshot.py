@@ -26,7 +26,7 @@ since the validation labels are what is being predicted).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

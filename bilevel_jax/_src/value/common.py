@@ -8,7 +8,8 @@ the same mu that is vmapped or differentiated over.  Status codes are those of
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

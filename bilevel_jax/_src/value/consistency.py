@@ -32,7 +32,8 @@ Practical choices (ours):
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -121,7 +122,7 @@ def _first_failure(statuses):
 
 def consistency_check(value_fn: Callable, x_bar, *, mus, radii=None,
                       num_directions: int = 8, subdifferential=None,
-                      reference_grad: Optional[Callable] = None,
+                      reference_grad: Callable | None = None,
                       sample_radius: float = 1e-6, num_reference: int = 64,
                       key=None, steps: int = 500,
                       throw: bool = False) -> ConsistencySolution:

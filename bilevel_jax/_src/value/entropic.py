@@ -46,7 +46,8 @@ Practical choices (the paper has no algorithm; these are ours):
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -286,7 +287,7 @@ def entropic(g: Callable, x, *, mu, box=None, rule: str = "auto",
              order=None, panels=None,
              num_points: int = 2048, randomizations: int = 8, key=None,
              points=None, weights=None, radius=None, pass_mu: bool = False,
-             tol: float = 1e-4, batch_size: Optional[int] = None,
+             tol: float = 1e-4, batch_size: int | None = None,
              throw: bool = False) -> EntropicSolution:
   """Entropic value function v_mu(x) = -mu ln int_Y exp(-g(x, y)/mu) dy (4.1).
 

@@ -45,7 +45,8 @@ Practical choices (ours):
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -99,8 +100,8 @@ def _merge(consts, inexact, moving):
   return [next(moving) if d else c for c, d in zip(consts, inexact)]
 
 
-def quadratic(g: Callable, x, y0, *, mu, projection: Optional[Callable] = None,
-              tol: Optional[float] = None, max_steps: int = 2000,
+def quadratic(g: Callable, x, y0, *, mu, projection: Callable | None = None,
+              tol: float | None = None, max_steps: int = 2000,
               lipschitz=None, pass_mu: bool = False,
               throw: bool = False) -> QuadraticSolution:
   """Quadratic-regularization value function v_mu(x) of (3.2).

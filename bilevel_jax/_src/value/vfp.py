@@ -67,7 +67,8 @@ What the status says (`bilevel_jax.Status`):
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -166,11 +167,11 @@ def _check_mus(mus) -> None:
 
 def solve_vfp(f: Callable, g: Callable, value_fn: Callable, x0, y0, *, mus,
               epsilon, optimizer: optax.GradientTransformation,
-              projection_x: Optional[Callable] = None,
-              projection_y: Optional[Callable] = None, inner_steps: int = 200,
+              projection_x: Callable | None = None,
+              projection_y: Callable | None = None, inner_steps: int = 200,
               outer_steps: int = 10, rho: float = 10.0, rho_growth: float = 2.0,
               rho_max: float = 1e4, feas_tol: float = 1e-6, lam0: float = 0.0,
-              pass_mu: bool = False, kkt_tol: Optional[float] = None,
+              pass_mu: bool = False, kkt_tol: float | None = None,
               throw: bool = False) -> VFPSolution:
   """Smoothing method for (VFP_eps): augmented Lagrangian on (VFP^mu_eps).
 
