@@ -5,6 +5,7 @@ writes ``benchmarks/results/<config>_<device>.{json,md,png}``; a config
 without one is run by its standalone script ``benchmarks/bench_<config>.py``
 (in a process of its own, e.g. because it sets ``XLA_FLAGS`` before JAX starts).
 """
+
 from benchmarks.runner import main
 
 raise SystemExit(main())

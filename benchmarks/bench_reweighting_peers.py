@@ -47,6 +47,7 @@ accuracy of the final theta on the whole test split, the mean weight
 sigmoid(x) on clean and on corrupted samples, and the largest relative gap of
 each validation-loss history to the hand-written scan's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,8 @@ from benchmarks import timing  # noqa: E402
 from experiments import report  # noqa: E402
 
 PEERS = {
-    "torchopt": ["torch==2.13.0", "torchopt==0.7.3"],
-    "betty": ["torch==2.13.0", "betty-ml==0.1.1"],
+  "torchopt": ["torch==2.13.0", "torchopt==0.7.3"],
+  "betty": ["torch==2.13.0", "betty-ml==0.1.1"],
 }
 SCRIPTS = {"jax": "jax_side.py", "torchopt": "torchopt_side.py", "betty": "betty_side.py"}
 OUT = os.path.join(HERE, "results", "reweighting_peers.json")
@@ -91,15 +92,23 @@ def parse_args(argv=None):
   p.add_argument("--corruption", type=float, default=0.4)
   p.add_argument("--inner-lr", type=float, default=1e-3)
   p.add_argument("--outer-lr", type=float, default=0.1)
-  p.add_argument("--eps-root", type=float, default=1e-8,
-                 help="Adam's eps inside the square root (d sqrt(v)/dv at v = 0)")
+  p.add_argument(
+    "--eps-root",
+    type=float,
+    default=1e-8,
+    help="Adam's eps inside the square root (d sqrt(v)/dv at v = 0)",
+  )
   p.add_argument("--threads", type=int, default=1)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--timeout", type=float, default=900.0, help="seconds per child process")
-  p.add_argument("--bilevel-jax", default=ROOT,
-                 help="folder holding the bilevel_jax package the JAX child imports")
-  p.add_argument("--note", default="", help="free text stored in the JSON (e.g. the source "
-                 "of --bilevel-jax)")
+  p.add_argument(
+    "--bilevel-jax",
+    default=ROOT,
+    help="folder holding the bilevel_jax package the JAX child imports",
+  )
+  p.add_argument(
+    "--note", default="", help="free text stored in the JSON (e.g. the source of --bilevel-jax)"
+  )
   p.add_argument("--out", default=OUT)
   return p.parse_args(argv)
 
@@ -107,10 +116,16 @@ def parse_args(argv=None):
 def make_data(args) -> tuple[dict, dict]:
   """The split, the initial MLP and every minibatch index (NumPy)."""
   from bilevel_jax._src import datasets
+
   features, labels = datasets.load("mnist5k")
-  split = datasets.hypercleaning_split(features, labels, n_train=args.n_train,
-                                       n_val=args.n_val, corruption=args.corruption,
-                                       seed=args.seed)
+  split = datasets.hypercleaning_split(
+    features,
+    labels,
+    n_train=args.n_train,
+    n_val=args.n_val,
+    corruption=args.corruption,
+    seed=args.seed,
+  )
   rng = np.random.default_rng(args.seed + 1)
   d, h, c = features.shape[1], args.hidden, int(labels.max()) + 1
 
@@ -118,8 +133,12 @@ def make_data(args) -> tuple[dict, dict]:
     bound = 1.0 / np.sqrt(fan_in)
     return rng.uniform(-bound, bound, shape).astype(np.float32)
 
-  model = {"W1": uniform(d, (d, h)), "b1": uniform(d, (h,)),
-           "W2": uniform(h, (h, c)), "b2": uniform(h, (c,))}
+  model = {
+    "W1": uniform(d, (d, h)),
+    "b1": uniform(d, (h,)),
+    "W2": uniform(h, (h, c)),
+    "b2": uniform(h, (c,)),
+  }
   steps = args.upper_steps
   per_step = args.K * args.batch
   train_idx = np.empty((steps, args.K, args.batch), np.int32)
@@ -127,40 +146,64 @@ def make_data(args) -> tuple[dict, dict]:
     reps = -(-per_step // args.n_train)  # ceil
     order = np.concatenate([rng.permutation(args.n_train) for _ in range(reps)])
     train_idx[t] = order[:per_step].reshape(args.K, args.batch)
-  val_idx = np.stack([rng.choice(args.n_val, args.val_batch, replace=False)
-                      for _ in range(steps)]).astype(np.int32)
-  arrays = {**{k: np.asarray(v) for k, v in split._asdict().items()}, **model,
-            "train_idx": train_idx, "val_idx": val_idx}
-  sizes = {"dataset": "mnist5k", "n_train": int(split.y_train.size),
-           "n_val": int(split.y_val.size), "n_test": int(split.y_test.size),
-           "corrupted": int(split.corrupted.sum()), "mlp": [d, h, c]}
+  val_idx = np.stack(
+    [rng.choice(args.n_val, args.val_batch, replace=False) for _ in range(steps)]
+  ).astype(np.int32)
+  arrays = {
+    **{k: np.asarray(v) for k, v in split._asdict().items()},
+    **model,
+    "train_idx": train_idx,
+    "val_idx": val_idx,
+  }
+  sizes = {
+    "dataset": "mnist5k",
+    "n_train": int(split.y_train.size),
+    "n_val": int(split.y_val.size),
+    "n_test": int(split.y_test.size),
+    "corrupted": int(split.corrupted.sum()),
+    "mlp": [d, h, c],
+  }
   return arrays, sizes
 
 
 def settings_of(args) -> dict:
-  return {"K": args.K, "upper_steps": args.upper_steps, "warmup": args.warmup,
-          "batch": args.batch, "val_batch": args.val_batch, "inner_lr": args.inner_lr,
-          "outer_lr": args.outer_lr, "eps_root": args.eps_root, "threads": args.threads}
+  return {
+    "K": args.K,
+    "upper_steps": args.upper_steps,
+    "warmup": args.warmup,
+    "batch": args.batch,
+    "val_batch": args.val_batch,
+    "inner_lr": args.inner_lr,
+    "outer_lr": args.outer_lr,
+    "eps_root": args.eps_root,
+    "threads": args.threads,
+  }
 
 
 def interpreters(args, impls) -> dict:
   """The Python of each implementation (None with the reason when missing)."""
   os.environ["BILEVEL_JAX_PEERS"] = args.peers_dir
   from benchmarks.peers import venv
+
   out = {}
   for name in impls:
     if name == "jax":
       out[name] = (sys.executable, "")
       continue
     try:
-      python = venv.ensure(name, PEERS[name], setup=args.setup,
-                           log=lambda m: print(m, file=sys.stderr))
+      python = venv.ensure(
+        name, PEERS[name], setup=args.setup, log=lambda m: print(m, file=sys.stderr)
+      )
     except subprocess.CalledProcessError as err:
       python = None
       print(f"peer {name}: pip failed: {err}", file=sys.stderr)
-    out[name] = (python, "" if python else
-                 f"no venv at {os.path.join(args.peers_dir, name)} "
-                 f"(run with --setup: pip install {' '.join(PEERS[name])})")
+    out[name] = (
+      python,
+      ""
+      if python
+      else f"no venv at {os.path.join(args.peers_dir, name)} "
+      f"(run with --setup: pip install {' '.join(PEERS[name])})",
+    )
   return out
 
 
@@ -173,9 +216,14 @@ def run_child(name, python, data_path, settings_path, args) -> dict:
   else:
     env.pop("PYTHONPATH", None)  # keep our packages out of the peer's venv
   tic = time.perf_counter()
-  done = subprocess.run([python, os.path.join(HERE, "reweighting", SCRIPTS[name]), data_path,
-                         settings_path], env=env, timeout=args.timeout, text=True,
-                        capture_output=True, check=False)
+  done = subprocess.run(
+    [python, os.path.join(HERE, "reweighting", SCRIPTS[name]), data_path, settings_path],
+    env=env,
+    timeout=args.timeout,
+    text=True,
+    capture_output=True,
+    check=False,
+  )
   wall = time.perf_counter() - tic
   if done.returncode != 0:
     tail = "\n".join(done.stderr.strip().splitlines()[-8:])
@@ -193,17 +241,19 @@ def aggregate(runs: dict) -> dict:
     for impl in outs[0]["results"]:
       name = "bilevel_jax_" + impl if child == "jax" else child
       per_round = [o["results"][impl] for o in outs]
-      row = {"time_per_upper_step": timing.summarize(
-                 [s for r in per_round for s in r["times_s"]]),
-             "cpu_time_per_upper_step": timing.summarize(
-                 [s for r in per_round for s in r["cpu_times_s"]]),
-             "round_medians_s": [statistics.median(r["times_s"]) for r in per_round],
-             "test_acc": [r["test_acc"] for r in per_round],
-             "final_val_loss": [r["val_loss_history"][-1] for r in per_round],
-             "mean_weight_clean": per_round[0]["mean_weight_clean"],
-             "mean_weight_corrupted": per_round[0]["mean_weight_corrupted"],
-             "peak_rss_mib": max(o["peak_rss_mib"] for o in outs),
-             "process_wall_s": [o["process_wall_s"] for o in outs]}
+      row = {
+        "time_per_upper_step": timing.summarize([s for r in per_round for s in r["times_s"]]),
+        "cpu_time_per_upper_step": timing.summarize(
+          [s for r in per_round for s in r["cpu_times_s"]]
+        ),
+        "round_medians_s": [statistics.median(r["times_s"]) for r in per_round],
+        "test_acc": [r["test_acc"] for r in per_round],
+        "final_val_loss": [r["val_loss_history"][-1] for r in per_round],
+        "mean_weight_clean": per_round[0]["mean_weight_clean"],
+        "mean_weight_corrupted": per_round[0]["mean_weight_corrupted"],
+        "peak_rss_mib": max(o["peak_rss_mib"] for o in outs),
+        "process_wall_s": [o["process_wall_s"] for o in outs],
+      }
       if "compile_s" in per_round[0]:
         row["compile_s"] = [r["compile_s"] for r in per_round]
         row["xla_temp_mib"] = per_round[0].get("xla_temp_mib")
@@ -230,14 +280,16 @@ def ratios(rows: dict) -> dict:
   out = {"ours": ours_name}
   peers = {k: v for k, v in rows.items() if not k.startswith("bilevel_jax")}
   for metric in ("time_per_upper_step", "cpu_time_per_upper_step"):
+
     def med(row, metric=metric):
       return row[metric]["median_s"]
+
     tag = "wall" if metric == "time_per_upper_step" else "cpu"
     for name, row in peers.items():
       out[f"{tag}:{name}/ours"] = med(row) / med(rows[ours_name])
       for remat in ("bilevel_jax_scan_remat", "bilevel_jax_library_remat"):
         if remat in rows:
-          out[f"{tag}:{name}/{remat[len('bilevel_jax_'):]}"] = med(row) / med(rows[remat])
+          out[f"{tag}:{name}/{remat[len('bilevel_jax_') :]}"] = med(row) / med(rows[remat])
     if peers:
       fastest = min(peers, key=lambda k: med(peers[k]))
       out[f"{tag}:faster_peer"] = fastest
@@ -245,8 +297,9 @@ def ratios(rows: dict) -> dict:
     for name in ("bilevel_jax_library", "bilevel_jax_scan_remat", "bilevel_jax_library_remat"):
       ref = "bilevel_jax_scan_remat" if name == "bilevel_jax_library_remat" else "bilevel_jax_scan"
       if name in rows and ref in rows:
-        out[f"{tag}:{name[len('bilevel_jax_'):]}/{ref[len('bilevel_jax_'):]}"] = (
-            med(rows[name]) / med(rows[ref]))
+        out[f"{tag}:{name[len('bilevel_jax_') :]}/{ref[len('bilevel_jax_') :]}"] = med(
+          rows[name]
+        ) / med(rows[ref])
   return out
 
 
@@ -269,8 +322,7 @@ def main(argv=None):
         if python is None or name in status:
           status.setdefault(name, why)
           continue
-        print(f"[reweighting] round {rnd + 1}/{args.repeats}: {name}", file=sys.stderr,
-              flush=True)
+        print(f"[reweighting] round {rnd + 1}/{args.repeats}: {name}", file=sys.stderr, flush=True)
         try:
           out = run_child(name, python, data_path, settings_path, args)
         except (RuntimeError, subprocess.SubprocessError, ValueError) as err:
@@ -286,23 +338,39 @@ def main(argv=None):
   for name, m in meta.items():
     status.setdefault(name, "ran")
     machine[f"{name}_versions"] = m.get("versions")
-  payload = {"title": "Learning to reweight (RHG through K Adam steps): bilevel_jax vs "
-                      "TorchOpt vs betty",
-             "machine": machine, "sizes": sizes, "settings": settings,
-             "repeats": args.repeats, "order": impls, "status": status,
-             "jax_library_status": meta.get("jax", {}).get("library_status"),
-             "bilevel_jax_path": os.path.relpath(args.bilevel_jax, ROOT), "note": args.note,
-             "children": meta, "rows": rows, "ratios": ratios(rows),
-             "benchmark_wall_s": total}
+  payload = {
+    "title": "Learning to reweight (RHG through K Adam steps): bilevel_jax vs TorchOpt vs betty",
+    "machine": machine,
+    "sizes": sizes,
+    "settings": settings,
+    "repeats": args.repeats,
+    "order": impls,
+    "status": status,
+    "jax_library_status": meta.get("jax", {}).get("library_status"),
+    "bilevel_jax_path": os.path.relpath(args.bilevel_jax, ROOT),
+    "note": args.note,
+    "children": meta,
+    "rows": rows,
+    "ratios": ratios(rows),
+    "benchmark_wall_s": total,
+  }
   report.write_json(args.out, payload)
-  print(json.dumps({"ratios": payload["ratios"], "status": status,
-                    "medians_ms": {k: 1e3 * r["time_per_upper_step"]["median_s"]
-                                   for k, r in rows.items()},
-                    "cpu_medians_ms": {k: 1e3 * r["cpu_time_per_upper_step"]["median_s"]
-                                       for k, r in rows.items()},
-                    "peak_rss_mib": {k: r["peak_rss_mib"] for k, r in rows.items()},
-                    "test_acc": {k: r["test_acc"] for k, r in rows.items()},
-                    "wall_s": total}, indent=1))
+  print(
+    json.dumps(
+      {
+        "ratios": payload["ratios"],
+        "status": status,
+        "medians_ms": {k: 1e3 * r["time_per_upper_step"]["median_s"] for k, r in rows.items()},
+        "cpu_medians_ms": {
+          k: 1e3 * r["cpu_time_per_upper_step"]["median_s"] for k, r in rows.items()
+        },
+        "peak_rss_mib": {k: r["peak_rss_mib"] for k, r in rows.items()},
+        "test_acc": {k: r["test_acc"] for k, r in rows.items()},
+        "wall_s": total,
+      },
+      indent=1,
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ per second = B / median.
 Usage: python -m benchmarks.bench_sharding [configs/bench/sharding.toml]
 Writes benchmarks/results/sharding_<platform>_<device>.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,16 +31,21 @@ from experiments import config
 
 F = config.Field
 SCHEMA = {
-    "problem": {"ways": F("int", 5, config.positive), "shots": F("int", 1, config.positive),
-                "queries": F("int", 15, config.positive),
-                "dim": F("int", 64, config.positive),
-                "hidden": F("list[int]", [64, 64], config.positive),
-                "K": F("int", 20, config.positive),
-                "methods": F("list[str]", ["rhg", "bda"], config.one_of("rhg", "trhg", "bda")),
-                "truncate": F("int", 5, config.positive)},
-    "timing": {"devices": F("list[int]", [1, 2, 4], config.positive),
-               "tasks": F("list[int]", [64, 256, 1024], config.positive),
-               "repeats": F("int", 5, config.positive)},
+  "problem": {
+    "ways": F("int", 5, config.positive),
+    "shots": F("int", 1, config.positive),
+    "queries": F("int", 15, config.positive),
+    "dim": F("int", 64, config.positive),
+    "hidden": F("list[int]", [64, 64], config.positive),
+    "K": F("int", 20, config.positive),
+    "methods": F("list[str]", ["rhg", "bda"], config.one_of("rhg", "trhg", "bda")),
+    "truncate": F("int", 5, config.positive),
+  },
+  "timing": {
+    "devices": F("list[int]", [1, 2, 4], config.positive),
+    "tasks": F("list[int]", [64, 256, 1024], config.positive),
+    "repeats": F("int", 5, config.positive),
+  },
 }
 SETTINGS = {"rhg": {"alpha": 0.0}, "bda": {"alpha": schedules.harmonic(0.5)}}
 
@@ -63,18 +69,28 @@ def measure(cfg, counts):
   s_l = 2.0 / meta.lower_smoothness(p["hidden"][-1], 1e-3)
   rows = []
   for tasks in t["tasks"]:
-    episodes = meta.sample_episodes(feats, labels, np.arange(100), ways=p["ways"],
-                                    shots=p["shots"], queries=p["queries"], num_tasks=tasks,
-                                    rng=np.random.default_rng(tasks))
-    heads = jax.tree_util.tree_map(np.asarray,
-                                   meta.init_heads(tasks, p["hidden"][-1], p["ways"]))
+    episodes = meta.sample_episodes(
+      feats,
+      labels,
+      np.arange(100),
+      ways=p["ways"],
+      shots=p["shots"],
+      queries=p["queries"],
+      num_tasks=tasks,
+      rng=np.random.default_rng(tasks),
+    )
+    heads = jax.tree_util.tree_map(np.asarray, meta.init_heads(tasks, p["hidden"][-1], p["ways"]))
     for method in p["methods"]:
-      batched = meta.batched_hypergradient(l2=1e-3, steps=p["K"], upper_lr=s_l, lower_lr=s_l,
-                                           **method_kwargs(method, cfg))
+      batched = meta.batched_hypergradient(
+        l2=1e-3, steps=p["K"], upper_lr=s_l, lower_lr=s_l, **method_kwargs(method, cfg)
+      )
       calls, compile_s = {}, {}
       for d, mesh in meshes.items():
-        args = (sharding.replicate(x0, mesh), sharding.process_local_batch(heads, mesh),
-                sharding.process_local_batch(episodes, mesh))
+        args = (
+          sharding.replicate(x0, mesh),
+          sharding.process_local_batch(heads, mesh),
+          sharding.process_local_batch(episodes, mesh),
+        )
         fn = sharding.shard_hypergradient(batched, mesh, in_axes=(None, 0, 0), reduce="mean")
         compiled, compile_s[d] = timing.compile_timed(fn, *args)
         timing.time_call(compiled, *args)  # warm-up
@@ -84,13 +100,21 @@ def measure(cfg, counts):
         for d, (compiled, args) in calls.items():
           samples[d].append(timing.time_call(compiled, *args))
       for d in counts:
-        row = {"devices": d, "method": method, "tasks": tasks, "compile_s": compile_s[d],
-               **timing.summarize(samples[d])}
+        row = {
+          "devices": d,
+          "method": method,
+          "tasks": tasks,
+          "compile_s": compile_s[d],
+          **timing.summarize(samples[d]),
+        }
         row["tasks_per_s"] = tasks / row["median_s"]
         rows.append(row)
-        print(f"D={d} {method:4s} B={tasks:4d}: {1e3 * row['median_s']:9.2f} ms, "
-              f"{row['tasks_per_s']:9.1f} tasks/s (compile {compile_s[d]:.2f} s)",
-              file=sys.stderr, flush=True)
+        print(
+          f"D={d} {method:4s} B={tasks:4d}: {1e3 * row['median_s']:9.2f} ms, "
+          f"{row['tasks_per_s']:9.1f} tasks/s (compile {compile_s[d]:.2f} s)",
+          file=sys.stderr,
+          flush=True,
+        )
   return rows
 
 
@@ -104,15 +128,18 @@ def main(path, devices_override=None):
     # XLA fixes the number of host devices when the backend starts: one
     # subprocess with as many as the largest mesh needs.
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={max(counts)}")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker",
-                          ",".join(map(str, counts)), path], env=env, stdout=subprocess.PIPE,
-                         check=True, text=True)
+    out = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), "--worker", ",".join(map(str, counts)), path],
+      env=env,
+      stdout=subprocess.PIPE,
+      check=True,
+      text=True,
+    )
     rows = json.loads(out.stdout)
   else:
     present = [c for c in counts if c <= jax.device_count()]
     for count in sorted(set(counts) - set(present)):
-      print(f"skipping D={count}: only {jax.device_count()} {platform} device(s)",
-            file=sys.stderr)
+      print(f"skipping D={count}: only {jax.device_count()} {platform} device(s)", file=sys.stderr)
     rows = measure(cfg, present)
   base = {(r["method"], r["tasks"]): r["tasks_per_s"] for r in rows if r["devices"] == 1}
   for row in rows:
@@ -122,10 +149,17 @@ def main(path, devices_override=None):
   machine["cpu_count"] = os.cpu_count()
   if platform == "cpu":
     machine["xla_flags"] = f"--xla_force_host_platform_device_count={max(counts)}"
-  out = {"machine": machine, "config": cfg, "rows": rows,
-         "note": ("CPU host devices share the machine's cores: with few physical cores the "
-                  "speedup from more devices is bounded by them, not by the sharding.")
-         if platform == "cpu" else ""}
+  out = {
+    "machine": machine,
+    "config": cfg,
+    "rows": rows,
+    "note": (
+      "CPU host devices share the machine's cores: with few physical cores the "
+      "speedup from more devices is bounded by them, not by the sharding."
+    )
+    if platform == "cpu"
+    else "",
+  }
   target = timing.results_path("sharding")
   report.write_json(target, out)
   print(f"wrote {target}")
@@ -133,8 +167,9 @@ def main(path, devices_override=None):
 
 if __name__ == "__main__":
   args = sys.argv[1:]
-  default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "configs", "bench", "sharding.toml")
+  default = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "bench", "sharding.toml"
+  )
   if args and args[0] == "--worker":
     counts, path = [int(v) for v in args[1].split(",")], args[2]
     raw = config.read_toml(path)

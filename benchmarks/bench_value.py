@@ -13,6 +13,7 @@
 Usage: python -m benchmarks.bench_value [configs/bench/value.toml]
 Writes benchmarks/results/value_<platform>_<device>.json.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,15 +33,19 @@ from bilevel_jax._src.value import rules
 
 F = config.Field
 SCHEMA = {
-    "entropic": {"panels": F("list[int]", [64, 256, 1024, 4096], config.positive),
-                 "order": F("int", 8, config.positive),
-                 "dim_x": F("int", 64, config.positive),
-                 "mu": F("float", 1e-3, config.positive),
-                 "batch_size": F("int", 512, config.positive),
-                 "repeats": F("int", 5, config.positive)},
-    "quadratic": {"dim_y": F("list[int]", [10, 100, 1000], config.positive),
-                  "mu": F("float", 1e-3, config.positive),
-                  "repeats": F("int", 5, config.positive)},
+  "entropic": {
+    "panels": F("list[int]", [64, 256, 1024, 4096], config.positive),
+    "order": F("int", 8, config.positive),
+    "dim_x": F("int", 64, config.positive),
+    "mu": F("float", 1e-3, config.positive),
+    "batch_size": F("int", 512, config.positive),
+    "repeats": F("int", 5, config.positive),
+  },
+  "quadratic": {
+    "dim_y": F("list[int]", [10, 100, 1000], config.positive),
+    "mu": F("float", 1e-3, config.positive),
+    "repeats": F("int", 5, config.positive),
+  },
 }
 
 
@@ -68,9 +73,14 @@ def bench_entropic(cfg):
   box = (jnp.array([-2.0]), jnp.array([2.0]))
   rows = []
   for panels in e["panels"]:
-    custom, batched = (jax.value_and_grad(
-        lambda x, bs=bs: value.entropic(g, x, mu=mu, box=box, order=e["order"], panels=panels,
-                                        batch_size=bs).value) for bs in (None, e["batch_size"]))
+    custom, batched = (
+      jax.value_and_grad(
+        lambda x, bs=bs: (
+          value.entropic(g, x, mu=mu, box=box, order=e["order"], panels=panels, batch_size=bs).value
+        )
+      )
+      for bs in (None, e["batch_size"])
+    )
     u, w = rules.gauss_legendre((e["order"],), (panels,))
     nodes = jnp.asarray(-2.0 + 4.0 * u)
     logw = jnp.log(jnp.asarray(4.0 * w))
@@ -82,23 +92,26 @@ def bench_entropic(cfg):
     naive = jax.value_and_grad(naive_value)
     row = {"nodes": int(nodes.shape[0]), "dim_x": d}
     outs = {}
-    for name, fn in (("custom_vjp", custom), ("custom_vjp_batched", batched),
-                     ("autodiff", naive)):
+    for name, fn in (("custom_vjp", custom), ("custom_vjp_batched", batched), ("autodiff", naive)):
       compiled, compile_s, stats = _timed(fn, x, repeats=e["repeats"])
       outs[name] = compiled(x)
       row[name] = {"compile_s": compile_s, "temp_bytes": _memory(compiled), **stats}
     # The custom rule adds the coarse-rule error estimate (a second, half-order
     # evaluation) to its forward pass; the values agree up to rounding.
     row["max_grad_difference"] = max(
-        float(jnp.max(jnp.abs(outs[k][1] - outs["autodiff"][1])))
-        for k in ("custom_vjp", "custom_vjp_batched"))
+      float(jnp.max(jnp.abs(outs[k][1] - outs["autodiff"][1])))
+      for k in ("custom_vjp", "custom_vjp_batched")
+    )
     rows.append(row)
-    print(f"entropic N={row['nodes']:6d}: custom {1e3 * row['custom_vjp']['median_s']:8.2f} ms "
-          f"({row['custom_vjp']['temp_bytes'] / 2**20:7.2f} MiB temp), batched "
-          f"{1e3 * row['custom_vjp_batched']['median_s']:8.2f} ms "
-          f"({row['custom_vjp_batched']['temp_bytes'] / 2**20:7.2f} MiB), autodiff "
-          f"{1e3 * row['autodiff']['median_s']:8.2f} ms ({row['autodiff']['temp_bytes'] / 2**20:7.2f}"
-          f" MiB temp), |grad diff| {row['max_grad_difference']:.1e}", flush=True)
+    print(
+      f"entropic N={row['nodes']:6d}: custom {1e3 * row['custom_vjp']['median_s']:8.2f} ms "
+      f"({row['custom_vjp']['temp_bytes'] / 2**20:7.2f} MiB temp), batched "
+      f"{1e3 * row['custom_vjp_batched']['median_s']:8.2f} ms "
+      f"({row['custom_vjp_batched']['temp_bytes'] / 2**20:7.2f} MiB), autodiff "
+      f"{1e3 * row['autodiff']['median_s']:8.2f} ms ({row['autodiff']['temp_bytes'] / 2**20:7.2f}"
+      f" MiB temp), |grad diff| {row['max_grad_difference']:.1e}",
+      flush=True,
+    )
   return rows
 
 
@@ -119,12 +132,21 @@ def bench_quadratic(cfg):
     x = jnp.asarray(0.1)
     _, compile_s, stats = _timed(vg, x, repeats=q["repeats"])
     info = jax.jit(fn)(x).info
-    row = {"dim_y": m, "compile_s": compile_s, "iterations": int(info.num_steps),
-           "residual": float(info.residual), "status": int(info.status),
-           "status_name": Status(int(info.status)).name.lower(), **stats}
+    row = {
+      "dim_y": m,
+      "compile_s": compile_s,
+      "iterations": int(info.num_steps),
+      "residual": float(info.residual),
+      "status": int(info.status),
+      "status_name": Status(int(info.status)).name.lower(),
+      **stats,
+    }
     rows.append(row)
-    print(f"quadratic m={m:5d}: {1e3 * stats['median_s']:8.2f} ms, {row['iterations']} FISTA "
-          f"iterations, residual {row['residual']:.1e} (compile {compile_s:.2f} s)", flush=True)
+    print(
+      f"quadratic m={m:5d}: {1e3 * stats['median_s']:8.2f} ms, {row['iterations']} FISTA "
+      f"iterations, residual {row['residual']:.1e} (compile {compile_s:.2f} s)",
+      flush=True,
+    )
   return rows
 
 
@@ -133,14 +155,23 @@ def main(path):
   raw.pop("description", None)
   cfg = config.validate(raw, SCHEMA, path)
   jax.config.update("jax_enable_x64", True)
-  out = {"machine": timing.machine(), "config": cfg, "dtype": "float64",
-         "entropic": bench_entropic(cfg), "quadratic": bench_quadratic(cfg)}
+  out = {
+    "machine": timing.machine(),
+    "config": cfg,
+    "dtype": "float64",
+    "entropic": bench_entropic(cfg),
+    "quadratic": bench_quadratic(cfg),
+  }
   target = timing.results_path("value")
   report.write_json(target, out)
   print(f"wrote {target}")
 
 
 if __name__ == "__main__":
-  main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(
-      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "bench",
-      "value.toml"))
+  main(
+    sys.argv[1]
+    if len(sys.argv) > 1
+    else os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "bench", "value.toml"
+    )
+  )

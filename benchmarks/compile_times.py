@@ -18,6 +18,7 @@ Writes ``benchmarks/results/compile_times_<device>.json``. The targets
 (first call <= 3 s per solver, <= 10 s for gradient sampling) are recorded
 beside each row.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,9 @@ def count_equations(jaxpr) -> int:
 
 def hlo_instructions(compiled) -> int:
   text = compiled.as_text() or ""
-  return sum(1 for line in text.splitlines() if " = " in line and not line.lstrip().startswith("//"))
+  return sum(
+    1 for line in text.splitlines() if " = " in line and not line.lstrip().startswith("//")
+  )
 
 
 def cases() -> dict:
@@ -70,8 +73,10 @@ def cases() -> dict:
       y = jnp.linalg.solve(a, x)
       sol = implicit.hypergradient_at(upper, lower, x, y, throw=throw)
       return sol.info.status, (sol.grad,)
+
     x0 = jnp.array([0.3, -0.2, 0.5], dtype)
     return fn, x0, None
+
   out["implicit.hypergradient_at"] = at_solution
   return out
 
@@ -94,12 +99,20 @@ def measure(name: str, make, dtype, repeats: int) -> dict:
     runs = [timing.time_call(compiled, x0) for _ in range(repeats)]
     first = trace_s + lower_s + compile_s
     target = TARGET_S.get(name, DEFAULT_TARGET_S)
-    return {"entry_point": name, "dtype": jnp.dtype(dtype).name, "trace_s": trace_s,
-            "lower_s": lower_s, "compile_s": compile_s, "first_call_s": first,
-            "run_s": statistics.median(runs), "repeats": repeats,
-            "jaxpr_equations": count_equations(traced.jaxpr),
-            "hlo_instructions": hlo_instructions(compiled), "target_s": target,
-            "meets_target": first <= target}
+    return {
+      "entry_point": name,
+      "dtype": jnp.dtype(dtype).name,
+      "trace_s": trace_s,
+      "lower_s": lower_s,
+      "compile_s": compile_s,
+      "first_call_s": first,
+      "run_s": statistics.median(runs),
+      "repeats": repeats,
+      "jaxpr_equations": count_equations(traced.jaxpr),
+      "hlo_instructions": hlo_instructions(compiled),
+      "target_s": target,
+      "meets_target": first <= target,
+    }
 
 
 def main(argv=None) -> int:
@@ -115,13 +128,18 @@ def main(argv=None) -> int:
     for dtype in (jnp.float32, jnp.float64):
       row = measure(name, make, dtype, args.repeats)
       rows.append(row)
-      print(f"{name:30s} {row['dtype']:8s} first call {row['first_call_s']:6.2f} s "
-            f"(trace {row['trace_s']:.2f}, lower {row['lower_s']:.2f}, compile "
-            f"{row['compile_s']:.2f}), run {1e3 * row['run_s']:8.3f} ms, "
-            f"{row['jaxpr_equations']} eqns, {row['hlo_instructions']} HLO", flush=True)
+      print(
+        f"{name:30s} {row['dtype']:8s} first call {row['first_call_s']:6.2f} s "
+        f"(trace {row['trace_s']:.2f}, lower {row['lower_s']:.2f}, compile "
+        f"{row['compile_s']:.2f}), run {1e3 * row['run_s']:8.3f} ms, "
+        f"{row['jaxpr_equations']} eqns, {row['hlo_instructions']} HLO",
+        flush=True,
+      )
   out = args.out or timing.results_path("compile_times")
-  report.write_json(out, {"machine": timing.machine(), "rows": rows,
-                          "command": "python -m benchmarks.compile_times"})
+  report.write_json(
+    out,
+    {"machine": timing.machine(), "rows": rows, "command": "python -m benchmarks.compile_times"},
+  )
   print(f"wrote {out}")
   return 0
 

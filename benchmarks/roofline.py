@@ -13,6 +13,7 @@ L2 (the H100's is 50 MB) the true HBM traffic is lower and the bound looser.
 Peaks are the vendors' spec sheets (dense, without sparsity); the bandwidth
 is also measured here with a large copy, which is what a program can reach.
 """
+
 from __future__ import annotations
 
 import time
@@ -24,12 +25,12 @@ import jax.numpy as jnp
 # device_kind substring -> (HBM bytes/s, fp32 FLOP/s (no tensor cores), fp64 FLOP/s).
 # Sources: NVIDIA H100, H200 and A100 datasheets (SXM forms unless named).
 SPEC_PEAKS = {
-    "H100 PCIe": (2.0e12, 51e12, 26e12),
-    "H100": (3.35e12, 67e12, 34e12),
-    "H200": (4.8e12, 67e12, 34e12),
-    "A100-PCIE-40GB": (1.555e12, 19.5e12, 9.7e12),
-    "A100-SXM4-40GB": (1.555e12, 19.5e12, 9.7e12),
-    "A100": (2.039e12, 19.5e12, 9.7e12),
+  "H100 PCIe": (2.0e12, 51e12, 26e12),
+  "H100": (3.35e12, 67e12, 34e12),
+  "H200": (4.8e12, 67e12, 34e12),
+  "A100-PCIE-40GB": (1.555e12, 19.5e12, 9.7e12),
+  "A100-SXM4-40GB": (1.555e12, 19.5e12, 9.7e12),
+  "A100": (2.039e12, 19.5e12, 9.7e12),
 }
 
 
@@ -39,8 +40,12 @@ def spec_peaks(device=None) -> dict | None:
   kind = getattr(device, "device_kind", "")
   for key, (bandwidth, fp32, fp64) in SPEC_PEAKS.items():
     if key.lower() in kind.lower():
-      return {"source": f"spec sheet ({key})", "bandwidth_Bps": bandwidth,
-              "fp32_flops": fp32, "fp64_flops": fp64}
+      return {
+        "source": f"spec sheet ({key})",
+        "bandwidth_Bps": bandwidth,
+        "fp32_flops": fp32,
+        "fp64_flops": fp64,
+      }
   return None
 
 
@@ -71,9 +76,15 @@ def cost(compiled) -> dict:
   return {"flops": analysis.get("flops"), "bytes": analysis.get("bytes accessed")}
 
 
-def estimate(seconds: float, flops: float | None, num_bytes: float | None,
-             peaks: dict, *, dtype: Any = jnp.float32,
-             bandwidth: float | None = None) -> dict[str, Any]:
+def estimate(
+  seconds: float,
+  flops: float | None,
+  num_bytes: float | None,
+  peaks: dict,
+  *,
+  dtype: Any = jnp.float32,
+  bandwidth: float | None = None,
+) -> dict[str, Any]:
   """Roofline bound and the fraction of it a measured time achieves.
 
   Args:
@@ -94,9 +105,16 @@ def estimate(seconds: float, flops: float | None, num_bytes: float | None,
   compute_s = None if flops is None else flops / peak
   bounds = [b for b in (memory_s, compute_s) if b is not None]
   bound = max(bounds) if bounds else None
-  return {"flops": flops, "bytes": num_bytes, "bandwidth_Bps": bw, "peak_flops": peak,
-          "memory_bound_s": memory_s, "compute_bound_s": compute_s, "roofline_s": bound,
-          "bound_by": None if bound is None else ("memory" if bound == memory_s else "compute"),
-          "roofline_fraction": None if bound is None else bound / seconds,
-          "achieved_Bps": None if num_bytes is None else num_bytes / seconds,
-          "achieved_flops": None if flops is None else flops / seconds}
+  return {
+    "flops": flops,
+    "bytes": num_bytes,
+    "bandwidth_Bps": bw,
+    "peak_flops": peak,
+    "memory_bound_s": memory_s,
+    "compute_bound_s": compute_s,
+    "roofline_s": bound,
+    "bound_by": None if bound is None else ("memory" if bound == memory_s else "compute"),
+    "roofline_fraction": None if bound is None else bound / seconds,
+    "achieved_Bps": None if num_bytes is None else num_bytes / seconds,
+    "achieved_flops": None if flops is None else flops / seconds,
+  }

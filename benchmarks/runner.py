@@ -14,6 +14,7 @@ Every suite returns rows with (a subset of) these keys:
   our median, on the peer's row and on ours), and on a GPU roofline_s,
   roofline_fraction.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,7 @@ SUITES = ("scaling", "hypercleaning_peers", "implicit_peers", "composite_peers")
 @dataclasses.dataclass
 class Context:
   """What a suite may use besides its config."""
+
   config_path: str
   out_dir: str
   quiet: bool = False
@@ -52,8 +54,11 @@ class Context:
     by a time limit still leaves its finished sections behind."""
     if self.partial_path:
       from benchmarks import timing
-      report.write_json(self.partial_path, {"config": self.config_path, "partial": True,
-                                            "machine": timing.machine(), "rows": rows})
+
+      report.write_json(
+        self.partial_path,
+        {"config": self.config_path, "partial": True, "machine": timing.machine(), "rows": rows},
+      )
 
 
 @dataclasses.dataclass
@@ -94,77 +99,123 @@ def standalone_script(config_path: str) -> str | None:
 def run_standalone(config_path: str) -> int:
   """Runs the standalone script of a config; returns its exit status."""
   import subprocess
+
   script = standalone_script(config_path)
   if script is None:
-    raise config.ConfigError(f"{config_path}: missing top-level key `suite` (one of "
-                             f"{list(SUITES)}), and no benchmarks/bench_<name>.py script "
-                             "matches its name.")
-  print(f"benchmarks: {config_path} is run by its script {script}", file=sys.stderr,
-        flush=True)
-  return subprocess.run([sys.executable, script, os.path.abspath(config_path)],
-                        check=False).returncode
+    raise config.ConfigError(
+      f"{config_path}: missing top-level key `suite` (one of "
+      f"{list(SUITES)}), and no benchmarks/bench_<name>.py script "
+      "matches its name."
+    )
+  print(f"benchmarks: {config_path} is run by its script {script}", file=sys.stderr, flush=True)
+  return subprocess.run(
+    [sys.executable, script, os.path.abspath(config_path)], check=False
+  ).returncode
 
 
 def result_stem(config_path: str) -> str:
   from benchmarks import timing
+
   stem = os.path.splitext(os.path.basename(config_path))[0]
   return f"{stem}_{timing.device_tag()}"
 
 
-def run(config_path: str, *, out_dir: str = os.path.join("benchmarks", "results"),
-        quiet: bool = False, setup_peers: bool = False, peers: bool = True,
-        plot: bool = True) -> dict:
+def run(
+  config_path: str,
+  *,
+  out_dir: str = os.path.join("benchmarks", "results"),
+  quiet: bool = False,
+  setup_peers: bool = False,
+  peers: bool = True,
+  plot: bool = True,
+) -> dict:
   """Runs the suite a config names and writes ``<stem>_<device>.{json,md,png}``."""
   module, name, cfg = read_config(config_path)
   if getattr(module, "X64", False):
     import jax
+
     jax.config.update("jax_enable_x64", True)
   from benchmarks import timing
+
   stem = os.path.join(out_dir, result_stem(config_path))
-  ctx = Context(config_path=config_path, out_dir=out_dir, quiet=quiet,
-                setup_peers=setup_peers, peers=peers, partial_path=stem + ".json")
+  ctx = Context(
+    config_path=config_path,
+    out_dir=out_dir,
+    quiet=quiet,
+    setup_peers=setup_peers,
+    peers=peers,
+    partial_path=stem + ".json",
+  )
   ctx.log(f"benchmarks: {config_path} (suite {name}) on {timing.device_tag()}")
   tic = time.perf_counter()
   result: SuiteResult = module.run(cfg, ctx)
   wall = time.perf_counter() - tic
   table = report.markdown_table(result.columns, result.rows)
-  payload = {"config": config_path, "suite": name, "settings": cfg,
-             "machine": timing.machine(), "wall_time_s": wall, "title": result.title,
-             "columns": result.columns, "rows": result.rows, "notes": result.notes,
-             **result.extra}
+  payload = {
+    "config": config_path,
+    "suite": name,
+    "settings": cfg,
+    "machine": timing.machine(),
+    "wall_time_s": wall,
+    "title": result.title,
+    "columns": result.columns,
+    "rows": result.rows,
+    "notes": result.notes,
+    **result.extra,
+  }
   report.write_json(stem + ".json", payload)
   with open(stem + ".md", "w") as handle:
-    handle.write(f"# {result.title}\n\n{markdown_footer(payload)}\n\n{table}\n\n"
-                 + "\n\n".join(result.notes) + "\n")
+    handle.write(
+      f"# {result.title}\n\n{markdown_footer(payload)}\n\n{table}\n\n"
+      + "\n\n".join(result.notes)
+      + "\n"
+    )
   print(f"\n{result.title}\n\n{table}\n")
   for note in result.notes:
     print(note)
-  figures = report.save_figures(out_dir, {os.path.basename(stem) + "_" + k: v
-                                          for k, v in result.figures.items()}) if plot else []
-  print(f"\nwrote {stem}.json, {stem}.md" + (f" and {len(figures)} PNG figure(s)"
-                                              if figures else "") + f" in {wall:.1f} s")
+  figures = (
+    report.save_figures(
+      out_dir, {os.path.basename(stem) + "_" + k: v for k, v in result.figures.items()}
+    )
+    if plot
+    else []
+  )
+  print(
+    f"\nwrote {stem}.json, {stem}.md"
+    + (f" and {len(figures)} PNG figure(s)" if figures else "")
+    + f" in {wall:.1f} s"
+  )
   return payload
 
 
 def markdown_footer(payload: dict) -> str:
   m = payload["machine"]
-  return (f"Machine: {m['processor']}, {m['cpu_count']} CPUs ({m.get('cpu_affinity')} usable), "
-          f"device {m['device']} ({m['backend']}); JAX {m['jax']}; commit {m['commit']}; "
-          f"x64 {m['x64']}. Regenerate: `python -m benchmarks {payload['config']}`.")
+  return (
+    f"Machine: {m['processor']}, {m['cpu_count']} CPUs ({m.get('cpu_affinity')} usable), "
+    f"device {m['device']} ({m['backend']}); JAX {m['jax']}; commit {m['commit']}; "
+    f"x64 {m['x64']}. Regenerate: `python -m benchmarks {payload['config']}`."
+  )
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m benchmarks",
-      description="Runs the benchmark a TOML config in configs/bench/ names.")
+    prog="python -m benchmarks",
+    description="Runs the benchmark a TOML config in configs/bench/ names.",
+  )
   parser.add_argument("config")
-  parser.add_argument("--out", default=os.path.join("benchmarks", "results"),
-                      help="output folder (default benchmarks/results)")
+  parser.add_argument(
+    "--out",
+    default=os.path.join("benchmarks", "results"),
+    help="output folder (default benchmarks/results)",
+  )
   parser.add_argument("--quiet", action="store_true", help="no progress lines")
   parser.add_argument("--no-plot", action="store_true", help="skip the PNG figure")
   parser.add_argument("--x64", action="store_true", help="enable float64")
-  parser.add_argument("--setup-peers", action="store_true",
-                      help="create missing peer virtual environments (needs the package index)")
+  parser.add_argument(
+    "--setup-peers",
+    action="store_true",
+    help="create missing peer virtual environments (needs the package index)",
+  )
   parser.add_argument("--no-peers", action="store_true", help="run our side only")
   args = parser.parse_args(argv)
   try:
@@ -172,10 +223,17 @@ def main(argv=None) -> int:
       return run_standalone(args.config)
     if args.x64:
       import jax
+
       jax.config.update("jax_enable_x64", True)
     config.check_out_dir(args.out)
-    run(args.config, out_dir=args.out, quiet=args.quiet, setup_peers=args.setup_peers,
-        peers=not args.no_peers, plot=not args.no_plot)
+    run(
+      args.config,
+      out_dir=args.out,
+      quiet=args.quiet,
+      setup_peers=args.setup_peers,
+      peers=not args.no_peers,
+      plot=not args.no_plot,
+    )
   except config.ConfigError as err:
     print(f"python -m benchmarks: error: {err}", file=sys.stderr)
     return 2

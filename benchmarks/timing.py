@@ -6,6 +6,7 @@ run time. Run time is the wall time of a call wrapped in
 are compared, their repeats alternate (A B A B ...) so that both see the same
 noise of a shared machine, and the comparison is a ratio of medians.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,9 @@ def time_call(fn: Callable, *args) -> float:
   return time.perf_counter() - tic
 
 
-def time_alternating(calls: dict[str, Callable[[], Any]], repeats: int,
-                     warmup: int = 1) -> dict[str, list[float]]:
+def time_alternating(
+  calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
   """Times each zero-argument call ``repeats`` times, interleaved.
 
   Each call is run ``warmup`` times first (not recorded). Round r runs every
@@ -58,8 +60,14 @@ def summarize(samples: list[float]) -> dict:
   """Median, quartiles, extremes and count of a list of seconds."""
   ordered = sorted(samples)
   q = lambda p: ordered[min(len(ordered) - 1, int(round(p * (len(ordered) - 1))))]
-  return {"median_s": statistics.median(samples), "q25_s": q(0.25), "q75_s": q(0.75),
-          "min_s": ordered[0], "max_s": ordered[-1], "repeats": len(samples)}
+  return {
+    "median_s": statistics.median(samples),
+    "q25_s": q(0.25),
+    "q75_s": q(0.75),
+    "min_s": ordered[0],
+    "max_s": ordered[-1],
+    "repeats": len(samples),
+  }
 
 
 def _read_status_kib(field: str) -> float | None:
@@ -92,7 +100,7 @@ def peak_rss_mib() -> float:
   if kib is not None:
     return kib / 1024
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024
+  return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 @contextlib.contextmanager
@@ -125,7 +133,7 @@ def device_peak_mib() -> float | None:
   except Exception:
     return None
   peak = stats.get("peak_bytes_in_use")
-  return None if peak is None else peak / 2 ** 20
+  return None if peak is None else peak / 2**20
 
 
 def compiled_memory(compiled) -> dict:
@@ -135,12 +143,15 @@ def compiled_memory(compiled) -> dict:
   except Exception:
     mem = None
   row = {}
-  for field in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
-                "generated_code_size_in_bytes"):
+  for field in (
+    "temp_size_in_bytes",
+    "argument_size_in_bytes",
+    "output_size_in_bytes",
+    "generated_code_size_in_bytes",
+  ):
     row[field] = int(getattr(mem, field, -1)) if mem is not None else -1
-  parts = [row["temp_size_in_bytes"], row["argument_size_in_bytes"],
-           row["output_size_in_bytes"]]
-  row["compiled_mib"] = sum(parts) / 2 ** 20 if min(parts) >= 0 else None
+  parts = [row["temp_size_in_bytes"], row["argument_size_in_bytes"], row["output_size_in_bytes"]]
+  row["compiled_mib"] = sum(parts) / 2**20 if min(parts) >= 0 else None
   return row
 
 

@@ -18,6 +18,7 @@ Namespaces:
   bilevel_jax.sharding     batches of problems sharded over devices and hosts.
   bilevel_jax.meta         few-shot meta-learning: episodes, datasets, the bilevel model.
 """
+
 from bilevel_jax._src.status import SolverError
 from bilevel_jax._src.status import Status
 from bilevel_jax._src.status import status_message
@@ -37,5 +38,21 @@ from bilevel_jax import value
 
 __version__ = "0.2.0"
 
-__all__ = ["SolverError", "Status", "status_message", "bda", "composite", "data", "implicit", "meta", "problems", "projections", "prox",
-           "schedules", "sharding", "smoothing", "upper", "value"]
+__all__ = [
+  "SolverError",
+  "Status",
+  "status_message",
+  "bda",
+  "composite",
+  "data",
+  "implicit",
+  "meta",
+  "problems",
+  "projections",
+  "prox",
+  "schedules",
+  "sharding",
+  "smoothing",
+  "upper",
+  "value",
+]

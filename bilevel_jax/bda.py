@@ -3,6 +3,7 @@
 See `bilevel_jax._src.unrolled` for the update rules (Liu et al., ICML 2020,
 eq. 9-10 and 12-13).
 """
+
 from bilevel_jax._src.unrolled import BDAInfo
 from bilevel_jax._src.unrolled import BDASolution
 from bilevel_jax._src.unrolled import hypergradient

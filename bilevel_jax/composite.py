@@ -10,6 +10,7 @@ solution map (Solla & Royset 2026, Sections 2-5).
 ``sol.info.status`` is a `bilevel_jax.Status` code.  See
 `bilevel_jax._src.composite.solver` for the method and the equations.
 """
+
 from bilevel_jax._src.composite.polyhedral import MAX_PIECES_PER_BLOCK
 from bilevel_jax._src.composite.polyhedral import Polyhedral
 from bilevel_jax._src.composite.polyhedral import hinge
@@ -25,6 +26,19 @@ from bilevel_jax._src.composite.solver import hypergradient
 from bilevel_jax._src.composite.solver import make_hypergradient
 from bilevel_jax._src.composite.solver import solve
 
-__all__ = ["CompositeInfo", "CompositeSolution", "MAX_PIECES_PER_BLOCK", "Polyhedral",
-           "hinge", "hypergradient", "l1", "linear", "make_hypergradient", "maximum",
-           "nonpositive", "polyhedral", "separable", "solve"]
+__all__ = [
+  "CompositeInfo",
+  "CompositeSolution",
+  "MAX_PIECES_PER_BLOCK",
+  "Polyhedral",
+  "hinge",
+  "hypergradient",
+  "l1",
+  "linear",
+  "make_hypergradient",
+  "maximum",
+  "nonpositive",
+  "polyhedral",
+  "separable",
+  "solve",
+]

@@ -12,6 +12,7 @@ lower solver's iterations are never differentiated. See
 `bilevel_jax._src.implicit_diff` for the rule shared with `composite` and
 `value.quadratic`.
 """
+
 from bilevel_jax._src.implicit.at_solution import ADJOINTS
 from bilevel_jax._src.implicit.at_solution import AdjointInfo
 from bilevel_jax._src.implicit.at_solution import AdjointSolution
@@ -24,6 +25,16 @@ from bilevel_jax._src.implicit.solver import make_hypergradient
 from bilevel_jax._src.implicit.solver import solve
 from bilevel_jax._src.implicit_diff import LINEAR_SOLVERS
 
-__all__ = ["ADJOINTS", "AdjointInfo", "AdjointSolution", "ImplicitInfo", "ImplicitSolution",
-           "LINEAR_SOLVERS", "SOLVERS", "hypergradient", "hypergradient_at",
-           "make_hypergradient", "solve"]
+__all__ = [
+  "ADJOINTS",
+  "AdjointInfo",
+  "AdjointSolution",
+  "ImplicitInfo",
+  "ImplicitSolution",
+  "LINEAR_SOLVERS",
+  "SOLVERS",
+  "hypergradient",
+  "hypergradient_at",
+  "make_hypergradient",
+  "solve",
+]

@@ -5,6 +5,7 @@ representation x, one logistic head y^j per task) and
 `bilevel_jax._src.meta.episodes` for N-way M-shot episodes from digits,
 MNIST, a synthetic task family or a local Omniglot folder.
 """
+
 from bilevel_jax._src.meta.episodes import Episodes
 from bilevel_jax._src.meta.episodes import load_omniglot
 from bilevel_jax._src.meta.episodes import sample_episodes
@@ -23,7 +24,22 @@ from bilevel_jax._src.meta.fewshot import task_hypergradient
 from bilevel_jax._src.meta.fewshot import task_lower
 from bilevel_jax._src.meta.fewshot import task_upper
 
-__all__ = ["Episodes", "accuracy", "adapt", "batched_hypergradient", "cross_entropy",
-           "evaluate", "init_heads", "init_representation", "load_omniglot",
-           "lower_smoothness", "represent", "sample_episodes", "split_classes",
-           "synthetic_classes", "task_hypergradient", "task_lower", "task_upper"]
+__all__ = [
+  "Episodes",
+  "accuracy",
+  "adapt",
+  "batched_hypergradient",
+  "cross_entropy",
+  "evaluate",
+  "init_heads",
+  "init_representation",
+  "load_omniglot",
+  "lower_smoothness",
+  "represent",
+  "sample_episodes",
+  "split_classes",
+  "synthetic_classes",
+  "task_hypergradient",
+  "task_lower",
+  "task_upper",
+]

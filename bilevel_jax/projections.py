@@ -1,4 +1,5 @@
 """Euclidean projections onto simple sets (for x in X)."""
+
 from bilevel_jax._src.projections import Projection
 from bilevel_jax._src.projections import box
 from bilevel_jax._src.projections import l2_ball

@@ -1,4 +1,5 @@
 """Proximal operators ``prox(x, y, step)`` for nonsmooth lower levels."""
+
 from bilevel_jax._src.prox import Prox
 from bilevel_jax._src.prox import box
 from bilevel_jax._src.prox import from_projection

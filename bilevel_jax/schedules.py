@@ -1,4 +1,5 @@
 """Aggregation schedules k -> alpha_k for BDA."""
+
 from bilevel_jax._src.schedules import Schedule
 from bilevel_jax._src.schedules import constant
 from bilevel_jax._src.schedules import geometric

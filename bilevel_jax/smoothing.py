@@ -4,6 +4,7 @@ Chen-Mangasarian smoothings of the plus function with four densities
 (Example 2.7) and what is built from it, and Moreau envelopes (Example 2.8).
 See `bilevel_jax._src.smoothing` for the formulas and approximation bounds.
 """
+
 from bilevel_jax._src.smoothing import DENSITIES
 from bilevel_jax._src.smoothing import Density
 from bilevel_jax._src.smoothing import abs
@@ -19,5 +20,19 @@ from bilevel_jax._src.smoothing import moreau_hinge
 from bilevel_jax._src.smoothing import moreau_l1
 from bilevel_jax._src.smoothing import plus
 
-__all__ = ["DENSITIES", "Density", "abs", "bound", "hinge", "kappa", "l1", "max",
-           "maximum", "moreau_abs", "moreau_box", "moreau_hinge", "moreau_l1", "plus"]
+__all__ = [
+  "DENSITIES",
+  "Density",
+  "abs",
+  "bound",
+  "hinge",
+  "kappa",
+  "l1",
+  "max",
+  "maximum",
+  "moreau_abs",
+  "moreau_box",
+  "moreau_hinge",
+  "moreau_l1",
+  "plus",
+]

@@ -1,6 +1,7 @@
 """Upper-level drivers: one upper step for your own loop (`make_step`), the loop
 `optimize` (history, checkpoints, data per step), and the gradient-sampling
 methods of Solla & Royset (Algorithms 1 and 2)."""
+
 from bilevel_jax._src.gradient_sampling import GradientSamplingHistory
 from bilevel_jax._src.gradient_sampling import GradientSamplingInfo
 from bilevel_jax._src.gradient_sampling import GradientSamplingSolution
@@ -19,8 +20,22 @@ from bilevel_jax._src.upper_step import UpperStep
 from bilevel_jax._src.upper_step import UpperStepInfo
 from bilevel_jax._src.upper_step import make_step
 
-__all__ = ["GradientSamplingHistory", "GradientSamplingInfo", "GradientSamplingSolution",
-           "MinNormInfo", "MinNormSolution", "OptimizeInfo", "OptimizeSolution",
-           "SQPGradientSamplingHistory", "SQPGradientSamplingInfo", "UpperState", "UpperStep",
-           "UpperStepInfo", "gradient_sampling", "make_step", "min_norm_hull", "optimize",
-           "sqp_gradient_sampling"]
+__all__ = [
+  "GradientSamplingHistory",
+  "GradientSamplingInfo",
+  "GradientSamplingSolution",
+  "MinNormInfo",
+  "MinNormSolution",
+  "OptimizeInfo",
+  "OptimizeSolution",
+  "SQPGradientSamplingHistory",
+  "SQPGradientSamplingInfo",
+  "UpperState",
+  "UpperStep",
+  "UpperStepInfo",
+  "gradient_sampling",
+  "make_step",
+  "min_norm_hull",
+  "optimize",
+  "sqp_gradient_sampling",
+]

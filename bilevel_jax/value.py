@@ -9,6 +9,7 @@ Every entry point returns a ``*Solution`` whose ``info.status`` is a
 `bilevel_jax.Status` code and takes ``throw=``. See the modules under
 `bilevel_jax._src.value` for the formulas and the practical choices.
 """
+
 from bilevel_jax._src.value.consistency import ConsistencyInfo
 from bilevel_jax._src.value.consistency import ConsistencySolution
 from bilevel_jax._src.value.consistency import consistency_check
@@ -25,7 +26,20 @@ from bilevel_jax._src.value.vfp import VFPSolution
 from bilevel_jax._src.value.vfp import geometric_mus
 from bilevel_jax._src.value.vfp import solve_vfp
 
-__all__ = ["ConsistencyInfo", "ConsistencySolution", "EntropicInfo", "EntropicSolution",
-           "QuadraticInfo", "QuadraticSolution", "VFPInfo", "VFPSolution",
-           "consistency_check", "distance_to_hull", "entropic", "geometric_mus",
-           "log_radius", "quadratic", "solve_vfp"]
+__all__ = [
+  "ConsistencyInfo",
+  "ConsistencySolution",
+  "EntropicInfo",
+  "EntropicSolution",
+  "QuadraticInfo",
+  "QuadraticSolution",
+  "VFPInfo",
+  "VFPSolution",
+  "consistency_check",
+  "distance_to_hull",
+  "entropic",
+  "geometric_mus",
+  "log_radius",
+  "quadratic",
+  "solve_vfp",
+]

@@ -20,6 +20,7 @@ when w_i < 0.5; the F1 score of that guess is reported.
     python examples/data_reweighting.py           # default size
     python examples/data_reweighting.py --small   # a few seconds (CI)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,9 @@ from bilevel_jax import bda, data, schedules
 def init_mlp(key, sizes):
   params = []
   for k, (n_in, n_out) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes, sizes[1:])):
-    params.append({"w": jax.random.normal(k, (n_in, n_out)) * jnp.sqrt(2.0 / n_in),
-                   "b": jnp.zeros(n_out)})
+    params.append(
+      {"w": jax.random.normal(k, (n_in, n_out)) * jnp.sqrt(2.0 / n_in), "b": jnp.zeros(n_out)}
+    )
   return params
 
 
@@ -65,17 +67,22 @@ def f1_score(flagged, truth):
 
 def make_problem(args):
   features, labels = data.load("mnist5k")
-  split = data.hypercleaning_split(features, labels, n_train=args.n_train, n_val=args.n_val,
-                                   n_test=args.n_test, corruption=args.corruption,
-                                   seed=args.seed)
+  split = data.hypercleaning_split(
+    features,
+    labels,
+    n_train=args.n_train,
+    n_val=args.n_val,
+    n_test=args.n_test,
+    corruption=args.corruption,
+    seed=args.seed,
+  )
   return jax.tree_util.tree_map(jnp.asarray, split._asdict())
 
 
 def train_plain(split, weights, args, key):
   """Adam on the weighted loss for upper_steps * K minibatch steps (the baselines)."""
   feats, labels = split["x_train"], split["y_train"]
-  loss = lambda params, idx: jnp.mean(weights[idx] * cross_entropy(params, feats[idx],
-                                                                    labels[idx]))
+  loss = lambda params, idx: jnp.mean(weights[idx] * cross_entropy(params, feats[idx], labels[idx]))
   optimizer = optax.adam(args.lower_lr)
 
   @jax.jit
@@ -85,6 +92,7 @@ def train_plain(split, weights, args, key):
       idx = jax.random.randint(jax.random.fold_in(key, k), (args.batch,), 0, feats.shape[0])
       updates, state = optimizer.update(jax.grad(loss)(params, idx), state, params)
       return (optax.apply_updates(params, updates), state), None
+
     carry = (params, optimizer.init(params))
     return jax.lax.scan(step, carry, jnp.arange(args.upper_steps * args.inner_steps))[0][0]
 
@@ -108,10 +116,18 @@ def reweight(split, args, alpha, key):
     # The validation minibatch of this upper step, closed over inside jit.
     upper = lambda v, p: jnp.mean(cross_entropy(p, x_val[val_idx], y_val[val_idx]))
     _, grad, sol = bda.hypergradient(
-        upper, lower, v, params, return_info=True, steps=args.inner_steps,
-        upper_lr=args.upper_lr_inner, alpha=alpha,
-        lower_optimizer=optax.adam(args.lower_lr, eps_root=1e-12),
-        lower_batches=sample, key=key)
+      upper,
+      lower,
+      v,
+      params,
+      return_info=True,
+      steps=args.inner_steps,
+      upper_lr=args.upper_lr_inner,
+      alpha=alpha,
+      lower_optimizer=optax.adam(args.lower_lr, eps_root=1e-12),
+      lower_batches=sample,
+      key=key,
+    )
     return grad, sol.y, sol.info.status
 
   v = jnp.zeros(n)
@@ -149,8 +165,12 @@ def main(argv=None):
   parser.add_argument("--upper-steps", type=int, default=300)
   parser.add_argument("--lower-lr", type=float, default=1e-3)
   parser.add_argument("--upper-lr", type=float, default=1.0)
-  parser.add_argument("--upper-lr-inner", type=float, default=0.1,
-                      help="s_u: BDA's step on the validation gradient in the lower loop")
+  parser.add_argument(
+    "--upper-lr-inner",
+    type=float,
+    default=0.1,
+    help="s_u: BDA's step on the validation gradient in the lower loop",
+  )
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   if args.small:
@@ -167,15 +187,19 @@ def main(argv=None):
   rows.append(("uniform weights", test(uniform), float("nan"), float("nan")))
   clean = train_plain(split, jnp.asarray(~corrupted, jnp.float32), args, key)
   rows.append(("clean only (oracle)", test(clean), float("nan"), float("nan")))
-  for name, alpha in (("RHG (alpha = 0)", 0.0), ("BDA (alpha_k = 0.5 / k)",
-                                                 schedules.harmonic(0.5))):
+  for name, alpha in (
+    ("RHG (alpha = 0)", 0.0),
+    ("BDA (alpha_k = 0.5 / k)", schedules.harmonic(0.5)),
+  ):
     params, weights, per_step = reweight(split, args, alpha, key)
     flagged = np.asarray(weights) < 0.5
     rows.append((name, test(params), f1_score(flagged, corrupted), per_step))
 
-  print(f"mnist5k, {args.n_train} training samples, {args.corruption:.0%} corrupted labels, "
-        f"{args.upper_steps} upper steps of K = {args.inner_steps} Adam steps "
-        f"(batch {args.batch}), MLP 784-{args.hidden}-10")
+  print(
+    f"mnist5k, {args.n_train} training samples, {args.corruption:.0%} corrupted labels, "
+    f"{args.upper_steps} upper steps of K = {args.inner_steps} Adam steps "
+    f"(batch {args.batch}), MLP 784-{args.hidden}-10"
+  )
   print(f"{'method':<26} {'test acc':>8} {'F1 corrupted':>13} {'ms / upper step':>16}")
   for name, acc, f1, per_step in rows:
     f1_text = "-" if np.isnan(f1) else f"{f1:.3f}"

@@ -18,6 +18,7 @@ hyperparameters for the same number of steps.
     python examples/learn_optimizer_hyperparameters.py           # default size
     python examples/learn_optimizer_hyperparameters.py --small   # a few seconds (CI)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,9 @@ from bilevel_jax import bda, data
 def init_mlp(key, sizes):
   params = []
   for k, (n_in, n_out) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes, sizes[1:])):
-    params.append({"w": jax.random.normal(k, (n_in, n_out)) * jnp.sqrt(2.0 / n_in),
-                   "b": jnp.zeros(n_out)})
+    params.append(
+      {"w": jax.random.normal(k, (n_in, n_out)) * jnp.sqrt(2.0 / n_in), "b": jnp.zeros(n_out)}
+    )
   return params
 
 
@@ -46,8 +48,7 @@ def logits(params, feats):
 
 
 def loss(params, feats, labels):
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits(params, feats),
-                                                                  labels))
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits(params, feats), labels))
 
 
 def accuracy(params, feats, labels):
@@ -57,7 +58,8 @@ def accuracy(params, feats, labels):
 def make_optimizer(x):
   """AdamW whose learning rate and weight decay are functions of x."""
   return optax.inject_hyperparams(optax.adamw)(
-      learning_rate=jnp.exp(x[0]), weight_decay=jnp.exp(x[1]), eps_root=1e-12)
+    learning_rate=jnp.exp(x[0]), weight_decay=jnp.exp(x[1]), eps_root=1e-12
+  )
 
 
 def main(argv=None):
@@ -92,16 +94,35 @@ def main(argv=None):
   @jax.jit
   def hypergradient(x, params, key):
     value, grad, sol = bda.hypergradient(
-        upper, lower, x, params, return_info=True, steps=args.inner_steps, upper_lr=1.0,
-        alpha=0.0, lower_optimizer=make_optimizer, lower_batches=sample, key=key)
+      upper,
+      lower,
+      x,
+      params,
+      return_info=True,
+      steps=args.inner_steps,
+      upper_lr=1.0,
+      alpha=0.0,
+      lower_optimizer=make_optimizer,
+      lower_batches=sample,
+      key=key,
+    )
     return value, grad, sol.y, sol.info.status
 
   @jax.jit
   def train_fixed(x, params, key):
     """The baseline: the same number of AdamW steps with the hyperparameters x."""
-    return bda.solve(upper, lower, x, params, steps=args.inner_steps * args.upper_steps,
-                     upper_lr=1.0, alpha=0.0, lower_optimizer=make_optimizer,
-                     lower_batches=sample, key=key).y
+    return bda.solve(
+      upper,
+      lower,
+      x,
+      params,
+      steps=args.inner_steps * args.upper_steps,
+      upper_lr=1.0,
+      alpha=0.0,
+      lower_optimizer=make_optimizer,
+      lower_batches=sample,
+      key=key,
+    ).y
 
   x0 = jnp.log(jnp.array([args.lr0, args.wd0]))
   params0 = init_mlp(jax.random.PRNGKey(args.seed), [64, args.hidden, 10])
@@ -124,16 +145,25 @@ def main(argv=None):
       raise RuntimeError(f"lower iterations failed at upper step {step} (status {status}).")
   per_step = float(np.median(times[1:])) if len(times) > 1 else times[0]
   lr, wd = np.exp(np.asarray(x))
-  print(f"digits, MLP 64-{args.hidden}-10, {args.upper_steps} upper steps of K = "
-        f"{args.inner_steps} AdamW steps (batch {args.batch})")
+  print(
+    f"digits, MLP 64-{args.hidden}-10, {args.upper_steps} upper steps of K = "
+    f"{args.inner_steps} AdamW steps (batch {args.batch})"
+  )
   print(f"learning rate {args.lr0:.2e} -> {lr:.2e}, weight decay {args.wd0:.2e} -> {wd:.2e}")
   print(f"validation loss {values[0]:.4f} (first step) -> {values[-1]:.4f} (last step)")
-  print(f"test accuracy: fixed initial hyperparameters {accuracy(baseline, x_te, y_te):.3f}, "
-        f"learned online {accuracy(params, x_te, y_te):.3f}; "
-        f"{1e3 * per_step:.1f} ms / upper step")
-  return dict(lr=float(lr), weight_decay=float(wd), values=values,
-              baseline_accuracy=accuracy(baseline, x_te, y_te),
-              accuracy=accuracy(params, x_te, y_te), ms_per_step=1e3 * per_step)
+  print(
+    f"test accuracy: fixed initial hyperparameters {accuracy(baseline, x_te, y_te):.3f}, "
+    f"learned online {accuracy(params, x_te, y_te):.3f}; "
+    f"{1e3 * per_step:.1f} ms / upper step"
+  )
+  return dict(
+    lr=float(lr),
+    weight_decay=float(wd),
+    values=values,
+    baseline_accuracy=accuracy(baseline, x_te, y_te),
+    accuracy=accuracy(params, x_te, y_te),
+    ms_per_step=1e3 * per_step,
+  )
 
 
 if __name__ == "__main__":

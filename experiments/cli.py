@@ -4,6 +4,7 @@
 ``configs/`` describes; ``python -m experiments list`` lists the configs.
 Benchmarks have their own: ``python -m benchmarks CONFIG``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,15 +19,24 @@ from experiments import report
 
 def _experiments():
   from experiments import example1, hypercleaning, quadratic
-  from experiments import (value_doublewell, value_example1, value_hyper,
-                                            value_nonsmooth)
-  value_experiments = {m.__name__.rsplit(".", 1)[-1]: m for m in (
-      value_doublewell, value_example1, value_hyper, value_nonsmooth)}
+  from experiments import value_doublewell, value_example1, value_hyper, value_nonsmooth
+
+  value_experiments = {
+    m.__name__.rsplit(".", 1)[-1]: m
+    for m in (value_doublewell, value_example1, value_hyper, value_nonsmooth)
+  }
   from experiments import fewshot
   from experiments import elasticnet, poisoning
-  return {"example1": example1, "hypercleaning": hypercleaning, "quadratic": quadratic,
-          "fewshot": fewshot, "elasticnet": elasticnet, "poisoning": poisoning,
-          **value_experiments}
+
+  return {
+    "example1": example1,
+    "hypercleaning": hypercleaning,
+    "quadratic": quadratic,
+    "fewshot": fewshot,
+    "elasticnet": elasticnet,
+    "poisoning": poisoning,
+    **value_experiments,
+  }
 
 
 def load_experiment_config(path: str):
@@ -34,8 +44,7 @@ def load_experiment_config(path: str):
   name, raw = config.read(path)
   experiments = _experiments()
   if name not in experiments:
-    raise config.ConfigError(f"{path}: unknown experiment {name!r}; known: "
-                             f"{sorted(experiments)}.")
+    raise config.ConfigError(f"{path}: unknown experiment {name!r}; known: {sorted(experiments)}.")
   module = experiments[name]
   return module, name, config.validate(raw, module.SCHEMA, path)
 
@@ -44,13 +53,17 @@ def cmd_run(args) -> int:
   module, name, cfg = load_experiment_config(args.config)
   if args.x64 or getattr(module, "X64", False):
     import jax
+
     jax.config.update("jax_enable_x64", True)
   stem = os.path.splitext(os.path.basename(args.config))[0]
   out_dir = args.out or os.path.join("runs", stem)
   config.check_out_dir(out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  print(f"experiments: running {args.config} (experiment {name}) -> {out_dir}",
-        file=sys.stderr, flush=True)
+  print(
+    f"experiments: running {args.config} (experiment {name}) -> {out_dir}",
+    file=sys.stderr,
+    flush=True,
+  )
   tic = time.perf_counter()
   result = module.run(cfg, quiet=args.quiet)
   wall = time.perf_counter() - tic
@@ -59,18 +72,33 @@ def cmd_run(args) -> int:
   print(table)
   for note in result.notes:
     print(f"\n{note}")
-  payload = {"config": args.config, "experiment": name, "settings": cfg,
-             "machine": report.machine_info(), "wall_time_s": wall,
-             "title": result.title, "rows": result.rows, "notes": result.notes,
-             "histories": result.histories, **result.extra}
+  payload = {
+    "config": args.config,
+    "experiment": name,
+    "settings": cfg,
+    "machine": report.machine_info(),
+    "wall_time_s": wall,
+    "title": result.title,
+    "rows": result.rows,
+    "notes": result.notes,
+    "histories": result.histories,
+    **result.extra,
+  }
   report.write_json(os.path.join(out_dir, "results.json"), payload)
   with open(os.path.join(out_dir, "table.md"), "w") as handle:
     handle.write(f"# {result.title}\n\n{table}\n\n" + "\n".join(result.notes) + "\n")
   pngs = [] if args.no_plot else report.save_figures(out_dir, result.figures)
-  print(f"\nwrote {out_dir}/results.json, {out_dir}/table.md"
-        + (f" and {len(pngs)} PNG figure(s)" if pngs else
-           " (install matplotlib for figures)" if result.figures and not args.no_plot else "")
-        + f" in {wall:.1f} s")
+  print(
+    f"\nwrote {out_dir}/results.json, {out_dir}/table.md"
+    + (
+      f" and {len(pngs)} PNG figure(s)"
+      if pngs
+      else " (install matplotlib for figures)"
+      if result.figures and not args.no_plot
+      else ""
+    )
+    + f" in {wall:.1f} s"
+  )
   return 0
 
 
@@ -89,6 +117,7 @@ def cmd_list(args) -> int:
     except config.ConfigError as err:
       print(f"{path:45s} INVALID: {err}")
   from benchmarks import runner
+
   for path in bench:
     try:
       _, suite, _ = runner.read_config(path)

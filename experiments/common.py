@@ -1,4 +1,5 @@
 """Pieces shared by the experiment modules."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,7 @@ class ExperimentResult:
     figures: file name -> function(plt, histories) drawing one figure.
     notes: lines printed under the table.
   """
+
   title: str
   columns: list
   rows: list
@@ -71,10 +73,10 @@ def progress(message: str, quiet: bool = False) -> None:
 
 
 UPPER_SCHEMA = {
-    "optimizer": config.Field("str", "sgd", config.one_of(*OPTIMIZERS)),
-    "learning_rate": config.Field("float", 0.1, config.positive),
-    "steps": config.Field("int", 100, config.positive),
-    "log_every": config.Field("int", 0),
+  "optimizer": config.Field("str", "sgd", config.one_of(*OPTIMIZERS)),
+  "learning_rate": config.Field("float", 0.1, config.positive),
+  "steps": config.Field("int", 100, config.positive),
+  "log_every": config.Field("int", 0),
 }
 
 
@@ -86,17 +88,23 @@ def upper_schema(**defaults) -> dict[str, config.Field]:
   return schema
 
 
-def plot_metric_grid(metrics: list[tuple[str, str]], runs: dict[str, dict],
-                     title: str, styles: Callable[[str], dict] | None = None):
+def plot_metric_grid(
+  metrics: list[tuple[str, str]],
+  runs: dict[str, dict],
+  title: str,
+  styles: Callable[[str], dict] | None = None,
+):
   """Returns a plotting function: one log-scale panel per metric, one curve
   per run, x axis = upper iteration."""
+
   def draw(plt):
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4))
     for ax, (key, label) in zip(axes, metrics):
       for name, hist in runs.items():
         values = [max(v, 1e-16) for v in hist[key]]
-        ax.semilogy(range(1, len(values) + 1), values, label=name,
-                    **(styles(name) if styles else {}))
+        ax.semilogy(
+          range(1, len(values) + 1), values, label=name, **(styles(name) if styles else {})
+        )
       ax.set_xlabel("upper iteration")
       ax.set_title(label)
       ax.grid(True, which="both", alpha=0.3)
@@ -104,4 +112,5 @@ def plot_metric_grid(metrics: list[tuple[str, str]], runs: dict[str, dict],
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
   return draw

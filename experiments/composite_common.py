@@ -1,4 +1,5 @@
 """Pieces shared by the Section 6 experiments of Solla & Royset."""
+
 from __future__ import annotations
 
 import time
@@ -17,9 +18,14 @@ def problem_schema(dim: int, instances: bool = True) -> dict:
   """The [problem] fields of the Section 6 data (`regression.make_instances`)."""
   F = config.Field
   fields = {"instances": F("int", 20, config.positive)} if instances else {}
-  return {**fields, "seed": F("int", 0), "dim": F("int", dim, config.positive),
-          "n_train": F("int", 100, config.positive), "n_val": F("int", 100, config.positive),
-          "n_test": F("int", 300, config.positive)}
+  return {
+    **fields,
+    "seed": F("int", 0),
+    "dim": F("int", dim, config.positive),
+    "n_train": F("int", 100, config.positive),
+    "n_val": F("int", 100, config.positive),
+    "n_test": F("int", 300, config.positive),
+  }
 
 
 def retrain(data, lower_fn, x, reg):
@@ -28,8 +34,11 @@ def retrain(data, lower_fn, x, reg):
   low = lower_fn(data)
   sol = solver.solve(low.g, low.G, low.h, x, low.y0, alpha=reg, beta=reg)
   coef = low.to_model(sol.y)
-  return (regression.mse(data.a_val, data.b_val, coef),
-          regression.mse(data.a_test, data.b_test, coef), sol.info.status)
+  return (
+    regression.mse(data.a_val, data.b_val, coef),
+    regression.mse(data.a_test, data.b_test, coef),
+    sol.info.status,
+  )
 
 
 class LowerStatus(NamedTuple):
@@ -41,6 +50,7 @@ class WarmState(NamedTuple):
   and, as ``info.status``, the status of the solve that produced it (read by
   gradient sampling).  The rest of the solution's info is left out, so that
   its computation is dropped from the compiled loop."""
+
   y: Any
   info: LowerStatus
 
@@ -58,14 +68,15 @@ def hyper_objective(low, upper_fn, warm_start: bool = True):
   gradient sampling reads the lower status off ``.info.status``.
   """
   if not warm_start:
+
     def cold(x, alpha, beta):
       sol = solver.solve(low.g, low.G, low.h, x, low.y0, alpha=alpha, beta=beta)
       return upper_fn(low.to_model(sol.y)), sol
+
     return cold, None
 
   def warm(x, alpha, beta, state):
-    sol = solver.solve(low.g, low.G, low.h, x, state.y, alpha=alpha, beta=beta,
-                       method="warm")
+    sol = solver.solve(low.g, low.G, low.h, x, state.y, alpha=alpha, beta=beta, method="warm")
     return upper_fn(low.to_model(sol.y)), WarmState(sol.y, LowerStatus(sol.info.status))
 
   return warm, WarmState(low.y0, LowerStatus(jnp.asarray(status_lib.SUCCESS, jnp.int32)))

@@ -5,6 +5,7 @@ and sets keys in sections. Unknown sections or keys and values of the wrong
 type or range raise `ConfigError` naming the file and the key; missing keys
 take the schema's defaults.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,6 +33,7 @@ class Field:
   "list[float]", "list[str]", "alpha" (a number in [0, 1] or "c/k"), or
   "list[alpha]".
   """
+
   kind: str
   default: Any
   check: Callable[[Any], str | None] | None = None
@@ -50,6 +52,7 @@ def one_of(*choices):
     values = value if isinstance(value, list) else [value]
     bad = [v for v in values if v not in choices]
     return f"must be one of {list(choices)}" if bad else None
+
   return check
 
 
@@ -110,16 +113,16 @@ def validate(raw: dict, schema: dict[str, dict[str, Field]], source: str) -> dic
   out: dict[str, dict[str, Any]] = {}
   for section in raw:
     if section not in schema:
-      raise ConfigError(f"{source}: unknown section [{section}]; known sections: "
-                        f"{sorted(schema)}.")
+      raise ConfigError(f"{source}: unknown section [{section}]; known sections: {sorted(schema)}.")
     if not isinstance(raw[section], dict):
       raise ConfigError(f"{source}: `{section}` must be a [section] table.")
   for section, fields in schema.items():
     given = raw.get(section, {})
     for key in given:
       if key not in fields:
-        raise ConfigError(f"{source}: unknown key `{key}` in [{section}]; known "
-                          f"keys: {sorted(fields)}.")
+        raise ConfigError(
+          f"{source}: unknown key `{key}` in [{section}]; known keys: {sorted(fields)}."
+        )
     values = {}
     for key, field in fields.items():
       if key not in given:
@@ -163,7 +166,9 @@ def read_toml(path: str) -> dict:
       text = handle.read().decode("utf-8")
     return tomllib.loads(text)
   except UnicodeDecodeError as err:
-    raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start}).") from None
+    raise ConfigError(
+      f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})."
+    ) from None
   except tomllib.TOMLDecodeError as err:
     raise ConfigError(f"{path}: not valid TOML: {err}") from None
   except OSError as err:

@@ -1,5 +1,6 @@
 """Example 1 of the BDA paper (Section 5.1, Figures 1-3): BDA against RHG on
 a lower level with a continuum of solutions."""
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -14,40 +15,54 @@ from bilevel_jax._src.problems import example1 as ex1
 
 F = config.Field
 SCHEMA = {
-    "problem": {
-        "x0": F("float", 0.0),
-        "y0": F("list[float]", [2.0, 2.0],
-                lambda v: None if len(v) == 2 else "must have 2 entries"),
-    },
-    "lower": {
-        "upper_lr": F("float", 0.7, config.positive, "s_u"),
-        "lower_lr": F("float", 0.2, config.positive, "s_l"),
-        "K": F("list[int]", [8, 16, 64], config.positive),
-        "alphas": F("list[alpha]", ["0.5/k", "0.9/k", 0.5, 0]),
-    },
-    "upper": common.upper_schema(optimizer="sgd", learning_rate=0.5, steps=100),
-    "figures": {
-        "enabled": F("bool", True),
-        "K": F("int", 16, config.positive),
-        "alpha": F("alpha", "0.5/k"),
-        "init_x": F("list[float]", [0.0, 0.0, 2.0]),
-        "init_y": F("list[list[float]]", [[0.0, 0.0], [2.0, 2.0], [2.0, 2.0]]),
-    },
+  "problem": {
+    "x0": F("float", 0.0),
+    "y0": F("list[float]", [2.0, 2.0], lambda v: None if len(v) == 2 else "must have 2 entries"),
+  },
+  "lower": {
+    "upper_lr": F("float", 0.7, config.positive, "s_u"),
+    "lower_lr": F("float", 0.2, config.positive, "s_l"),
+    "K": F("list[int]", [8, 16, 64], config.positive),
+    "alphas": F("list[alpha]", ["0.5/k", "0.9/k", 0.5, 0]),
+  },
+  "upper": common.upper_schema(optimizer="sgd", learning_rate=0.5, steps=100),
+  "figures": {
+    "enabled": F("bool", True),
+    "K": F("int", 16, config.positive),
+    "alpha": F("alpha", "0.5/k"),
+    "init_x": F("list[float]", [0.0, 0.0, 2.0]),
+    "init_y": F("list[list[float]]", [[0.0, 0.0], [2.0, 2.0], [2.0, 2.0]]),
+  },
 }
 
-METRICS = [("F_gap", "|F - F*|"), ("f_gap", "|f - f*(x)|"),
-           ("x_err", "||x - x*||^2/||x*||^2"), ("y_err", "||y - y*||^2/||y*||^2")]
+METRICS = [
+  ("F_gap", "|F - F*|"),
+  ("f_gap", "|f - f*(x)|"),
+  ("x_err", "||x - x*||^2/||x*||^2"),
+  ("y_err", "||y - y*||^2/||y*||^2"),
+]
 
 
 def _run(cfg, K, alpha, x0, y0):
   hg = unrolled.make_hypergradient(
-      ex1.upper, ex1.lower, steps=K, upper_lr=cfg["lower"]["upper_lr"],
-      lower_lr=cfg["lower"]["lower_lr"], alpha=common.make_alpha(alpha))
+    ex1.upper,
+    ex1.lower,
+    steps=K,
+    upper_lr=cfg["lower"]["upper_lr"],
+    lower_lr=cfg["lower"]["lower_lr"],
+    alpha=common.make_alpha(alpha),
+  )
   up = cfg["upper"]
   result = upper_loop.optimize(
-      hg, jnp.asarray(x0), common.make_optimizer(up["optimizer"], up["learning_rate"]),
-      steps=up["steps"], y0=jnp.asarray(y0), projection=ex1.projection(),
-      metrics_fn=ex1.metrics, log_every=up["log_every"])
+    hg,
+    jnp.asarray(x0),
+    common.make_optimizer(up["optimizer"], up["learning_rate"]),
+    steps=up["steps"],
+    y0=jnp.asarray(y0),
+    projection=ex1.projection(),
+    metrics_fn=ex1.metrics,
+    log_every=up["log_every"],
+  )
   return result
 
 
@@ -71,14 +86,18 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
   for K in low["K"]:
     for alpha in low["alphas"]:
       result, hist = get(K, alpha)
-      rows.append({
-          "method": common.method_name(alpha), "K": K,
-          "alpha": common.alpha_label(alpha), "x": float(result.x),
+      rows.append(
+        {
+          "method": common.method_name(alpha),
+          "K": K,
+          "alpha": common.alpha_label(alpha),
+          "x": float(result.x),
           "y": [round(float(v), 6) for v in np.asarray(result.y)],
           **{key: hist[key][-1] for key, _ in METRICS},
           "ms_per_step": 1e3 * float(np.median(result.history["step_time"])),
           "status": status_lib.status_message(result.info.status),
-      })
+        }
+      )
 
   figures = {}
   if figs["enabled"]:
@@ -86,30 +105,52 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
       raise config.ConfigError("[figures] `init_x` and `init_y` must have the same length.")
     pair = (figs["alpha"], 0)  # BDA with the figure's schedule, and RHG
     init_runs = {
-        f"{common.method_name(a)} x0={x0:g} y0=({y0[0]:g},{y0[1]:g})":
-            get(figs["K"], a, (x0, tuple(y0)))[1]
-        for x0, y0 in zip(figs["init_x"], figs["init_y"]) for a in pair}
+      f"{common.method_name(a)} x0={x0:g} y0=({y0[0]:g},{y0[1]:g})": get(
+        figs["K"], a, (x0, tuple(y0))
+      )[1]
+      for x0, y0 in zip(figs["init_x"], figs["init_y"])
+      for a in pair
+    }
     k_runs = {f"{common.method_name(a)} K={K}": get(K, a)[1] for K in low["K"] for a in pair}
     a_runs = {f"alpha={common.alpha_label(a)}": get(figs["K"], a)[1] for a in low["alphas"]}
     dashed = lambda name: {"linestyle": "--" if name.startswith("RHG") else "-"}
     figures = {
-        "figure1_initialization.png": common.plot_metric_grid(
-            METRICS, init_runs, f"Example 1: initial points (K={figs['K']})", dashed),
-        "figure2_K.png": common.plot_metric_grid(
-            METRICS, k_runs, "Example 1: lower iterations K", dashed),
-        "figure3_alpha.png": common.plot_metric_grid(
-            METRICS, a_runs, f"Example 1: aggregation schedules (K={figs['K']})"),
+      "figure1_initialization.png": common.plot_metric_grid(
+        METRICS, init_runs, f"Example 1: initial points (K={figs['K']})", dashed
+      ),
+      "figure2_K.png": common.plot_metric_grid(
+        METRICS, k_runs, "Example 1: lower iterations K", dashed
+      ),
+      "figure3_alpha.png": common.plot_metric_grid(
+        METRICS, a_runs, f"Example 1: aggregation schedules (K={figs['K']})"
+      ),
     }
 
   bda_rows = [r for r in rows if r["method"] == "BDA"]
   rhg_rows = [r for r in rows if r["method"] == "RHG"]
-  notes = ["x* = 1, y* = (1, 1), F* = 0; |f - f*(x)| is the lower optimality "
-           "gap at the current x."]
+  notes = ["x* = 1, y* = (1, 1), F* = 0; |f - f*(x)| is the lower optimality gap at the current x."]
   if bda_rows and rhg_rows:
-    notes.append(f"closest BDA x: {min(abs(r['x'] - 1) for r in bda_rows):.3g} from x*; "
-                 f"closest RHG x: {min(abs(r['x'] - 1) for r in rhg_rows):.3g} from x*.")
+    notes.append(
+      f"closest BDA x: {min(abs(r['x'] - 1) for r in bda_rows):.3g} from x*; "
+      f"closest RHG x: {min(abs(r['x'] - 1) for r in rhg_rows):.3g} from x*."
+    )
   return common.ExperimentResult(
-      title="Example 1 (BDA paper, Section 5.1): BDA vs RHG without LLS",
-      columns=["method", "K", "alpha", "x", "y", "F_gap", "f_gap", "x_err",
-               "y_err", "ms_per_step", "status"],
-      rows=rows, histories=histories, figures=figures, notes=notes)
+    title="Example 1 (BDA paper, Section 5.1): BDA vs RHG without LLS",
+    columns=[
+      "method",
+      "K",
+      "alpha",
+      "x",
+      "y",
+      "F_gap",
+      "f_gap",
+      "x_err",
+      "y_err",
+      "ms_per_step",
+      "status",
+    ],
+    rows=rows,
+    histories=histories,
+    figures=figures,
+    notes=notes,
+  )

@@ -1,4 +1,5 @@
 """Plain-text tables, JSON results and optional PNG figures for experiments."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,9 @@ def markdown_table(columns: list[str], rows: list[dict]) -> str:
 
 def git_commit() -> str:
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=True, timeout=5).stdout.strip()
+    return subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, timeout=5
+    ).stdout.strip()
   except Exception:
     return "unknown"
 
@@ -38,15 +40,15 @@ def git_commit() -> str:
 def machine_info() -> dict:
   device = jax.devices()[0]
   return {
-      "platform": platform.platform(),
-      "processor": platform.processor() or platform.machine(),
-      "cpu_count": os.cpu_count(),
-      "python": platform.python_version(),
-      "jax": jax.__version__,
-      "backend": jax.default_backend(),
-      "device": getattr(device, "device_kind", str(device)),
-      "x64": bool(jax.config.jax_enable_x64),
-      "commit": git_commit(),
+    "platform": platform.platform(),
+    "processor": platform.processor() or platform.machine(),
+    "cpu_count": os.cpu_count(),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "device": getattr(device, "device_kind", str(device)),
+    "x64": bool(jax.config.jax_enable_x64),
+    "commit": git_commit(),
   }
 
 
@@ -64,6 +66,7 @@ def save_figures(out_dir: str, figures: dict) -> list[str]:
     return []
   try:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
   except ImportError:

@@ -13,6 +13,7 @@ Reference: a grid search of F(x, S(x)) over a log grid of x, with S(x)
 computed by `quadratic` at mu = ``reference_mu`` (the smoothing at that mu
 moves S by O(mu)); the VFP solution is scored by the same F(x, S(x)).
 """
+
 from __future__ import annotations
 
 import jax
@@ -28,19 +29,25 @@ from bilevel_jax._src.value import quadratic
 
 F = config.Field
 SCHEMA = {
-    "problem": {
-        "dim": F("int", 20, config.positive, "m"),
-        "n_train": F("int", 30, config.positive),
-        "n_val": F("int", 30, config.positive),
-        "noise": F("float", 0.3, config.positive),
-        "seed": F("int", 0),
-        "x0": F("list[float]", [0.1, 0.1], config.positive),
-        "x_bounds": F("list[float]", [1e-3, 10.0], config.positive),
-        "grid": F("int", 25, config.positive, "reference grid points per axis"),
-        "reference_mu": F("float", 1e-5, config.positive),
-    },
-    "vfp": vc.vfp_schema(mus=[1e-1, 1e-2, 1e-3, 1e-4], epsilon=1e-4, learning_rate=1e-2,
-                         inner_steps=150, outer_steps=8, repeats=1),
+  "problem": {
+    "dim": F("int", 20, config.positive, "m"),
+    "n_train": F("int", 30, config.positive),
+    "n_val": F("int", 30, config.positive),
+    "noise": F("float", 0.3, config.positive),
+    "seed": F("int", 0),
+    "x0": F("list[float]", [0.1, 0.1], config.positive),
+    "x_bounds": F("list[float]", [1e-3, 10.0], config.positive),
+    "grid": F("int", 25, config.positive, "reference grid points per axis"),
+    "reference_mu": F("float", 1e-5, config.positive),
+  },
+  "vfp": vc.vfp_schema(
+    mus=[1e-1, 1e-2, 1e-3, 1e-4],
+    epsilon=1e-4,
+    learning_rate=1e-2,
+    inner_steps=150,
+    outer_steps=8,
+    repeats=1,
+  ),
 }
 
 
@@ -49,8 +56,8 @@ def make_data(p):
   k1, k2, k3, k4 = jax.random.split(key, 4)
   m = p["dim"]
   truth = np.zeros(m)
-  truth[m // 4: m // 2] = 1.5
-  truth[3 * m // 4:] = -1.0
+  truth[m // 4 : m // 2] = 1.5
+  truth[3 * m // 4 :] = -1.0
   truth = jnp.asarray(truth)
   A = jax.random.normal(k1, (p["n_train"], m))
   A_val = jax.random.normal(k2, (p["n_val"], m))
@@ -66,8 +73,9 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
 
   def lower(x, y, mu):
     loss = 0.5 * jnp.sum((A @ y - b) ** 2) / A.shape[0]
-    return (loss + x[0] * smoothing.l1(y, mu, "chks")
-            + x[1] * smoothing.l1(y[1:] - y[:-1], mu, "chks"))
+    return (
+      loss + x[0] * smoothing.l1(y, mu, "chks") + x[1] * smoothing.l1(y[1:] - y[:-1], mu, "chks")
+    )
 
   def upper(x, y, mu=None):
     return 0.5 * jnp.sum((A_val @ y - b_val) ** 2) / A_val.shape[0]
@@ -77,8 +85,7 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
 
   @jax.jit
   def val_loss(x):
-    y = quadratic.quadratic(lower, x, y_zero, mu=p["reference_mu"], pass_mu=True,
-                            max_steps=20000).y
+    y = quadratic.quadratic(lower, x, y_zero, mu=p["reference_mu"], pass_mu=True, max_steps=20000).y
     return upper(x, y)
 
   common.progress("[value_hyper] reference grid", quiet)
@@ -90,25 +97,54 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
 
   common.progress("[value_hyper] VFP + quadratic", quiet)
   project_x = projections.box(*p["x_bounds"])
-  sol, compile_s, run_s = vc.solve(cfg["vfp"], upper, lower, value_fn, jnp.asarray(p["x0"]),
-                                   y_zero, projection_x=project_x, pass_mu=True)
+  sol, compile_s, run_s = vc.solve(
+    cfg["vfp"],
+    upper,
+    lower,
+    value_fn,
+    jnp.asarray(p["x0"]),
+    y_zero,
+    projection_x=project_x,
+    pass_mu=True,
+  )
   records = {"VFP quadratic": vc.per_mu(sol.info)}
   f_vfp = float(val_loss(sol.x))
   log_err = float(np.linalg.norm(np.log10(np.asarray(sol.x)) - np.log10(x_ref)))
-  rows = [vc.vfp_row("VFP quadratic", sol, x_ref, compile_s, run_s,
-                     val_loss=f_vfp, log10_x_err=log_err),
-          {"method": f"grid search ({p['grid']}x{p['grid']})",
-           "x": [round(float(v), 5) for v in x_ref], "x_err": 0.0, "val_loss": f_ref,
-           "log10_x_err": 0.0, "status": "reference"}]
+  rows = [
+    vc.vfp_row("VFP quadratic", sol, x_ref, compile_s, run_s, val_loss=f_vfp, log10_x_err=log_err),
+    {
+      "method": f"grid search ({p['grid']}x{p['grid']})",
+      "x": [round(float(v), 5) for v in x_ref],
+      "x_err": 0.0,
+      "val_loss": f_ref,
+      "log10_x_err": 0.0,
+      "status": "reference",
+    },
+  ]
   f_init = float(val_loss(jnp.asarray(p["x0"])))
-  notes = [f"val_loss = F(x, S(x)) with S from `quadratic` at mu = {p['reference_mu']:g}; "
-           f"at x0 = {p['x0']} it is {f_init:.4g}.",
-           "x_err is measured against the best grid point, whose own spacing is a factor "
-           f"{grid[1] / grid[0]:.3g} per axis."]
+  notes = [
+    f"val_loss = F(x, S(x)) with S from `quadratic` at mu = {p['reference_mu']:g}; "
+    f"at x0 = {p['x0']} it is {f_init:.4g}.",
+    "x_err is measured against the best grid point, whose own spacing is a factor "
+    f"{grid[1] / grid[0]:.3g} per axis.",
+  ]
   return common.ExperimentResult(
-      title="Hyperparameter problem (3.5): lasso + total variation, quadratic value function",
-      columns=["method", "x", "x_err", "log10_x_err", "val_loss", "lambda", "kkt", "compile_s",
-               "run_s", "status"],
-      rows=rows, histories=records,
-      figures={"value_hyper_kkt.png": vc.kkt_figure(records, "(3.5): (VFP^mu_eps)")},
-      notes=notes, extra={"per_mu": records, "reference": {"x": x_ref.tolist(), "val_loss": f_ref}})
+    title="Hyperparameter problem (3.5): lasso + total variation, quadratic value function",
+    columns=[
+      "method",
+      "x",
+      "x_err",
+      "log10_x_err",
+      "val_loss",
+      "lambda",
+      "kkt",
+      "compile_s",
+      "run_s",
+      "status",
+    ],
+    rows=rows,
+    histories=records,
+    figures={"value_hyper_kkt.png": vc.kkt_figure(records, "(3.5): (VFP^mu_eps)")},
+    notes=notes,
+    extra={"per_mu": records, "reference": {"x": x_ref.tolist(), "val_loss": f_ref}},
+  )

@@ -1,4 +1,5 @@
 """Shared test utilities."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,5 +19,7 @@ def finite_difference_grad(fn, x, eps=1e-6):
 
 
 def tree_allclose(a, b, **kw):
-  return all(np.allclose(x, y, **kw) for x, y in
-             zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+  return all(
+    np.allclose(x, y, **kw)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+  )

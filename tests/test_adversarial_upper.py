@@ -1,6 +1,7 @@
 """Adversarial inputs to `upper.optimize` and its checkpoints: every wrong
 argument is an error that names it, no wrong answer is reported as SUCCESS,
 and a checkpoint survives Ctrl-C and SIGKILL."""
+
 import os
 import pickle
 import signal
@@ -35,8 +36,11 @@ def _run(hg=_hg, x0=None, steps=3, **kw):
 
 # ------------------------------------------------------------- hypergradient_fn
 def test_hypergradient_fn_of_one_argument_given_y0():
-  with pytest.raises(TypeError, match=r"`hypergradient_fn` failed when called as "
-                     r"hypergradient_fn\(x0, y0\).*positional argument"):
+  with pytest.raises(
+    TypeError,
+    match=r"`hypergradient_fn` failed when called as "
+    r"hypergradient_fn\(x0, y0\).*positional argument",
+  ):
     _run(lambda x: (jnp.sum(x), x))
 
 
@@ -62,15 +66,27 @@ def test_hypergradient_fn_returning_two_outputs_with_y0():
 
 def test_hypergradient_fn_returning_a_namedtuple():
   from bilevel_jax import bda
-  solve = lambda x, y: bda.solve(lambda x, y: jnp.sum(y ** 2), lambda x, y: jnp.sum((y - x) ** 2),
-                                 x, y, steps=2, upper_lr=0.1, lower_lr=0.1, alpha=0.0)
+
+  solve = lambda x, y: bda.solve(
+    lambda x, y: jnp.sum(y**2),
+    lambda x, y: jnp.sum((y - x) ** 2),
+    x,
+    y,
+    steps=2,
+    upper_lr=0.1,
+    lower_lr=0.1,
+    alpha=0.0,
+  )
   with pytest.raises(TypeError, match="NamedTuple; pass a method's `make_hypergradient"):
     _run(solve)
 
 
 def test_scalar_gradient_for_vector_x_is_not_broadcast():
-  with pytest.raises(ValueError, match=r"second output \(the gradient in x\) has a leaf "
-                     r"\(0\) of shape \(\), expected \(3,\) \(no broadcasting\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"second output \(the gradient in x\) has a leaf "
+    r"\(0\) of shape \(\), expected \(3,\) \(no broadcasting\)",
+  ):
     _run(lambda x, y: (jnp.sum(x), jnp.sum(x), y))
 
 
@@ -80,14 +96,20 @@ def test_gradient_of_another_structure():
 
 
 def test_gradient_of_another_dtype_is_not_cast():
-  with pytest.raises(TypeError, match=r"gradient in x\) has a leaf \(0\) of dtype float32, "
-                     r"expected float64 \(no silent cast\)"):
+  with pytest.raises(
+    TypeError,
+    match=r"gradient in x\) has a leaf \(0\) of dtype float32, "
+    r"expected float64 \(no silent cast\)",
+  ):
     _run(lambda x, y: (jnp.sum(x), x.astype(jnp.float32), y))
 
 
 def test_vector_value():
-  with pytest.raises(ValueError, match=r"first output \(the value phi\(x\)\) must be a "
-                     r"scalar, got shape \(3,\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"first output \(the value phi\(x\)\) must be a "
+    r"scalar, got shape \(3,\)",
+  ):
     _run(lambda x, y: (x, x, y))
 
 
@@ -112,28 +134,34 @@ def test_vector_lower_status():
     info: Info
 
   hg = lambda x, y: (jnp.sum(x), x, Sol(y, Info(jnp.zeros(2, jnp.int32))))
-  with pytest.raises(ValueError, match=r"`hypergradient_fn`: `solution.info.status` must be "
-                     r"a scalar, got shape \(2,\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"`hypergradient_fn`: `solution.info.status` must be "
+    r"a scalar, got shape \(2,\)",
+  ):
     _run(hg)
 
 
 def test_error_raised_inside_hypergradient_fn_keeps_its_kind_and_is_named():
   def hg(x, y):
     raise ValueError("`upper_lr` must be > 0")
+
   with pytest.raises(ValueError, match=r"`hypergradient_fn` failed .*`upper_lr` must be > 0"):
     _run(hg)
 
 
 # ------------------------------------------------------------------ metrics_fn
 def test_metrics_fn_returning_a_list():
-  with pytest.raises(TypeError, match="`metrics_fn` must return a dict of named scalars, "
-                     "got list"):
+  with pytest.raises(TypeError, match="`metrics_fn` must return a dict of named scalars, got list"):
     _run(metrics_fn=lambda x, y: [jnp.sum(x)])
 
 
 def test_metrics_fn_returning_a_vector():
-  with pytest.raises(ValueError, match=r"`metrics_fn`: entry 'err' must be a scalar, "
-                     r"got shape \(3,\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"`metrics_fn`: entry 'err' must be a scalar, "
+    r"got shape \(3,\)",
+  ):
     _run(metrics_fn=lambda x, y: {"err": x})
 
 
@@ -143,8 +171,11 @@ def test_metrics_fn_overwriting_the_value():
 
 
 def test_metrics_fn_of_wrong_arity():
-  with pytest.raises(TypeError, match=r"`metrics_fn` failed when called as "
-                     r"metrics_fn\(x0, y\)"):
+  with pytest.raises(
+    TypeError,
+    match=r"`metrics_fn` failed when called as "
+    r"metrics_fn\(x0, y\)",
+  ):
     _run(metrics_fn=lambda x: {"m": jnp.sum(x)})
 
 
@@ -155,14 +186,16 @@ def test_metrics_fn_not_callable():
 
 # ------------------------------------------------------------------ projection
 def test_projection_changing_the_structure():
-  with pytest.raises(TypeError, match="`projection` must return x with the structure of "
-                     "`x0`"):
+  with pytest.raises(TypeError, match="`projection` must return x with the structure of `x0`"):
     _run(projection=lambda x: (x, x))
 
 
 def test_projection_changing_the_shape():
-  with pytest.raises(ValueError, match=r"`projection`: its output has a leaf \(0\) of "
-                     r"shape \(2,\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"`projection`: its output has a leaf \(0\) of "
+    r"shape \(2,\)",
+  ):
     _run(projection=lambda x: x[:2])
 
 
@@ -195,22 +228,29 @@ def test_float_steps():
 def test_steps_beyond_int32_refused_up_front():
   tic = time.perf_counter()
   with pytest.raises(ValueError, match=r"`steps` = 2147483648 exceeds 2147483647"):
-    _run(steps=2 ** 31)
+    _run(steps=2**31)
   assert time.perf_counter() - tic < 5.0
 
 
 def test_steps_whose_history_exceeds_the_memory_refused(monkeypatch):
-  monkeypatch.setattr(upper_loop, "_physical_memory", lambda: 2 ** 30)
-  with pytest.raises(ValueError, match=r"`steps` = 100000000 needs 2.2 GiB for the history "
-                     r"\(3 entries of 8 bytes per step\), more than this machine's 1.0 GiB"):
-    _run(steps=10 ** 8)
+  monkeypatch.setattr(upper_loop, "_physical_memory", lambda: 2**30)
+  with pytest.raises(
+    ValueError,
+    match=r"`steps` = 100000000 needs 2.2 GiB for the history "
+    r"\(3 entries of 8 bytes per step\), more than this machine's 1.0 GiB",
+  ):
+    _run(steps=10**8)
 
 
 def test_history_grows_in_chunks_past_one_chunk(monkeypatch):
   monkeypatch.setattr(upper_loop._History, "CHUNK", 4)
   res = _run(steps=10, metrics_fn=lambda x, y: {"m": jnp.sum(x)})
   assert {k: v.shape for k, v in res.history.items()} == {
-      "value": (10,), "grad_norm": (10,), "m": (10,), "step_time": (10,)}
+    "value": (10,),
+    "grad_norm": (10,),
+    "m": (10,),
+    "step_time": (10,),
+  }
   np.testing.assert_allclose(res.history["value"], 1.5 * 0.25 ** np.arange(10), rtol=1e-12)
 
 
@@ -223,15 +263,19 @@ def test_checkpoint_path_that_is_a_folder(tmp_path):
 def test_checkpoint_path_under_a_regular_file(tmp_path):
   (tmp_path / "file").write_text("x")
   calls = []
-  with pytest.raises(ValueError, match="`checkpoint_path` = .*file/run.npz' cannot be "
-                     "written .* before the first step"):
-    _run(lambda x, y: (calls.append(1), _hg(x, y))[1],
-         checkpoint_path=str(tmp_path / "file" / "run.npz"))
-  assert len(calls) <= 1      # at most the abstract check: no step ran
+  with pytest.raises(
+    ValueError,
+    match="`checkpoint_path` = .*file/run.npz' cannot be written .* before the first step",
+  ):
+    _run(
+      lambda x, y: (calls.append(1), _hg(x, y))[1],
+      checkpoint_path=str(tmp_path / "file" / "run.npz"),
+    )
+  assert len(calls) <= 1  # at most the abstract check: no step ran
 
 
 def test_checkpoint_path_in_a_read_only_folder(tmp_path):
-  if os.geteuid() == 0:       # root writes anywhere but in /proc
+  if os.geteuid() == 0:  # root writes anywhere but in /proc
     if not os.path.isdir("/proc/self"):
       pytest.skip("running as root without /proc")
     path = "/proc/bilevel_jax_run.npz"
@@ -270,8 +314,9 @@ def _write(path, raw):
 
 
 def _rejected(path, match, **kw):
-  with pytest.raises(checkpointing.CheckpointError,
-                     match=f"{path}' is not a checkpoint of this run: {match}"):
+  with pytest.raises(
+    checkpointing.CheckpointError, match=f"{path}' is not a checkpoint of this run: {match}"
+  ):
     _run(checkpoint_path=path, **kw)
 
 
@@ -285,7 +330,7 @@ def test_truncated_checkpoint(tmp_path):
   path = _saved(tmp_path)
   with open(path, "rb") as handle:
     raw = handle.read()
-  _write(path, raw[:len(raw) // 2])
+  _write(path, raw[: len(raw) // 2])
   _rejected(path, "it is not a complete .npz archive")
 
 
@@ -342,14 +387,23 @@ def test_checkpoint_with_float_step(tmp_path):
 
 def test_float64_checkpoint_into_float32_run(tmp_path):
   path = _saved(tmp_path)
-  _rejected(path, r"leaf 0 of `x` has dtype float64 in the file, float32 in this run "
-            r"\(no silent cast", x0=jnp.zeros(3, jnp.float32), y0=jnp.zeros(3, jnp.float32))
+  _rejected(
+    path,
+    r"leaf 0 of `x` has dtype float64 in the file, float32 in this run "
+    r"\(no silent cast",
+    x0=jnp.zeros(3, jnp.float32),
+    y0=jnp.zeros(3, jnp.float32),
+  )
 
 
 def test_checkpoint_of_another_shape(tmp_path):
   path = _saved(tmp_path)
-  _rejected(path, r"leaf 0 of `x` has shape \(3,\) in the file, \(4,\) in this run",
-            x0=jnp.zeros(4), y0=jnp.zeros(4))
+  _rejected(
+    path,
+    r"leaf 0 of `x` has shape \(3,\) in the file, \(4,\) in this run",
+    x0=jnp.zeros(4),
+    y0=jnp.zeros(4),
+  )
 
 
 def test_checkpoint_with_short_history(tmp_path):
@@ -362,8 +416,12 @@ def test_checkpoint_with_short_history(tmp_path):
 
 def test_checkpoint_of_a_run_with_other_metrics(tmp_path):
   path = _saved(tmp_path)
-  _rejected(path, r"its history records .* this run records .*'m'",
-            metrics_fn=lambda x, y: {"m": jnp.sum(x)}, steps=4)
+  _rejected(
+    path,
+    r"its history records .* this run records .*'m'",
+    metrics_fn=lambda x, y: {"m": jnp.sum(x)},
+    steps=4,
+  )
 
 
 def test_checkpoint_of_another_format(tmp_path):
@@ -376,7 +434,7 @@ def test_good_checkpoint_still_resumes(tmp_path):
   path = _saved(tmp_path)
   res = _run(checkpoint_path=path, steps=5)
   assert res.info.resumed_from == 3 and res.history["value"].shape == (5,)
-  np.testing.assert_allclose(res.x, 1 - 0.5 ** 5, rtol=1e-12)
+  np.testing.assert_allclose(res.x, 1 - 0.5**5, rtol=1e-12)
 
 
 # --------------------------------------------------- temporary files and signals
@@ -394,7 +452,7 @@ def _dead_pid():
 def test_stale_temporary_of_a_dead_process_is_removed(tmp_path):
   path = str(tmp_path / "run.npz")
   stale = f"{path}.tmp-{_dead_pid()}"
-  live = f"{path}.tmp-{os.getppid()}"     # a running process's: left alone
+  live = f"{path}.tmp-{os.getppid()}"  # a running process's: left alone
   for name in (stale, live):
     _write(name, b"partial")
   _run(checkpoint_path=path)
@@ -407,7 +465,7 @@ def test_signal_inside_a_save_is_delivered_after_it(tmp_path, monkeypatch):
   real_savez = np.savez
 
   def savez_interrupted(handle, **arrays):
-    os.kill(os.getpid(), signal.SIGINT)       # lands while the archive is written
+    os.kill(os.getpid(), signal.SIGINT)  # lands while the archive is written
     time.sleep(0.01)
     real_savez(handle, **arrays)
 
@@ -423,13 +481,16 @@ def test_signal_inside_a_save_is_delivered_after_it(tmp_path, monkeypatch):
 
 
 def test_sigterm_inside_a_save_reaches_its_handler_after_the_file_is_in_place(
-    tmp_path, monkeypatch):
+  tmp_path, monkeypatch
+):
   path = str(tmp_path / "ck.npz")
   real_savez, seen = np.savez, []
-  monkeypatch.setattr(checkpointing.np, "savez", lambda handle, **arrays: (
-      os.kill(os.getpid(), signal.SIGTERM), real_savez(handle, **arrays)))
-  handler = lambda signum, frame: seen.append((signum, os.path.exists(path),
-                                               _temporaries(path)))
+  monkeypatch.setattr(
+    checkpointing.np,
+    "savez",
+    lambda handle, **arrays: (os.kill(os.getpid(), signal.SIGTERM), real_savez(handle, **arrays)),
+  )
+  handler = lambda signum, frame: seen.append((signum, os.path.exists(path), _temporaries(path)))
   previous = signal.signal(signal.SIGTERM, handler)
   try:
     checkpointing.save(path, {"x": jnp.zeros(2)}, {"step": np.int64(1)})
@@ -453,10 +514,10 @@ def test_ctrl_c_inside_a_periodic_save_ends_with_a_resumable_checkpoint(tmp_path
   with pytest.raises(KeyboardInterrupt):
     _run(steps=6, checkpoint_path=path, checkpoint_every=2)
   monkeypatch.setattr(checkpointing.np, "savez", real_savez)
-  assert len(calls) == 2 and _temporaries(path) == []   # periodic save, then the final one
+  assert len(calls) == 2 and _temporaries(path) == []  # periodic save, then the final one
   res = _run(steps=6, checkpoint_path=path, checkpoint_every=2)
   assert res.info.resumed_from == 2
-  np.testing.assert_allclose(res.x, 1 - 0.5 ** 6, rtol=1e-12)
+  np.testing.assert_allclose(res.x, 1 - 0.5**6, rtol=1e-12)
   np.testing.assert_allclose(res.history["value"], 1.5 * 0.25 ** np.arange(6), rtol=1e-12)
 
 
@@ -490,9 +551,15 @@ _SAVER = textwrap.dedent("""
 
 def _saver(path, mode):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen([sys.executable, "-c", _SAVER, path, mode], env=env, cwd=ROOT,
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-c", _SAVER, path, mode],
+    env=env,
+    cwd=ROOT,
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   line = proc.stdout.readline().strip()
   assert line == "ready", (line, proc.stderr.read() if proc.poll() is not None else "")
   return proc
@@ -523,7 +590,7 @@ def test_sigint_at_random_times_leaves_a_valid_checkpoint(tmp_path):
       assert _temporaries(path) == []
       proc.stdin.write("go\n" if trial < 5 else "quit\n")
       proc.stdin.flush()
-      if trial < 5:     # no SIGINT while it still reads "go"
+      if trial < 5:  # no SIGINT while it still reads "go"
         assert proc.stdout.readline().strip() == "resumed"
     _, err = proc.communicate(timeout=60)
   finally:
@@ -542,7 +609,7 @@ def test_sigkill_inside_a_save_leaves_a_temporary_the_next_run_removes(tmp_path)
   finally:
     proc.kill()
     proc.communicate(timeout=30)
-  assert _temporaries(path) == [f"run.npz.tmp-{proc.pid}"]    # at most this one
-  res = _run(steps=4, checkpoint_path=path)                   # the old file is intact
+  assert _temporaries(path) == [f"run.npz.tmp-{proc.pid}"]  # at most this one
+  res = _run(steps=4, checkpoint_path=path)  # the old file is intact
   assert res.info.resumed_from == 2 and _temporaries(path) == []
-  np.testing.assert_allclose(res.x, 1 - 0.5 ** 4, rtol=1e-12)
+  np.testing.assert_allclose(res.x, 1 - 0.5**4, rtol=1e-12)

@@ -2,6 +2,7 @@
 runs with cvxpy (the reference agrees with ours on the hypergradient and, on
 the same samples, on lambda) and without it (the peer is skipped, our rows
 remain)."""
+
 import os
 import sys
 

@@ -1,5 +1,6 @@
 """The BOAT hyper-cleaning benchmark: the suite runs without BOAT, and our
 configuration matched to BOAT's formulation does what its notes say."""
+
 import os
 import subprocess
 
@@ -26,7 +27,8 @@ def test_small_config_skips_missing_boat(tmp_path, monkeypatch):
   rows = payload["rows"]
   assert {r["impl"] for r in rows} == {"bilevel_jax"}
   assert sorted((r["method"], r["size"]) for r in rows) == sorted(
-      (suite.METHODS[m], K) for m in ("bda", "rhg") for K in (5, 10))
+    (suite.METHODS[m], K) for m in ("bda", "rhg") for K in (5, 10)
+  )
   for row in rows:
     assert row["per"] == "upper_iteration" and row["repeats"] == 3
     assert 0 < row["median_s"] and 0 < row["compile_s"]
@@ -54,10 +56,14 @@ def _tiny_problem():
   rng = np.random.default_rng(3)
   n, m, d, c = 5, 4, 3, 3
   data = CleaningData(
-      x_train=jnp.asarray(rng.random((n, d))), y_train=jnp.asarray(rng.integers(0, c, n)),
-      x_val=jnp.asarray(rng.random((m, d))), y_val=jnp.asarray(rng.integers(0, c, m)),
-      x_test=jnp.asarray(rng.random((m, d))), y_test=jnp.asarray(rng.integers(0, c, m)),
-      corrupted=jnp.zeros((n,), bool))
+    x_train=jnp.asarray(rng.random((n, d))),
+    y_train=jnp.asarray(rng.integers(0, c, n)),
+    x_val=jnp.asarray(rng.random((m, d))),
+    y_val=jnp.asarray(rng.integers(0, c, m)),
+    x_test=jnp.asarray(rng.random((m, d))),
+    y_test=jnp.asarray(rng.integers(0, c, m)),
+    corrupted=jnp.zeros((n,), bool),
+  )
   y0 = {"W": rng.normal(size=(c, d)), "b": rng.normal(size=(c,))}  # (classes, features)
   return HyperCleaning(data, l2=0.0), y0
 
@@ -106,16 +112,17 @@ def test_matched_step_is_boats_update(method):
   for t in range(1, iters + 1):
     value, y_K = loop(x, y)
     eps = 1e-6  # the hypergradient by central differences of the NumPy loop
-    grad = np.array([(loop(x + eps * e, y)[0] - loop(x - eps * e, y)[0]) / (2 * eps)
-                     for e in np.eye(x.size)])
+    grad = np.array(
+      [(loop(x + eps * e, y)[0] - loop(x - eps * e, y)[0]) / (2 * eps) for e in np.eye(x.size)]
+    )
     ours_value, ours_grad, ours_solution = hypergradient(state[0], state[2])
     ours_y = ours_solution.y
     np.testing.assert_allclose(ours_value, value, rtol=1e-10)
     np.testing.assert_allclose(ours_grad, grad, rtol=1e-6, atol=1e-10)
     # torch.optim.Adam's step (betas 0.9, 0.999, eps 1e-8), then copy_last_param.
     m = 0.9 * m + 0.1 * grad
-    v = 0.999 * v + 0.001 * grad ** 2
-    x = x - upper_lr * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    v = 0.999 * v + 0.001 * grad**2
+    x = x - upper_lr * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
     y = y_K
     state = step(*state)[:3]
     np.testing.assert_allclose(state[0], x, rtol=1e-6, atol=1e-9)
@@ -133,16 +140,28 @@ def test_boat_script_agrees_with_ours(tmp_path):
   rng = np.random.default_rng(0)
   n, m, d, c = 40, 20, 6, 3
   split = CleaningData(
-      x_train=rng.random((n, d), np.float32), y_train=rng.integers(0, c, n).astype(np.int32),
-      x_val=rng.random((m, d), np.float32), y_val=rng.integers(0, c, m).astype(np.int32),
-      x_test=rng.random((m, d), np.float32), y_test=rng.integers(0, c, m).astype(np.int32),
-      corrupted=np.zeros((n,), bool))
+    x_train=rng.random((n, d), np.float32),
+    y_train=rng.integers(0, c, n).astype(np.int32),
+    x_val=rng.random((m, d), np.float32),
+    y_val=rng.integers(0, c, m).astype(np.int32),
+    x_test=rng.random((m, d), np.float32),
+    y_test=rng.integers(0, c, m).astype(np.int32),
+    corrupted=np.zeros((n,), bool),
+  )
   y0 = suite.initial_lower(d, c, 0.5, 0)
   data_path = str(tmp_path / "data.npz")
   suite.write_data(data_path, split, y0)
-  cfg = {"method": {"methods": ["bda", "rhg"], "upper_iterations": 3, "lower_lr": 0.5,
-                    "upper_lr": 0.1, "alpha_init": 0.5, "alpha_decay": 0.9},
-         "timing": {"warmup": 0}}
+  cfg = {
+    "method": {
+      "methods": ["bda", "rhg"],
+      "upper_iterations": 3,
+      "lower_lr": 0.5,
+      "upper_lr": 0.1,
+      "alpha_init": 0.5,
+      "alpha_decay": 0.9,
+    },
+    "timing": {"warmup": 0},
+  }
   try:
     out = suite.run_boat(python, data_path, suite.boat_settings(cfg, 4, 1), timeout=120)
   except subprocess.CalledProcessError as err:

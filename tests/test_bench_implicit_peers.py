@@ -1,6 +1,7 @@
 """The jaxopt implicit-differentiation benchmark: the small config runs (with
 jaxopt, and without it, skipping the peer), and the problems' references are
 right."""
+
 import os
 import sys
 
@@ -72,8 +73,12 @@ def test_configs_validate(path):
 def test_full_quadratic_is_benchopts_default():
   _, _, cfg = runner.read_config(FULL)
   q = cfg["quadratic"]
-  assert (q["n_samples"], q["dim_inner"], q["dim_outer"], q["random_state"]) == (1024, 100, 100,
-                                                                                  2442)
+  assert (q["n_samples"], q["dim_inner"], q["dim_outer"], q["random_state"]) == (
+    1024,
+    100,
+    100,
+    2442,
+  )
   assert (q["mu"], q["L_cross_inner"], q["L_cross_outer"]) == (0.1, 0.1, 0.1)
 
 
@@ -82,19 +87,27 @@ def _tiny(name, **overrides):
   return suite.BUILDERS[name](cfg[name])
 
 
-@pytest.mark.parametrize("name, overrides", [
+@pytest.mark.parametrize(
+  "name, overrides",
+  [
     ("ridge", dict(n_train=40, n_val=20, dim=5)),
     ("logistic", dict(n_train=40, n_val=20, dim=4)),
     ("quadratic", dict(n_samples=50, dim_inner=6, dim_outer=4)),
-])
+  ],
+)
 def test_references_match_an_exact_implicit_hypergradient(name, overrides):
   """Each problem's reference (closed form, or NumPy Newton) agrees with our
   implicit hypergradient solved by Newton to machine precision."""
   problem = _tiny(name, **overrides)
   _, grad = implicit.hypergradient(
-      lambda x, y: problem.upper(x, y, problem.data),
-      lambda x, y: problem.lower(x, y, problem.data), problem.x, problem.y0,
-      solver="newton", tol=1e-13, linear_solver="dense")
+    lambda x, y: problem.upper(x, y, problem.data),
+    lambda x, y: problem.lower(x, y, problem.data),
+    problem.x,
+    problem.y0,
+    solver="newton",
+    tol=1e-13,
+    linear_solver="dense",
+  )
   np.testing.assert_allclose(grad, problem.reference, rtol=1e-8, atol=1e-12)
   hess = jax.hessian(lambda y: problem.lower(problem.x, y, problem.data))(problem.y0)
   eigs = np.linalg.eigvalsh(np.asarray(hess))
@@ -117,13 +130,29 @@ def test_quadratic_follows_benchopts_generator():
 
 def test_matched_rows_pick_the_fastest_setting_below_each_target():
   def row(impl, size, median, metric):
-    return {"problem": "p", "impl": impl, "method": "lbfgs", "size_name": "tol", "size": size,
-            "per": "hypergradient", "median_s": median, "q25_s": median, "q75_s": median,
-            "metric": metric}
-  rows = [row("bilevel_jax", 1e-2, 1.0, 1e-3), row("jaxopt", 1e-2, 2.0, 1e-3),
-          row("bilevel_jax", 1e-8, 3.0, 1e-9), row("jaxopt", 1e-8, 9.0, 1e-9),
-          row("jaxopt", 1e-6, 6.0, 1e-7)]
+    return {
+      "problem": "p",
+      "impl": impl,
+      "method": "lbfgs",
+      "size_name": "tol",
+      "size": size,
+      "per": "hypergradient",
+      "median_s": median,
+      "q25_s": median,
+      "q75_s": median,
+      "metric": metric,
+    }
+
+  rows = [
+    row("bilevel_jax", 1e-2, 1.0, 1e-3),
+    row("jaxopt", 1e-2, 2.0, 1e-3),
+    row("bilevel_jax", 1e-8, 3.0, 1e-9),
+    row("jaxopt", 1e-8, 9.0, 1e-9),
+    row("jaxopt", 1e-6, 6.0, 1e-7),
+  ]
   out = suite.matched_rows(rows, [1e-2, 1e-6, 1e-12])
   assert [(r["size"], r["setting"], r["peer_setting"], r["speedup"]) for r in out] == [
-      (1e-2, "tol=0.01", "tol=0.01", 2.0), (1e-6, "tol=1e-08", "tol=1e-06", 2.0)]
+    (1e-2, "tol=0.01", "tol=0.01", 2.0),
+    (1e-6, "tol=1e-08", "tol=1e-06", 2.0),
+  ]
   assert jnp.isfinite(out[0]["median_s"])

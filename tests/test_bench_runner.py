@@ -1,4 +1,5 @@
 """The benchmark runner (`python -m benchmarks`), its measurements and the scaling suite."""
+
 import json
 
 import jax
@@ -84,7 +85,8 @@ def test_a_config_without_suite_runs_its_standalone_script(tmp_path, monkeypatch
   (tmp_path / "benchmarks").mkdir()
   (tmp_path / "configs" / "bench").mkdir(parents=True)
   (tmp_path / "benchmarks" / "bench_demo.py").write_text(
-      "import sys\nopen(sys.argv[1] + '.ran', 'w').write('ok')\n")
+    "import sys\nopen(sys.argv[1] + '.ran', 'w').write('ok')\n"
+  )
   monkeypatch.setattr(runner, "SCRIPTS_DIR", str(tmp_path / "benchmarks"))
   path = tmp_path / "configs" / "bench" / "demo.toml"
   path.write_text("[section]\nkey = 1\n")
@@ -101,8 +103,9 @@ def test_summarize_and_alternation_order():
   assert stats["median_s"] == 3.0 and stats["min_s"] == 1.0 and stats["max_s"] == 10.0
   assert stats["q25_s"] == 2.0 and stats["q75_s"] == 4.0 and stats["repeats"] == 5
   order = []
-  samples = timing.time_alternating({"a": lambda: order.append("a"),
-                                      "b": lambda: order.append("b")}, repeats=3, warmup=1)
+  samples = timing.time_alternating(
+    {"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3, warmup=1
+  )
   assert order == ["a", "b"] + ["a", "b"] * 3
   assert len(samples["a"]) == len(samples["b"]) == 3
 
@@ -111,7 +114,7 @@ def test_peak_memory_sees_a_large_allocation():
   with timing.peak_memory() as small:
     np.ones(10)
   with timing.peak_memory() as large:
-    block = np.ones(64 * 2 ** 20 // 8)  # 64 MiB, touched
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
     block[::512] = 2.0
   del block
   assert large["peak_rss_mib"] >= small["peak_rss_mib"] + 40 or not large["peak_rss_exact"]
@@ -132,6 +135,7 @@ def test_spec_peaks_match_device_kinds():
   class Fake:
     def __init__(self, kind):
       self.device_kind = kind
+
   assert roofline.spec_peaks(Fake("NVIDIA H100 80GB HBM3"))["bandwidth_Bps"] == 3.35e12
   assert roofline.spec_peaks(Fake("NVIDIA H100 PCIe"))["bandwidth_Bps"] == 2.0e12
   assert roofline.spec_peaks(Fake("NVIDIA H200"))["bandwidth_Bps"] == 4.8e12
@@ -168,8 +172,7 @@ def test_ridge_benchmark_problem_has_the_closed_form_hypergradient():
     return scaling.ridge_upper(x, y, d)
 
   want = jax.vmap(jax.grad(closed))(xs, dat)
-  _, got = jax.vmap(lambda x, d: scaling.ridge_hypergradient(x, d, steps=3000,
-                                                                  alpha=0.0))(xs, dat)
+  _, got = jax.vmap(lambda x, d: scaling.ridge_hypergradient(x, d, steps=3000, alpha=0.0))(xs, dat)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-10)
 
 

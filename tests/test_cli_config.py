@@ -1,4 +1,5 @@
 """Configs validate; the CLI runs one end to end and reports bad keys clearly."""
+
 import glob
 import json
 import os
@@ -11,8 +12,11 @@ from experiments import config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-EXPERIMENT_CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "**", "*.toml"),
-                                                recursive=True) if "/bench/" not in p)
+EXPERIMENT_CONFIGS = sorted(
+  p
+  for p in glob.glob(os.path.join(REPO, "configs", "**", "*.toml"), recursive=True)
+  if "/bench/" not in p
+)
 BENCH_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "bench", "*.toml")))
 
 
@@ -22,6 +26,7 @@ def test_benchmark_configs_validate(path):
   others against the SCHEMA of their standalone script in benchmarks/."""
   import importlib.util
   from benchmarks import runner
+
   raw = config.read_toml(path)
   if "suite" in raw:
     runner.read_config(path)
@@ -54,13 +59,16 @@ def test_unknown_key_names_key_and_file(tmp_path):
     cli.load_experiment_config(path)
 
 
-@pytest.mark.parametrize("body, match", [
+@pytest.mark.parametrize(
+  "body, match",
+  [
     ("[lower]\nK = [0]", r"\[lower\] `K` = \[0\] must be > 0"),
-    ("[lower]\nupper_lr = \"fast\"", r"\[lower\] `upper_lr` = 'fast' must be a number"),
-    ("[lower]\nalphas = [\"2/k\"]", r"`alphas`"),
-    ("[upper]\noptimizer = \"lbfgs\"", r"`optimizer` = 'lbfgs' must be one of"),
+    ('[lower]\nupper_lr = "fast"', r"\[lower\] `upper_lr` = 'fast' must be a number"),
+    ('[lower]\nalphas = ["2/k"]', r"`alphas`"),
+    ('[upper]\noptimizer = "lbfgs"', r"`optimizer` = 'lbfgs' must be one of"),
     ("[solver]\nx = 1", r"unknown section \[solver\]"),
-])
+  ],
+)
 def test_bad_values_name_the_key(tmp_path, body, match):
   path = _write(tmp_path, 'experiment = "example1"\n' + body + "\n")
   with pytest.raises(config.ConfigError, match=match):
@@ -81,7 +89,9 @@ def test_cli_error_exit_code(tmp_path, capsys):
 
 
 def test_cli_run_writes_results(tmp_path, capsys):
-  path = _write(tmp_path, """
+  path = _write(
+    tmp_path,
+    """
 experiment = "example1"
 [lower]
 K = [4, 8]
@@ -90,7 +100,8 @@ alphas = ["0.9/k", 0]
 steps = 10
 [figures]
 enabled = false
-""")
+""",
+  )
   out = tmp_path / "out"
   assert cli.main(["run", path, "--out", str(out), "--quiet"]) == 0
   printed = capsys.readouterr().out
@@ -112,7 +123,9 @@ def test_cli_list(capsys, monkeypatch):
 # the few-shot and value experiment tests and the README's quick start.
 @pytest.mark.slow
 def test_cli_hypercleaning_and_quadratic_small(tmp_path, capsys):
-  hc = _write(tmp_path, """
+  hc = _write(
+    tmp_path,
+    """
 experiment = "hypercleaning"
 [data]
 dataset = "digits"
@@ -125,19 +138,25 @@ truncate = 5
 steps = 5
 [baselines]
 steps = 50
-""", "hc.toml")
+""",
+    "hc.toml",
+  )
   assert cli.main(["run", hc, "--out", str(tmp_path / "hc"), "--quiet", "--no-plot"]) == 0
   rows = json.loads((tmp_path / "hc" / "results.json").read_text())["rows"]
   assert [r["method"] for r in rows[:3]] == ["RHG", "T-RHG", "BDA"]
   assert all(0 <= r["test_acc"] <= 100 for r in rows)
   assert rows[3]["method"] == "validation set only"
-  quad = _write(tmp_path, """
+  quad = _write(
+    tmp_path,
+    """
 experiment = "quadratic"
 [lower]
 K = [1, 400]
 alphas = [0]
 theorem2 = false
-""", "quad.toml")
+""",
+    "quad.toml",
+  )
   assert cli.main(["run", quad, "--out", str(tmp_path / "q"), "--quiet", "--no-plot", "--x64"]) == 0
   rows = json.loads((tmp_path / "q" / "results.json").read_text())["rows"]
   assert rows[0]["rel_error"] > 0.1 and rows[1]["rel_error"] < 1e-8
@@ -147,17 +166,26 @@ theorem2 = false
 def test_python_dash_m_entry_point():
   import subprocess
   import sys
-  out = subprocess.run([sys.executable, "-m", "experiments", "list", "--dir",
-                        os.path.join(REPO, "configs")], capture_output=True, text=True,
-                       timeout=120, check=True, cwd=REPO)
+
+  out = subprocess.run(
+    [sys.executable, "-m", "experiments", "list", "--dir", os.path.join(REPO, "configs")],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=True,
+    cwd=REPO,
+  )
   assert "example1" in out.stdout
 
 
-@pytest.mark.parametrize("content, match", [
-    (b"experiment = \"example1\"\n# \xff\xfe latin-1 bytes\n", "not a UTF-8 text file"),
-    (b"experiment = \"example1\"\n[lower]\nupper_lr = nan\n", "must be a finite number"),
-    (b"experiment = \"example1\"\n[upper]\nlearning_rate = -inf\n", "upper.*learning_rate"),
-])
+@pytest.mark.parametrize(
+  "content, match",
+  [
+    (b'experiment = "example1"\n# \xff\xfe latin-1 bytes\n', "not a UTF-8 text file"),
+    (b'experiment = "example1"\n[lower]\nupper_lr = nan\n', "must be a finite number"),
+    (b'experiment = "example1"\n[upper]\nlearning_rate = -inf\n', "upper.*learning_rate"),
+  ],
+)
 def test_unreadable_or_non_finite_config_is_one_named_line(tmp_path, capsys, content, match):
   path = tmp_path / "bad.toml"
   path.write_bytes(content)

@@ -56,18 +56,22 @@ def test_l1_value_prox_and_multipliers():
   assert np.all(p >= -1e-12)
 
 
-@pytest.mark.parametrize("builder", [
-    lambda: composite.separable(composite.nonpositive(2), composite.hinge(2),
-                                composite.maximum(3)),
-    lambda: composite.polyhedral(a=[[1.0, 0.0, 0.5], [0.0, 1.0, 0.2]], alpha=[0.0, 0.3],
-                                 b=[[1.0, 1.0, 0.0]], beta=[1.0]),
-])
+@pytest.mark.parametrize(
+  "builder",
+  [
+    lambda: composite.separable(composite.nonpositive(2), composite.hinge(2), composite.maximum(3)),
+    lambda: composite.polyhedral(
+      a=[[1.0, 0.0, 0.5], [0.0, 1.0, 0.2]], alpha=[0.0, 0.3], b=[[1.0, 1.0, 0.0]], beta=[1.0]
+    ),
+  ],
+)
 def test_prox_is_optimal(builder):
   # No random point near w does better in the prox objective.
   h = builder()
   step = 0.3
-  objective = jax.jit(jax.vmap(lambda v, z: h(v) + jnp.sum((v - z) ** 2) / (2 * step),
-                               in_axes=(0, None)))
+  objective = jax.jit(
+    jax.vmap(lambda v, z: h(v) + jnp.sum((v - z) ** 2) / (2 * step), in_axes=(0, None))
+  )
   prox = jax.jit(lambda z: h.prox(z, step))
   rng = np.random.default_rng(1)
   for _ in range(5):
@@ -83,9 +87,8 @@ def test_prox_is_optimal(builder):
 def test_critical_cone_of_example_3_6():
   # h(z) = z0 + indicator{z_1..z_3 <= 0}: the basis of K_{h*} consists of
   # e_{i+1} for the active constraints (Example 3.6).
-  h = composite.polyhedral(a=[[1.0, 0, 0, 0]],
-                           b=[[0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
-  z = jnp.array([0.3, 0.5, -2.0, 0.7])       # constraints 1 and 3 violated -> active at prox
+  h = composite.polyhedral(a=[[1.0, 0, 0, 0]], b=[[0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+  z = jnp.array([0.3, 0.5, -2.0, 0.7])  # constraints 1 and 3 violated -> active at prox
   proj = h.critical_cone_projector(z, 0.1)
   np.testing.assert_allclose(proj, np.diag([0, 1.0, 0, 1.0]), atol=1e-12)
   basis, dim = h.critical_cone_basis(z, 0.1)
@@ -100,8 +103,15 @@ def test_bad_h_is_rejected():
   with pytest.raises(ValueError, match="separable"):
     composite.maximum(13)
   with pytest.raises(TypeError, match="`h`"):
-    composite.solve(lambda x, y: jnp.sum(y ** 2), lambda x, y: y, jnp.abs,
-                    jnp.zeros(1), jnp.zeros(2), alpha=1.0, beta=1.0)
+    composite.solve(
+      lambda x, y: jnp.sum(y**2),
+      lambda x, y: y,
+      jnp.abs,
+      jnp.zeros(1),
+      jnp.zeros(2),
+      alpha=1.0,
+      beta=1.0,
+    )
 
 
 # --------------------------------------------------------------- the solve
@@ -129,8 +139,9 @@ def test_example_5_5_closed_form():
   # All three pieces of Y_{alpha,beta}, including x > 50.5 where the actual
   # lower level is infeasible; one compiled, vmapped call.
   h = composite.nonpositive(2)
-  solve = jax.jit(jax.vmap(lambda x, a, b: composite.solve(
-      _g55, _G55, h, x, jnp.zeros(1), alpha=a, beta=b)))
+  solve = jax.jit(
+    jax.vmap(lambda x, a, b: composite.solve(_g55, _G55, h, x, jnp.zeros(1), alpha=a, beta=b))
+  )
   xs = jnp.array([0.5, 10.0, 60.0, 200.0] * 2)
   alphas = jnp.array([0.5] * 4 + [1e-3] * 4)
   betas = jnp.array([0.2] * 4 + [1e-3] * 4)
@@ -150,8 +161,9 @@ def test_jacobian_inequality_constrained_qp():
   D = jnp.asarray(rng.normal(size=(s, n)))
   g = lambda x, y: 0.5 * y @ Q @ y - (C @ x) @ y
   G = lambda x, y: A @ y - 0.2 - D @ x
-  sol = _check_jacobian(g, G, composite.nonpositive(s), jnp.asarray(rng.normal(size=n)),
-                        jnp.zeros(m), 1e-2, 1e-3)
+  sol = _check_jacobian(
+    g, G, composite.nonpositive(s), jnp.asarray(rng.normal(size=n)), jnp.zeros(m), 1e-2, 1e-3
+  )
   assert int(sol.info.num_active) > 0
 
 
@@ -162,9 +174,8 @@ def test_jacobian_lasso():
   b = jnp.asarray(rng.normal(size=n_obs))
   g = lambda x, y: jnp.sum((A @ y - b - x[1]) ** 2)
   G = lambda x, y: jnp.exp(x[0]) * jnp.concatenate([y, -y])
-  sol = _check_jacobian(g, G, composite.l1(d), jnp.array([1.5, 0.1]), jnp.zeros(d),
-                        1e-3, 1e-3)
-  assert np.sum(np.abs(np.asarray(sol.y)) < 1e-3) >= 1   # some coordinates at (near) 0
+  sol = _check_jacobian(g, G, composite.l1(d), jnp.array([1.5, 0.1]), jnp.zeros(d), 1e-3, 1e-3)
+  assert np.sum(np.abs(np.asarray(sol.y)) < 1e-3) >= 1  # some coordinates at (near) 0
 
 
 def test_jacobian_minimax():
@@ -174,8 +185,7 @@ def test_jacobian_minimax():
   C = jnp.asarray(rng.normal(size=(s, n)))
   g = lambda x, y: 0.5 * jnp.sum((y - x[0]) ** 2)
   G = lambda x, y: A @ y + C @ x
-  _check_jacobian(g, G, composite.maximum(s), jnp.array([0.3, -0.7]), jnp.zeros(m),
-                  1e-2, 1e-2)
+  _check_jacobian(g, G, composite.maximum(s), jnp.array([0.3, -0.7]), jnp.zeros(m), 1e-2, 1e-2)
 
 
 def test_jacobian_nonlinear_G():
@@ -183,8 +193,9 @@ def test_jacobian_nonlinear_G():
   centers = jnp.array([[0.0, 0.0], [1.0, 0.5]])
   g = lambda x, y: 0.5 * jnp.sum((y - x) ** 2) + 0.1 * jnp.sum(jnp.exp(y))
   G = lambda x, y: jnp.sum((y[None, :] - centers - 0.1 * x[None, :]) ** 2, axis=1) - 1.0
-  sol = _check_jacobian(g, G, composite.nonpositive(2), jnp.array([2.0, -1.5]),
-                        jnp.zeros(2), 1e-2, 1e-3)
+  sol = _check_jacobian(
+    g, G, composite.nonpositive(2), jnp.array([2.0, -1.5]), jnp.zeros(2), 1e-2, 1e-3
+  )
   assert int(sol.info.num_active) >= 1
 
 
@@ -205,12 +216,18 @@ def test_regularized_solution_approaches_lasso_solution():
     t_new = (1 + np.sqrt(1 + 4 * t * t)) / 2
     v = y_new + (t - 1) / t_new * (y_new - y)
     y, t = y_new, t_new
-  g = lambda x, yy: jnp.sum((jnp.asarray(A) @ yy - jnp.asarray(b)) ** 2) + 0.5 * lam2 * jnp.sum(yy ** 2)
+  g = lambda x, yy: (
+    jnp.sum((jnp.asarray(A) @ yy - jnp.asarray(b)) ** 2) + 0.5 * lam2 * jnp.sum(yy**2)
+  )
   G = lambda x, yy: lam1 * jnp.concatenate([yy, -yy])
-  solve = jax.jit(jax.vmap(lambda reg: composite.solve(
-      g, G, composite.l1(8), jnp.zeros(1), jnp.zeros(8), alpha=reg, beta=reg).y))
-  errors = list(np.max(np.abs(np.asarray(solve(jnp.array([1e-1, 1e-3, 1e-5, 1e-7]))) - y),
-                       axis=1))
+  solve = jax.jit(
+    jax.vmap(
+      lambda reg: (
+        composite.solve(g, G, composite.l1(8), jnp.zeros(1), jnp.zeros(8), alpha=reg, beta=reg).y
+      )
+    )
+  )
+  errors = list(np.max(np.abs(np.asarray(solve(jnp.array([1e-1, 1e-3, 1e-5, 1e-7]))) - y), axis=1))
   assert all(e2 < e1 for e1, e2 in zip(errors, errors[1:])), errors
   assert errors[-1] < 1e-5, errors
 
@@ -224,8 +241,12 @@ def test_unregularized_formula_matches_regularized_limit():
   x = jnp.array([3.0, 2.0])
 
   def first(derivative, reg):
-    return lambda xx: composite.solve(g, G, composite.nonpositive(1), xx, jnp.zeros(2),
-                                      alpha=reg, beta=reg, derivative=derivative).y
+    return lambda xx: (
+      composite.solve(
+        g, G, composite.nonpositive(1), xx, jnp.zeros(2), alpha=reg, beta=reg, derivative=derivative
+      ).y
+    )
+
   jac_u = jax.jit(jax.jacrev(first("unregularized", 1e-9)))(x)
   jac_r = jax.jit(jax.jacrev(first("regularized", 1e-9)))(x)
   np.testing.assert_allclose(jac_u, jac_r, atol=1e-6)
@@ -242,8 +263,9 @@ def test_gradients_in_alpha_beta_and_data():
     a_mat, alpha, beta = params
     g = lambda x, y: jnp.sum((a_mat @ y - b) ** 2)
     G = lambda x, y: x * jnp.concatenate([y, -y])
-    sol = composite.solve(g, G, composite.l1(4), jnp.asarray(2.0), jnp.zeros(4),
-                          alpha=alpha, beta=beta, **TIGHT)
+    sol = composite.solve(
+      g, G, composite.l1(4), jnp.asarray(2.0), jnp.zeros(4), alpha=alpha, beta=beta, **TIGHT
+    )
     return jnp.sum(sol.y * jnp.arange(1.0, 5.0))
 
   params = (A, jnp.asarray(0.05), jnp.asarray(0.02))
@@ -255,7 +277,7 @@ def test_gradients_in_alpha_beta_and_data():
 
 
 def test_bad_arguments_are_named():
-  g = lambda x, y: jnp.sum(y ** 2)
+  g = lambda x, y: jnp.sum(y**2)
   G = lambda x, y: jnp.concatenate([y, -y])
   h = composite.l1(2)
   y0 = jnp.zeros(2)
@@ -285,7 +307,7 @@ def _example_5_1():
   """Example 5.1: min x y s.t. x^2 >= 0, g = x y, G = (0, -x^2),
   h(z) = z_1 + indicator{z_2 <= 0}; S_{a,b}(x) = (-x / b, (1, 0))."""
   h = composite.polyhedral(a=[[1.0, 0.0]], b=[[0.0, 1.0]])
-  return (lambda x, y: x * y[0], lambda x, y: jnp.stack([0.0 * y[0], -x ** 2]), h)
+  return (lambda x, y: x * y[0], lambda x, y: jnp.stack([0.0 * y[0], -(x**2)]), h)
 
 
 def test_relative_interior_condition():
@@ -295,16 +317,19 @@ def test_relative_interior_condition():
   # holds (active with p = y*/alpha > 0 at x = 1, inactive at x = -1; Example
   # 5.1 at x = 1: -x^2 < 0 inactive).
   xs = jnp.array([0.0, 1.0, -1.0])
-  for problem, expected in ((_below_zero, [True, False, False]),
-                            (_example_5_1, [True, False, False])):
+  for problem, expected in (
+    (_below_zero, [True, False, False]),
+    (_example_5_1, [True, False, False]),
+  ):
     g, G, h = problem()
-    sol = jax.jit(jax.vmap(lambda xx: composite.solve(g, G, h, xx, jnp.zeros(1), alpha=0.1,
-                                                      beta=0.1)))(xs)
+    sol = jax.jit(
+      jax.vmap(lambda xx: composite.solve(g, G, h, xx, jnp.zeros(1), alpha=0.1, beta=0.1))
+    )(xs)
     np.testing.assert_array_equal(sol.info.status, Status.SUCCESS)
     np.testing.assert_array_equal(sol.info.ri_violated, expected)
     # Strongly convex in y: the bound on cond(B^T A B) is 1.
     np.testing.assert_allclose(sol.info.condition_number, 1.0)
-  np.testing.assert_allclose(sol.y[:, 0], -xs / 0.1, atol=1e-12)    # S(x) = (-x/b, (1, 0))
+  np.testing.assert_allclose(sol.y[:, 0], -xs / 0.1, atol=1e-12)  # S(x) = (-x/b, (1, 0))
   np.testing.assert_allclose(sol.p, [[1.0, 0.0]] * 3, atol=1e-12)
 
 
@@ -314,8 +339,15 @@ def test_condition_number_grows_where_sosc_fails():
   flat = lambda x, y: 0.5 * (y[0] + y[1] - x) ** 2
   G = lambda x, y: jnp.atleast_1d(y[0] + y[1] - 5.0)
   regs = jnp.array([1e-2, 1e-4, 1e-6])
-  info = jax.jit(jax.vmap(lambda reg: composite.solve(
-      flat, G, composite.nonpositive(1), 1.0, jnp.zeros(2), alpha=reg, beta=reg).info))(regs)
+  info = jax.jit(
+    jax.vmap(
+      lambda reg: (
+        composite.solve(
+          flat, G, composite.nonpositive(1), 1.0, jnp.zeros(2), alpha=reg, beta=reg
+        ).info
+      )
+    )
+  )(regs)
   np.testing.assert_array_equal(info.status, Status.SUCCESS)
   np.testing.assert_allclose(info.condition_number * regs, 0.5, rtol=2e-2)
 
@@ -325,9 +357,19 @@ def test_hypergradient_and_its_solution():
   # an integer leaf, which gets no gradient.
   g, G, h = _below_zero()
   x = {"x": jnp.array(1.0), "n": jnp.array(3)}
-  value, grad, sol = jax.jit(lambda xx: composite.hypergradient(
-      lambda xx, y: y[0] * xx["n"], lambda xx, y: g(xx["x"], y), lambda xx, y: G(xx["x"], y),
-      h, xx, jnp.zeros(1), alpha=0.1, beta=0.1, return_info=True))(x)
+  value, grad, sol = jax.jit(
+    lambda xx: composite.hypergradient(
+      lambda xx, y: y[0] * xx["n"],
+      lambda xx, y: g(xx["x"], y),
+      lambda xx, y: G(xx["x"], y),
+      h,
+      xx,
+      jnp.zeros(1),
+      alpha=0.1,
+      beta=0.1,
+      return_info=True,
+    )
+  )(x)
   expected = 3.0 / (1.1 + 10.0)
   np.testing.assert_allclose([value, grad["x"]], [expected, expected], rtol=1e-12)
   assert grad["n"] is None and int(sol.info.status) == Status.SUCCESS
@@ -338,6 +380,7 @@ def test_optax_driver_tunes_the_l1_weight():
   # lasso decreases the validation error, warm-starting y.
   import optax
   from bilevel_jax import upper
+
   rng = np.random.default_rng(7)
   truth = np.zeros(10)
   truth[:3] = 1.0
@@ -348,8 +391,9 @@ def test_optax_driver_tunes_the_l1_weight():
   G = lambda lam, y: jnp.exp(lam) * jnp.concatenate([y, -y])
   val = lambda lam, y: jnp.mean((a_val @ y - b_val) ** 2)
   hg = composite.make_hypergradient(val, g, G, composite.l1(10), alpha=1e-4, beta=1e-4)
-  result = upper.optimize(hg, jnp.asarray(-3.0), optax.adam(0.3), steps=30,
-                          y0=jnp.zeros(10), warm_start=True)
+  result = upper.optimize(
+    hg, jnp.asarray(-3.0), optax.adam(0.3), steps=30, y0=jnp.zeros(10), warm_start=True
+  )
   values = np.asarray(result.history["value"])
   assert int(result.info.status) == Status.SUCCESS
   # It ends near the best validation error over a grid of lambda.
@@ -365,18 +409,23 @@ def test_matrix_free_newton_matches_dense():
   rng = np.random.default_rng(8)
   A = jnp.asarray(rng.normal(size=(12, 5)))
   b = jnp.asarray(rng.normal(size=12))
-  g = lambda x, y: jnp.sum((A @ y - b) ** 2) + 0.1 * jnp.sum(y ** 2)
+  g = lambda x, y: jnp.sum((A @ y - b) ** 2) + 0.1 * jnp.sum(y**2)
   G = lambda x, y: jnp.exp(x) * jnp.concatenate([y, -y])
 
   def value(x, **kwargs):
-    sol = composite.solve(g, G, composite.l1(5), x, jnp.zeros(5), alpha=1e-2, beta=1e-2,
-                          max_steps=300, **kwargs)
+    sol = composite.solve(
+      g, G, composite.l1(5), x, jnp.zeros(5), alpha=1e-2, beta=1e-2, max_steps=300, **kwargs
+    )
     return jnp.sum(sol.y * jnp.arange(1.0, 6.0)), sol.info
 
-  both = jax.jit(lambda x: (jax.value_and_grad(value, has_aux=True)(x),
-                            jax.value_and_grad(lambda xx: value(xx, method="newton",
-                                                                linear_solver="cg"),
-                                               has_aux=True)(x)))
+  both = jax.jit(
+    lambda x: (
+      jax.value_and_grad(value, has_aux=True)(x),
+      jax.value_and_grad(lambda xx: value(xx, method="newton", linear_solver="cg"), has_aux=True)(
+        x
+      ),
+    )
+  )
   ((v_dense, i_dense), g_dense), ((v_cg, i_cg), g_cg) = both(jnp.asarray(0.5))
   assert int(i_dense.status) == Status.SUCCESS and int(i_cg.status) == Status.SUCCESS
   assert float(i_dense.condition_number) >= 1 and np.isnan(float(i_cg.condition_number))
@@ -391,7 +440,7 @@ def _elastic_net(seed=9, n_obs=15, d=6):
   rng = np.random.default_rng(seed)
   A = jnp.asarray(rng.normal(size=(n_obs, d)))
   b = jnp.asarray(rng.normal(size=n_obs))
-  g = lambda x, y: jnp.sum((A @ y - b) ** 2) + 0.5 * jnp.exp(x[1]) * jnp.sum(y ** 2)
+  g = lambda x, y: jnp.sum((A @ y - b) ** 2) + 0.5 * jnp.exp(x[1]) * jnp.sum(y**2)
   G = lambda x, y: jnp.exp(x[0]) * jnp.concatenate([y, -y])
   return g, G, composite.l1(d)
 
@@ -401,8 +450,9 @@ def enet_value_and_grad():
   g, G, h = _elastic_net()
 
   def value(x, y0, method, warm_steps):
-    sol = composite.solve(g, G, h, x, y0, alpha=1e-5, beta=1e-5, method=method,
-                          warm_steps=warm_steps)
+    sol = composite.solve(
+      g, G, h, x, y0, alpha=1e-5, beta=1e-5, method=method, warm_steps=warm_steps
+    )
     return jnp.sum(sol.y * jnp.arange(1.0, 7.0)), sol
 
   return jax.jit(jax.value_and_grad(value, has_aux=True), static_argnums=(2, 3))
@@ -439,15 +489,18 @@ def test_warm_start_falls_back_to_interior_point(enet_value_and_grad):
 def test_bad_warm_steps_is_named():
   g, G, h = _elastic_net()
   with pytest.raises(ValueError, match="`warm_steps`"):
-    composite.solve(g, G, h, jnp.zeros(2), jnp.zeros(6), alpha=1.0, beta=1.0,
-                    method="warm", warm_steps=0)
+    composite.solve(
+      g, G, h, jnp.zeros(2), jnp.zeros(6), alpha=1.0, beta=1.0, method="warm", warm_steps=0
+    )
   with pytest.raises(ValueError, match="`linear_solver='cg'`"):
-    composite.solve(g, G, h, jnp.zeros(2), jnp.zeros(6), alpha=1.0, beta=1.0,
-                    method="warm", linear_solver="cg")
+    composite.solve(
+      g, G, h, jnp.zeros(2), jnp.zeros(6), alpha=1.0, beta=1.0, method="warm", linear_solver="cg"
+    )
 
 
 def test_constant_derivatives_are_read_off_the_jaxpr():
   from bilevel_jax._src.composite import structure
+
   A = jnp.ones((5, 3))
   y, p2, p1 = jnp.ones(3), jnp.ones(6), jnp.ones(1)
 
@@ -460,7 +513,7 @@ def test_constant_derivatives_are_read_off_the_jaxpr():
 
   quad = lambda v: jnp.sum((A @ v - 1.0) ** 2) + 0.3 * jnp.vdot(v, v)
   affine = lambda v: 2.0 * jnp.concatenate([v, -v])
-  ball = lambda v: jnp.sum(v ** 2)[None] - 1.0
+  ball = lambda v: jnp.sum(v**2)[None] - 1.0
   assert not hess_dep(quad, affine, p2) and not jac_dep(affine)
   assert hess_dep(lambda v: jnp.sum(jnp.exp(v)), affine, p2)
   assert hess_dep(quad, ball, p1) and jac_dep(ball)
@@ -470,6 +523,7 @@ def test_two_piece_prox_matches_enumeration():
   # The closed form for blocks max(c_1, c_2) against the enumeration of
   # active sets, including parallel pieces and points on the kink.
   from bilevel_jax._src.composite import polyhedral as poly
+
   rng = np.random.default_rng(10)
   cases = []
   for _ in range(200):
@@ -477,15 +531,18 @@ def test_two_piece_prox_matches_enumeration():
     alpha = rng.normal(size=2)
     cases.append((a, alpha, rng.normal(size=3) * 3, 10.0 ** rng.uniform(-6, 0)))
   a = np.array([[1.0, 0.0], [0.0, 1.0]])
-  cases += [(a, np.zeros(2), np.array([0.3, 0.3]), 0.1),             # on the kink
-            (np.array([[1.0, 2.0], [1.0, 2.0]]), np.array([0.0, 0.5]), np.ones(2), 0.2),
-            (np.array([[1.0, 2.0], [1.0, 2.0]]), np.array([0.5, 0.0]), np.ones(2), 0.2)]
+  cases += [
+    (a, np.zeros(2), np.array([0.3, 0.3]), 0.1),  # on the kink
+    (np.array([[1.0, 2.0], [1.0, 2.0]]), np.array([0.0, 0.5]), np.ones(2), 0.2),
+    (np.array([[1.0, 2.0], [1.0, 2.0]]), np.array([0.5, 0.0]), np.ones(2), 0.2),
+  ]
   empty_b, empty_beta = jnp.zeros((0, 0)), jnp.zeros(0)
   closed = jax.jit(lambda a, al, z, s: poly._two_piece_prox(a, al, empty_b, empty_beta, z, s))
-  enum = jax.jit(lambda a, al, z, s: poly._block_prox(a, al, jnp.zeros((0, a.shape[1])),
-                                                      empty_beta, z, s))
+  enum = jax.jit(
+    lambda a, al, z, s: poly._block_prox(a, al, jnp.zeros((0, a.shape[1])), empty_beta, z, s)
+  )
   for a, alpha, z, step in cases:
-    args = (jnp.asarray(a), jnp.asarray(alpha), jnp.asarray(z[:a.shape[1]]), step)
+    args = (jnp.asarray(a), jnp.asarray(alpha), jnp.asarray(z[: a.shape[1]]), step)
     w1, lam1, act1, ok1, weak1 = closed(*args)
     w2, lam2, act2, ok2, weak2 = enum(*args)
     np.testing.assert_allclose(w1, w2, atol=1e-10)
@@ -495,15 +552,17 @@ def test_two_piece_prox_matches_enumeration():
 
 def test_small_solve_matches_lapack():
   from bilevel_jax._src.composite import linalg
+
   rng = np.random.default_rng(11)
   solve = jax.jit(jax.vmap(linalg.small_solve))
   for n in (1, 2, 4, 7):
     mats = rng.normal(size=(20, n, n))
-    mats[::4, 0] = 0.0                      # needs a row exchange
+    mats[::4, 0] = 0.0  # needs a row exchange
     mats[::4, 0, -1] = 1e-3
     rhs = rng.normal(size=(20, n, 3))
-    np.testing.assert_allclose(solve(jnp.asarray(mats), jnp.asarray(rhs)),
-                               np.linalg.solve(mats, rhs), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(
+      solve(jnp.asarray(mats), jnp.asarray(rhs)), np.linalg.solve(mats, rhs), rtol=1e-8, atol=1e-10
+    )
 
 
 # ------------------------------- no wrong answer reported as SUCCESS (i14)
@@ -523,8 +582,14 @@ def _jaxopt_lasso(dtype):
 
 def _sklearn_lasso(a_np, b_np, lams):
   linear_model = pytest.importorskip("sklearn.linear_model")
-  return np.stack([linear_model.Lasso(alpha=lam, fit_intercept=False, tol=1e-14,
-                                      max_iter=10**6).fit(a_np, b_np).coef_ for lam in lams])
+  return np.stack(
+    [
+      linear_model.Lasso(alpha=lam, fit_intercept=False, tol=1e-14, max_iter=10**6)
+      .fit(a_np, b_np)
+      .coef_
+      for lam in lams
+    ]
+  )
 
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
@@ -565,7 +630,8 @@ def test_issue_lasso_at_lam_10_and_its_derivative():
   np.testing.assert_allclose(y_ref, [62.2, 29.0, 88.3], atol=0.05)
   solve = lambda lam: composite.solve(g, G, h, lam, jnp.zeros(3), alpha=1e-8, beta=1e-8)
   jac, sol = jax.jit(jax.jacrev(lambda lam: (solve(lam).y, solve(lam)), has_aux=True))(
-      jnp.asarray(10.0))
+    jnp.asarray(10.0)
+  )
   assert int(sol.info.status) == Status.SUCCESS, sol.info
   assert int(sol.info.interior_status) in (Status.SUCCESS, Status.INACCURATE)
   assert float(sol.info.relative_residual) <= 1e-10
@@ -581,11 +647,13 @@ def test_diverging_interior_phase_keeps_its_best_iterate(monkeypatch):
   # trace: 1e-7 -> 7e21 -> 1e58 -> NaN).  It must report NONFINITE and
   # return its best iterate, from which Newton still finds the solution.
   from bilevel_jax._src.composite import ipm
+
   monkeypatch.setattr(ipm, "PATIENCE", 10**6)
   g, G, h, (a_np, b_np) = _jaxopt_lasso(jnp.float64)
   y_ref = _sklearn_lasso(a_np, b_np, [10.0])[0]
-  sol = jax.jit(lambda lam: composite.solve(g, G, h, lam, jnp.zeros(3), alpha=1e-8,
-                                            beta=1e-8))(jnp.asarray(10.0))
+  sol = jax.jit(lambda lam: composite.solve(g, G, h, lam, jnp.zeros(3), alpha=1e-8, beta=1e-8))(
+    jnp.asarray(10.0)
+  )
   assert int(sol.info.interior_status) == Status.NONFINITE, sol.info
   assert int(sol.info.interior_steps) < 100
   assert int(sol.info.status) == Status.SUCCESS, sol.info
@@ -601,8 +669,11 @@ def test_success_only_below_tolerance_on_hard_cases(method, steps):
   g, G, h, (a_np, b_np) = _jaxopt_lasso(jnp.float64)
   lams = np.array([0.5, 10.0, 60.0, 150.0])
   ref = _sklearn_lasso(a_np, b_np, lams)
-  solve = jax.jit(lambda lam, y0: composite.solve(
-      g, G, h, lam, y0, alpha=1e-8, beta=1e-8, method=method, max_steps=steps))
+  solve = jax.jit(
+    lambda lam, y0: composite.solve(
+      g, G, h, lam, y0, alpha=1e-8, beta=1e-8, method=method, max_steps=steps
+    )
+  )
   cap = float(jnp.finfo(jnp.float64).eps) ** 0.25
   outcomes = set()
   for lam, y_ref in zip(lams, ref):
@@ -621,8 +692,9 @@ def test_success_only_below_tolerance_on_hard_cases(method, steps):
 @pytest.fixture(scope="module")
 def enet_float64_at_small_alpha():
   g, G, h = _elastic_net()
-  return jax.jit(lambda x: composite.solve(g, G, h, x, 5.0 * jnp.ones(6), alpha=1e-6,
-                                           beta=1e-6, **TIGHT).y)(jnp.zeros(2))
+  return jax.jit(
+    lambda x: composite.solve(g, G, h, x, 5.0 * jnp.ones(6), alpha=1e-6, beta=1e-6, **TIGHT).y
+  )(jnp.zeros(2))
 
 
 @pytest.mark.parametrize("method", ["ipm", "newton"])
@@ -636,11 +708,11 @@ def test_float32_elastic_net_at_small_alpha(method, enet_float64_at_small_alpha)
   rng = np.random.default_rng(9)
   A = jnp.asarray(rng.normal(size=(15, 6)), jnp.float32)
   b = jnp.asarray(rng.normal(size=15), jnp.float32)
-  g32 = lambda x, y: jnp.sum((A @ y - b) ** 2) + 0.5 * jnp.exp(x[1]) * jnp.sum(y ** 2)
+  g32 = lambda x, y: jnp.sum((A @ y - b) ** 2) + 0.5 * jnp.exp(x[1]) * jnp.sum(y**2)
   G32 = lambda x, y: jnp.exp(x[0]) * jnp.concatenate([y, -y])
-  sol = jax.jit(lambda xx, y0: composite.solve(g32, G32, h, xx, y0, alpha=1e-6, beta=1e-6,
-                                               method=method))(
-      x.astype(jnp.float32), 5.0 * jnp.ones(6, jnp.float32))
+  sol = jax.jit(
+    lambda xx, y0: composite.solve(g32, G32, h, xx, y0, alpha=1e-6, beta=1e-6, method=method)
+  )(x.astype(jnp.float32), 5.0 * jnp.ones(6, jnp.float32))
   assert sol.y.dtype == jnp.float32
   assert int(sol.info.status) == Status.SUCCESS, sol.info
   assert float(sol.info.relative_residual) <= 1e-5
@@ -654,8 +726,16 @@ def test_nonfinite_h_data():
   @jax.jit
   def solve(arrays):
     # Traced data: no check at trace time; the solve reports NaN.
-    return composite.solve(g, lambda x, y: y, composite.polyhedral(**arrays),
-                           jnp.array([1.0, 2.0]), jnp.zeros(2), alpha=1e-3, beta=1e-3)
+    return composite.solve(
+      g,
+      lambda x, y: y,
+      composite.polyhedral(**arrays),
+      jnp.array([1.0, 2.0]),
+      jnp.zeros(2),
+      alpha=1e-3,
+      beta=1e-3,
+    )
+
   clean = {k: jnp.asarray(v) for k, v in data.items()}
   assert int(solve(clean).info.status) == Status.SUCCESS
   for name in data:
@@ -683,7 +763,7 @@ def test_l1_scale_is_differentiable():
       alpha, p_1 = 1e-3, lambda p: p / lam
     else:
       h, G = composite.l1(3), lambda x, y: x * jnp.concatenate([y, -y])
-      alpha, p_1 = 1e-3 * lam ** 2, lambda p: p
+      alpha, p_1 = 1e-3 * lam**2, lambda p: p
     sol = composite.solve(g, G, h, lam, jnp.zeros(3), alpha=alpha, beta=1e-3, **TIGHT)
     return jnp.sum(sol.y * weights) + jnp.sum(p_1(sol.p) * jnp.arange(6.0)), sol
 
@@ -694,14 +774,16 @@ def test_l1_scale_is_differentiable():
     for placement in ("scale", "G"):
       (value, sol), grad = value_and_grad(jnp.array([lam]), placement)
       assert int(sol.info.status) == Status.SUCCESS
-      fd = (value_and_grad(jnp.array([lam + eps]), placement)[0][0]
-            - value_and_grad(jnp.array([lam - eps]), placement)[0][0]) / (2 * eps)
+      fd = (
+        value_and_grad(jnp.array([lam + eps]), placement)[0][0]
+        - value_and_grad(jnp.array([lam - eps]), placement)[0][0]
+      ) / (2 * eps)
       np.testing.assert_allclose(grad[0], fd, rtol=1e-6)
       out[placement] = (float(value), float(grad[0]), np.asarray(sol.y))
     assert abs(out["scale"][1]) > 0.1
     np.testing.assert_allclose(out["scale"][:2], out["G"][:2], rtol=1e-9)
     np.testing.assert_allclose(out["scale"][2], out["G"][2], rtol=1e-9, atol=1e-9)
-  assert composite.hinge(2, scale=jnp.asarray(2.0)).scale is None   # concrete: slopes
+  assert composite.hinge(2, scale=jnp.asarray(2.0)).scale is None  # concrete: slopes
   traced = jax.jit(lambda s: composite.hinge(2, scale=s)(jnp.array([1.0, -1.0])))
   assert float(traced(jnp.asarray(2.0))) == pytest.approx(2.0)
   with pytest.raises(ValueError, match="`scale`"):

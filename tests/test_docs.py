@@ -1,4 +1,5 @@
 """The docs: every code block runs, every public symbol is documented, the README is small."""
+
 import functools
 import inspect
 import os
@@ -13,11 +14,29 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 DOC_PAGES = sorted(
-    [os.path.relpath(os.path.join(root, name), REPO)
-     for root, _, names in os.walk(os.path.join(REPO, "docs")) for name in names
-     if name.endswith(".md")] + ["README.md"])
-NAMESPACES = ("bda", "implicit", "composite", "value", "smoothing", "upper", "meta",
-              "sharding", "schedules", "prox", "projections", "problems", "data")
+  [
+    os.path.relpath(os.path.join(root, name), REPO)
+    for root, _, names in os.walk(os.path.join(REPO, "docs"))
+    for name in names
+    if name.endswith(".md")
+  ]
+  + ["README.md"]
+)
+NAMESPACES = (
+  "bda",
+  "implicit",
+  "composite",
+  "value",
+  "smoothing",
+  "upper",
+  "meta",
+  "sharding",
+  "schedules",
+  "prox",
+  "projections",
+  "problems",
+  "data",
+)
 
 
 def _python_blocks(page: str) -> list[str]:
@@ -59,8 +78,11 @@ def test_every_public_symbol_is_documented_with_an_example(namespace):
   """What the API reference shows: every public name has a docstring of its
   own (not the one a NamedTuple generates), every public function an example
   that the doctest run executes, and the namespace has its reference page."""
-  assert set(NAMESPACES) == {n for n in dir(bilevel_jax) if inspect.ismodule(
-      getattr(bilevel_jax, n)) and not n.startswith("_")}
+  assert set(NAMESPACES) == {
+    n
+    for n in dir(bilevel_jax)
+    if inspect.ismodule(getattr(bilevel_jax, n)) and not n.startswith("_")
+  }
   with open(os.path.join(REPO, "docs", "api", f"{namespace}.md")) as handle:
     assert f"::: bilevel_jax.{namespace}" in handle.read()
   undocumented, without_example = [], []
@@ -105,8 +127,10 @@ def test_readme_performance_section_matches_the_committed_json():
   """The Performance tables are what benchmarks/performance_tables.py makes
   of benchmarks/results/*.json (regenerate with its --write)."""
   import importlib.util
+
   spec = importlib.util.spec_from_file_location(
-      "performance_tables", os.path.join(REPO, "benchmarks", "performance_tables.py"))
+    "performance_tables", os.path.join(REPO, "benchmarks", "performance_tables.py")
+  )
   tables = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tables)
   with open(os.path.join(REPO, "docs", "performance.md")) as handle:

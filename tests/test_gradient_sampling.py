@@ -1,4 +1,5 @@
 """Gradient sampling (Algorithms 1 and 2) and their small QPs."""
+
 import itertools
 from typing import NamedTuple
 
@@ -41,8 +42,9 @@ def test_min_norm_matches_brute_force(seed, num, dim):
   rng = np.random.default_rng(seed)
   points = rng.normal(size=(num, dim)) + (0.5 if seed % 2 else 0.0)
   result = jax.jit(upper.min_norm_hull)(jnp.asarray(points))
-  assert float(jnp.linalg.norm(result.point)) == pytest.approx(_brute_min_norm(points),
-                                                               rel=1e-9, abs=1e-12)
+  assert float(jnp.linalg.norm(result.point)) == pytest.approx(
+    _brute_min_norm(points), rel=1e-9, abs=1e-12
+  )
   np.testing.assert_allclose(jnp.sum(result.weights), 1.0, atol=1e-12)
   assert np.all(np.asarray(result.weights) >= 0)
   # Optimality: <w, w_i> >= |w|^2 for every point.
@@ -55,13 +57,15 @@ def test_sqp_direction_against_min_norm():
   # element of the hull of the sampled gradients.
   rng = np.random.default_rng(4)
   grads = jnp.asarray(rng.normal(size=(6, 3)) + 0.3)
-  qp = minnorm.sqp_direction(jnp.asarray(1.0), grads, jnp.zeros(0), jnp.zeros((0, 6, 3)),
-                             jnp.asarray(1.0))
+  qp = minnorm.sqp_direction(
+    jnp.asarray(1.0), grads, jnp.zeros(0), jnp.zeros((0, 6, 3)), jnp.asarray(1.0)
+  )
   np.testing.assert_allclose(qp.direction, -upper.min_norm_hull(grads).point, atol=1e-6)
   assert float(qp.model_value - qp.dual_value) <= 1e-8 * (1 + abs(float(qp.model_value)))
   assert int(qp.info.status) == Status.SUCCESS
-  capped = minnorm.sqp_direction(jnp.asarray(1.0), grads, jnp.zeros(0), jnp.zeros((0, 6, 3)),
-                                 jnp.asarray(1.0), max_steps=2)
+  capped = minnorm.sqp_direction(
+    jnp.asarray(1.0), grads, jnp.zeros(0), jnp.zeros((0, 6, 3)), jnp.asarray(1.0), max_steps=2
+  )
   assert int(capped.info.status) == Status.MAX_STEPS and int(capped.info.num_steps) == 2
 
 
@@ -76,12 +80,15 @@ def test_min_norm_status_and_throw():
 
 def _nonsmooth(x, alpha, beta):
   del alpha, beta
-  return jnp.abs(x[0] - 1.0) + 2.0 * jnp.abs(x[1] + 0.5) + 0.1 * jnp.sum(x ** 2)
+  return jnp.abs(x[0] - 1.0) + 2.0 * jnp.abs(x[1] + 0.5) + 0.1 * jnp.sum(x**2)
 
 
 def test_gradient_sampling_finds_the_kink_and_vmaps():
-  run = jax.jit(jax.vmap(lambda x0, key: upper.gradient_sampling(
-      _nonsmooth, x0, key=key, num_samples=4, max_steps=300)))
+  run = jax.jit(
+    jax.vmap(
+      lambda x0, key: upper.gradient_sampling(_nonsmooth, x0, key=key, num_samples=4, max_steps=300)
+    )
+  )
   x0 = jnp.array([[3.0, 2.0], [-2.0, -3.0]])
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   result = run(x0, keys)
@@ -91,7 +98,7 @@ def test_gradient_sampling_finds_the_kink_and_vmaps():
   assert np.all(np.asarray(result.info.target_hits) >= 17)
   values = np.asarray(result.info.history.value[0])
   values = values[np.isfinite(values)]
-  assert np.all(np.diff(values) <= 1e-12)       # monotone decrease of f
+  assert np.all(np.diff(values) <= 1e-12)  # monotone decrease of f
 
 
 def test_gradient_sampling_on_example_5_5():
@@ -101,12 +108,15 @@ def test_gradient_sampling_on_example_5_5():
   g = lambda x, y: y[0] ** 2 + x[0] * y[0]
   G = lambda x, y: jnp.array([x[0] + y[0] - 1, x[0] - y[0] - 100])
 
-  def fun(x, alpha, beta):   # the value and the lower solution, whose status is read
+  def fun(x, alpha, beta):  # the value and the lower solution, whose status is read
     sol = composite.solve(g, G, h, x, jnp.zeros(1), alpha=alpha, beta=beta)
     return sol.y[0] ** 2, sol
 
-  result = jax.jit(lambda x0: upper.gradient_sampling(
-      fun, x0, key=jax.random.PRNGKey(1), num_samples=3, max_steps=400))(jnp.array([70.0]))
+  result = jax.jit(
+    lambda x0: upper.gradient_sampling(
+      fun, x0, key=jax.random.PRNGKey(1), num_samples=3, max_steps=400
+    )
+  )(jnp.array([70.0]))
   assert abs(float(result.x[0])) < 1e-3
   assert int(result.info.status) == Status.SUCCESS
   assert int(result.info.inner_status) == Status.SUCCESS and int(result.info.inner_failures) == 0
@@ -120,31 +130,44 @@ def test_sqp_gradient_sampling_constrained():
 
   def fun(x, alpha, beta):
     del alpha, beta
-    return jnp.sum(jnp.abs(x - c)) + 0.1 * jnp.sum(x ** 2)
+    return jnp.sum(jnp.abs(x - c)) + 0.1 * jnp.sum(x**2)
 
-  result = jax.jit(lambda x0: upper.sqp_gradient_sampling(
-      fun, lambda x: jnp.sum(x ** 2) - 1.0, x0, key=jax.random.PRNGKey(2),
-      num_samples=4, rho0=1.0, eps0=0.1, eps_opt=1e-4, eta=1.0, max_steps=500))(jnp.zeros(2))
+  result = jax.jit(
+    lambda x0: upper.sqp_gradient_sampling(
+      fun,
+      lambda x: jnp.sum(x**2) - 1.0,
+      x0,
+      key=jax.random.PRNGKey(2),
+      num_samples=4,
+      rho0=1.0,
+      eps0=0.1,
+      eps_opt=1e-4,
+      eta=1.0,
+      max_steps=500,
+    )
+  )(jnp.zeros(2))
   x = np.asarray(result.x)
   # Solution: on the unit circle where the gradient of the objective, (-1, -1)
   # + 0.2 x, is normal to the circle: x = (1, 1)/sqrt(2).
-  np.testing.assert_allclose(x, [2 ** -0.5, 2 ** -0.5], atol=5e-3)
-  assert float(np.sum(x ** 2)) - 1.0 < 1e-3
+  np.testing.assert_allclose(x, [2**-0.5, 2**-0.5], atol=5e-3)
+  assert float(np.sum(x**2)) - 1.0 < 1e-3
 
 
 def test_bad_arguments():
   with pytest.raises(ValueError, match="`num_samples`"):
-    upper.gradient_sampling(_nonsmooth, jnp.zeros(2), key=jax.random.PRNGKey(0),
-                            num_samples=2)
+    upper.gradient_sampling(_nonsmooth, jnp.zeros(2), key=jax.random.PRNGKey(0), num_samples=2)
   with pytest.raises(ValueError, match="`mu_eps`"):
-    upper.gradient_sampling(_nonsmooth, jnp.zeros(2), key=jax.random.PRNGKey(0),
-                            num_samples=3, mu_eps=1.5)
+    upper.gradient_sampling(
+      _nonsmooth, jnp.zeros(2), key=jax.random.PRNGKey(0), num_samples=3, mu_eps=1.5
+    )
   with pytest.raises(ValueError, match="`eta0`"):
-    upper.gradient_sampling(_nonsmooth, jnp.zeros(2), key=jax.random.PRNGKey(0),
-                            num_samples=3, eta0=0.0)
+    upper.gradient_sampling(
+      _nonsmooth, jnp.zeros(2), key=jax.random.PRNGKey(0), num_samples=3, eta0=0.0
+    )
   with pytest.raises(ValueError, match="`constraints`"):
-    upper.sqp_gradient_sampling(_nonsmooth, lambda x: jnp.ones((2, 2)), jnp.zeros(2),
-                                key=jax.random.PRNGKey(0), num_samples=3)
+    upper.sqp_gradient_sampling(
+      _nonsmooth, lambda x: jnp.ones((2, 2)), jnp.zeros(2), key=jax.random.PRNGKey(0), num_samples=3
+    )
 
 
 def _example_5_5_lower():
@@ -164,20 +187,34 @@ def test_gradient_sampling_with_a_warm_state():
     sol = composite.solve(g, G, h, x, y, alpha=alpha, beta=beta, method="warm")
     return sol.y[0] ** 2, sol.y
 
-  result = jax.jit(lambda x0: upper.gradient_sampling(
-      fun, x0, key=jax.random.PRNGKey(1), num_samples=3, max_steps=400,
-      state0=jnp.zeros(1), batching="map"))(jnp.array([70.0]))
+  result = jax.jit(
+    lambda x0: upper.gradient_sampling(
+      fun,
+      x0,
+      key=jax.random.PRNGKey(1),
+      num_samples=3,
+      max_steps=400,
+      state0=jnp.zeros(1),
+      batching="map",
+    )
+  )(jnp.array([70.0]))
   assert abs(float(result.x[0])) < 1e-3
   assert int(result.info.status) == Status.SUCCESS
 
 
 def test_stateful_fun_and_batching_are_checked():
   with pytest.raises(TypeError, match=r"\(value, state\)"):
-    upper.gradient_sampling(lambda x, a, b, s: jnp.sum(x ** 2), jnp.zeros(2),
-                            key=jax.random.PRNGKey(0), num_samples=3, state0=jnp.zeros(1))
+    upper.gradient_sampling(
+      lambda x, a, b, s: jnp.sum(x**2),
+      jnp.zeros(2),
+      key=jax.random.PRNGKey(0),
+      num_samples=3,
+      state0=jnp.zeros(1),
+    )
   with pytest.raises(ValueError, match="`batching`"):
-    upper.gradient_sampling(_nonsmooth, jnp.zeros(2), key=jax.random.PRNGKey(0),
-                            num_samples=3, batching="pmap")
+    upper.gradient_sampling(
+      _nonsmooth, jnp.zeros(2), key=jax.random.PRNGKey(0), num_samples=3, batching="pmap"
+    )
 
 
 class _Info(NamedTuple):
@@ -194,18 +231,33 @@ def test_gradient_sampling_reports_a_failed_lower_solve():
   # status would be SUCCESS, the inner failure makes it INNER_FAILED, and
   # the history has it.
   def fun(x, alpha, beta):
-    return jnp.sum(x ** 2), _Lower(_Info(jnp.asarray(Status.MAX_STEPS, jnp.int32)))
+    return jnp.sum(x**2), _Lower(_Info(jnp.asarray(Status.MAX_STEPS, jnp.int32)))
 
-  result = upper.gradient_sampling(fun, jnp.array([2.0]), key=jax.random.PRNGKey(0),
-                                   num_samples=2, eta0=1e6, early_stop=True, max_steps=3)
+  result = upper.gradient_sampling(
+    fun,
+    jnp.array([2.0]),
+    key=jax.random.PRNGKey(0),
+    num_samples=2,
+    eta0=1e6,
+    early_stop=True,
+    max_steps=3,
+  )
   info = result.info
   assert int(info.num_steps) == 1 and int(info.status) == Status.INNER_FAILED
   assert int(info.inner_status) == Status.MAX_STEPS
-  assert int(info.inner_failures) == 2          # the iteration and the final evaluation
+  assert int(info.inner_failures) == 2  # the iteration and the final evaluation
   np.testing.assert_array_equal(info.history.inner_status, [Status.MAX_STEPS, -1, -1])
   with pytest.raises(SolverError, match="INNER_FAILED"):
-    upper.gradient_sampling(fun, jnp.array([2.0]), key=jax.random.PRNGKey(0), num_samples=2,
-                            eta0=1e6, early_stop=True, max_steps=3, throw=True)
+    upper.gradient_sampling(
+      fun,
+      jnp.array([2.0]),
+      key=jax.random.PRNGKey(0),
+      num_samples=2,
+      eta0=1e6,
+      early_stop=True,
+      max_steps=3,
+      throw=True,
+    )
 
 
 def test_sqp_gradient_sampling_reports_inner_failures():
@@ -215,9 +267,17 @@ def test_sqp_gradient_sampling_reports_inner_failures():
     failed = x[0] > 0.5
     return -x[0], _Lower(_Info(jnp.where(failed, Status.MAX_STEPS, Status.SUCCESS)))
 
-  info = jax.jit(lambda: upper.sqp_gradient_sampling(
-      fun, lambda x: x - 1.0, jnp.array([0.0]), key=jax.random.PRNGKey(0), num_samples=2,
-      rho0=0.5, max_steps=300))().info
+  info = jax.jit(
+    lambda: upper.sqp_gradient_sampling(
+      fun,
+      lambda x: x - 1.0,
+      jnp.array([0.0]),
+      key=jax.random.PRNGKey(0),
+      num_samples=2,
+      rho0=0.5,
+      max_steps=300,
+    )
+  )().info
   steps = int(info.num_steps)
   inner = np.asarray(info.history.inner_status)
   assert int(info.status) == Status.INNER_FAILED and int(info.inner_status) == Status.MAX_STEPS

@@ -1,4 +1,5 @@
 """Hyper-cleaning objectives, data splits and loaders."""
+
 import gzip
 
 import jax
@@ -15,8 +16,9 @@ def _tiny_problem(seed=0, n_train=12, n_val=6, d=4, c=3):
   rng = np.random.default_rng(seed)
   feats = rng.random((n_train + n_val + 5, d))
   labels = rng.integers(0, c, n_train + n_val + 5)
-  split = data.hypercleaning_split(feats, labels, n_train=n_train, n_val=n_val, n_test=5,
-                                   seed=seed, dtype=np.float64)
+  split = data.hypercleaning_split(
+    feats, labels, n_train=n_train, n_val=n_val, n_test=5, seed=seed, dtype=np.float64
+  )
   return HyperCleaning(jax.tree_util.tree_map(jnp.asarray, split), l2=1e-2)
 
 
@@ -143,18 +145,28 @@ def test_corrupt_mnist_npz_is_named(tmp_path):
 def test_truncated_mnist_npz_is_named(tmp_path):
   path = tmp_path / "mnist.npz"
   rng = np.random.default_rng(0)
-  np.savez(path, x_train=rng.integers(0, 256, (50, 28, 28)), y_train=np.zeros(50, int),
-           x_test=rng.integers(0, 256, (5, 28, 28)), y_test=np.zeros(5, int))
+  np.savez(
+    path,
+    x_train=rng.integers(0, 256, (50, 28, 28)),
+    y_train=np.zeros(50, int),
+    x_test=rng.integers(0, 256, (5, 28, 28)),
+    y_test=np.zeros(5, int),
+  )
   raw = path.read_bytes()
-  path.write_bytes(raw[:len(raw) // 2])
+  path.write_bytes(raw[: len(raw) // 2])
   with pytest.raises(ValueError, match="mnist.npz'"):
     data.load("mnist", str(path))
 
 
 def test_mnist_npz_with_mismatched_labels_is_named(tmp_path):
   path = tmp_path / "mnist.npz"
-  np.savez(path, x_train=np.zeros((6, 28, 28)), y_train=np.zeros(5, int),
-           x_test=np.zeros((4, 28, 28)), y_test=np.zeros(4, int))
+  np.savez(
+    path,
+    x_train=np.zeros((6, 28, 28)),
+    y_train=np.zeros(5, int),
+    x_test=np.zeros((4, 28, 28)),
+    y_test=np.zeros(4, int),
+  )
   with pytest.raises(ValueError, match="one label per image"):
     data.load("mnist", str(path))
 
@@ -165,15 +177,20 @@ def test_truncated_idx_file_is_named(tmp_path):
   _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 6))
   _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 4))
   with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as handle:
-    handle.write(bytes([0, 0, 8, 3]) + b"".join(int(n).to_bytes(4, "big") for n in (4, 28, 28))
-                 + b"\x00" * 100)
+    handle.write(
+      bytes([0, 0, 8, 3]) + b"".join(int(n).to_bytes(4, "big") for n in (4, 28, 28)) + b"\x00" * 100
+    )
   with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz' is truncated or corrupt"):
     data.load("mnist", str(tmp_path))
 
 
 def test_idx_file_that_is_not_gzip_is_named(tmp_path):
-  for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+  for stem in (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+  ):
     (tmp_path / (stem + ".gz")).write_bytes(b"not gzip at all")
   with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz' cannot be read"):
     data.load("mnist", str(tmp_path))
@@ -223,17 +240,37 @@ def test_cleaning_beats_uniform_weights_on_digits():
   from experiments import hypercleaning as exp
   import optax
   from bilevel_jax import upper
-  cfg = {"data": {"dataset": "digits", "path": "", "n_train": 400, "n_val": 40, "n_test": 0,
-                  "corruption": 0.5, "seed": 0}, "model": {"l2": 1e-4}}
+
+  cfg = {
+    "data": {
+      "dataset": "digits",
+      "path": "",
+      "n_train": 400,
+      "n_val": 40,
+      "n_test": 0,
+      "corruption": 0.5,
+      "seed": 0,
+    },
+    "model": {"l2": 1e-4},
+  }
   prob = exp.load_problem(cfg)
   s_l = 4.0 / prob.lower_smoothness()
-  hg = bda.make_hypergradient(prob.upper, prob.lower, steps=50, upper_lr=s_l, lower_lr=s_l,
-                              alpha=schedules.harmonic(0.5))
-  res = upper.optimize(hg, prob.init_weights(), optax.adam(1.0), steps=60,
-                       y0=prob.init_params(10))
+  hg = bda.make_hypergradient(
+    prob.upper, prob.lower, steps=50, upper_lr=s_l, lower_lr=s_l, alpha=schedules.harmonic(0.5)
+  )
+  res = upper.optimize(hg, prob.init_weights(), optax.adam(1.0), steps=60, y0=prob.init_params(10))
   from bilevel_jax.problems import accuracy
-  uniform = bda.solve(prob.upper, prob.lower, prob.init_weights(), prob.init_params(10),
-                      steps=50, upper_lr=s_l, lower_lr=s_l, alpha=0.0).y
+
+  uniform = bda.solve(
+    prob.upper,
+    prob.lower,
+    prob.init_weights(),
+    prob.init_params(10),
+    steps=50,
+    upper_lr=s_l,
+    lower_lr=s_l,
+    alpha=0.0,
+  ).y
   acc_clean = float(accuracy(res.y, prob.data.x_test, prob.data.y_test))
   acc_uniform = float(accuracy(uniform, prob.data.x_test, prob.data.y_test))
   assert float(detection_f1(res.x, prob.data.corrupted)) > 0.8

@@ -1,4 +1,5 @@
 """Few-shot episodes, datasets, the meta-learning bilevel model and its experiment."""
+
 import json
 
 import chex
@@ -19,11 +20,19 @@ KW = dict(steps=8, upper_lr=0.3, lower_lr=0.4, alpha=0.4)
 
 
 def _episodes(num_tasks=4, ways=3, shots=2, queries=3, dim=5, seed=0):
-  feats, labels = meta.synthetic_classes(num_classes=12, per_class=10, dim=dim, latent_dim=2,
-                                         seed=seed, dtype=np.float64)
-  return meta.sample_episodes(feats, labels, np.arange(12), ways=ways, shots=shots,
-                              queries=queries, num_tasks=num_tasks,
-                              rng=np.random.default_rng(seed))
+  feats, labels = meta.synthetic_classes(
+    num_classes=12, per_class=10, dim=dim, latent_dim=2, seed=seed, dtype=np.float64
+  )
+  return meta.sample_episodes(
+    feats,
+    labels,
+    np.arange(12),
+    ways=ways,
+    shots=shots,
+    queries=queries,
+    num_tasks=num_tasks,
+    rng=np.random.default_rng(seed),
+  )
 
 
 # ------------------------------------------------------------------ episodes
@@ -31,8 +40,9 @@ def test_episodes_shapes_labels_and_disjoint_splits():
   feats, labels = meta.synthetic_classes(num_classes=30, per_class=12, dim=6, latent_dim=3)
   train_cls, test_cls = meta.split_classes(labels, test_classes=10, seed=1)
   assert len(train_cls) == 20 and len(test_cls) == 10 and not set(train_cls) & set(test_cls)
-  eps = meta.sample_episodes(feats, labels, test_cls, ways=5, shots=2, queries=4,
-                             num_tasks=7, rng=np.random.default_rng(0))
+  eps = meta.sample_episodes(
+    feats, labels, test_cls, ways=5, shots=2, queries=4, num_tasks=7, rng=np.random.default_rng(0)
+  )
   assert eps.x_train.shape == (7, 10, 6) and eps.x_val.shape == (7, 20, 6)
   np.testing.assert_array_equal(eps.y_train[0], np.repeat(np.arange(5), 2))
   np.testing.assert_array_equal(eps.y_val[3], np.repeat(np.arange(5), 4))
@@ -45,8 +55,12 @@ def test_episodes_shapes_labels_and_disjoint_splits():
     assert not train_rows & val_rows  # shots and queries are different samples
     # every query of class k comes from the class of the shots labelled k
     for k in range(5):
-      src = {labels[np.flatnonzero((feats == r).all(1))[0]] for r in eps.x_train[t][eps.y_train[t] == k]}
-      dst = {labels[np.flatnonzero((feats == r).all(1))[0]] for r in eps.x_val[t][eps.y_val[t] == k]}
+      src = {
+        labels[np.flatnonzero((feats == r).all(1))[0]] for r in eps.x_train[t][eps.y_train[t] == k]
+      }
+      dst = {
+        labels[np.flatnonzero((feats == r).all(1))[0]] for r in eps.x_val[t][eps.y_val[t] == k]
+      }
       assert len(src) == 1 and src == dst
 
 
@@ -54,14 +68,17 @@ def test_episode_errors_name_the_argument():
   feats, labels = meta.synthetic_classes(num_classes=6, per_class=4, dim=3, latent_dim=1)
   rng = np.random.default_rng(0)
   with pytest.raises(ValueError, match=r"`ways` = 7 exceeds the 6 classes"):
-    meta.sample_episodes(feats, labels, np.arange(6), ways=7, shots=1, queries=1,
-                         num_tasks=1, rng=rng)
+    meta.sample_episodes(
+      feats, labels, np.arange(6), ways=7, shots=1, queries=1, num_tasks=1, rng=rng
+    )
   with pytest.raises(ValueError, match=r"fewer than `shots` \+ `queries` = 5"):
-    meta.sample_episodes(feats, labels, np.arange(6), ways=2, shots=2, queries=3,
-                         num_tasks=1, rng=rng)
+    meta.sample_episodes(
+      feats, labels, np.arange(6), ways=2, shots=2, queries=3, num_tasks=1, rng=rng
+    )
   with pytest.raises(ValueError, match=r"`shots` must be a positive int"):
-    meta.sample_episodes(feats, labels, np.arange(6), ways=2, shots=0, queries=3,
-                         num_tasks=1, rng=rng)
+    meta.sample_episodes(
+      feats, labels, np.arange(6), ways=2, shots=0, queries=3, num_tasks=1, rng=rng
+    )
   with pytest.raises(ValueError, match=r"`test_classes` must lie in \[1, 5\]"):
     meta.split_classes(labels, test_classes=6)
   with pytest.raises(ValueError, match=r"`latent_dim` \(3\) must be smaller than `dim` \(3\)"):
@@ -89,6 +106,7 @@ def test_rotations_make_new_classes():
 
 def test_omniglot_loader_on_a_tiny_folder(tmp_path):
   from PIL import Image
+
   rng = np.random.default_rng(0)
   pixels = {}
   for alphabet in ("Alpha", "Beta"):
@@ -104,8 +122,9 @@ def test_omniglot_loader_on_a_tiny_folder(tmp_path):
   assert feats.shape == (12, 100) and feats.dtype == np.float32
   np.testing.assert_array_equal(labels, np.repeat(np.arange(4), 3))
   assert names[0] == "images_background/Alpha/character01" and len(names) == 4
-  np.testing.assert_allclose(feats[4], 1.0 - pixels[("Alpha", "character02", 1)].ravel() / 255.0,
-                             atol=1e-6)  # inverted: strokes (black) become 1
+  np.testing.assert_allclose(
+    feats[4], 1.0 - pixels[("Alpha", "character02", 1)].ravel() / 255.0, atol=1e-6
+  )  # inverted: strokes (black) become 1
   small, _, _ = meta.load_omniglot(str(tmp_path), image_size=5, invert=False, max_classes=2)
   assert small.shape == (6, 25) and 0.0 <= small.min() and small.max() <= 1.0
   with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -131,12 +150,14 @@ def test_per_task_solve_equals_joint_solve_of_the_summed_problem():
   head = lambda y, j: jax.tree_util.tree_map(lambda a: a[j], y)
   joint_upper = lambda x, y: sum(meta.task_upper(x, head(y, j), task(j)) for j in range(2))
   joint_lower = lambda x, y: sum(meta.task_lower(x, head(y, j), task(j), 0.01) for j in range(2))
-  joint = jax.jit(lambda x, y0: bda.hypergradient(joint_upper, joint_lower, x, y0,
-                                                  return_info=True, **KW))
+  joint = jax.jit(
+    lambda x, y0: bda.hypergradient(joint_upper, joint_lower, x, y0, return_info=True, **KW)
+  )
   value, grad, sol = joint(x, y0)
   np.testing.assert_allclose(jnp.sum(values), value, rtol=1e-12)
-  assert tree_allclose(jax.tree_util.tree_map(lambda g: jnp.sum(g, 0), grads), grad,
-                       rtol=1e-10, atol=1e-12)
+  assert tree_allclose(
+    jax.tree_util.tree_map(lambda g: jnp.sum(g, 0), grads), grad, rtol=1e-10, atol=1e-12
+  )
   assert tree_allclose(y_k, sol.y, rtol=1e-12, atol=1e-13)
 
 
@@ -156,8 +177,9 @@ def test_task_hypergradient_matches_finite_differences(alpha):
     xx = [x[0], {"w": flat.reshape(w.shape), "b": x[1]["b"]}]
     return up(xx, bda.solve(up, low, xx, y0, **kw).y)
 
-  np.testing.assert_allclose(grad[1]["w"].ravel(), finite_difference_grad(phi, w.ravel()),
-                             rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(
+    grad[1]["w"].ravel(), finite_difference_grad(phi, w.ravel()), rtol=1e-6, atol=1e-9
+  )
 
 
 def test_meta_hypergradient_sharded_over_four_devices(dtype=jnp.float32):
@@ -165,15 +187,20 @@ def test_meta_hypergradient_sharded_over_four_devices(dtype=jnp.float32):
   if jax.device_count() < 4:
     pytest.skip("needs 4 CPU host devices (tests/conftest.py)")
   tasks = jax.tree_util.tree_map(
-      lambda a: jnp.asarray(a, dtype) if a.dtype.kind == "f" else jnp.asarray(a),
-      _episodes(num_tasks=6))
+    lambda a: jnp.asarray(a, dtype) if a.dtype.kind == "f" else jnp.asarray(a),
+    _episodes(num_tasks=6),
+  )
   x, y0 = _model(dtype=dtype), meta.init_heads(6, 3, 3, dtype)
   batched = meta.batched_hypergradient(l2=0.01, **KW)
   # The first call traces twice (the shape check and the program); a second
   # call with new values must not trace again.
   chex.clear_trace_counter()
-  fn = sharding.shard_hypergradient(chex.assert_max_traces(lambda *a: batched(*a), n=2),
-                                    sharding.make_mesh(4), in_axes=(None, 0, 0), reduce="sum")
+  fn = sharding.shard_hypergradient(
+    chex.assert_max_traces(lambda *a: batched(*a), n=2),
+    sharding.make_mesh(4),
+    in_axes=(None, 0, 0),
+    reduce="sum",
+  )
   value, grad, y_k = fn(x, y0, tasks)
   values, grads, y_ref = jax.jit(batched)(x, y0, tasks)
   tol = dict(rtol=2e-5, atol=1e-6) if dtype == jnp.float32 else dict(rtol=1e-11, atol=1e-13)
@@ -185,11 +212,22 @@ def test_meta_hypergradient_sharded_over_four_devices(dtype=jnp.float32):
 
 
 def test_adapted_heads_beat_chance_and_untrained_heads_do_not():
-  feats, labels = meta.synthetic_classes(num_classes=20, per_class=20, dim=6, latent_dim=3,
-                                         nuisance=0.0, seed=2, dtype=np.float64)
-  tasks = jax.tree_util.tree_map(jnp.asarray, meta.sample_episodes(
-      feats, labels, np.arange(20), ways=5, shots=5, queries=5, num_tasks=20,
-      rng=np.random.default_rng(0)))
+  feats, labels = meta.synthetic_classes(
+    num_classes=20, per_class=20, dim=6, latent_dim=3, nuisance=0.0, seed=2, dtype=np.float64
+  )
+  tasks = jax.tree_util.tree_map(
+    jnp.asarray,
+    meta.sample_episodes(
+      feats,
+      labels,
+      np.arange(20),
+      ways=5,
+      shots=5,
+      queries=5,
+      num_tasks=20,
+      rng=np.random.default_rng(0),
+    ),
+  )
   x = meta.init_representation(jax.random.PRNGKey(1), [6, 16], jnp.float64)
   y0 = meta.init_heads(20, 16, 5, jnp.float64)
   fitted = jax.jit(lambda x: meta.evaluate(x, tasks, y0, steps=50, lower_lr=0.2, l2=1e-3))(x)
@@ -237,8 +275,7 @@ target_accuracy = [0.0]
 def test_fewshot_experiment_runs_from_the_cli(tmp_path, capsys):
   path = tmp_path / "fs.toml"
   path.write_text(TINY)
-  assert cli.main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet",
-                   "--no-plot"]) == 0
+  assert cli.main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet", "--no-plot"]) == 0
   capsys.readouterr()
   payload = json.loads((tmp_path / "out" / "results.json").read_text())
   rows = payload["rows"]
@@ -250,12 +287,15 @@ def test_fewshot_experiment_runs_from_the_cli(tmp_path, capsys):
   assert len(hist["value"]) == 4 and hist["eval_step"] == [0, 2, 4]
 
 
-@pytest.mark.parametrize("body, match", [
+@pytest.mark.parametrize(
+  "body, match",
+  [
     (TINY.replace("[0.0]", "[0.5, 0.6]"), r"`target_accuracy` needs one entry per entry"),
     (TINY.replace("[0.0]", "[1.5]"), r"`target_accuracy` = \[1.5\] must lie in"),
     (TINY.replace('dataset = "synthetic"', 'dataset = "omniglot"'), r"needs \[data\] `path`"),
     (TINY.replace("queries = 2", "queries = 2\nrotations = 4"), r"`rotations` applies to image"),
-])
+  ],
+)
 def test_fewshot_config_errors(tmp_path, body, match):
   path = tmp_path / "bad.toml"
   path.write_text(body)

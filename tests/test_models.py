@@ -1,6 +1,7 @@
 """Models as variables: an Equinox module or Flax NNX state as y0 (and an
 Equinox module as x) in `bda` and `implicit`. Non-float leaves (activation
 functions, PRNG keys, RNG counters) are carried along untouched."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +25,8 @@ def _params(model):
 def _eqx_lower(log_l2, model):
   pred = jax.vmap(model)(FEATURES)[:, 0]
   return jnp.mean((pred - TARGETS) ** 2) + jnp.exp(log_l2) * sum(
-      jnp.sum(p ** 2) for p in _params(model))
+    jnp.sum(p**2) for p in _params(model)
+  )
 
 
 def _eqx_upper(log_l2, model):
@@ -38,8 +40,9 @@ def test_equinox_mlp_as_y0_in_bda():
   assert int(sol.info.status) == Status.SUCCESS
   assert float(sol.info.lower_value) < float(_eqx_lower(-2.0, mlp))
   value, grad = bda.hypergradient(_eqx_upper, _eqx_lower, jnp.asarray(-2.0), mlp, **BDA_KW)
-  phi = eqx.filter_jit(lambda v: bda.solve(_eqx_upper, _eqx_lower, v[0], mlp,
-                                            **BDA_KW).info.upper_value)
+  phi = eqx.filter_jit(
+    lambda v: bda.solve(_eqx_upper, _eqx_lower, v[0], mlp, **BDA_KW).info.upper_value
+  )
   np.testing.assert_allclose(grad, finite_difference_grad(phi, [-2.0])[0], rtol=1e-6)
 
 
@@ -47,8 +50,7 @@ def test_equinox_linear_model_as_y0_in_implicit():
   linear = eqx.nn.Linear(3, 1, key=jax.random.PRNGKey(2))  # ridge: strongly convex
   sol = implicit.solve(_eqx_lower, -1.0, linear, tol=1e-10)
   assert isinstance(sol.y, eqx.nn.Linear) and int(sol.info.status) == Status.SUCCESS
-  value, grad = implicit.hypergradient(_eqx_upper, _eqx_lower, jnp.asarray(-1.0), linear,
-                                       tol=1e-10)
+  value, grad = implicit.hypergradient(_eqx_upper, _eqx_lower, jnp.asarray(-1.0), linear, tol=1e-10)
   phi = lambda v: _eqx_upper(v[0], implicit.solve(_eqx_lower, v[0], linear, tol=1e-12).y)
   np.testing.assert_allclose(grad, finite_difference_grad(phi, [-1.0])[0], rtol=1e-6)
 
@@ -56,15 +58,18 @@ def test_equinox_linear_model_as_y0_in_implicit():
 def test_equinox_module_as_x_gets_a_filtered_gradient():
   """x is a feature map with an activation function; the gradient has None there."""
   feature_map = eqx.nn.MLP(3, 2, 4, 1, activation=jnp.tanh, key=jax.random.PRNGKey(3))
-  lower = lambda fmap, w: 0.5 * jnp.mean((jax.vmap(fmap)(FEATURES) @ w - TARGETS) ** 2) \
-      + 0.05 * jnp.sum(w ** 2)
+  lower = lambda fmap, w: (
+    0.5 * jnp.mean((jax.vmap(fmap)(FEATURES) @ w - TARGETS) ** 2) + 0.05 * jnp.sum(w**2)
+  )
   upper_fn = lambda fmap, w: jnp.mean((jax.vmap(fmap)(FEATURES[:8]) @ w - TARGETS[:8]) ** 2)
   value, grad = implicit.hypergradient(upper_fn, lower, feature_map, jnp.zeros(2), tol=1e-10)
   assert isinstance(grad, eqx.nn.MLP) and grad.activation is None
   bias = grad.layers[-1].bias
+
   def phi(v):
     fmap = eqx.tree_at(lambda m: m.layers[-1].bias, feature_map, v)
     return upper_fn(fmap, implicit.solve(lower, fmap, jnp.zeros(2), tol=1e-12).y)
+
   fd = finite_difference_grad(phi, feature_map.layers[-1].bias)
   np.testing.assert_allclose(bias, fd, rtol=1e-5, atol=1e-9)
 
@@ -82,9 +87,12 @@ class _DropoutNet(nnx.Module):
 def _nnx_problem():
   graphdef, state = nnx.split(_DropoutNet(nnx.Rngs(0, dropout=1)))
   net = lambda st: nnx.merge(graphdef, st)
+
   def lower(log_l2, st):
     return jnp.mean((net(st)(FEATURES) - TARGETS) ** 2) + jnp.exp(log_l2) * jnp.sum(
-        st["hidden"]["kernel"][...] ** 2)
+      st["hidden"]["kernel"][...] ** 2
+    )
+
   upper_fn = lambda log_l2, st: jnp.mean((net(st)(FEATURES[:8]) - TARGETS[:8]) ** 2)
   return state, lower, upper_fn
 
@@ -128,17 +136,25 @@ def test_jitted_make_hypergradient_and_optimize_take_an_equinox_module_as_y0():
   import optax
 
   from bilevel_jax import bda, upper
+
   net = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.PRNGKey(0))
   X, Y = jnp.ones((5, 2)), jnp.zeros(5)
   params = lambda m: jax.tree_util.tree_leaves(eqx.filter(m, eqx.is_array))
-  f = lambda lam, m: (jnp.mean((jax.vmap(m)(X)[:, 0] - Y) ** 2)
-                      + lam * sum(jnp.sum(w ** 2) for w in params(m)))
+  f = lambda lam, m: (
+    jnp.mean((jax.vmap(m)(X)[:, 0] - Y) ** 2) + lam * sum(jnp.sum(w**2) for w in params(m))
+  )
   F = lambda lam, m: jnp.mean(jax.vmap(m)(X)[:, 0] ** 2)
   kw = dict(steps=3, upper_lr=0.1, lower_lr=0.1, alpha=0.0)
   value, grad, sol = bda.make_hypergradient(F, f, **kw)(jnp.asarray(0.1), net)
   value_ref, grad_ref, _ = bda.make_hypergradient(F, f, jit=False, **kw)(jnp.asarray(0.1), net)
   np.testing.assert_allclose(grad, grad_ref, rtol=1e-10)
   assert isinstance(sol.y, eqx.nn.MLP)
-  result = upper.optimize(bda.make_hypergradient(F, f, **kw), jnp.asarray(0.1), optax.sgd(0.1),
-                          steps=3, y0=net, warm_start=True)
+  result = upper.optimize(
+    bda.make_hypergradient(F, f, **kw),
+    jnp.asarray(0.1),
+    optax.sgd(0.1),
+    steps=3,
+    y0=net,
+    warm_start=True,
+  )
   assert int(result.info.status) == 0 and isinstance(result.y, eqx.nn.MLP)

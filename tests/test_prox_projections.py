@@ -1,4 +1,5 @@
 """Proximal operators and projections against their closed forms."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -2,6 +2,7 @@
 
 tests/conftest.py gives the process four CPU host devices.
 """
+
 import doctest
 import os
 import socket
@@ -23,8 +24,9 @@ from tests.helpers import tree_allclose
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(
-    jax.device_count() < 4,
-    reason="needs 4 CPU host devices: JAX started before tests/conftest.py set XLA_FLAGS")
+  jax.device_count() < 4,
+  reason="needs 4 CPU host devices: JAX started before tests/conftest.py set XLA_FLAGS",
+)
 
 BDA = jax.vmap(worker.task_hypergradient, in_axes=(None, 0, 0))
 
@@ -38,19 +40,25 @@ def _bda_inputs(num_tasks, dtype):
 def _ridge_task(log_lam, data):
   """Closed-form lower level y*(x) = (A^T A + e^x I)^{-1} A^T b, F = |A_v y* - b_v|^2 / 2;
   the hypergradient is the derivative of the closed form (implicit-function style)."""
+
   def phi(log_lam):
     a = data["a"]
     gram = a.T @ a + jnp.exp(log_lam) * jnp.eye(a.shape[1], dtype=a.dtype)
     y = jnp.linalg.solve(gram, a.T @ data["b"])
     return 0.5 * jnp.sum((data["a_val"] @ y - data["b_val"]) ** 2)
+
   value, grad = jax.value_and_grad(phi)(log_lam)
   return value, grad
 
 
 def _ridge_inputs(num_tasks, dtype):
   rng = np.random.default_rng(3)
-  data = {"a": rng.normal(size=(num_tasks, 12, 4)), "b": rng.normal(size=(num_tasks, 12)),
-          "a_val": rng.normal(size=(num_tasks, 6, 4)), "b_val": rng.normal(size=(num_tasks, 6))}
+  data = {
+    "a": rng.normal(size=(num_tasks, 12, 4)),
+    "b": rng.normal(size=(num_tasks, 12)),
+    "a_val": rng.normal(size=(num_tasks, 6, 4)),
+    "b_val": rng.normal(size=(num_tasks, 6)),
+  }
   return jnp.asarray(0.3, dtype), jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), data)
 
 
@@ -58,8 +66,10 @@ def _reference(batched, args, reduce, reduced=(0, 1)):
   """Single device, no sharding: the plain vmapped function, reduced in NumPy."""
   outs = jax.jit(batched)(*args)
   op = np.mean if reduce == "mean" else np.sum
-  return tuple(jax.tree_util.tree_map(lambda a: op(np.asarray(a), axis=0), o)
-               if i in reduced else o for i, o in enumerate(outs))
+  return tuple(
+    jax.tree_util.tree_map(lambda a: op(np.asarray(a), axis=0), o) if i in reduced else o
+    for i, o in enumerate(outs)
+  )
 
 
 def _tol(dtype):
@@ -67,14 +77,16 @@ def _tol(dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-@pytest.mark.parametrize("num_tasks, reduce", [
-    (8, "mean"), (7, "sum"), (3, "mean")])  # even, uneven (padded), fewer tasks than devices
+@pytest.mark.parametrize(
+  "num_tasks, reduce", [(8, "mean"), (7, "sum"), (3, "mean")]
+)  # even, uneven (padded), fewer tasks than devices
 def test_bda_sharded_equals_single_device(dtype, num_tasks, reduce):
   args = _bda_inputs(num_tasks, dtype)
   expected = _reference(BDA, args, reduce)
   for devices in (1, 2, 4):
-    fn = sharding.shard_hypergradient(BDA, sharding.make_mesh(devices), in_axes=(None, 0, 0),
-                                      reduce=reduce)
+    fn = sharding.shard_hypergradient(
+      BDA, sharding.make_mesh(devices), in_axes=(None, 0, 0), reduce=reduce
+    )
     value, grad, y_k = fn(*args)
     assert value.shape == () and grad.shape == args[0].shape
     assert y_k.shape == (num_tasks, 3) and value.dtype == dtype and grad.dtype == dtype
@@ -85,8 +97,9 @@ def test_bda_sharded_equals_single_device(dtype, num_tasks, reduce):
 def test_closed_form_hypergradient_sharded(dtype):
   batched = jax.vmap(_ridge_task, in_axes=(None, 0))
   x, data = _ridge_inputs(10, dtype)
-  fn = sharding.shard_hypergradient(batched, sharding.make_mesh(4), in_axes=(None, 0),
-                                    reduce="mean")
+  fn = sharding.shard_hypergradient(
+    batched, sharding.make_mesh(4), in_axes=(None, 0), reduce="mean"
+  )
   value, grad = fn(x, data)
   loop = [_ridge_task(x, jax.tree_util.tree_map(lambda a: a[j], data)) for j in range(10)]
   np.testing.assert_allclose(value, np.mean([v for v, _ in loop]), **_tol(dtype))
@@ -103,6 +116,7 @@ def test_value_function_method_shards():
   min_y |y - a|^2 / 2 + x sum(y) + mu |y|^2 / 2, so y* = (a - x) / (1 + mu)
   and dv/dx = sum(y*)."""
   from bilevel_jax import value
+
   mu = 0.1
 
   def task(x, a):
@@ -110,11 +124,12 @@ def test_value_function_method_shards():
     return jax.value_and_grad(lambda x: value.quadratic(g, x, jnp.zeros(3), mu=mu).value)(x)
 
   a = jnp.asarray(np.random.default_rng(0).normal(size=(7, 3)))
-  fn = sharding.shard_hypergradient(jax.vmap(task, in_axes=(None, 0)), sharding.make_mesh(4),
-                                    in_axes=(None, 0), reduce="mean")
+  fn = sharding.shard_hypergradient(
+    jax.vmap(task, in_axes=(None, 0)), sharding.make_mesh(4), in_axes=(None, 0), reduce="mean"
+  )
   value_, grad = fn(jnp.asarray(0.3), a)
   y = (a - 0.3) / (1 + mu)
-  v = 0.5 * jnp.sum((y - a) ** 2, 1) + 0.3 * jnp.sum(y, 1) + 0.5 * mu * jnp.sum(y ** 2, 1)
+  v = 0.5 * jnp.sum((y - a) ** 2, 1) + 0.3 * jnp.sum(y, 1) + 0.5 * mu * jnp.sum(y**2, 1)
   np.testing.assert_allclose(value_, jnp.mean(v), rtol=1e-8)
   np.testing.assert_allclose(grad, jnp.mean(jnp.sum(y, 1)), rtol=1e-7)
 
@@ -124,9 +139,12 @@ def test_batched_outputs_are_sharded_and_nothing_retraces():
   # The first call traces twice (the shape check and the program); a second
   # call with new values must not trace again.
   chex.clear_trace_counter()
-  fn = sharding.shard_hypergradient(chex.assert_max_traces(lambda *a: BDA(*a), n=2),
-                                    sharding.make_mesh(4),
-                                    in_axes=(None, 0, 0), reduce="mean")
+  fn = sharding.shard_hypergradient(
+    chex.assert_max_traces(lambda *a: BDA(*a), n=2),
+    sharding.make_mesh(4),
+    in_axes=(None, 0, 0),
+    reduce="mean",
+  )
   _, _, y_k = fn(*args)
   assert {d.id for d in y_k.sharding.device_set} == {d.id for d in jax.devices()[:4]}
   assert y_k.addressable_shards[0].data.shape == (2, 3)  # 8 tasks over 4 devices
@@ -135,8 +153,7 @@ def test_batched_outputs_are_sharded_and_nothing_retraces():
 
 def test_differentiates_and_vmaps_through_the_sharded_function():
   args = _bda_inputs(6, jnp.float64)
-  fn = sharding.shard_hypergradient(BDA, sharding.make_mesh(4), in_axes=(None, 0, 0),
-                                    reduce="sum")
+  fn = sharding.shard_hypergradient(BDA, sharding.make_mesh(4), in_axes=(None, 0, 0), reduce="sum")
   value_fn = lambda x: fn(x, args[1], args[2])[0]
   np.testing.assert_allclose(jax.grad(value_fn)(args[0]), fn(*args)[1], rtol=1e-12)
   xs = jnp.stack([args[0], 2 * args[0], -args[0]])
@@ -150,20 +167,24 @@ def test_sharded_hypergradient_drives_the_upper_loop():
   x0, y0, tasks = _bda_inputs(6, jnp.float64)
   results = []
   for devices in (1, 4):
-    fn = sharding.shard_hypergradient(BDA, sharding.make_mesh(devices), in_axes=(None, 0, 0),
-                                      reduce="mean")
-    results.append(upper.optimize(lambda x, y: fn(x, y, tasks), x0, optax.adam(0.05),
-                                  steps=5, y0=y0, warm_start=True))
+    fn = sharding.shard_hypergradient(
+      BDA, sharding.make_mesh(devices), in_axes=(None, 0, 0), reduce="mean"
+    )
+    results.append(
+      upper.optimize(
+        lambda x, y: fn(x, y, tasks), x0, optax.adam(0.05), steps=5, y0=y0, warm_start=True
+      )
+    )
   np.testing.assert_allclose(results[0].x, results[1].x, rtol=1e-10)
-  np.testing.assert_allclose(results[0].history["value"], results[1].history["value"],
-                             rtol=1e-10)
+  np.testing.assert_allclose(results[0].history["value"], results[1].history["value"], rtol=1e-10)
   np.testing.assert_allclose(results[0].y, results[1].y, rtol=1e-10)
 
 
 def test_uneven_batch_rejected_without_padding():
   args = _bda_inputs(7, jnp.float64)
-  fn = sharding.shard_hypergradient(BDA, sharding.make_mesh(4), in_axes=(None, 0, 0),
-                                    reduce="mean", pad=False)
+  fn = sharding.shard_hypergradient(
+    BDA, sharding.make_mesh(4), in_axes=(None, 0, 0), reduce="mean", pad=False
+  )
   with pytest.raises(ValueError, match=r"argument 1 has batch size 7, not a multiple of the 4"):
     fn(*args)
   fn(*_bda_inputs(8, jnp.float64))  # divisible batches still run
@@ -173,7 +194,9 @@ def _mesh4():
   return sharding.make_mesh(4)
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
+@pytest.mark.parametrize(
+  "kwargs, error, match",
+  [
     (dict(reduce="avg"), ValueError, r"`reduce` must be one of \('mean', 'sum'\), got 'avg'"),
     (dict(in_axes=(None, 1, 0)), ValueError, r"`in_axes\[1\]` must be 0 .* got 1"),
     (dict(in_axes=(None, None, None)), ValueError, r"`in_axes` has no batched argument"),
@@ -183,7 +206,8 @@ def _mesh4():
     (dict(axis_name="tasks"), ValueError, r"`axis_name` 'tasks' is not an axis of the mesh"),
     (dict(mesh="cpu"), TypeError, r"`mesh` must be a jax.sharding.Mesh"),
     (dict(fn=3), TypeError, r"`fn` must be callable"),
-])
+  ],
+)
 def test_bad_configuration_names_the_argument(kwargs, error, match):
   call = dict(fn=BDA, mesh=_mesh4(), in_axes=(None, 0, 0), reduce="mean")
   call.update(kwargs)
@@ -204,16 +228,21 @@ def test_bad_inputs_name_the_argument_at_trace_time():
   bad = sharding.shard_hypergradient(unbatched, _mesh4(), in_axes=(None, 0), reduce="sum")
   with pytest.raises(ValueError, match=r"output 0 of `fn` has a leaf of shape \(\).*vmapped"):
     bad(x0, tasks["a"])
-  ints = sharding.shard_hypergradient(lambda x, a: (a.astype(jnp.int32),), _mesh4(),
-                                      in_axes=(None, 0), reduce="sum", reduced_outputs=(0,))
+  ints = sharding.shard_hypergradient(
+    lambda x, a: (a.astype(jnp.int32),),
+    _mesh4(),
+    in_axes=(None, 0),
+    reduce="sum",
+    reduced_outputs=(0,),
+  )
   with pytest.raises(TypeError, match=r"`reduced_outputs` includes output 0, .* int32"):
     ints(x0, tasks["a"])
-  short = sharding.shard_hypergradient(lambda x, a: (a,), _mesh4(), in_axes=(None, 0),
-                                       reduce="sum")
+  short = sharding.shard_hypergradient(lambda x, a: (a,), _mesh4(), in_axes=(None, 0), reduce="sum")
   with pytest.raises(ValueError, match=r"`reduced_outputs` index 1 is out of range"):
     short(x0, tasks["a"])
-  single = sharding.shard_hypergradient(lambda x, a: a, _mesh4(), in_axes=(None, 0),
-                                        reduce="sum", reduced_outputs=(0,))
+  single = sharding.shard_hypergradient(
+    lambda x, a: a, _mesh4(), in_axes=(None, 0), reduce="sum", reduced_outputs=(0,)
+  )
   with pytest.raises(TypeError, match=r"`fn` must return a tuple"):
     single(x0, tasks["a"])
 
@@ -239,15 +268,26 @@ def test_two_processes_over_loopback_equal_one_process(tmp_path):
   """Two processes (2 CPU devices each, gloo collectives over TCP on
   127.0.0.1), each owning half of the batch, run three upper steps; both see
   the values, x and y_K of the same computation in one process."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=REPO,
+  )
   script = os.path.join(REPO, "tests", "multihost_worker.py")
   for attempt in range(2):  # a second try only if the free port was taken meanwhile
     port = _free_port()
     outs = [tmp_path / f"process{i}_{attempt}.npz" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, script, str(i), "2", str(port), str(outs[i])],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(2)]
+    procs = [
+      subprocess.Popen(
+        [sys.executable, script, str(i), "2", str(port), str(outs[i])],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+      for i in range(2)
+    ]
     logs = []
     for proc in procs:
       try:

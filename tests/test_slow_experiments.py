@@ -2,6 +2,7 @@
 
 Deselected by default; run with ``python -m pytest -m slow``.
 """
+
 import json
 import os
 
@@ -15,8 +16,19 @@ pytestmark = pytest.mark.slow
 
 def _run(name, tmp_path):
   out = tmp_path / name
-  assert cli.main(["run", os.path.join(REPO, "configs", f"{name}.toml"), "--out", str(out),
-                   "--quiet", "--no-plot"]) == 0
+  assert (
+    cli.main(
+      [
+        "run",
+        os.path.join(REPO, "configs", f"{name}.toml"),
+        "--out",
+        str(out),
+        "--quiet",
+        "--no-plot",
+      ]
+    )
+    == 0
+  )
   return json.loads((out / "results.json").read_text())["rows"]
 
 
@@ -25,8 +37,11 @@ def test_example1_config(tmp_path):
   assert abs(rows[("BDA", 64, "0.9/k")]["x"] - 1) < 2e-3
   for K in (8, 16, 64):
     assert abs(rows[("RHG", K, "0")]["x"] - 1.5) < 1e-2
-  assert (rows[("BDA", 8, "0.5/k")]["x_err"] > rows[("BDA", 16, "0.5/k")]["x_err"]
-          > rows[("BDA", 64, "0.5/k")]["x_err"])
+  assert (
+    rows[("BDA", 8, "0.5/k")]["x_err"]
+    > rows[("BDA", 16, "0.5/k")]["x_err"]
+    > rows[("BDA", 64, "0.5/k")]["x_err"]
+  )
 
 
 def test_hypercleaning_digits_config(tmp_path):

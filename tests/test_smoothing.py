@@ -1,5 +1,6 @@
 """Smoothing families: closed forms against their definitions, approximation
 bounds (Example 2.7: kappa mu; Example 2.8: L^2 mu / 2), float32, errors."""
+
 import math
 
 import jax
@@ -44,11 +45,10 @@ def test_plus_family_bounds(density, mu):
   """0 <= phi_mu - phi <= bound (kappa mu / 2, sharp at the kink)."""
   tiny = 1e-12
   cases = [
-      ("plus", smoothing.plus(T, mu, density), jnp.maximum(T, 0.0), 1),
-      ("abs", smoothing.abs(T, mu, density), jnp.abs(T), 1),
-      ("hinge", smoothing.hinge(T, mu, density), jnp.maximum(1.0 - T, 0.0), 1),
-      ("maximum", smoothing.maximum(T, 0.3 * T + 0.2, mu, density),
-       jnp.maximum(T, 0.3 * T + 0.2), 1),
+    ("plus", smoothing.plus(T, mu, density), jnp.maximum(T, 0.0), 1),
+    ("abs", smoothing.abs(T, mu, density), jnp.abs(T), 1),
+    ("hinge", smoothing.hinge(T, mu, density), jnp.maximum(1.0 - T, 0.0), 1),
+    ("maximum", smoothing.maximum(T, 0.3 * T + 0.2, mu, density), jnp.maximum(T, 0.3 * T + 0.2), 1),
   ]
   z = jnp.stack([T, -T, 0.5 * T + 0.1])
   cases.append(("max", smoothing.max(z, mu, density, axis=0), jnp.max(z, axis=0), 3))
@@ -59,10 +59,12 @@ def test_plus_family_bounds(density, mu):
     assert gap.max() <= bound + tiny, (name, gap.max(), bound)
     assert bound <= (n if name != "abs" else 1) * smoothing.kappa(density) * mu
   # The sharp constants are attained at the kink.
-  np.testing.assert_allclose(float(smoothing.plus(0.0, mu, density)),
-                             0.5 * smoothing.kappa(density) * mu, rtol=1e-12)
-  np.testing.assert_allclose(float(smoothing.abs(0.0, mu, density)),
-                             smoothing.kappa(density) * mu, rtol=1e-12)
+  np.testing.assert_allclose(
+    float(smoothing.plus(0.0, mu, density)), 0.5 * smoothing.kappa(density) * mu, rtol=1e-12
+  )
+  np.testing.assert_allclose(
+    float(smoothing.abs(0.0, mu, density)), smoothing.kappa(density) * mu, rtol=1e-12
+  )
   w = jnp.array([0.5, -2.0, 0.0, 1.5])
   l1_gap = float(smoothing.l1(w, mu, density) - jnp.sum(jnp.abs(w)))
   assert 0 <= l1_gap <= smoothing.bound("l1", mu, density, n=4)
@@ -76,8 +78,10 @@ def _brute_moreau(phi, z, mu):
 @pytest.mark.parametrize("mu", MUS)
 def test_moreau_envelopes_match_definition_and_bounds(mu):
   z = np.linspace(-3, 3, 41)
-  for fn, phi, kind in ((smoothing.moreau_abs, np.abs, "moreau_abs"),
-                        (smoothing.moreau_hinge, lambda u: np.maximum(1 - u, 0), "moreau_hinge")):
+  for fn, phi, kind in (
+    (smoothing.moreau_abs, np.abs, "moreau_abs"),
+    (smoothing.moreau_hinge, lambda u: np.maximum(1 - u, 0), "moreau_hinge"),
+  ):
     env = np.asarray(fn(jnp.asarray(z), mu))
     np.testing.assert_allclose(env, _brute_moreau(phi, z, mu), atol=1e-6)
     gap = phi(z) - env
@@ -91,8 +95,9 @@ def test_moreau_box_indicator():
   lo, hi, mu = jnp.array([-1.0, 0.0]), jnp.array([1.0, 2.0]), 0.1
   assert float(smoothing.moreau_box(jnp.array([0.5, 1.0]), mu, lo, hi)) == 0.0
   z = jnp.array([1.5, -1.0])
-  np.testing.assert_allclose(float(smoothing.moreau_box(z, mu, lo, hi)),
-                             (0.25 + 1.0) / (2 * mu), rtol=1e-12)
+  np.testing.assert_allclose(
+    float(smoothing.moreau_box(z, mu, lo, hi)), (0.25 + 1.0) / (2 * mu), rtol=1e-12
+  )
   grad = jax.grad(smoothing.moreau_box)(z, mu, lo, hi)
   np.testing.assert_allclose(grad, (z - jnp.clip(z, lo, hi)) / mu, rtol=1e-12)
   with pytest.raises(ValueError, match="`lower` must be <= `upper`"):

@@ -19,8 +19,12 @@ def quad():
 
 
 def _kw(problem, **extra):
-  kw = dict(steps=60, upper_lr=0.5, lower_lr=float(1 / problem.lower_smoothness()),
-            alpha=schedules.harmonic(0.5))
+  kw = dict(
+    steps=60,
+    upper_lr=0.5,
+    lower_lr=float(1 / problem.lower_smoothness()),
+    alpha=schedules.harmonic(0.5),
+  )
   kw.update(extra)
   return kw
 
@@ -76,10 +80,18 @@ def test_example1_rhg_matches_paper_closed_form():
   """With y0 = (0, 0): [y_K]_1 = (1 - (1 - s_l)^K) x, [y_K]_2 = 0 (Section 2.2),
   so phi_K(x) = x^2/2 + (c x - 1)^2 / 2 with c = 1 - (1 - s_l)^K."""
   K, s_l, x = 16, 0.2, 0.37
-  value, grad = bda.hypergradient(example1.upper, example1.lower, jnp.asarray(x),
-                                  jnp.zeros(2), steps=K, upper_lr=0.7, lower_lr=s_l, alpha=0.0)
+  value, grad = bda.hypergradient(
+    example1.upper,
+    example1.lower,
+    jnp.asarray(x),
+    jnp.zeros(2),
+    steps=K,
+    upper_lr=0.7,
+    lower_lr=s_l,
+    alpha=0.0,
+  )
   c = 1 - (1 - s_l) ** K
-  np.testing.assert_allclose(value, 0.5 * x ** 2 + 0.5 * (c * x - 1) ** 2, rtol=1e-12)
+  np.testing.assert_allclose(value, 0.5 * x**2 + 0.5 * (c * x - 1) ** 2, rtol=1e-12)
   np.testing.assert_allclose(grad, x + c * (c * x - 1), rtol=1e-12)
 
 
@@ -103,8 +115,17 @@ def test_rhg_with_prox_solves_the_lasso():
   """Orthogonal design: the lasso solution is soft-thresholding."""
   c = jnp.array([2.0, -0.5, 0.2, -3.0])
   lower = lambda x, y: 0.5 * jnp.sum((y - c) ** 2)
-  sol = bda.solve(lambda x, y: jnp.sum(y ** 2), lower, jnp.zeros(()), jnp.zeros(4),
-                  steps=50, upper_lr=1.0, lower_lr=0.5, alpha=0.0, prox=prox_lib.l1(0.6))
+  sol = bda.solve(
+    lambda x, y: jnp.sum(y**2),
+    lower,
+    jnp.zeros(()),
+    jnp.zeros(4),
+    steps=50,
+    upper_lr=1.0,
+    lower_lr=0.5,
+    alpha=0.0,
+    prox=prox_lib.l1(0.6),
+  )
   np.testing.assert_allclose(sol.y, jnp.sign(c) * jnp.maximum(jnp.abs(c) - 0.6, 0), atol=1e-10)
   assert float(sol.info.residual) < 1e-10
 
@@ -118,15 +139,19 @@ def test_checkpoint_gives_identical_gradients(quad, checkpoint):
   np.testing.assert_allclose(got[1], ref[1], rtol=1e-12)
 
 
-@pytest.mark.parametrize("unroll,checkpoint,truncate", [
-    (True, False, None), (5, False, None), (4, "sqrt", None), (3, False, 10)])
+@pytest.mark.parametrize(
+  "unroll,checkpoint,truncate",
+  [(True, False, None), (5, False, None), (4, "sqrt", None), (3, False, 10)],
+)
 def test_unroll_gives_the_same_gradients(quad, unroll, checkpoint, truncate):
   y0 = jnp.zeros(6)
   kw = _kw(quad, steps=23)
-  ref = bda.hypergradient(quad.upper, quad.lower, X, y0, checkpoint=checkpoint,
-                          truncate=truncate, **kw)
-  got = bda.hypergradient(quad.upper, quad.lower, X, y0, checkpoint=checkpoint,
-                          truncate=truncate, unroll=unroll, **kw)
+  ref = bda.hypergradient(
+    quad.upper, quad.lower, X, y0, checkpoint=checkpoint, truncate=truncate, **kw
+  )
+  got = bda.hypergradient(
+    quad.upper, quad.lower, X, y0, checkpoint=checkpoint, truncate=truncate, unroll=unroll, **kw
+  )
   np.testing.assert_allclose(got[1], ref[1], rtol=1e-12)
 
 
@@ -161,8 +186,9 @@ def test_vmap_over_datasets_matches_loop():
 def test_vmap_over_step_sizes_and_alpha_matches_loop(quad):
   lrs = jnp.array([0.05, 0.1, 0.15])
   alphas = jnp.array([0.0, 0.3, 0.6])
-  fn = lambda s, a: bda.hypergradient(quad.upper, quad.lower, X, jnp.zeros(6), steps=30,
-                                      upper_lr=0.5, lower_lr=s, alpha=a)[1]
+  fn = lambda s, a: bda.hypergradient(
+    quad.upper, quad.lower, X, jnp.zeros(6), steps=30, upper_lr=0.5, lower_lr=s, alpha=a
+  )[1]
   batched = jax.vmap(fn)(lrs, alphas)
   for i in range(3):
     np.testing.assert_allclose(batched[i], fn(float(lrs[i]), float(alphas[i])), rtol=1e-10)
@@ -170,11 +196,14 @@ def test_vmap_over_step_sizes_and_alpha_matches_loop(quad):
 
 def test_grad_through_closure_over_traced_data():
   """jit over data, grad w.r.t. data captured by the objectives' closures."""
+
   def outer(c, x):
     lower = lambda x, y: 0.5 * jnp.sum((y - c * x) ** 2)
     upper = lambda x, y: 0.5 * jnp.sum((y - 1.0) ** 2)
-    return bda.hypergradient(upper, lower, x, jnp.zeros(3), steps=200, upper_lr=0.5,
-                             lower_lr=0.5, alpha=0.0)[0]
+    return bda.hypergradient(
+      upper, lower, x, jnp.zeros(3), steps=200, upper_lr=0.5, lower_lr=0.5, alpha=0.0
+    )[0]
+
   c, x = jnp.array([1.0, 2.0, 3.0]), jnp.array([0.5, 0.5, 0.5])
   g = jax.jit(jax.grad(outer))(c, x)
   # phi = 0.5 ||c x - 1||^2 at convergence, so d phi / dc = (c x - 1) x.
@@ -186,11 +215,14 @@ def test_pytree_variables():
   w_true = jnp.array([1.0, -2.0])
   feats = jax.random.normal(jax.random.PRNGKey(2), (10, 2))
   targets = feats @ w_true
+
   def lower(x, y):
     res = feats @ y["w"] + y["b"] - targets
-    return 0.5 * jnp.mean(res ** 2) + 0.5 * jnp.exp(x["log_l2"]) * jnp.sum(y["w"] ** 2)
+    return 0.5 * jnp.mean(res**2) + 0.5 * jnp.exp(x["log_l2"]) * jnp.sum(y["w"] ** 2)
+
   def upper(x, y):
     return jnp.sum((y["w"] - w_true) ** 2) + x["shift"] ** 2 + y["b"] ** 2
+
   x = {"log_l2": jnp.asarray(-1.0), "shift": jnp.asarray(0.2)}
   y0 = {"w": jnp.zeros(2), "b": jnp.asarray(0.0)}
   kw = dict(steps=40, upper_lr=0.3, lower_lr=0.3, alpha=schedules.harmonic(0.5))
@@ -203,16 +235,18 @@ def test_pytree_variables():
 
 
 def test_info_reports_nonfinite_iterates(quad):
-  sol = bda.solve(quad.upper, quad.lower, X, jnp.ones(6), steps=2000, upper_lr=0.5,
-                  lower_lr=10.0, alpha=0.0)
+  sol = bda.solve(
+    quad.upper, quad.lower, X, jnp.ones(6), steps=2000, upper_lr=0.5, lower_lr=10.0, alpha=0.0
+  )
   assert int(sol.info.status) == Status.NONFINITE
   ok = bda.solve(quad.upper, quad.lower, X, jnp.ones(6), **_kw(quad))
   assert int(ok.info.status) == Status.SUCCESS
 
 
 def test_info_history_and_residual(quad):
-  sol = bda.solve(quad.upper, quad.lower, X, jnp.zeros(6), record_history=True,
-                  **_kw(quad, steps=300, alpha=0.0))
+  sol = bda.solve(
+    quad.upper, quad.lower, X, jnp.zeros(6), record_history=True, **_kw(quad, steps=300, alpha=0.0)
+  )
   assert sol.info.upper_history.shape == (300,) and sol.info.lower_history.shape == (300,)
   assert np.all(np.diff(np.asarray(sol.info.lower_history)) <= 1e-12)  # descent
   np.testing.assert_allclose(sol.info.lower_value, quad.lower(X, quad.solution(X)), rtol=1e-10)
@@ -221,13 +255,23 @@ def test_info_history_and_residual(quad):
 
 # ---------------------------------------------------------------- bad inputs
 def _call(**overrides):
-  kw = dict(upper_fn=example1.upper, lower_fn=example1.lower, x=jnp.asarray(0.0),
-            y0=jnp.zeros(2), steps=5, upper_lr=0.7, lower_lr=0.2, alpha=0.5)
+  kw = dict(
+    upper_fn=example1.upper,
+    lower_fn=example1.lower,
+    x=jnp.asarray(0.0),
+    y0=jnp.zeros(2),
+    steps=5,
+    upper_lr=0.7,
+    lower_lr=0.2,
+    alpha=0.5,
+  )
   kw.update(overrides)
   return bda.solve(**kw)
 
 
-@pytest.mark.parametrize("overrides, error, match", [
+@pytest.mark.parametrize(
+  "overrides, error, match",
+  [
     ({"upper_fn": lambda x, y: y}, ValueError, "`upper_fn` must return a scalar"),
     ({"lower_fn": lambda x, y: y * x}, ValueError, "`lower_fn` must return a scalar"),
     ({"upper_fn": lambda x, y: y["w"].sum()}, TypeError, "`upper_fn` failed"),
@@ -245,7 +289,8 @@ def _call(**overrides):
     ({"checkpoint": "sometimes"}, ValueError, "`checkpoint`"),
     ({"prox": lambda x, y, s: (y, y)}, ValueError, "`prox`"),
     ({"upper_fn": 3.0}, TypeError, "`upper_fn` must be callable"),
-])
+  ],
+)
 def test_bad_input_names_the_argument(overrides, error, match):
   with pytest.raises(error, match=match):
     _call(**overrides)
@@ -279,6 +324,7 @@ def test_theorem2_schedule_values():
 def test_scalar_schedule_and_numpy_int_checkpoint(quad):
   kw = _kw(quad, steps=10)
   ref = bda.hypergradient(quad.upper, quad.lower, X, jnp.zeros(6), **dict(kw, alpha=0.5))
-  got = bda.hypergradient(quad.upper, quad.lower, X, jnp.zeros(6),
-                          **dict(kw, alpha=lambda k: 0.5, checkpoint=np.int64(3)))
+  got = bda.hypergradient(
+    quad.upper, quad.lower, X, jnp.zeros(6), **dict(kw, alpha=lambda k: 0.5, checkpoint=np.int64(3))
+  )
   np.testing.assert_allclose(got[1], ref[1], rtol=1e-12)

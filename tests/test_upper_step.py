@@ -1,5 +1,6 @@
 """upper.make_step (the step the user owns) and optimize's per-step data,
 callback and progress bar, which are a loop over it."""
+
 import io
 
 import chex
@@ -13,13 +14,14 @@ from bilevel_jax import Status, implicit, upper
 
 # Lower: y*(lam; t) = t / (1 + lam) for a target t that changes each step (the
 # "batch"); upper: |y* - 0.25|^2 / 2, minimized at lam = 4 t - 1 (= 3 for t = 1).
-f = lambda lam, y, target: 0.5 * jnp.sum((y - target) ** 2) + 0.5 * lam * jnp.sum(y ** 2)
+f = lambda lam, y, target: 0.5 * jnp.sum((y - target) ** 2) + 0.5 * lam * jnp.sum(y**2)
 F = lambda lam, y: 0.5 * jnp.sum((y - 0.25) ** 2)
 
 
 def hg(lam, y0, target):
-  return implicit.hypergradient(F, lambda l, y: f(l, y, target), lam, y0, return_info=True,
-                                solver="newton")
+  return implicit.hypergradient(
+    F, lambda l, y: f(l, y, target), lam, y0, return_info=True, solver="newton"
+  )
 
 
 def closed_form_grad(lam, target):
@@ -65,26 +67,38 @@ def test_step_vmaps_over_tasks():
 
 
 def test_step_reports_nonfinite_and_inner_failures():
-  stepper = upper.make_step(lambda lam, y0, target: hg(lam * jnp.nan, y0, target),
-                            optax.sgd(0.1))
+  stepper = upper.make_step(lambda lam, y0, target: hg(lam * jnp.nan, y0, target), optax.sgd(0.1))
   _, info = stepper.step(stepper.init(1.0, jnp.zeros(2)), target=jnp.ones(2))
   assert int(info.status) == Status.NONFINITE
 
   def capped(lam, y0, target):
-    return implicit.hypergradient(F, lambda l, y: f(l, y, target), lam, y0, return_info=True,
-                                  solver="gd", stepsize=1e-3, max_steps=2)
+    return implicit.hypergradient(
+      F,
+      lambda l, y: f(l, y, target),
+      lam,
+      y0,
+      return_info=True,
+      solver="gd",
+      stepsize=1e-3,
+      max_steps=2,
+    )
+
   stepper = upper.make_step(capped, optax.sgd(0.1))
   _, info = stepper.step(stepper.init(1.0, jnp.zeros(2)), target=jnp.ones(2))
   assert int(info.status) == Status.INNER_FAILED and int(info.lower_status) == Status.MAX_STEPS
 
 
 def test_warm_start_and_metrics_and_projection():
-  stepper = upper.make_step(hg, optax.sgd(100.0), warm_start=True,
-                            projection=lambda lam: jnp.clip(lam, 0.0, 2.0),
-                            metrics_fn=lambda lam, y: {"y0": y[0]})
+  stepper = upper.make_step(
+    hg,
+    optax.sgd(100.0),
+    warm_start=True,
+    projection=lambda lam: jnp.clip(lam, 0.0, 2.0),
+    metrics_fn=lambda lam, y: {"y0": y[0]},
+  )
   state = stepper.init(1.0, jnp.zeros(2))
   state, info = stepper.step(state, target=jnp.ones(2))
-  np.testing.assert_allclose(state.y0, jnp.full(2, 0.5), rtol=1e-8)   # y*(1) = 1/2
+  np.testing.assert_allclose(state.y0, jnp.full(2, 0.5), rtol=1e-8)  # y*(1) = 1/2
   np.testing.assert_allclose(info.metrics["y0"], 0.5, rtol=1e-8)
   assert 0.0 <= float(state.x) <= 2.0
   with pytest.raises(ValueError, match="`warm_start=True` needs `y0`"):
@@ -100,7 +114,7 @@ def test_optimize_draws_new_data_every_step_and_resumes_the_same_stream(tmp_path
   kw = dict(steps=40, y0=jnp.zeros(2), data=sample, key=jax.random.PRNGKey(3))
   full = upper.optimize(hg, 1.0, optax.sgd(5.0), **kw)
   assert int(full.info.status) == Status.SUCCESS
-  assert 2.0 < float(full.x) < 4.0    # near lam = 4 t - 1 with t ~ 1
+  assert 2.0 < float(full.x) < 4.0  # near lam = 4 t - 1 with t ~ 1
   # The same run, interrupted after 15 steps and resumed: the sampler is
   # keyed by the step, so the resumed run sees the same data.
   path = str(tmp_path / "run.npz")
@@ -114,14 +128,24 @@ def test_optimize_draws_new_data_every_step_and_resumes_the_same_stream(tmp_path
 def test_optimize_with_an_iterator_a_dict_callback_and_progress():
   loader = ({"target": jnp.full(2, 1.0 + 0.01 * t)} for t in range(1000))
   seen, log = [], io.StringIO()
-  sol = upper.optimize(hg, 1.0, optax.sgd(5.0), steps=20, y0=jnp.zeros(2), data=loader,
-                       callback=lambda t, state, info: seen.append((t, float(info.value))),
-                       callback_every=5, progress=True, log=log)
+  sol = upper.optimize(
+    hg,
+    1.0,
+    optax.sgd(5.0),
+    steps=20,
+    y0=jnp.zeros(2),
+    data=loader,
+    callback=lambda t, state, info: seen.append((t, float(info.value))),
+    callback_every=5,
+    progress=True,
+    log=log,
+  )
   assert [t for t, _ in seen] == [5, 10, 15, 20]
   np.testing.assert_allclose([v for _, v in seen], sol.history["value"][4::5], rtol=1e-12)
   assert "20/20" in log.getvalue()
-  fixed = upper.optimize(hg, 1.0, optax.sgd(5.0), steps=5, y0=jnp.zeros(2),
-                         data={"target": jnp.ones(2)})
+  fixed = upper.optimize(
+    hg, 1.0, optax.sgd(5.0), steps=5, y0=jnp.zeros(2), data={"target": jnp.ones(2)}
+  )
   assert int(fixed.info.status) == Status.SUCCESS
 
 
@@ -147,6 +171,7 @@ def test_steps_of_many_tasks_shard_over_a_mesh():
   from jax.sharding import NamedSharding, PartitionSpec
 
   from bilevel_jax import sharding
+
   mesh = sharding.make_mesh()
   tasks = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
   stepper = upper.make_step(hg, optax.sgd(0.5))

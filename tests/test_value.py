@@ -2,6 +2,7 @@
 gradients (custom rules) against finite differences, gradient consistency,
 float32 at small mu, status codes, ``throw``, the shared FISTA and simplex
 projection, and bad input (jit/vmap/retrace: the contract test)."""
+
 import collections
 import functools
 
@@ -46,13 +47,17 @@ def entropic_square_exact(x, mu):
 def test_entropic_bilinear_closed_form_and_gradient(x, mu):
   fn = jax.jit(lambda xx: value.entropic(bilinear, xx, mu=mu, box=BOX1, order=10, panels=64).value)
   sol = value.entropic(bilinear, x, mu=mu, box=BOX1, order=10, panels=64)
-  np.testing.assert_allclose(float(sol.value), entropic_bilinear_exact(x, mu), rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(
+    float(sol.value), entropic_bilinear_exact(x, mu), rtol=1e-10, atol=1e-12
+  )
   assert int(sol.info.status) == Status.SUCCESS and float(sol.info.integration_error) < 1e-8
   assert int(sol.info.num_steps) == 1
   grad = float(jax.grad(fn)(x))
   exact_fd = (entropic_bilinear_exact(x + 1e-6, mu) - entropic_bilinear_exact(x - 1e-6, mu)) / 2e-6
   np.testing.assert_allclose(grad, exact_fd, rtol=1e-6, atol=1e-8)
-  np.testing.assert_allclose(grad, finite_difference_grad(fn, jnp.array(x))[()], rtol=1e-6, atol=1e-8)
+  np.testing.assert_allclose(
+    grad, finite_difference_grad(fn, jnp.array(x))[()], rtol=1e-6, atol=1e-8
+  )
   np.testing.assert_allclose(float(sol.y[0]), grad, rtol=1e-10, atol=1e-12)  # E_alpha[y] = grad
 
 
@@ -63,16 +68,24 @@ def test_entropic_rate_in_mu_and_theorem_bounds():
   x = 0.3
   mus = jnp.array([1e-2, 1e-3, 1e-4, 1e-5])
   # Fine panels so that the Gibbs width sqrt(mu) is resolved.
-  values = jax.jit(jax.vmap(lambda mu: value.entropic(
-      lambda xx, y: (y[0] - xx) ** 2, x, mu=mu, box=BOX1, order=12, panels=128).value))(mus)
+  values = jax.jit(
+    jax.vmap(
+      lambda mu: (
+        value.entropic(
+          lambda xx, y: (y[0] - xx) ** 2, x, mu=mu, box=BOX1, order=12, panels=128
+        ).value
+      )
+    )
+  )(mus)
   ratios = []
   for mu, v in zip(np.asarray(mus), np.asarray(values)):
     exact = float(entropic_square_exact(x, mu))
     np.testing.assert_allclose(v, exact, rtol=1e-9, atol=1e-12)
     assert -mu * np.log(2.0) <= exact <= -mu * np.log(2.0 * mu)
     ratios.append(exact / (mu * np.log(1 / mu)))
-  np.testing.assert_allclose(ratios, 0.5 - 0.5 * np.log(np.pi) / np.log(1 / np.array(
-      [1e-2, 1e-3, 1e-4, 1e-5])), rtol=1e-6)
+  np.testing.assert_allclose(
+    ratios, 0.5 - 0.5 * np.log(np.pi) / np.log(1 / np.array([1e-2, 1e-3, 1e-4, 1e-5])), rtol=1e-6
+  )
   assert all(abs(b - 0.5) < abs(a - 0.5) for a, b in zip(ratios, ratios[1:]))
 
 
@@ -104,13 +117,23 @@ def test_entropic_user_points_and_unbounded_box():
   assert np.isnan(float(user.info.integration_error))
   # Y = R: v_mu = -mu ln sqrt(2 pi mu) (the Gaussian integral), tails negligible.
   radius = value.log_radius(2.0)
-  unbounded = jax.jit(lambda mu: value.entropic(
-      g, 0.2, mu=mu, box=(jnp.array([-jnp.inf]), jnp.array([jnp.inf])), radius=radius,
-      order=8, panels=64))
+  unbounded = jax.jit(
+    lambda mu: value.entropic(
+      g,
+      0.2,
+      mu=mu,
+      box=(jnp.array([-jnp.inf]), jnp.array([jnp.inf])),
+      radius=radius,
+      order=8,
+      panels=64,
+    )
+  )
   for mu in (0.1, 0.01):
     sol = unbounded(mu)
     np.testing.assert_allclose(float(sol.value), -mu * np.log(np.sqrt(2 * np.pi * mu)), rtol=1e-8)
-    np.testing.assert_allclose(float(sol.info.log_volume), np.log(2 * float(radius(mu))), rtol=1e-12)
+    np.testing.assert_allclose(
+      float(sol.info.log_volume), np.log(2 * float(radius(mu))), rtol=1e-12
+    )
   # The schedule meets Theorem 4.13: mu ln vol(Y_mu) -> 0.
   terms = [mu * np.log(2 * float(radius(mu))) for mu in (1e-2, 1e-4, 1e-6, 1e-8)]
   assert all(b < a for a, b in zip(terms, terms[1:])) and terms[-1] < 1e-6
@@ -127,14 +150,20 @@ def test_entropic_derivatives_in_mu_box_and_closure(batch_size):
   def v(args):
     mu, hi, c = args
     g = lambda x, y: c * (y[0] - x) ** 2
-    return value.entropic(g, 0.3, mu=mu, box=(jnp.array([-1.0]), jnp.array([hi])),
-                          order=10, panels=32, batch_size=batch_size).value
+    return value.entropic(
+      g,
+      0.3,
+      mu=mu,
+      box=(jnp.array([-1.0]), jnp.array([hi])),
+      order=10,
+      panels=32,
+      batch_size=batch_size,
+    ).value
 
   args = jnp.array([0.05, 1.2, c])
   flat = jax.jit(lambda a: v((a[0], a[1], a[2])))
   grad = jax.grad(flat)(args)
-  np.testing.assert_allclose(grad, finite_difference_grad(flat, args),
-                             rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(grad, finite_difference_grad(flat, args), rtol=1e-6, atol=1e-9)
 
 
 def test_entropic_nonconvex_double_well():
@@ -179,8 +208,12 @@ def lasso():
 
   def g(x, y, mu):
     """Hyperparameter lower level (3.5): loss + x_1 ||y||_1 + x_2 hinge-type penalty."""
-    return (0.5 * jnp.sum((A @ y["w"] - b) ** 2) + x["l1"] * smoothing.l1(y["w"], mu)
-            + x["box"] * smoothing.moreau_box(y["w"], mu, -0.5, 0.5))
+    return (
+      0.5 * jnp.sum((A @ y["w"] - b) ** 2)
+      + x["l1"] * smoothing.l1(y["w"], mu)
+      + x["box"] * smoothing.moreau_box(y["w"], mu, -0.5, 0.5)
+    )
+
   return g
 
 
@@ -194,9 +227,11 @@ def test_quadratic_pytree_gradient_matches_finite_differences(lasso):
   np.testing.assert_allclose([grad["l1"], grad["box"]], fd, rtol=1e-6, atol=1e-8)
   # The derivative in mu: ||y*||^2 / 2 + d g_mu / d mu at y*.
   vm = jax.jit(lambda m: value.quadratic(lasso, x, y0, mu=m, pass_mu=True).value)
-  np.testing.assert_allclose(float(jax.grad(vm)(1e-2)),
-                             finite_difference_grad(lambda m: vm(m[0]), jnp.array([1e-2]), 1e-6)[0],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    float(jax.grad(vm)(1e-2)),
+    finite_difference_grad(lambda m: vm(m[0]), jnp.array([1e-2]), 1e-6)[0],
+    rtol=1e-5,
+  )
 
 
 def test_quadratic_rate_on_nonsmooth_lasso():
@@ -231,11 +266,14 @@ def test_gradient_consistency_at_the_kink(method):
   assert float(jnp.max(right.distances)) < 1e-8
   assert int(right.info.status) == Status.SUCCESS and int(right.info.num_steps) == 500
   assert right.info.inner_statuses.shape == right.distances.shape
-  estimated = value.consistency_check(fn, 0.0, mus=mus, reference_grad=jax.grad(lambda x: -jnp.abs(x)))
+  estimated = value.consistency_check(
+    fn, 0.0, mus=mus, reference_grad=jax.grad(lambda x: -jnp.abs(x))
+  )
   assert estimated.estimated_from == "reference_grad"
   assert float(jnp.max(estimated.distances)) < 1e-8
   wrong = jax.vmap(jax.vmap(lambda xi: value.distance_to_hull(xi, jnp.array([[-1.0]]))))(
-      right.gradients)
+    right.gradients
+  )
   assert float(jnp.min(jnp.max(wrong, axis=1))) > 0.2
   # Away from the kink the limit is the gradient -sign(x).
   # (entropic: |grad v_mu(x) + 1| ~ mu / x, quadratic: 0 once mu < x).
@@ -273,8 +311,9 @@ def test_status_and_throw_report_runtime_problems(lasso):
   info = collections.namedtuple("Info", "status")
   solution = collections.namedtuple("Solution", "value info")
   fake = lambda x, mu: solution(-jnp.sqrt(x * x + mu * mu), info(jnp.where(mu < 1e-3, 4, 0)))
-  check = value.consistency_check(fake, 0.5, mus=jnp.array([1e-2, 1e-4]), num_directions=2,
-                                  subdifferential=jnp.array([[-1.0]]))
+  check = value.consistency_check(
+    fake, 0.5, mus=jnp.array([1e-2, 1e-4]), num_directions=2, subdifferential=jnp.array([[-1.0]])
+  )
   assert int(check.info.status) == Status.INNER_FAILED and int(check.info.inner_failures) == 3
   assert int(check.info.inner_status) == Status.INACCURATE
   np.testing.assert_array_equal(check.info.inner_statuses, [[0, 0, 0], [4, 4, 4]])
@@ -326,10 +365,17 @@ def test_project_simplex_and_fista_options():
   # The shape of a dual FISTA: fixed step, gradient restart, own stopping quantity
   # (backtracking with the gradient-mapping restart: value.quadratic and the doctest).
   gap = lambda x: fista.gradient_mapping(jax.grad(fun), proj, x, lip)
-  state = fista.fista(proj, x0, grad=lambda x: H @ x - b, lipschitz=lip, tol=1e-12,
-                      max_steps=500, restart="gradient", residual=gap)
+  state = fista.fista(
+    proj,
+    x0,
+    grad=lambda x: H @ x - b,
+    lipschitz=lip,
+    tol=1e-12,
+    max_steps=500,
+    restart="gradient",
+    residual=gap,
+  )
   np.testing.assert_allclose(state.x, [0.0, 1.0, 0.0], atol=1e-10)
   assert int(state.num_steps) < 500 and float(state.residual) <= 1e-12
   with pytest.raises(ValueError, match="`restart` must be one of"):
     fista.fista(proj, x0, fun=fun, lipschitz=lip, max_steps=3, restart="function")
-

@@ -1,5 +1,6 @@
 """The four value-function experiments run end to end through the CLI on tiny
 settings and report what they claim (full runs: configs/value_*.toml)."""
+
 import json
 
 import pytest
@@ -9,19 +10,25 @@ from experiments import cli
 
 TINY_VFP = "[vfp]\nmus = [1e-1, 1e-2]\ninner_steps = 20\nouter_steps = 2\nrepeats = 1\n"
 CASES = {
-    "value_example1": ("[entropic]\npanels = 20\nlate_mus = [1e-1, 1e-2]\n[bda]\nsteps = 5\n"
-                       + TINY_VFP),
-    "value_nonsmooth": "[entropic]\npanels = 4\n[rate]\nmus = [1e-1, 1e-2]\n" + TINY_VFP,
-    "value_doublewell": "[problem]\ngrid = 201\n[entropic]\npanels = 16\n[bda]\nsteps = 5\n" + TINY_VFP,
-    "value_hyper": "[problem]\ndim = 6\nn_train = 10\nn_val = 10\ngrid = 3\n" + TINY_VFP,
+  "value_example1": (
+    "[entropic]\npanels = 20\nlate_mus = [1e-1, 1e-2]\n[bda]\nsteps = 5\n" + TINY_VFP
+  ),
+  "value_nonsmooth": "[entropic]\npanels = 4\n[rate]\nmus = [1e-1, 1e-2]\n" + TINY_VFP,
+  "value_doublewell": "[problem]\ngrid = 201\n[entropic]\npanels = 16\n[bda]\nsteps = 5\n"
+  + TINY_VFP,
+  "value_hyper": "[problem]\ndim = 6\nn_train = 10\nn_val = 10\ngrid = 3\n" + TINY_VFP,
 }
 
 
-@pytest.mark.parametrize("name", [
+@pytest.mark.parametrize(
+  "name",
+  [
     "value_doublewell",
     pytest.param("value_example1", marks=pytest.mark.slow),
     pytest.param("value_hyper", marks=pytest.mark.slow),
-    pytest.param("value_nonsmooth", marks=pytest.mark.slow)])
+    pytest.param("value_nonsmooth", marks=pytest.mark.slow),
+  ],
+)
 def test_value_experiment_runs(tmp_path, capsys, name):
   path = tmp_path / f"{name}.toml"
   path.write_text(f'experiment = "{name}"\n' + CASES[name])

@@ -2,6 +2,7 @@
 multiplier are known, its status (inner failures passed on, NOT_STATIONARY by
 default, growing multipliers), bad input, and the value modules' docstring
 examples."""
+
 import doctest
 
 import jax
@@ -35,18 +36,30 @@ def lower(x, y):
 
 
 VALUE_FNS = {
-    "quadratic": lambda x, mu: value.quadratic(lower, x, jnp.zeros(1), mu=mu),
-    "entropic": lambda x, mu: value.entropic(lower, x, mu=mu, box=(jnp.array([-5.0]), jnp.array([5.0])),
-                                             order=8, panels=64),
+  "quadratic": lambda x, mu: value.quadratic(lower, x, jnp.zeros(1), mu=mu),
+  "entropic": lambda x, mu: value.entropic(
+    lower, x, mu=mu, box=(jnp.array([-5.0]), jnp.array([5.0])), order=8, panels=64
+  ),
 }
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_FNS))
 def test_solve_vfp_recovers_solution_and_multiplier(name):
   mus = value.geometric_mus(1e-1, 0.1, 4)
-  solve = jax.jit(lambda x0, y0: value.solve_vfp(
-      upper, lower, VALUE_FNS[name], x0, y0, mus=mus, epsilon=EPS,
-      optimizer=optax.adam(3e-2), inner_steps=150, outer_steps=8))
+  solve = jax.jit(
+    lambda x0, y0: value.solve_vfp(
+      upper,
+      lower,
+      VALUE_FNS[name],
+      x0,
+      y0,
+      mus=mus,
+      epsilon=EPS,
+      optimizer=optax.adam(3e-2),
+      inner_steps=150,
+      outer_steps=8,
+    )
+  )
   sol = solve(jnp.asarray(0.0), jnp.zeros(1))
   info = sol.info
   assert int(info.status) == Status.SUCCESS and int(info.inner_status) == Status.SUCCESS
@@ -61,23 +74,28 @@ def test_solve_vfp_recovers_solution_and_multiplier(name):
   np.testing.assert_allclose(float(sol.y[0]), 2 + D / 2, atol=3e-3)
   lam_star = (1 - D / 2) / D
   errors = np.abs(np.asarray(info.lambdas) - lam_star)
-  assert errors[-1] < 0.2 and errors[-1] < errors[0]   # lambda_k -> lambda* as mu_k -> 0
+  assert errors[-1] < 0.2 and errors[-1] < errors[0]  # lambda_k -> lambda* as mu_k -> 0
   assert float(info.feasibility[-1]) < 1e-4 and float(info.complementarity[-1]) < 1e-3
   assert float(info.kkt_residual[-1]) < 0.05
-  np.testing.assert_allclose(info.kkt_residual, np.maximum.reduce(
-      [info.stationarity, info.feasibility, info.complementarity]))
+  np.testing.assert_allclose(
+    info.kkt_residual,
+    np.maximum.reduce([info.stationarity, info.feasibility, info.complementarity]),
+  )
 
 
 def test_solve_vfp_passes_inner_failure_and_reports_not_stationary():
   """The issue's case: an entropic v_mu whose rule is far too coarse for mu
   (2 nodes on [-5, 5], mu = 1e-3) is INACCURATE; solve_vfp used to say SUCCESS."""
-  coarse = lambda x, mu: value.entropic(lower, x, mu=mu, box=(jnp.array([-5.0]), jnp.array([5.0])),
-                                        order=2, panels=1)
-  kw = dict(mus=[1e-1, 1e-3], epsilon=EPS, optimizer=optax.adam(3e-2), inner_steps=20,
-            outer_steps=2)
-  solve = jax.jit(lambda x0, y0, tol: value.solve_vfp(upper, lower, coarse, x0, y0,
-                                                      kkt_tol=tol, **kw))
-  info = solve(jnp.asarray(0.0), jnp.zeros(1), 1e3).info   # a loose kkt_tol: only the inner fails
+  coarse = lambda x, mu: value.entropic(
+    lower, x, mu=mu, box=(jnp.array([-5.0]), jnp.array([5.0])), order=2, panels=1
+  )
+  kw = dict(
+    mus=[1e-1, 1e-3], epsilon=EPS, optimizer=optax.adam(3e-2), inner_steps=20, outer_steps=2
+  )
+  solve = jax.jit(
+    lambda x0, y0, tol: value.solve_vfp(upper, lower, coarse, x0, y0, kkt_tol=tol, **kw)
+  )
+  info = solve(jnp.asarray(0.0), jnp.zeros(1), 1e3).info  # a loose kkt_tol: only the inner fails
   assert int(info.status) == Status.INNER_FAILED
   assert int(info.inner_status) == Status.INACCURATE
   assert int(info.inner_statuses[-1]) == Status.INACCURATE
@@ -95,14 +113,16 @@ def test_solve_vfp_passes_inner_failure_and_reports_not_stationary():
 
 
 def test_lambda_growing():
-  cases = [([1.68, 3.34, 7.46], True),              # value_doublewell from y0 = -1.5
-           ([0.0, 0.095, 1.75, 5.22], True),        # value_hyper
-           ([1.0, 20.0], True),
-           ([1.08, 3.04, 4.27, 4.47], False),       # the test problem: lambda_k -> 4.5
-           ([2.90, 3.35, 4.20, 4.53], False),
-           ([0.0, 0.0, 0.0099], False),             # small multipliers
-           ([1.56e4, 1.64e4, 1.63e4, 1.62e4], False),
-           ([3.0], False)]
+  cases = [
+    ([1.68, 3.34, 7.46], True),  # value_doublewell from y0 = -1.5
+    ([0.0, 0.095, 1.75, 5.22], True),  # value_hyper
+    ([1.0, 20.0], True),
+    ([1.08, 3.04, 4.27, 4.47], False),  # the test problem: lambda_k -> 4.5
+    ([2.90, 3.35, 4.20, 4.53], False),
+    ([0.0, 0.0, 0.0099], False),  # small multipliers
+    ([1.56e4, 1.64e4, 1.63e4, 1.62e4], False),
+    ([3.0], False),
+  ]
   for lambdas, growing in cases:
     assert bool(vfp_module.lambda_growing(np.asarray(lambdas))) == growing, lambdas
 
@@ -128,8 +148,17 @@ def test_solve_vfp_bad_input():
     value.geometric_mus(1.0, 1.5, 3)
 
 
-@pytest.mark.parametrize("module", [entropic_module, quadratic_module, consistency_module,
-                                    vfp_module, fista_module, sampling_module])
+@pytest.mark.parametrize(
+  "module",
+  [
+    entropic_module,
+    quadratic_module,
+    consistency_module,
+    vfp_module,
+    fista_module,
+    sampling_module,
+  ],
+)
 def test_docstring_examples(module):
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0

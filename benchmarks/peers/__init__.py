@@ -1,5 +1,6 @@
 """Peer implementations: imported in this process (cvxpy, jaxopt) or run as
 subprocesses in their own virtual environments (BOAT, see `venv`)."""
+
 from __future__ import annotations
 
 import importlib.metadata

@@ -24,6 +24,7 @@ Adam, and after every upper iteration the lower model keeps its last iterate
     NGD:  y_{k+1} = y_k - lr grad_y f(y_k)
     RAD:  grad_x F(y_K(x)) by reverse mode through the K steps (``higher``).
 """
+
 import copy
 import importlib.metadata
 import json
@@ -59,19 +60,25 @@ def ul_loss(ul_feed_dict, upper_model, lower_model, **kwargs):
 
 
 def ll_loss(ll_feed_dict, upper_model, lower_model, **kwargs):
-  return upper_model(tf.cross_entropy(lower_model(ll_feed_dict["data"], **kwargs),
-                                      ll_feed_dict["target"], reduction="none"))
+  return upper_model(
+    tf.cross_entropy(
+      lower_model(ll_feed_dict["data"], **kwargs), ll_feed_dict["target"], reduction="none"
+    )
+  )
 
 
 def gda_loss(ll_feed_dict, ul_feed_dict, upper_model, lower_model, **kwargs):
   alpha = ll_feed_dict["alpha"]
-  return (alpha * ul_loss(ul_feed_dict, upper_model, lower_model, **kwargs)
-          + (1 - alpha) * ll_loss(ll_feed_dict, upper_model, lower_model, **kwargs))
+  return alpha * ul_loss(ul_feed_dict, upper_model, lower_model, **kwargs) + (1 - alpha) * ll_loss(
+    ll_feed_dict, upper_model, lower_model, **kwargs
+  )
 
 
-LOSS_CONFIG = {"lower_level_loss": {"function": "__main__.ll_loss"},
-               "upper_level_loss": {"function": "__main__.ul_loss"},
-               "gda_loss": {"function": "__main__.gda_loss"}}
+LOSS_CONFIG = {
+  "lower_level_loss": {"function": "__main__.ll_loss"},
+  "upper_level_loss": {"function": "__main__.ul_loss"},
+  "gda_loss": {"function": "__main__.gda_loss"},
+}
 
 
 def build(method, K, data, settings, log_path):
@@ -83,16 +90,23 @@ def build(method, K, data, settings, log_path):
     y_model.bias.copy_(torch.from_numpy(data["b0"].copy()))
   gm_op, na_op = METHODS[method]
   cfg = {
-      "fo_op": None, "gm_op": list(gm_op), "na_op": list(na_op), "lower_iters": K,
-      "device": "cpu", "accumulate_grad": False, "copy_last_param": True,
-      "return_grad": False, "loss_log_path": log_path,
-      "GDA": {"alpha_init": settings["alpha_init"], "alpha_decay": settings["alpha_decay"]},
-      "RGT": {"truncate_iter": 0},
-      "lower_level_model": y_model, "upper_level_model": x_model,
-      "lower_level_var": list(y_model.parameters()),
-      "upper_level_var": list(x_model.parameters()),
-      "lower_level_opt": torch.optim.SGD(y_model.parameters(), lr=settings["lower_lr"]),
-      "upper_level_opt": torch.optim.Adam(x_model.parameters(), lr=settings["upper_lr"]),
+    "fo_op": None,
+    "gm_op": list(gm_op),
+    "na_op": list(na_op),
+    "lower_iters": K,
+    "device": "cpu",
+    "accumulate_grad": False,
+    "copy_last_param": True,
+    "return_grad": False,
+    "loss_log_path": log_path,
+    "GDA": {"alpha_init": settings["alpha_init"], "alpha_decay": settings["alpha_decay"]},
+    "RGT": {"truncate_iter": 0},
+    "lower_level_model": y_model,
+    "upper_level_model": x_model,
+    "lower_level_var": list(y_model.parameters()),
+    "upper_level_var": list(x_model.parameters()),
+    "lower_level_opt": torch.optim.SGD(y_model.parameters(), lr=settings["lower_lr"]),
+    "upper_level_opt": torch.optim.Adam(x_model.parameters(), lr=settings["upper_lr"]),
   }
   problem = boat.Problem(cfg, copy.deepcopy(LOSS_CONFIG))
   problem.build_ll_solver()
@@ -119,11 +133,18 @@ def run_one(method, K, data, feeds, settings, tmp):
     test_acc = (logits.argmax(dim=1) == data["t_y_test"]).double().mean().item()
     val_loss = ul_loss(ul_feed, x_model, y_model).item()
   x = x_model.x.detach().numpy().astype(np.float64)
-  return {"method": method, "K": K, "times_s": wall, "boat_run_time_s": reported,
-          "test_acc": test_acc, "val_loss": val_loss,
-          "val_loss_history": [h["ul_loss"] for h in problem.loss_history],
-          "x_sum": float(x.sum()), "x_norm": float(np.linalg.norm(x)),
-          "x_head": x[:8].tolist()}
+  return {
+    "method": method,
+    "K": K,
+    "times_s": wall,
+    "boat_run_time_s": reported,
+    "test_acc": test_acc,
+    "val_loss": val_loss,
+    "val_loss_history": [h["ul_loss"] for h in problem.loss_history],
+    "x_sum": float(x.sum()),
+    "x_norm": float(np.linalg.norm(x)),
+    "x_head": x[:8].tolist(),
+  }
 
 
 def main(data_path, settings_path):
@@ -138,23 +159,38 @@ def main(data_path, settings_path):
   t = {k: torch.from_numpy(data[k]) for k in ("x_train", "x_val", "x_test")}
   labels = {k: torch.from_numpy(data[k].astype(np.int64)) for k in ("y_train", "y_val", "y_test")}
   data["t_x_test"], data["t_y_test"] = t["x_test"], labels["y_test"]
-  feeds = ({"data": t["x_train"], "target": labels["y_train"]},
-           {"data": t["x_val"], "target": labels["y_val"]})
+  feeds = (
+    {"data": t["x_train"], "target": labels["y_train"]},
+    {"data": t["x_val"], "target": labels["y_val"]},
+  )
   results = []
   with tempfile.TemporaryDirectory() as tmp:
     for K in settings["K"]:
       for method in settings["methods"]:
         if method not in METHODS:
-          raise ValueError(f"settings `methods`: unknown method {method!r}; "
-                           f"choose from {sorted(METHODS)}.")
-        print(f"[boat] {method} K={K}: {settings['upper_iterations']} upper iterations",
-              file=sys.stderr, flush=True)
+          raise ValueError(
+            f"settings `methods`: unknown method {method!r}; choose from {sorted(METHODS)}."
+          )
+        print(
+          f"[boat] {method} K={K}: {settings['upper_iterations']} upper iterations",
+          file=sys.stderr,
+          flush=True,
+        )
         results.append(run_one(method, K, data, feeds, settings, tmp))
-  versions = {name: importlib.metadata.version(name)
-              for name in ("torch", "boat-torch", "higher", "numpy")}
-  print(json.dumps({"versions": versions, "torch_threads": torch.get_num_threads(),
-                    "torch_interop_threads": torch.get_num_interop_threads(),
-                    "python": sys.version.split()[0], "results": results}))
+  versions = {
+    name: importlib.metadata.version(name) for name in ("torch", "boat-torch", "higher", "numpy")
+  }
+  print(
+    json.dumps(
+      {
+        "versions": versions,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "python": sys.version.split()[0],
+        "results": results,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

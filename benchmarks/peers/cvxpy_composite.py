@@ -19,14 +19,29 @@ radius factors that `gradient_sampling` draws from the same key.
 cvxpy is optional (``pip install -e .[peers]``): `import_cvxpy` returns None
 without it.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 # Algorithm 1's parameters (Section 6.1), the defaults of upper.gradient_sampling.
-GS = {"eps0": 1.0, "eps_opt": 1e-5, "alpha0": 1.0, "alpha_opt": 1e-5, "beta0": 1.0,
-      "beta_opt": 1e-5, "eta0": 1.0, "eta_opt": 1e-5, "mu_eps": 0.5, "mu_alpha": 0.5,
-      "mu_beta": 0.5, "mu_eta": 0.5, "delta": 1e-4, "gamma": 0.5, "max_backtracks": 30}
+GS = {
+  "eps0": 1.0,
+  "eps_opt": 1e-5,
+  "alpha0": 1.0,
+  "alpha_opt": 1e-5,
+  "beta0": 1.0,
+  "beta_opt": 1e-5,
+  "eta0": 1.0,
+  "eta_opt": 1e-5,
+  "mu_eps": 0.5,
+  "mu_alpha": 0.5,
+  "mu_beta": 0.5,
+  "mu_eta": 0.5,
+  "delta": 1e-4,
+  "gamma": 0.5,
+  "max_backtracks": 30,
+}
 
 
 def import_cvxpy():
@@ -52,6 +67,7 @@ def sample_noise(key, num_samples, max_steps, n=2):
     direction = direction / jnp.linalg.norm(direction, axis=1, keepdims=True)
     factor = jax.random.uniform(k2, (num_samples, 1), jnp.float64) ** (1.0 / n)
     return key, (direction, factor)
+
   _, (dirs, factors) = jax.lax.scan(step, key, None, length=max_steps)
   return np.asarray(dirs), np.asarray(factors)
 
@@ -74,9 +90,12 @@ class CvxpyElasticNet:
     # DPP parameters: ridge = (e^{l2} + beta)/2, s = 1/sqrt(2 alpha), t = e^{l1} s.
     self.ridge = cp.Parameter(nonneg=True)
     self.s, self.t = cp.Parameter(nonneg=True), cp.Parameter(nonneg=True)
-    objective = (cp.sum_squares(self.a @ self.y - self.b) + self.ridge * cp.sum_squares(self.y)
-                 + cp.sum(cp.maximum(self.w[:d], self.w[d:]))
-                 + cp.sum_squares(self.s * self.w - self.t * cp.hstack([self.y, -self.y])))
+    objective = (
+      cp.sum_squares(self.a @ self.y - self.b)
+      + self.ridge * cp.sum_squares(self.y)
+      + cp.sum(cp.maximum(self.w[:d], self.w[d:]))
+      + cp.sum_squares(self.s * self.w - self.t * cp.hstack([self.y, -self.y]))
+    )
     self.problem = cp.Problem(cp.Minimize(objective))
     self.solves = self.unpolished = 0
     self.solver_name = None
@@ -116,7 +135,7 @@ class CvxpyElasticNet:
     e1, e2 = np.exp(x[0]), np.exp(x[1])
     r = self.a_val @ y - self.b_val
     value = r @ r / self.b_val.size
-    c_y = 2 * self.a_val.T @ r / self.b_val.size                       # grad_y f
+    c_y = 2 * self.a_val.T @ r / self.b_val.size  # grad_y f
     # Active pieces per block: both when w1_i = w2_i (to tol), else the larger.
     both = np.abs(w[:d] - w[d:]) <= self.active_tol * (1 + np.max(np.abs(w)))
     # P: projector onto span{e_1i - e_2i : both pieces of block i active}.
@@ -124,8 +143,8 @@ class CvxpyElasticNet:
     idx = np.nonzero(both)[0]
     proj[idx, idx] = proj[d + idx, d + idx] = 0.5
     proj[idx, d + idx] = proj[d + idx, idx] = -0.5
-    jac = e1 * np.vstack([np.eye(d), -np.eye(d)])                        # grad_y G
-    hess = self.ata2 + (e2 + beta) * np.eye(d)                           # hess_yy L
+    jac = e1 * np.vstack([np.eye(d), -np.eye(d)])  # grad_y G
+    hess = self.ata2 + (e2 + beta) * np.eye(d)  # hess_yy L
     u_y = np.linalg.solve(hess + jac.T @ proj @ jac / alpha, c_y)
     u_p = proj @ (jac @ u_y) / alpha
     # x-bar = -d/dx [grad_y L; G]^T (u_y, u_p) at fixed (y, p), with
@@ -139,8 +158,13 @@ class CvxpyElasticNet:
     """The elastic net (6.1) itself at lambda; validation and test mse."""
     cp = self.cp
     y = cp.Variable(self.d)
-    cp.Problem(cp.Minimize(cp.sum_squares(self.a @ y - self.b) + np.exp(lam[0]) * cp.norm1(y)
-                           + 0.5 * np.exp(lam[1]) * cp.sum_squares(y))).solve(solver=self.solver)
+    cp.Problem(
+      cp.Minimize(
+        cp.sum_squares(self.a @ y - self.b)
+        + np.exp(lam[0]) * cp.norm1(y)
+        + 0.5 * np.exp(lam[1]) * cp.sum_squares(y)
+      )
+    ).solve(solver=self.solver)
     mse = lambda a, b: float(np.mean((a @ y.value - b) ** 2))
     return mse(self.a_val, self.b_val), mse(self.a_test, self.b_test)
 
@@ -151,8 +175,9 @@ class MinNorm:
   def __init__(self, cp, num, n, solver):
     self.points = cp.Parameter((num, n))
     self.lam = cp.Variable(num)
-    self.problem = cp.Problem(cp.Minimize(cp.sum_squares(self.points.T @ self.lam)),
-                              [self.lam >= 0, cp.sum(self.lam) == 1])
+    self.problem = cp.Problem(
+      cp.Minimize(cp.sum_squares(self.points.T @ self.lam)), [self.lam >= 0, cp.sum(self.lam) == 1]
+    )
     self.solver = solver
 
   def __call__(self, grads):
@@ -184,8 +209,12 @@ def algorithm1(lower, dirs, factors, num_samples, max_steps, solver="default"):
       break
     w = hull(grads)
     norm_w = float(np.linalg.norm(w))
-    if (norm_w <= GS["eta_opt"] and eps <= GS["eps_opt"] and alpha <= GS["alpha_opt"]
-        and beta <= GS["beta_opt"]):
+    if (
+      norm_w <= GS["eta_opt"]
+      and eps <= GS["eps_opt"]
+      and alpha <= GS["alpha_opt"]
+      and beta <= GS["beta_opt"]
+    ):
       status = "success"
       break
     if norm_w <= eta:
@@ -208,6 +237,15 @@ def algorithm1(lower, dirs, factors, num_samples, max_steps, solver="default"):
       x, fx = x + t * d, trial
     else:
       failures += 1
-  return {"x": x, "iterations": k + 1, "status": status, "hits": hits,
-          "linesearch_failures": failures, "alpha": alpha, "eps": eps, "solves": lower.solves,
-          "solves_not_polished": lower.unpolished, "solver_name": lower.solver_name}
+  return {
+    "x": x,
+    "iterations": k + 1,
+    "status": status,
+    "hits": hits,
+    "linesearch_failures": failures,
+    "alpha": alpha,
+    "eps": eps,
+    "solves": lower.solves,
+    "solves_not_polished": lower.unpolished,
+    "solver_name": lower.solver_name,
+  }

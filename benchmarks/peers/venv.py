@@ -6,6 +6,7 @@ environment. A peer gets its own venv under ``$BILEVEL_JAX_PEERS`` (default
 ``python -m benchmarks CONFIG --setup-peers``; the benchmark then runs the peer's
 script with that venv's interpreter, on data files we write.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,9 @@ def python_path(name: str) -> str:
   return os.path.join(peers_dir(), name, "bin", "python")
 
 
-def ensure(name: str, requirements: list[str], *, setup: bool, log=print,
-           pip_args: tuple[str, ...] = ()) -> str | None:
+def ensure(
+  name: str, requirements: list[str], *, setup: bool, log=print, pip_args: tuple[str, ...] = ()
+) -> str | None:
   """The interpreter of peer ``name``'s venv, or None when it is missing.
 
   With ``setup=True`` a missing venv is created and ``requirements`` are
@@ -41,8 +43,10 @@ def ensure(name: str, requirements: list[str], *, setup: bool, log=print,
   if ready:
     return python
   if not setup:
-    log(f"peer {name}: no virtual environment at {os.path.dirname(os.path.dirname(python))} "
-        f"(run with --setup-peers to create it: pip install {' '.join(requirements)}); skipped")
+    log(
+      f"peer {name}: no virtual environment at {os.path.dirname(os.path.dirname(python))} "
+      f"(run with --setup-peers to create it: pip install {' '.join(requirements)}); skipped"
+    )
     return None
   root = os.path.join(peers_dir(), name)
   log(f"peer {name}: creating {root} and installing {' '.join(requirements)}")
@@ -53,11 +57,24 @@ def ensure(name: str, requirements: list[str], *, setup: bool, log=print,
   return python
 
 
-def run_script(python: str, script: str, args: list[str], *, timeout: float | None = None,
-               env: dict | None = None) -> subprocess.CompletedProcess:
+def run_script(
+  python: str,
+  script: str,
+  args: list[str],
+  *,
+  timeout: float | None = None,
+  env: dict | None = None,
+) -> subprocess.CompletedProcess:
   """Runs ``script`` with the peer's interpreter; stderr passes through."""
   full_env = dict(os.environ)
   full_env.pop("PYTHONPATH", None)  # keep our packages out of the peer's venv
   full_env.update(env or {})
-  return subprocess.run([python, script, *args], check=True, timeout=timeout, env=full_env,
-                        stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
+  return subprocess.run(
+    [python, script, *args],
+    check=True,
+    timeout=timeout,
+    env=full_env,
+    stdout=subprocess.PIPE,
+    stderr=sys.stderr,
+    text=True,
+  )

@@ -21,6 +21,7 @@ betty's documented hook ``custom_optimizer_step`` with the same Adam plus
 ``eps_root`` inside the square root (optax.adam / torchopt.MetaAdam's
 formula); ``--betty-adam`` keeps betty's own step instead.
 """
+
 import os
 import sys
 import time
@@ -102,15 +103,23 @@ def main(data_path, settings_path, own_adam=False):
     counter.update(t=0, k=0)
     net = torch_common.MLP.build(data)
     weights = Weights(xt.shape[0])
-    upper = Reweight(name="reweight", module=weights,
-                     optimizer=torch.optim.Adam(weights.parameters(), lr=settings["outer_lr"]),
-                     config=Config(type="darts", first_order=False))
-    lower = Classifier(name="classifier", module=net,
-                       optimizer=torch.optim.Adam(net.parameters(), lr=lr),
-                       config=Config(unroll_steps=K, retain_graph=True))
-    engine = Engine(config=EngineConfig(train_iters=K * upper_steps, valid_step=10 ** 9),
-                    problems=[upper, lower],
-                    dependencies={"u2l": {upper: [lower]}, "l2u": {lower: [upper]}})
+    upper = Reweight(
+      name="reweight",
+      module=weights,
+      optimizer=torch.optim.Adam(weights.parameters(), lr=settings["outer_lr"]),
+      config=Config(type="darts", first_order=False),
+    )
+    lower = Classifier(
+      name="classifier",
+      module=net,
+      optimizer=torch.optim.Adam(net.parameters(), lr=lr),
+      config=Config(unroll_steps=K, retain_graph=True),
+    )
+    engine = Engine(
+      config=EngineConfig(train_iters=K * upper_steps, valid_step=10**9),
+      problems=[upper, lower],
+      dependencies={"u2l": {upper: [lower]}, "l2u": {lower: [upper]}},
+    )
     engine.train()
     return engine, upper, lower, weights
 
@@ -133,11 +142,20 @@ def main(data_path, settings_path, own_adam=False):
     times.append(time.perf_counter() - tic)
     cpu.append(time.process_time() - cpu_tic)
   clean, corrupted = torch_common.weight_means(weights.x, data)
-  torch_common.emit("betty", ("betty-ml",), settings, {
-      "times_s": times, "cpu_times_s": cpu, "test_acc": torch_common.test_accuracy(lower.forward, data),
-      "val_loss_history": history, "mean_weight_clean": clean,
+  torch_common.emit(
+    "betty",
+    ("betty-ml",),
+    settings,
+    {
+      "times_s": times,
+      "cpu_times_s": cpu,
+      "test_acc": torch_common.test_accuracy(lower.forward, data),
+      "val_loss_history": history,
+      "mean_weight_clean": clean,
       "mean_weight_corrupted": corrupted,
-      "adam": "betty DifferentiableAdam" if own_adam else "custom_optimizer_step + eps_root"})
+      "adam": "betty DifferentiableAdam" if own_adam else "custom_optimizer_step + eps_root",
+    },
+  )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ The math (the same in the TorchOpt and betty scripts):
     g = d F(theta_K(x); J) / dx   (reverse mode through the K steps)
     x <- upper optimizer (Adam) step with g
 """
+
 from __future__ import annotations
 
 import inspect
@@ -47,6 +48,7 @@ def _set_threads(threads: int) -> None:
 
 def _load(data_path, settings_path):
   import numpy as np
+
   with open(settings_path) as handle:
     settings = json.load(handle)
   with np.load(data_path) as npz:
@@ -56,6 +58,7 @@ def _load(data_path, settings_path):
 
 def mlp_logits(theta, images):
   import jax
+
   hidden = jax.nn.relu(images @ theta["W1"] + theta["b1"])
   return hidden @ theta["W2"] + theta["b2"]
 
@@ -64,6 +67,7 @@ def cross_entropy(theta, images, labels):
   """Per-sample CE(theta; u, v)."""
   import jax
   import jax.numpy as jnp
+
   logp = jax.nn.log_softmax(mlp_logits(theta, images))
   return -jnp.take_along_axis(logp, labels[:, None], axis=1)[:, 0]
 
@@ -93,6 +97,7 @@ def make_scan_step(arrays, settings, remat=False):
   """
   import jax
   import optax
+
   lower, upper = make_objectives(arrays)
   inner = optax.adam(settings["inner_lr"], eps_root=settings["eps_root"])
   outer = optax.adam(settings["outer_lr"])
@@ -120,12 +125,15 @@ def make_scan_step(arrays, settings, remat=False):
 def library_available() -> tuple[bool, str]:
   """Whether bda.hypergradient/solve take ``lower_optimizer`` and ``lower_batches``."""
   from bilevel_jax import bda
+
   params = set(inspect.signature(bda.solve).parameters)
   params |= set(inspect.signature(bda.hypergradient).parameters)
   missing = [n for n in ("lower_optimizer", "lower_batches") if n not in params]
   if missing:
-    return False, ("library path unavailable: bilevel_jax.bda.solve has no "
-                   + ", ".join(f"`{n}`" for n in missing))
+    return False, (
+      "library path unavailable: bilevel_jax.bda.solve has no "
+      + ", ".join(f"`{n}`" for n in missing)
+    )
   return True, ""
 
 
@@ -140,6 +148,7 @@ def make_library_step(arrays, settings, checkpoint=False):
   import optax
 
   from bilevel_jax import bda
+
   lower, upper = make_objectives(arrays)
   inner = optax.adam(settings["inner_lr"], eps_root=settings["eps_root"])
   outer = optax.adam(settings["outer_lr"])
@@ -159,8 +168,14 @@ def make_library_step(arrays, settings, checkpoint=False):
 
   def library_step(x, theta0, upper_state, idx, val_idx):
     value, g, solution = bda.hypergradient(
-        lambda x_, theta: upper(theta, val_idx), lower, x, theta0,
-        lower_batches=idx, return_info=True, **extra)
+      lambda x_, theta: upper(theta, val_idx),
+      lower,
+      x,
+      theta0,
+      lower_batches=idx,
+      return_info=True,
+      **extra,
+    )
     updates, upper_state = outer.update(g, upper_state, x)
     return optax.apply_updates(x, updates), solution.y, upper_state, value
 
@@ -179,8 +194,10 @@ def main(data_path, settings_path):
   theta0 = {k: jnp.asarray(data[k]) for k in ("W1", "b1", "W2", "b2")}
   idx, val_idx = jnp.asarray(data["train_idx"]), jnp.asarray(data["val_idx"])
   x0 = jnp.zeros(data["x_train"].shape[0], jnp.float32)
-  impls = {"scan": make_scan_step(arrays, settings),
-           "scan_remat": make_scan_step(arrays, settings, remat=True)}
+  impls = {
+    "scan": make_scan_step(arrays, settings),
+    "scan_remat": make_scan_step(arrays, settings, remat=True),
+  }
   ok, why = library_available()
   if ok:
     impls["library"] = make_library_step(arrays, settings)
@@ -200,8 +217,7 @@ def main(data_path, settings_path):
       continue
     compile_s[name] = time.perf_counter() - tic
     mem = compiled[name].memory_analysis()
-    temp_mib[name] = (getattr(mem, "temp_size_in_bytes", -1) / 2**20
-                      if mem is not None else None)
+    temp_mib[name] = getattr(mem, "temp_size_in_bytes", -1) / 2**20 if mem is not None else None
   rss_after_compile = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
   warmup, upper_steps = int(settings["warmup"]), int(settings["upper_steps"])
@@ -217,7 +233,8 @@ def main(data_path, settings_path):
     for name in order:
       tic, cpu_tic = time.perf_counter(), time.process_time()
       x, theta, ustate, value = jax.block_until_ready(
-          compiled[name](*states[name], idx[t], val_idx[t]))
+        compiled[name](*states[name], idx[t], val_idx[t])
+      )
       times[name].append(time.perf_counter() - tic)
       cpu[name].append(time.process_time() - cpu_tic)
       states[name] = (x, theta, ustate)
@@ -230,26 +247,42 @@ def main(data_path, settings_path):
     pred = np.asarray(jnp.argmax(mlp_logits(theta, test_x), axis=1))
     w = np.asarray(jax.nn.sigmoid(x))
     corrupted = data["corrupted"].astype(bool)
-    results[name] = {"compile_s": compile_s[name], "xla_temp_mib": temp_mib[name],
-                     "times_s": times[name],
-                     "cpu_times_s": cpu[name],
-                     "test_acc": float(np.mean(pred == test_y)),
-                     "val_loss_history": history[name],
-                     "mean_weight_clean": float(w[~corrupted].mean()),
-                     "mean_weight_corrupted": float(w[corrupted].mean())}
+    results[name] = {
+      "compile_s": compile_s[name],
+      "xla_temp_mib": temp_mib[name],
+      "times_s": times[name],
+      "cpu_times_s": cpu[name],
+      "test_acc": float(np.mean(pred == test_y)),
+      "val_loss_history": history[name],
+      "mean_weight_clean": float(w[~corrupted].mean()),
+      "mean_weight_corrupted": float(w[corrupted].mean()),
+    }
   for name, result in results.items():
     if name != "scan":
       a, b = np.asarray(history["scan"]), np.asarray(history[name])
       result["max_rel_gap_to_scan"] = float(np.max(np.abs(a - b) / np.abs(a)))
   import jaxlib
-  versions = {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
-              "optax": optax.__version__, "numpy": np.__version__}
-  print(json.dumps({
-      "impl": "jax", "results": results, "library_status": why or "available",
-      "versions": versions, "python": sys.version.split()[0],
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      "peak_rss_after_compile_mib": rss_after_compile / 1024}))
+
+  versions = {
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+    "optax": optax.__version__,
+    "numpy": np.__version__,
+  }
+  print(
+    json.dumps(
+      {
+        "impl": "jax",
+        "results": results,
+        "library_status": why or "available",
+        "versions": versions,
+        "python": sys.version.split()[0],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_after_compile_mib": rss_after_compile / 1024,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

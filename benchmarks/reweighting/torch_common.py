@@ -4,6 +4,7 @@ library only: they run in the peers' own virtual environments).
 The math is that of ``jax_side.py``; data, initial model and every minibatch
 index come from the same DATA.npz.
 """
+
 import json
 import os
 import resource
@@ -19,6 +20,7 @@ def set_threads(threads: int) -> None:
 def load(data_path, settings_path):
   import numpy as np
   import torch
+
   with open(settings_path) as handle:
     settings = json.load(handle)
   set_threads(int(settings["threads"]))
@@ -44,6 +46,7 @@ class MLP:
   @staticmethod
   def build(data):
     import torch
+
     d, h = data["W1"].shape
     c = data["W2"].shape[1]
     net = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.ReLU(), torch.nn.Linear(h, c))
@@ -57,6 +60,7 @@ class MLP:
 
 def test_accuracy(logits_fn, data):
   import torch
+
   with torch.no_grad():
     pred = logits_fn(data["x_test"]).argmax(dim=1)
     return (pred == data["y_test"]).double().mean().item()
@@ -64,6 +68,7 @@ def test_accuracy(logits_fn, data):
 
 def weight_means(x, data):
   import torch
+
   with torch.no_grad():
     w = torch.sigmoid(x.detach())
     mask = data["corrupted"]
@@ -75,9 +80,18 @@ def emit(impl, packages, settings, result):
   import importlib.metadata
 
   import torch
+
   versions = {name: importlib.metadata.version(name) for name in ("torch", "numpy", *packages)}
-  print(json.dumps({
-      "impl": impl, "results": {impl: result}, "versions": versions,
-      "python": sys.version.split()[0], "torch_threads": torch.get_num_threads(),
-      "torch_interop_threads": torch.get_num_interop_threads(),
-      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+  print(
+    json.dumps(
+      {
+        "impl": impl,
+        "results": {impl: result},
+        "versions": versions,
+        "python": sys.version.split()[0],
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      }
+    )
+  )

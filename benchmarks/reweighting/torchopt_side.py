@@ -11,6 +11,7 @@ One upper step, as TorchOpt's meta-learning examples write it:
     upper_opt.zero_grad(); F.backward(); upper_opt.step()   # RHG: reverse through K steps
     torchopt.stop_gradient(net)                        # theta_K becomes the next theta_0
 """
+
 import os
 import sys
 import time
@@ -59,10 +60,19 @@ def main(data_path, settings_path):
     times.append(time.perf_counter() - tic)
     cpu.append(time.process_time() - cpu_tic)
   clean, corrupted = torch_common.weight_means(x, data)
-  torch_common.emit("torchopt", ("torchopt",), settings, {
-      "times_s": times, "cpu_times_s": cpu, "test_acc": torch_common.test_accuracy(net, data),
-      "val_loss_history": history, "mean_weight_clean": clean,
-      "mean_weight_corrupted": corrupted})
+  torch_common.emit(
+    "torchopt",
+    ("torchopt",),
+    settings,
+    {
+      "times_s": times,
+      "cpu_times_s": cpu,
+      "test_acc": torch_common.test_accuracy(net, data),
+      "val_loss_history": history,
+      "mean_weight_clean": clean,
+      "mean_weight_corrupted": corrupted,
+    },
+  )
 
 
 if __name__ == "__main__":

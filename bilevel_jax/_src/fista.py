@@ -44,6 +44,7 @@ tol=tol, restart="gradient", residual=gap_of)``.
 The loop is a `lax.while_loop`: it is never differentiated (its callers
 attach their own derivative rules).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -68,6 +69,7 @@ class FistaState(NamedTuple):
     residual: the stopping quantity of the last step (inf before the first).
     restarts: momentum restarts (int32).
   """
+
   x: jax.Array
   z: jax.Array
   t: jax.Array
@@ -112,11 +114,20 @@ def _restart_test(restart):
   raise ValueError(f"`restart` must be one of {RESTARTS} or a callable, got {restart!r}.")
 
 
-def fista(project: Callable, x0, *, lipschitz, max_steps: int, tol=None,
-          fun: Callable | None = None, grad: Callable | None = None,
-          backtracking: bool = False, max_backtracks: int = 40,
-          restart: str | Callable | None = "gradient_mapping",
-          residual: Callable | None = None) -> FistaState:
+def fista(
+  project: Callable,
+  x0,
+  *,
+  lipschitz,
+  max_steps: int,
+  tol=None,
+  fun: Callable | None = None,
+  grad: Callable | None = None,
+  backtracking: bool = False,
+  max_backtracks: int = 40,
+  restart: str | Callable | None = "gradient_mapping",
+  residual: Callable | None = None,
+) -> FistaState:
   """Accelerated projected gradient (1) from the feasible point ``x0``.
 
   Args:
@@ -198,12 +209,24 @@ def fista(project: Callable, x0, *, lipschitz, max_steps: int, tol=None,
       t_new = jnp.where(restarted, 1.0, 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * s.t * s.t)))
       beta = jnp.where(restarted, 0.0, (s.t - 1.0) / t_new)
       z_new = x_new + beta * (x_new - s.x)
-    return FistaState(x_new, z_new, t_new.astype(s.t.dtype), lip, s.num_steps + 1,
-                      jnp.asarray(res).astype(s.residual.dtype),
-                      s.restarts + restarted.astype(s.restarts.dtype))
+    return FistaState(
+      x_new,
+      z_new,
+      t_new.astype(s.t.dtype),
+      lip,
+      s.num_steps + 1,
+      jnp.asarray(res).astype(s.residual.dtype),
+      s.restarts + restarted.astype(s.restarts.dtype),
+    )
 
   dtype = x0.dtype
-  state = FistaState(x0, x0, jnp.ones((), dtype), jnp.asarray(lipschitz, dtype),
-                     jnp.zeros((), jnp.int32), jnp.asarray(jnp.inf, dtype),
-                     jnp.zeros((), jnp.int32))
+  state = FistaState(
+    x0,
+    x0,
+    jnp.ones((), dtype),
+    jnp.asarray(lipschitz, dtype),
+    jnp.zeros((), jnp.int32),
+    jnp.asarray(jnp.inf, dtype),
+    jnp.zeros((), jnp.int32),
+  )
   return lax.while_loop(cond, body, state)

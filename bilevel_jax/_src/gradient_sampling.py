@@ -32,6 +32,7 @@ solution (``fun`` returns ``(value, solution)`` and starts its solve from
 ``state.y``): its ``info.status`` is then read as above, and its ``info``
 is not checked for finiteness.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -64,7 +65,9 @@ _HISTORY = ("value", "stationarity", "eps", "alpha", "step")
 _INFO = ("num_steps", "status", "stationarity", "eps", "alpha", "beta")
 _COUNTS = ("target_hits", "linesearch_failures", "inner_status", "inner_failures", "history")
 
-GradientSamplingHistory = _named_tuple("GradientSamplingHistory", """\
+GradientSamplingHistory = _named_tuple(
+  "GradientSamplingHistory",
+  """\
 Per-iteration arrays of Algorithm 1 (length max_steps; NaN, and -1 for
 inner_status, past the last iteration).
 
@@ -75,14 +78,24 @@ Attributes:
   step: the accepted step t (0 for a target hit or a null step).
   inner_status: the first failed inner status of the iteration (SUCCESS if
     none; see GradientSamplingInfo.inner_status).
-""", _HISTORY, ("inner_status",))
+""",
+  _HISTORY,
+  ("inner_status",),
+)
 
-SQPGradientSamplingHistory = _named_tuple("SQPGradientSamplingHistory", """\
+SQPGradientSamplingHistory = _named_tuple(
+  "SQPGradientSamplingHistory",
+  """\
 Per-iteration arrays of Algorithm 2, as `GradientSamplingHistory` with
 stationarity = Delta q and infeasibility = sum_k max(c_k(x^nu), 0).
-""", _HISTORY, ("infeasibility", "inner_status"))
+""",
+  _HISTORY,
+  ("infeasibility", "inner_status"),
+)
 
-GradientSamplingInfo = _named_tuple("GradientSamplingInfo", """\
+GradientSamplingInfo = _named_tuple(
+  "GradientSamplingInfo",
+  """\
 Diagnostics of `gradient_sampling` (Algorithm 1); all arrays.
 
 Attributes:
@@ -106,20 +119,31 @@ Attributes:
   inner_failures: iterations (and the final evaluation) with a failed inner
     solve.
   history: `GradientSamplingHistory`.
-""", _INFO, ("eta",), _COUNTS)
+""",
+  _INFO,
+  ("eta",),
+  _COUNTS,
+)
 
-SQPGradientSamplingInfo = _named_tuple("SQPGradientSamplingInfo", """\
+SQPGradientSamplingInfo = _named_tuple(
+  "SQPGradientSamplingInfo",
+  """\
 Diagnostics of `sqp_gradient_sampling` (Algorithm 2); all arrays.
 
 As `GradientSamplingInfo`, with stationarity = Delta q, the penalty weight
 ``rho`` and the infeasibility threshold ``theta`` at the end in place of eta,
 the subproblem (5.5) among the inner solves, and history a
 `SQPGradientSamplingHistory`.
-""", _INFO, ("rho", "theta"), _COUNTS)
+""",
+  _INFO,
+  ("rho", "theta"),
+  _COUNTS,
+)
 
 
 class GradientSamplingSolution(NamedTuple):
   """x at the end, f(x, Y_{alpha,beta}(x)) there (final alpha, beta), info."""
+
   x: Any
   value: Any
   info: Any
@@ -136,11 +160,12 @@ class _Alg2(NamedTuple):
 
 class _Loop(NamedTuple):
   """The while-loop state of both algorithms (``params``: _Alg1 or _Alg2)."""
+
   x: Any
-  state: Any           # fun's state at x (warm starts), () without state0
+  state: Any  # fun's state at x (warm starts), () without state0
   key: Any
   k: Any
-  status: Any          # < 0 while running
+  status: Any  # < 0 while running
   eps: Any
   alpha: Any
   beta: Any
@@ -159,8 +184,9 @@ class _Loop(NamedTuple):
 def _first_of(statuses):
   """The first non-SUCCESS code of an array of statuses, SUCCESS if none."""
   failed = statuses != status_lib.SUCCESS
-  return jnp.where(jnp.any(failed), statuses.ravel()[jnp.argmax(failed.ravel())],
-                   status_lib.SUCCESS).astype(jnp.int32)
+  return jnp.where(
+    jnp.any(failed), statuses.ravel()[jnp.argmax(failed.ravel())], status_lib.SUCCESS
+  ).astype(jnp.int32)
 
 
 def _status_of(aux):
@@ -182,25 +208,34 @@ def _all_finite(value, state):
 def _wrap(fun, unravel, stateful: bool):
   """fun as f(x_flat, alpha, beta, state) -> (value, (state, inner status))."""
   if not stateful:
+
     def f(xf, a, b, st):
       out = fun(unravel(xf), a, b)
       if isinstance(out, tuple):
         if len(out) != 2:
-          raise TypeError("`fun(x, alpha, beta)` must return a value or (value, aux), "
-                          f"got a tuple of length {len(out)}.")
+          raise TypeError(
+            "`fun(x, alpha, beta)` must return a value or (value, aux), "
+            f"got a tuple of length {len(out)}."
+          )
         return out[0], (st, _status_of(out[1]))
       return out, (st, _status_of(None))
+
     return f
 
   def f(xf, a, b, st):  # type: ignore[no-redef]
     out = fun(unravel(xf), a, b, st)
     if not (isinstance(out, tuple) and len(out) == 2):
-      raise TypeError("with `state0`, `fun(x, alpha, beta, state)` must return (value, "
-                      f"state), got {type(out).__name__}.")
+      raise TypeError(
+        "with `state0`, `fun(x, alpha, beta, state)` must return (value, "
+        f"state), got {type(out).__name__}."
+      )
     value, new = out
     keep = _all_finite(value, new)
-    return value, (jax.tree_util.tree_map(lambda n, o: jnp.where(keep, n, o), new, st),
-                   _status_of(new))
+    return value, (
+      jax.tree_util.tree_map(lambda n, o: jnp.where(keep, n, o), new, st),
+      _status_of(new),
+    )
+
   return f
 
 
@@ -214,11 +249,11 @@ def _batched_value_and_grad(f, batching):
 
   def call(points, a, b, st):
     if batching == "vmap":
-      (values, (_, statuses)), grads = jax.vmap(vg, in_axes=(0, None, None, None))(
-          points, a, b, st)
+      (values, (_, statuses)), grads = jax.vmap(vg, in_axes=(0, None, None, None))(points, a, b, st)
     else:
       (values, (_, statuses)), grads = jax.lax.map(lambda pt: vg(pt, a, b, st), points)
     return values, grads, _first_of(statuses)
+
   return call
 
 
@@ -227,6 +262,7 @@ def _line_search(f, x, fx, d, decrease, gamma, max_backtracks, state, active):
   where ``active`` (no trial otherwise); f(x, state) -> (value, (state,
   status)), each trial started from ``state``.  Returns (t, ok, state of the
   last trial, first failed inner status of the trials)."""
+
   def cond(c):
     t, k, ok, _, _ = c
     return active & (~ok) & (k < max_backtracks)
@@ -235,13 +271,19 @@ def _line_search(f, x, fx, d, decrease, gamma, max_backtracks, state, active):
     t, k, _, _, inner = c
     value, (trial_state, trial_status) = f(x + t * d, state)
     ok = value < fx - t * decrease
-    return (jnp.where(ok, t, gamma * t), k + 1, ok, trial_state,
-            status_lib.first_failure(inner, trial_status))
+    return (
+      jnp.where(ok, t, gamma * t),
+      k + 1,
+      ok,
+      trial_state,
+      status_lib.first_failure(inner, trial_status),
+    )
 
   one = jnp.ones((), x.dtype)
   success = jnp.asarray(status_lib.SUCCESS, jnp.int32)
   t, _, ok, new_state, inner = jax.lax.while_loop(
-      cond, body, (one, 0, jnp.array(False), state, success))
+    cond, body, (one, 0, jnp.array(False), state, success)
+  )
   return t, ok, new_state, inner
 
 
@@ -254,24 +296,40 @@ class _Setup(NamedTuple):
   valid: Any  # the run-time check of the (possibly traced) parameters
 
 
-def _setup(fun, x0, key, state0, num_samples, gamma, delta, max_steps, mus, positives,
-           batching, alpha0, beta0) -> _Setup:
+def _setup(
+  fun,
+  x0,
+  key,
+  state0,
+  num_samples,
+  gamma,
+  delta,
+  max_steps,
+  mus,
+  positives,
+  batching,
+  alpha0,
+  beta0,
+) -> _Setup:
   """Checks the arguments shared by both algorithms; wraps fun."""
   if not callable(fun):
     raise TypeError(f"`fun` must be callable, got {type(fun).__name__}.")
   validation.check_prng_key("key", key)
   variables.check("x0", x0)
   if variables.has_rest(x0):
-    raise TypeError("`x0` must hold floating-point arrays only (the variables that "
-                    "gradient sampling moves).")
+    raise TypeError(
+      "`x0` must hold floating-point arrays only (the variables that gradient sampling moves)."
+    )
   flat0, unravel = ravel_pytree(x0)
   n = flat0.shape[0]
   validation.check_positive_int("num_samples", num_samples)
   validation.check_one_of("batching", batching, BATCHINGS)
   validation.check_positive_int("max_steps", max_steps)
   if num_samples < n + 1:
-    raise ValueError(f"`num_samples` must be >= n + 1 = {n + 1} (Algorithm 1 and 2 "
-                     f"require N_sam >= n + 1), got {num_samples}.")
+    raise ValueError(
+      f"`num_samples` must be >= n + 1 = {n + 1} (Algorithm 1 and 2 "
+      f"require N_sam >= n + 1), got {num_samples}."
+    )
   valid = jnp.array(True)
   for name, value in (("gamma", gamma), ("delta", delta)) + tuple(mus.items()):
     concrete = validation.concrete_value(value)
@@ -284,12 +342,18 @@ def _setup(fun, x0, key, state0, num_samples, gamma, delta, max_steps, mus, posi
   f = _wrap(fun, unravel, state0 is not None)
   st0 = () if state0 is None else state0
   dtype = flat0.dtype
-  call = ("as fun(x0, alpha0, beta0, state0)" if state0 is not None
-          else "as fun(x0, alpha0, beta0)") + "; does it take (x, alpha, beta" + (
-              ", state)" if state0 is not None else ")") + " and accept `x0`?"
+  call = (
+    ("as fun(x0, alpha0, beta0, state0)" if state0 is not None else "as fun(x0, alpha0, beta0)")
+    + "; does it take (x, alpha, beta"
+    + (", state)" if state0 is not None else ")")
+    + " and accept `x0`?"
+  )
   validation.check_scalar_output(
-      "fun", lambda xf: f(xf, jnp.asarray(alpha0, dtype), jnp.asarray(beta0, dtype), st0)[0],
-      flat0, call=call)
+    "fun",
+    lambda xf: f(xf, jnp.asarray(alpha0, dtype), jnp.asarray(beta0, dtype), st0)[0],
+    flat0,
+    call=call,
+  )
   return _Setup(flat0, unravel, f, st0, _batched_value_and_grad(f, batching), valid)
 
 
@@ -301,55 +365,107 @@ def _center_and_samples(setup, s, points):
   return fx, center_state, grads, status_lib.first_failure(center_status, sample_status)
 
 
-def _advance(s, *, key, move, x_new, trial_state, center_state, shrink, mu_eps, mu_alpha,
-             mu_beta, status, stationarity, null_step, params, inner, history) -> _Loop:
+def _advance(
+  s,
+  *,
+  key,
+  move,
+  x_new,
+  trial_state,
+  center_state,
+  shrink,
+  mu_eps,
+  mu_alpha,
+  mu_beta,
+  status,
+  stationarity,
+  null_step,
+  params,
+  inner,
+  history,
+) -> _Loop:
   """The next loop state, shared by both algorithms."""
   return _Loop(
-      x=jnp.where(move, x_new, s.x),
-      state=jax.tree_util.tree_map(lambda a, b: jnp.where(move, a, b), trial_state,
-                                   center_state),
-      key=key, k=s.k + 1, status=status,
-      eps=jnp.where(shrink, mu_eps * s.eps, s.eps),
-      alpha=jnp.where(shrink, mu_alpha * s.alpha, s.alpha),
-      beta=jnp.where(shrink, mu_beta * s.beta, s.beta),
-      params=params, stationarity=stationarity,
-      hits=s.hits + shrink.astype(jnp.int32),
-      failures=s.failures + null_step.astype(jnp.int32),
-      inner_status=status_lib.first_failure(s.inner_status, inner),
-      inner_failures=s.inner_failures + (inner != status_lib.SUCCESS).astype(jnp.int32),
-      history=history)
+    x=jnp.where(move, x_new, s.x),
+    state=jax.tree_util.tree_map(lambda a, b: jnp.where(move, a, b), trial_state, center_state),
+    key=key,
+    k=s.k + 1,
+    status=status,
+    eps=jnp.where(shrink, mu_eps * s.eps, s.eps),
+    alpha=jnp.where(shrink, mu_alpha * s.alpha, s.alpha),
+    beta=jnp.where(shrink, mu_beta * s.beta, s.beta),
+    params=params,
+    stationarity=stationarity,
+    hits=s.hits + shrink.astype(jnp.int32),
+    failures=s.failures + null_step.astype(jnp.int32),
+    inner_status=status_lib.first_failure(s.inner_status, inner),
+    inner_failures=s.inner_failures + (inner != status_lib.SUCCESS).astype(jnp.int32),
+    history=history,
+  )
 
 
 def _record(history, k, **values):
   """Writes this iteration's values into the per-iteration history arrays."""
-  return history._replace(**{name: getattr(history, name).at[k].set(value)
-                             for name, value in values.items()})
+  return history._replace(
+    **{name: getattr(history, name).at[k].set(value) for name, value in values.items()}
+  )
 
 
-def _run(setup, body, *, key, eps0, alpha0, beta0, params, history_cls, info_cls,
-         max_steps, where, throw) -> GradientSamplingSolution:
+def _run(
+  setup, body, *, key, eps0, alpha0, beta0, params, history_cls, info_cls, max_steps, where, throw
+) -> GradientSamplingSolution:
   """The while loop of either algorithm from its first state, then f at the
   final x (one more inner solve) and the info: the own status combined with
   the inner one (``params``' fields are info_cls's extra fields, in order)."""
   dtype = setup.flat0.dtype
   c = lambda v: jnp.asarray(v, dtype)
   zero = jnp.array(0, jnp.int32)
-  history = history_cls(**{name: jnp.full((max_steps,), jnp.nan, dtype)
-                           for name in history_cls._fields if name != "inner_status"},
-                        inner_status=jnp.full((max_steps,), -1, jnp.int32))
+  history = history_cls(
+    **{
+      name: jnp.full((max_steps,), jnp.nan, dtype)
+      for name in history_cls._fields
+      if name != "inner_status"
+    },
+    inner_status=jnp.full((max_steps,), -1, jnp.int32),
+  )
   # An invalid traced parameter: no iteration runs and the status says so.
   first = jnp.where(setup.valid, -1, status_lib.INVALID_INPUT)
-  init = _Loop(setup.flat0, setup.state0, key, 0, first, c(eps0), c(alpha0), c(beta0),
-               type(params)(*map(c, params)), c(jnp.inf), zero, zero,
-               jnp.asarray(status_lib.SUCCESS, jnp.int32), zero, history)
+  init = _Loop(
+    setup.flat0,
+    setup.state0,
+    key,
+    0,
+    first,
+    c(eps0),
+    c(alpha0),
+    c(beta0),
+    type(params)(*map(c, params)),
+    c(jnp.inf),
+    zero,
+    zero,
+    jnp.asarray(status_lib.SUCCESS, jnp.int32),
+    zero,
+    history,
+  )
   s = jax.lax.while_loop(lambda s: (s.status < 0) & (s.k < max_steps), body, init)
   value, (_, final_status) = setup.f(s.x, s.alpha, s.beta, s.state)
   own = jnp.where(s.status < 0, status_lib.MAX_STEPS, s.status).astype(jnp.int32)
   inner = status_lib.first_failure(s.inner_status, final_status)
   failures = s.inner_failures + (final_status != status_lib.SUCCESS).astype(jnp.int32)
-  info = info_cls(jnp.asarray(s.k, jnp.int32), status_lib.with_inner(own, inner),
-                  s.stationarity, s.eps, s.alpha, s.beta, *s.params, s.hits, s.failures,
-                  inner, failures, s.history)
+  info = info_cls(
+    jnp.asarray(s.k, jnp.int32),
+    status_lib.with_inner(own, inner),
+    s.stationarity,
+    s.eps,
+    s.alpha,
+    s.beta,
+    *s.params,
+    s.hits,
+    s.failures,
+    inner,
+    failures,
+    s.history,
+  )
   status_lib.raise_if_failed(info.status, throw=throw, where=where)
   return GradientSamplingSolution(setup.unravel(s.x), value, info)
 
@@ -361,14 +477,33 @@ def _own_status(finite, stop):
 # -------------------------------------------------------------- Algorithm 1
 
 
-def gradient_sampling(fun: Callable, x0, *, key, num_samples: int,
-                      eps0=1.0, eps_opt=1e-5, alpha0=1.0, alpha_opt=1e-5,
-                      beta0=1.0, beta_opt=1e-5, eta0=1.0, eta_opt=1e-5,
-                      mu_eps=0.5, mu_alpha=0.5, mu_beta=0.5, mu_eta=0.5,
-                      delta=1e-4, gamma=0.5, max_steps: int = 1000,
-                      max_backtracks: int = 30, early_stop: bool = False,
-                      state0=None, batching: str = "vmap",
-                      throw: bool = False) -> GradientSamplingSolution:
+def gradient_sampling(
+  fun: Callable,
+  x0,
+  *,
+  key,
+  num_samples: int,
+  eps0=1.0,
+  eps_opt=1e-5,
+  alpha0=1.0,
+  alpha_opt=1e-5,
+  beta0=1.0,
+  beta_opt=1e-5,
+  eta0=1.0,
+  eta_opt=1e-5,
+  mu_eps=0.5,
+  mu_alpha=0.5,
+  mu_beta=0.5,
+  mu_eta=0.5,
+  delta=1e-4,
+  gamma=0.5,
+  max_steps: int = 1000,
+  max_backtracks: int = 30,
+  early_stop: bool = False,
+  state0=None,
+  batching: str = "vmap",
+  throw: bool = False,
+) -> GradientSamplingSolution:
   """Algorithm 1: gradient sampling on f(x, Y_{alpha,beta}(x)), unconstrained.
 
   Each iteration samples N_sam points uniformly in B(x, eps), takes the
@@ -429,10 +564,21 @@ def gradient_sampling(fun: Callable, x0, *, key, num_samples: int,
     >>> round(float(sol.x[0]), 3), int(sol.info.status)
     (1.0, 0)
   """
-  setup = _setup(fun, x0, key, state0, num_samples, gamma, delta, max_steps,
-                 {"mu_eps": mu_eps, "mu_alpha": mu_alpha, "mu_beta": mu_beta, "mu_eta": mu_eta},
-                 {"eps0": eps0, "alpha0": alpha0, "beta0": beta0, "eta0": eta0}, batching,
-                 alpha0, beta0)
+  setup = _setup(
+    fun,
+    x0,
+    key,
+    state0,
+    num_samples,
+    gamma,
+    delta,
+    max_steps,
+    {"mu_eps": mu_eps, "mu_alpha": mu_alpha, "mu_beta": mu_beta, "mu_eta": mu_eta},
+    {"eps0": eps0, "alpha0": alpha0, "beta0": beta0, "eta0": eta0},
+    batching,
+    alpha0,
+    beta0,
+  )
 
   def body(s):
     key, sample_key = jax.random.split(s.key)
@@ -442,46 +588,105 @@ def gradient_sampling(fun: Callable, x0, *, key, num_samples: int,
     inner = status_lib.first_failure(inner, hull.info.status)
     w = hull.point
     norm_w = jnp.linalg.norm(w)
-    stop = (norm_w <= eta_opt) & (s.eps <= eps_opt) & (s.alpha <= alpha_opt) & \
-        (s.beta <= beta_opt)
+    stop = (norm_w <= eta_opt) & (s.eps <= eps_opt) & (s.alpha <= alpha_opt) & (s.beta <= beta_opt)
     hit = norm_w <= s.params.eta
     stop = stop | (early_stop & hit)
     finite = jnp.isfinite(fx) & jnp.all(jnp.isfinite(grads))
 
     d = -w / jnp.where(norm_w > 0, norm_w, 1)
     t, ok, trial_state, ls_inner = _line_search(
-        lambda xx, st: setup.f(xx, s.alpha, s.beta, st), s.x, fx, d, delta * norm_w,
-        gamma, max_backtracks, center_state, (~hit) & (~stop) & finite)
+      lambda xx, st: setup.f(xx, s.alpha, s.beta, st),
+      s.x,
+      fx,
+      d,
+      delta * norm_w,
+      gamma,
+      max_backtracks,
+      center_state,
+      (~hit) & (~stop) & finite,
+    )
     inner = status_lib.first_failure(inner, ls_inner)
     move = (~hit) & (~stop) & ok & finite
     shrink = hit & (~stop)
-    history = _record(s.history, s.k, value=fx, stationarity=norm_w, eps=s.eps,
-                      alpha=s.alpha, step=jnp.where(move, t, 0), inner_status=inner)
+    history = _record(
+      s.history,
+      s.k,
+      value=fx,
+      stationarity=norm_w,
+      eps=s.eps,
+      alpha=s.alpha,
+      step=jnp.where(move, t, 0),
+      inner_status=inner,
+    )
     eta = jnp.where(shrink, mu_eta * s.params.eta, s.params.eta)
-    return _advance(s, key=key, move=move, x_new=s.x + t * d, trial_state=trial_state,
-                    center_state=center_state, shrink=shrink, mu_eps=mu_eps,
-                    mu_alpha=mu_alpha, mu_beta=mu_beta, status=_own_status(finite, stop),
-                    stationarity=norm_w, null_step=(~hit) & (~stop) & (~ok),
-                    params=_Alg1(eta), inner=inner, history=history)
+    return _advance(
+      s,
+      key=key,
+      move=move,
+      x_new=s.x + t * d,
+      trial_state=trial_state,
+      center_state=center_state,
+      shrink=shrink,
+      mu_eps=mu_eps,
+      mu_alpha=mu_alpha,
+      mu_beta=mu_beta,
+      status=_own_status(finite, stop),
+      stationarity=norm_w,
+      null_step=(~hit) & (~stop) & (~ok),
+      params=_Alg1(eta),
+      inner=inner,
+      history=history,
+    )
 
-  return _run(setup, body, key=key, eps0=eps0, alpha0=alpha0, beta0=beta0,
-              params=_Alg1(eta0), history_cls=GradientSamplingHistory,
-              info_cls=GradientSamplingInfo, max_steps=max_steps,
-              where="upper.gradient_sampling", throw=throw)
+  return _run(
+    setup,
+    body,
+    key=key,
+    eps0=eps0,
+    alpha0=alpha0,
+    beta0=beta0,
+    params=_Alg1(eta0),
+    history_cls=GradientSamplingHistory,
+    info_cls=GradientSamplingInfo,
+    max_steps=max_steps,
+    where="upper.gradient_sampling",
+    throw=throw,
+  )
 
 
 # -------------------------------------------------------------- Algorithm 2
 
 
-def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
-                          num_samples: int, eps0=0.1, eps_opt=1e-4, alpha0=0.01,
-                          alpha_opt=1e-6, beta0=0.01, beta_opt=1e-6, rho0=0.1,
-                          theta0=1e-4, eta=30.0, mu_eps=0.8, mu_alpha=0.2,
-                          mu_beta=0.2, mu_rho=0.5, mu_theta=0.5, delta=1e-4,
-                          gamma=0.5, max_steps: int = 1000, max_backtracks: int = 30,
-                          qp_max_steps: int = 5000, state0=None,
-                          batching: str = "vmap",
-                          throw: bool = False) -> GradientSamplingSolution:
+def sqp_gradient_sampling(
+  fun: Callable,
+  constraints: Callable,
+  x0,
+  *,
+  key,
+  num_samples: int,
+  eps0=0.1,
+  eps_opt=1e-4,
+  alpha0=0.01,
+  alpha_opt=1e-6,
+  beta0=0.01,
+  beta_opt=1e-6,
+  rho0=0.1,
+  theta0=1e-4,
+  eta=30.0,
+  mu_eps=0.8,
+  mu_alpha=0.2,
+  mu_beta=0.2,
+  mu_rho=0.5,
+  mu_theta=0.5,
+  delta=1e-4,
+  gamma=0.5,
+  max_steps: int = 1000,
+  max_backtracks: int = 30,
+  qp_max_steps: int = 5000,
+  state0=None,
+  batching: str = "vmap",
+  throw: bool = False,
+) -> GradientSamplingSolution:
   """Algorithm 2: SQP gradient sampling for min f(x, Y(x)) s.t. c(x) <= 0.
 
   Penalty (5.4): phi(x) = rho f(x, Y_{alpha,beta}(x)) + sum_k max(c_k(x), 0).
@@ -527,11 +732,27 @@ def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
     >>> round(float(sol.x[0]), 3), int(sol.info.status)
     (1.0, 0)
   """
-  setup = _setup(fun, x0, key, state0, num_samples, gamma, delta, max_steps,
-                 {"mu_eps": mu_eps, "mu_alpha": mu_alpha, "mu_beta": mu_beta,
-                  "mu_rho": mu_rho, "mu_theta": mu_theta},
-                 {"eps0": eps0, "alpha0": alpha0, "beta0": beta0, "rho0": rho0,
-                  "theta0": theta0, "eta": eta}, batching, alpha0, beta0)
+  setup = _setup(
+    fun,
+    x0,
+    key,
+    state0,
+    num_samples,
+    gamma,
+    delta,
+    max_steps,
+    {
+      "mu_eps": mu_eps,
+      "mu_alpha": mu_alpha,
+      "mu_beta": mu_beta,
+      "mu_rho": mu_rho,
+      "mu_theta": mu_theta,
+    },
+    {"eps0": eps0, "alpha0": alpha0, "beta0": beta0, "rho0": rho0, "theta0": theta0, "eta": eta},
+    batching,
+    alpha0,
+    beta0,
+  )
   flat0, unravel = setup.flat0, setup.unravel
   n = flat0.shape[0]
   if not callable(constraints):
@@ -556,36 +777,77 @@ def sqp_gradient_sampling(fun: Callable, constraints: Callable, x0, *, key,
     fx, center_state, grads, inner = _center_and_samples(setup, s, points)
     c_points = sampling.ball(kc, s.x, s.eps, num_samples * r).reshape(r, num_samples, n)
     c_grads = jax.vmap(lambda k, pts: jax.vmap(jax.grad(lambda xx: cons(xx)[k]))(pts))(
-        jnp.arange(r), c_points)                                       # (r, N, n)
+      jnp.arange(r), c_points
+    )  # (r, N, n)
     cx = cons(s.x)
     qp = minnorm.sqp_direction(fx, grads, cx, c_grads, rho, max_steps=qp_max_steps)
     inner = status_lib.first_failure(inner, qp.info.status)
     phi = rho * fx + jnp.sum(jnp.maximum(cx, 0))
     dq = jnp.maximum(phi - qp.model_value, 0)
-    target = dq <= eta * s.eps ** 2
+    target = dq <= eta * s.eps**2
     stop = target & (s.eps <= eps_opt) & (s.alpha <= alpha_opt) & (s.beta <= beta_opt)
     finite = jnp.isfinite(fx) & jnp.all(jnp.isfinite(grads)) & jnp.all(jnp.isfinite(qp.direction))
     infeasible = jnp.sum(jnp.maximum(cx, 0))
     shrink = target & (~stop)
     feasible_enough = infeasible <= theta
     t, ok, trial_state, ls_inner = _line_search(
-        lambda xx, st: penalty(xx, rho, s.alpha, s.beta, st), s.x, phi,
-        qp.direction, delta * dq, gamma, max_backtracks, center_state, (~target) & finite)
+      lambda xx, st: penalty(xx, rho, s.alpha, s.beta, st),
+      s.x,
+      phi,
+      qp.direction,
+      delta * dq,
+      gamma,
+      max_backtracks,
+      center_state,
+      (~target) & finite,
+    )
     inner = status_lib.first_failure(inner, ls_inner)
     move = (~target) & ok & finite
-    history = _record(s.history, s.k, value=fx, stationarity=dq, eps=s.eps, alpha=s.alpha,
-                      step=jnp.where(move, t, 0), infeasibility=infeasible,
-                      inner_status=inner)
-    params = _Alg2(jnp.where(shrink & ~feasible_enough, mu_rho * rho, rho),
-                   jnp.where(shrink & feasible_enough, mu_theta * theta, theta))
-    return _advance(s, key=key, move=move, x_new=s.x + t * qp.direction,
-                    trial_state=trial_state, center_state=center_state, shrink=shrink,
-                    mu_eps=mu_eps, mu_alpha=mu_alpha, mu_beta=mu_beta,
-                    status=_own_status(finite, stop), stationarity=dq,
-                    null_step=(~target) & (~ok), params=params, inner=inner,
-                    history=history)
+    history = _record(
+      s.history,
+      s.k,
+      value=fx,
+      stationarity=dq,
+      eps=s.eps,
+      alpha=s.alpha,
+      step=jnp.where(move, t, 0),
+      infeasibility=infeasible,
+      inner_status=inner,
+    )
+    params = _Alg2(
+      jnp.where(shrink & ~feasible_enough, mu_rho * rho, rho),
+      jnp.where(shrink & feasible_enough, mu_theta * theta, theta),
+    )
+    return _advance(
+      s,
+      key=key,
+      move=move,
+      x_new=s.x + t * qp.direction,
+      trial_state=trial_state,
+      center_state=center_state,
+      shrink=shrink,
+      mu_eps=mu_eps,
+      mu_alpha=mu_alpha,
+      mu_beta=mu_beta,
+      status=_own_status(finite, stop),
+      stationarity=dq,
+      null_step=(~target) & (~ok),
+      params=params,
+      inner=inner,
+      history=history,
+    )
 
-  return _run(setup, body, key=key, eps0=eps0, alpha0=alpha0, beta0=beta0,
-              params=_Alg2(rho0, theta0), history_cls=SQPGradientSamplingHistory,
-              info_cls=SQPGradientSamplingInfo, max_steps=max_steps,
-              where="upper.sqp_gradient_sampling", throw=throw)
+  return _run(
+    setup,
+    body,
+    key=key,
+    eps0=eps0,
+    alpha0=alpha0,
+    beta0=beta0,
+    params=_Alg2(rho0, theta0),
+    history_cls=SQPGradientSamplingHistory,
+    info_cls=SQPGradientSamplingInfo,
+    max_steps=max_steps,
+    where="upper.sqp_gradient_sampling",
+    throw=throw,
+  )

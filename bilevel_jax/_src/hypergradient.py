@@ -11,6 +11,7 @@ them into the function that `bilevel_jax.upper.optimize` takes,
 so the driver sees the lower status of every upper step (a lower solve that
 hit ``max_steps`` is recorded, never dropped).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -44,9 +45,11 @@ def make(hypergradient_fn: Callable, *problem, jit: bool = True, **options) -> C
       try:
         import equinox
       except ImportError as err:  # pragma: no cover - a module implies equinox
-        raise TypeError("`x`/`y0` hold non-array leaves; pass arrays, or install "
-                        "equinox for models, or use make_hypergradient(..., jit=False) "
-                        "inside your own jit.") from err
+        raise TypeError(
+          "`x`/`y0` hold non-array leaves; pass arrays, or install "
+          "equinox for models, or use make_hypergradient(..., jit=False) "
+          "inside your own jit."
+        ) from err
       module_jitted.append(equinox.filter_jit(fn))
     return module_jitted[0](x, y0, **data)
 
@@ -54,5 +57,7 @@ def make(hypergradient_fn: Callable, *problem, jit: bool = True, **options) -> C
 
 
 def _arrays_only(tree) -> bool:
-  return all(isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, bool, complex))
-             for leaf in jax.tree_util.tree_leaves(tree))
+  return all(
+    isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, bool, complex))
+    for leaf in jax.tree_util.tree_leaves(tree)
+  )

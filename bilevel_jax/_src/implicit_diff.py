@@ -27,6 +27,7 @@ point gets zero.  `closure_convert` turns the user's functions into
 functions of explicit arguments so that arrays they close over get exact
 cotangents too.
 """
+
 from __future__ import annotations
 
 import functools
@@ -57,11 +58,13 @@ def closure_convert(fn: Callable, *example_args):
 
 def zero_cotangent(tree):
   """Zeros like ``tree``: float0 for integer and boolean leaves."""
+
   def zero(leaf):
     leaf = jnp.asarray(leaf)
     if jnp.issubdtype(leaf.dtype, jnp.inexact):
       return jnp.zeros_like(leaf)
     return np.zeros(leaf.shape, dtype=jax.dtypes.float0)
+
   return jax.tree_util.tree_map(zero, tree)
 
 
@@ -125,7 +128,7 @@ def cg(matvec: Callable, b, *, tol: float, max_steps: int, curvature: bool = Fal
   silently wrong).
   """
   b_norm2 = jnp.vdot(b, b)
-  threshold = tol ** 2 * b_norm2
+  threshold = tol**2 * b_norm2
 
   def cond(state):
     _, _, _, rs, k, _ = state
@@ -143,8 +146,14 @@ def cg(matvec: Callable, b, *, tol: float, max_steps: int, curvature: bool = Fal
     p = r + (rs_new / rs) * p
     return v, r, p, rs_new, k + 1, curv
 
-  init = (jnp.zeros_like(b), b, b, b_norm2, jnp.array(0, jnp.int32),
-          jnp.full((), jnp.inf, jnp.real(b_norm2).dtype))
+  init = (
+    jnp.zeros_like(b),
+    b,
+    b,
+    b_norm2,
+    jnp.array(0, jnp.int32),
+    jnp.full((), jnp.inf, jnp.real(b_norm2).dtype),
+  )
   v, _, _, rs, steps, curv = jax.lax.while_loop(cond, body, init)
   out = (v, steps, _relative(jnp.sqrt(rs), jnp.sqrt(b_norm2)))
   return out + (curv,) if curvature else out
@@ -180,4 +189,3 @@ def probe_curvature(operator: Callable, y):
   v = jax.random.rademacher(jax.random.PRNGKey(0), y.shape, dtype=y.dtype)
   _, jv = jax.jvp(operator, (y,), (v,))
   return jnp.vdot(v, jv) / jnp.vdot(v, v)
-

@@ -11,6 +11,7 @@ gradient with restarts, stopped on the duality gap.
 Both are inner solves of the gradient-sampling drivers, which pass their
 ``info.status`` (a `bilevel_jax.Status` code) on.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -32,6 +33,7 @@ class MinNormInfo(NamedTuple):
     gap: |w|^2 - min_i <w, w_i>, 0 at the optimum (the optimality gap of
       the QP; compared with tol * max_i |w_i|^2).
   """
+
   num_steps: Any
   status: Any
   gap: Any
@@ -39,6 +41,7 @@ class MinNormInfo(NamedTuple):
 
 class MinNormSolution(NamedTuple):
   """The min-norm element ``point`` = W^T ``weights`` of the hull, and info."""
+
   point: Any
   weights: Any
   info: MinNormInfo
@@ -51,15 +54,19 @@ def _affine_min_norm(gram, mask):
   dtype = gram.dtype
   ridge = jnp.finfo(dtype).eps * 10 * (1 + jnp.max(jnp.abs(jnp.diag(gram))))
   mf = mask.astype(dtype)
-  top = jnp.where(mask[:, None] & mask[None, :], gram + ridge * jnp.eye(n, dtype=dtype),
-                  jnp.eye(n, dtype=dtype) * (1 - mf)[:, None])
+  top = jnp.where(
+    mask[:, None] & mask[None, :],
+    gram + ridge * jnp.eye(n, dtype=dtype),
+    jnp.eye(n, dtype=dtype) * (1 - mf)[:, None],
+  )
   matrix = jnp.block([[top, -mf[:, None]], [mf[None, :], jnp.zeros((1, 1), dtype)]])
   rhs = jnp.concatenate([jnp.zeros(n, dtype), jnp.ones(1, dtype)])
   return jnp.linalg.solve(matrix, rhs)[:n]
 
 
-def min_norm_hull(points, *, max_steps: int | None = None, tol=None,
-                  throw: bool = False) -> MinNormSolution:
+def min_norm_hull(
+  points, *, max_steps: int | None = None, tol=None, throw: bool = False
+) -> MinNormSolution:
   """argmin |w| over w in con{points[i]} (points: (N, n)).
 
   Wolfe's algorithm: keep a corral S of affinely independent points whose
@@ -92,8 +99,9 @@ def min_norm_hull(points, *, max_steps: int | None = None, tol=None,
   """
   points = jnp.asarray(points)
   if points.ndim != 2 or points.shape[0] == 0 or points.shape[1] == 0:
-    raise ValueError(f"`points` must be a non-empty (N, n) array (N points of R^n), got "
-                     f"shape {points.shape}.")
+    raise ValueError(
+      f"`points` must be a non-empty (N, n) array (N points of R^n), got shape {points.shape}."
+    )
   if not jnp.issubdtype(points.dtype, jnp.floating):
     points = points.astype(jnp.result_type(float))
   n_pts = points.shape[0]
@@ -153,16 +161,21 @@ def min_norm_hull(points, *, max_steps: int | None = None, tol=None,
     mask = jnp.where(done, mask, mask_n)
     return lam, mask, k + 1, done
 
-  lam, mask, steps, done = jax.lax.while_loop(cond, body,
-                                              (lam0, mask0, 0, jnp.array(False)))
+  lam, mask, steps, done = jax.lax.while_loop(cond, body, (lam0, mask0, 0, jnp.array(False)))
   gap, _ = gap_of(lam)
   point = points.T @ lam
-  finite = (jnp.all(jnp.isfinite(point)) & jnp.all(jnp.isfinite(lam)) & jnp.isfinite(gap)
-            & jnp.all(jnp.isfinite(points)))
+  finite = (
+    jnp.all(jnp.isfinite(point))
+    & jnp.all(jnp.isfinite(lam))
+    & jnp.isfinite(gap)
+    & jnp.all(jnp.isfinite(points))
+  )
   gap = gap * s * s
-  status = jnp.where(~finite, status_lib.NONFINITE,
-                     jnp.where(done | (gap <= tol * scale), status_lib.SUCCESS,
-                               status_lib.MAX_STEPS)).astype(jnp.int32)
+  status = jnp.where(
+    ~finite,
+    status_lib.NONFINITE,
+    jnp.where(done | (gap <= tol * scale), status_lib.SUCCESS, status_lib.MAX_STEPS),
+  ).astype(jnp.int32)
   info = MinNormInfo(jnp.asarray(steps, jnp.int32), status, gap)
   status_lib.raise_if_failed(status, throw=throw, where="upper.min_norm_hull")
   return MinNormSolution(point, lam, info)
@@ -186,6 +199,7 @@ class SQPDirectionInfo(NamedTuple):
       max_steps iterations) or NONFINITE.
     gap: (q(d) - dual) / (1 + |q(d)|), the quantity compared with tol.
   """
+
   num_steps: Any
   status: Any
   gap: Any
@@ -193,14 +207,16 @@ class SQPDirectionInfo(NamedTuple):
 
 class SQPDirectionSolution(NamedTuple):
   """d minimizing q(d) of (5.5), q(d), the dual value, and info."""
+
   direction: Any
   model_value: Any
   dual_value: Any
   info: SQPDirectionInfo
 
 
-def sqp_direction(f_value, f_grads, c_values, c_grads, rho, *, max_steps: int = 5000,
-                  tol=None) -> SQPDirectionSolution:
+def sqp_direction(
+  f_value, f_grads, c_values, c_grads, rho, *, max_steps: int = 5000, tol=None
+) -> SQPDirectionSolution:
   """Solves (5.5) with the sampled gradients:
 
       min_d rho max_i (f + <w_i, d>) + sum_k max_i max(c_k + <w_ki, d>, 0) + |d|^2/2.
@@ -228,8 +244,9 @@ def sqp_direction(f_value, f_grads, c_values, c_grads, rho, *, max_steps: int = 
   flat = stacked.reshape(-1, stacked.shape[-1])
   lipschitz = jnp.linalg.norm(flat @ flat.T, ord=2)
   step = 1 / jnp.maximum(lipschitz, jnp.finfo(dtype).tiny)
-  lin = jnp.concatenate([jnp.zeros((1, n_pts), dtype),
-                         jnp.broadcast_to(c_values[:, None], (r, n_pts))], 0)
+  lin = jnp.concatenate(
+    [jnp.zeros((1, n_pts), dtype), jnp.broadcast_to(c_values[:, None], (r, n_pts))], 0
+  )
 
   def project(z):
     first = fista_lib.project_simplex(z[0])[None]
@@ -240,7 +257,9 @@ def sqp_direction(f_value, f_grads, c_values, c_grads, rho, *, max_steps: int = 
     v = jnp.einsum("kj,kjn->n", z, stacked)
     d = -v
     q = rho * jnp.max(f_value + f_grads @ d)
-    q = q + jnp.sum(jnp.max(jnp.maximum(c_values[:, None] + jnp.einsum("kjn,n->kj", c_grads, d), 0), axis=1))
+    q = q + jnp.sum(
+      jnp.max(jnp.maximum(c_values[:, None] + jnp.einsum("kjn,n->kj", c_grads, d), 0), axis=1)
+    )
     q = q + 0.5 * jnp.vdot(d, d)
     dual = rho * f_value + jnp.sum(lin * z) - 0.5 * jnp.vdot(v, v)
     return d, q, dual
@@ -258,13 +277,22 @@ def sqp_direction(f_value, f_grads, c_values, c_grads, rho, *, max_steps: int = 
   # step y - g / L with g = -step grad(y) and L = 1 (the same floating-point
   # operations); restart when the momentum points uphill for the dual.
   state = fista_lib.fista(
-      project, z0, grad=lambda y: -(step * grad(y)), lipschitz=1.0, max_steps=max_steps,
-      tol=tol, restart=lambda z, y, g, z_new: jnp.sum(grad(y) * (z_new - z)) < 0,
-      residual=gap)
+    project,
+    z0,
+    grad=lambda y: -(step * grad(y)),
+    lipschitz=1.0,
+    max_steps=max_steps,
+    tol=tol,
+    restart=lambda z, y, g, z_new: jnp.sum(grad(y) * (z_new - z)) < 0,
+    residual=gap,
+  )
   d, q, dual = primal(state.x)
   finite = jnp.all(jnp.isfinite(d)) & jnp.isfinite(q)
-  status = jnp.where(~finite, status_lib.NONFINITE,
-                     jnp.where(state.residual <= tol, status_lib.SUCCESS, status_lib.MAX_STEPS))
-  return SQPDirectionSolution(d, q, dual, SQPDirectionInfo(state.num_steps,
-                                                           status.astype(jnp.int32),
-                                                           state.residual))
+  status = jnp.where(
+    ~finite,
+    status_lib.NONFINITE,
+    jnp.where(state.residual <= tol, status_lib.SUCCESS, status_lib.MAX_STEPS),
+  )
+  return SQPDirectionSolution(
+    d, q, dual, SQPDirectionInfo(state.num_steps, status.astype(jnp.int32), state.residual)
+  )

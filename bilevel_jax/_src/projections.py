@@ -3,6 +3,7 @@
 Used for the upper-level constraint x in X (Example 1 has X = [-100, 100])
 and, through `prox.from_projection`, as proximal maps of indicator functions.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -47,8 +48,9 @@ def box(lower, upper) -> Projection:
     raise ValueError(f"`lower` must be <= `upper`, got {lower} and {upper}.")
 
   def project(tree):
-    return jax.tree_util.tree_map(jnp.clip, tree, _broadcast_like(lower, tree),
-                                  _broadcast_like(upper, tree))
+    return jax.tree_util.tree_map(
+      jnp.clip, tree, _broadcast_like(lower, tree), _broadcast_like(upper, tree)
+    )
 
   return project
 

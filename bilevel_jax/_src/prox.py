@@ -8,6 +8,7 @@ so ``g`` may depend on the upper variable x (for example an l1 weight that is
 a hyperparameter). The built-in operators are differentiable almost
 everywhere, so reverse mode through the unrolled iterations works.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -50,9 +51,11 @@ def l1(strength) -> Prox:
 
   def prox(x, y, step):
     lam = strength(x) if callable(strength) else strength
+
     def soft(v):
       threshold = step * lam
       return (jnp.sign(v) * jnp.maximum(jnp.abs(v) - threshold, 0)).astype(v.dtype)
+
     return jax.tree_util.tree_map(soft, y)
 
   return prox

@@ -6,6 +6,7 @@ the sphere and U uniform on [0, 1] (the radius has density n s^{n-1} / r^n).
 Used by the gradient-sampling methods (points around x) and by
 `bilevel_jax.value.consistency_check` (directions around x_bar).
 """
+
 from __future__ import annotations
 
 import jax

@@ -4,6 +4,7 @@ A schedule is any callable taking the 1-based iteration index ``k`` (an int
 array) and returning alpha_k in [0, 1]. The step from y_{k-1} to y_k uses
 alpha_k, so a K-step run reads alpha_1, ..., alpha_K.
 """
+
 from __future__ import annotations
 
 import math
@@ -85,22 +86,21 @@ def theorem2_beta(upper_lr: float, sigma: float, smoothness: float) -> float:
     >>> round(schedules.theorem2_beta(0.4, sigma=1.0, smoothness=2.0), 4)
     0.6831
   """
-  for name, value in (("upper_lr", upper_lr), ("sigma", sigma),
-                      ("smoothness", smoothness)):
+  for name, value in (("upper_lr", upper_lr), ("sigma", sigma), ("smoothness", smoothness)):
     validation.check_positive(name, value)
   if sigma > smoothness:
-    raise ValueError(f"`sigma` ({sigma}) cannot exceed `smoothness` "
-                     f"({smoothness}).")
+    raise ValueError(f"`sigma` ({sigma}) cannot exceed `smoothness` ({smoothness}).")
   limit = 2.0 / (smoothness + sigma)
   if upper_lr > limit * (1 + 1e-12):
-    raise ValueError(f"`upper_lr` must be <= 2 / (smoothness + sigma) = "
-                     f"{limit:.6g} for Theorem 2, got {upper_lr}.")
-  return math.sqrt(max(0.0, 1.0 - 2.0 * upper_lr * sigma * smoothness /
-                       (sigma + smoothness)))
+    raise ValueError(
+      f"`upper_lr` must be <= 2 / (smoothness + sigma) = {limit:.6g} for Theorem 2, got {upper_lr}."
+    )
+  return math.sqrt(max(0.0, 1.0 - 2.0 * upper_lr * sigma * smoothness / (sigma + smoothness)))
 
 
-def theorem2(*, upper_lr: float, sigma: float, smoothness: float,
-             gamma: float = 1.0, epsilon: float = 1e-2) -> Schedule:
+def theorem2(
+  *, upper_lr: float, sigma: float, smoothness: float, gamma: float = 1.0, epsilon: float = 1e-2
+) -> Schedule:
   """alpha_k = min(2 gamma / (k (1 - beta)), 1 - epsilon) (Prop. 1, Thm. 2).
 
   The constants are Python numbers checked when the schedule is built (so
@@ -127,8 +127,10 @@ def theorem2(*, upper_lr: float, sigma: float, smoothness: float,
     raise ValueError(f"`epsilon` must lie in (0, 1), got {epsilon}.")
   beta = theorem2_beta(upper_lr, sigma, smoothness)
   if beta >= 1.0:
-    raise ValueError(f"beta rounds to 1 for `upper_lr` = {upper_lr} and `sigma` = {sigma}: "
-                     "alpha_k would be infinite; increase them.")
+    raise ValueError(
+      f"beta rounds to 1 for `upper_lr` = {upper_lr} and `sigma` = {sigma}: "
+      "alpha_k would be infinite; increase them."
+    )
   scale = 2.0 * gamma / (1.0 - beta)
 
   def schedule(k):
@@ -151,12 +153,16 @@ def as_schedule(alpha) -> tuple[Schedule, bool]:
   concrete = validation.concrete_value(alpha)
   if concrete is not None:
     if not np.issubdtype(concrete.dtype, np.number):
-      raise TypeError(f"`alpha` must be a number in [0, 1] or a callable k -> alpha_k "
-                      f"(e.g. `bilevel_jax.schedules.harmonic(0.5)` for 0.5 / k), got "
-                      f"{alpha!r}.")
+      raise TypeError(
+        f"`alpha` must be a number in [0, 1] or a callable k -> alpha_k "
+        f"(e.g. `bilevel_jax.schedules.harmonic(0.5)` for 0.5 / k), got "
+        f"{alpha!r}."
+      )
     if concrete.shape != ():
-      raise ValueError(f"`alpha` must be a scalar or a callable k -> alpha_k, "
-                       f"got an array of shape {concrete.shape}.")
+      raise ValueError(
+        f"`alpha` must be a scalar or a callable k -> alpha_k, "
+        f"got an array of shape {concrete.shape}."
+      )
     validation.check_in_unit_interval("alpha", concrete)
     is_zero = bool(concrete == 0)
   else:

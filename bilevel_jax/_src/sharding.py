@@ -44,6 +44,7 @@ complete example, run by the test suite as two processes over loopback. On
 GPU clusters with a scheduler (SLURM, Open MPI, Kubernetes),
 `jax.distributed.initialize()` without arguments finds these values itself.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,14 +64,19 @@ if hasattr(jax, "shard_map"):  # JAX >= 0.6
   _UNCHECKED = {"check_vma": False}
 else:  # pragma: no cover - older JAX
   from jax.experimental.shard_map import shard_map as _shard_map
+
   _UNCHECKED = {"check_rep": False}
 
 REDUCTIONS = ("mean", "sum")
 DEFAULT_AXIS = "batch"
 
 
-def make_mesh(num_devices: int | None = None, *, axis_name: str = DEFAULT_AXIS,
-              devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(
+  num_devices: int | None = None,
+  *,
+  axis_name: str = DEFAULT_AXIS,
+  devices: Sequence[Any] | None = None,
+) -> Mesh:
   """A one-dimensional mesh over ``num_devices`` devices (default: all).
 
   After `jax.distributed.initialize`, `jax.devices()` lists the devices of
@@ -98,8 +104,9 @@ def make_mesh(num_devices: int | None = None, *, axis_name: str = DEFAULT_AXIS,
   if isinstance(num_devices, bool) or not isinstance(num_devices, (int, np.integer)):
     raise TypeError(f"`num_devices` must be an int, got {num_devices!r}.")
   if not 1 <= num_devices <= len(devices):
-    raise ValueError(f"`num_devices` must lie in [1, {len(devices)}] (the devices "
-                     f"available), got {num_devices}.")
+    raise ValueError(
+      f"`num_devices` must lie in [1, {len(devices)}] (the devices available), got {num_devices}."
+    )
   return Mesh(np.asarray(devices[:num_devices], dtype=object), (axis_name,))
 
 
@@ -108,24 +115,26 @@ def _resolve_axis(mesh: Mesh, axis_name: str | None) -> str:
     raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
   if axis_name is None:
     if len(mesh.axis_names) != 1:
-      raise ValueError(f"`axis_name` is required for a mesh with axes "
-                       f"{mesh.axis_names}.")
+      raise ValueError(f"`axis_name` is required for a mesh with axes {mesh.axis_names}.")
     return mesh.axis_names[0]
   if axis_name not in mesh.axis_names:
-    raise ValueError(f"`axis_name` {axis_name!r} is not an axis of the mesh "
-                     f"{mesh.axis_names}.")
+    raise ValueError(f"`axis_name` {axis_name!r} is not an axis of the mesh {mesh.axis_names}.")
   return axis_name
 
 
 def _check_in_axes(in_axes) -> tuple:
   if not isinstance(in_axes, (tuple, list)):
-    raise TypeError(f"`in_axes` must be a tuple with one entry (0 or None) per "
-                    f"positional argument, got {in_axes!r}.")
+    raise TypeError(
+      f"`in_axes` must be a tuple with one entry (0 or None) per "
+      f"positional argument, got {in_axes!r}."
+    )
   in_axes = tuple(in_axes)
   for i, axis in enumerate(in_axes):
     if axis is not None and (isinstance(axis, bool) or axis != 0):
-      raise ValueError(f"`in_axes[{i}]` must be 0 (batched along the leading axis) "
-                       f"or None (replicated), got {axis!r}.")
+      raise ValueError(
+        f"`in_axes[{i}]` must be 0 (batched along the leading axis) "
+        f"or None (replicated), got {axis!r}."
+      )
   if all(axis is None for axis in in_axes):
     raise ValueError("`in_axes` has no batched argument (no entry is 0).")
   return in_axes
@@ -143,14 +152,18 @@ def _batch_size(args, in_axes) -> int:
     for leaf in leaves:
       shape = jnp.shape(leaf)
       if not shape:
-        raise ValueError(f"argument {i} (in_axes[{i}] = 0) has a scalar leaf; "
-                         "batched leaves need a leading batch axis.")
+        raise ValueError(
+          f"argument {i} (in_axes[{i}] = 0) has a scalar leaf; "
+          "batched leaves need a leading batch axis."
+        )
       if size is None:
         size, first = shape[0], i
       elif shape[0] != size:
-        raise ValueError(f"argument {i} has batch size {shape[0]} but argument "
-                         f"{first} has {size}: batched leaves must share their "
-                         "leading dimension.")
+        raise ValueError(
+          f"argument {i} has batch size {shape[0]} but argument "
+          f"{first} has {size}: batched leaves must share their "
+          "leading dimension."
+        )
   if not size:
     raise ValueError(f"argument {first} has an empty batch (size 0).")
   return size
@@ -159,7 +172,8 @@ def _batch_size(args, in_axes) -> int:
 def _pad(tree, extra: int):
   """Appends ``extra`` copies of the last entry along the leading axis."""
   return jax.tree_util.tree_map(
-      lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], extra, axis=0)]), tree)
+    lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], extra, axis=0)]), tree
+  )
 
 
 def _count_outputs(fn, local_args, reduced) -> int:
@@ -168,15 +182,23 @@ def _count_outputs(fn, local_args, reduced) -> int:
     raise TypeError(f"`fn` must return a tuple of outputs, got {type(outputs).__name__}.")
   bad = [i for i in reduced if i >= len(outputs)]
   if bad:
-    raise ValueError(f"`reduced_outputs` index {bad[0]} is out of range for the "
-                     f"{len(outputs)} outputs of `fn`.")
+    raise ValueError(
+      f"`reduced_outputs` index {bad[0]} is out of range for the {len(outputs)} outputs of `fn`."
+    )
   return len(outputs)
 
 
-def shard_hypergradient(fn: Callable, mesh: Mesh, *, in_axes: Sequence[int | None],
-                        reduce: str, reduced_outputs: Sequence[int] = (0, 1),
-                        axis_name: str | None = None, pad: bool = True,
-                        jit: bool = True) -> Callable:
+def shard_hypergradient(
+  fn: Callable,
+  mesh: Mesh,
+  *,
+  in_axes: Sequence[int | None],
+  reduce: str,
+  reduced_outputs: Sequence[int] = (0, 1),
+  axis_name: str | None = None,
+  pad: bool = True,
+  jit: bool = True,
+) -> Callable:
   """Runs a batched hypergradient with its batch split over a mesh axis.
 
   Args:
@@ -224,26 +246,33 @@ def shard_hypergradient(fn: Callable, mesh: Mesh, *, in_axes: Sequence[int | Non
   if reduce not in REDUCTIONS:
     raise ValueError(f"`reduce` must be one of {REDUCTIONS}, got {reduce!r}.")
   if isinstance(reduced_outputs, int) or not all(
-      isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in reduced_outputs):
-    raise TypeError(f"`reduced_outputs` must be a sequence of output indices, got "
-                    f"{reduced_outputs!r}.")
+    isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in reduced_outputs
+  ):
+    raise TypeError(
+      f"`reduced_outputs` must be a sequence of output indices, got {reduced_outputs!r}."
+    )
   reduced = tuple(int(i) for i in reduced_outputs)
   if len(set(reduced)) != len(reduced) or any(i < 0 for i in reduced):
-    raise ValueError(f"`reduced_outputs` must hold distinct non-negative indices, got "
-                     f"{reduced_outputs!r}.")
+    raise ValueError(
+      f"`reduced_outputs` must hold distinct non-negative indices, got {reduced_outputs!r}."
+    )
   num_shards = mesh.shape[axis]
 
   def sharded(*args):
     if len(args) != len(in_axes):
-      raise ValueError(f"`in_axes` has {len(in_axes)} entries but the function got "
-                       f"{len(args)} positional arguments.")
+      raise ValueError(
+        f"`in_axes` has {len(in_axes)} entries but the function got "
+        f"{len(args)} positional arguments."
+      )
     size = _batch_size(args, in_axes)
     padded = math.ceil(size / num_shards) * num_shards
     if padded != size and not pad:
       first = next(i for i, a in enumerate(in_axes) if a == 0)
-      raise ValueError(f"argument {first} has batch size {size}, not a multiple of the "
-                       f"{num_shards} devices of mesh axis {axis!r}; pass pad=True or "
-                       "a batch size divisible by the axis size.")
+      raise ValueError(
+        f"argument {first} has batch size {size}, not a multiple of the "
+        f"{num_shards} devices of mesh axis {axis!r}; pass pad=True or "
+        "a batch size divisible by the axis size."
+      )
     if padded != size:
       args = tuple(_pad(a, padded - size) if ax == 0 else a for a, ax in zip(args, in_axes))
     local = padded // num_shards
@@ -257,17 +286,20 @@ def shard_hypergradient(fn: Callable, mesh: Mesh, *, in_axes: Sequence[int | Non
         for leaf in jax.tree_util.tree_leaves(out):
           if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != local:
             raise ValueError(
-                f"output {i} of `fn` has a leaf of shape {jnp.shape(leaf)}; every "
-                f"output needs a leading batch axis ({local} tasks per device here). "
-                "Is `fn` vmapped?")
+              f"output {i} of `fn` has a leaf of shape {jnp.shape(leaf)}; every "
+              f"output needs a leading batch axis ({local} tasks per device here). "
+              "Is `fn` vmapped?"
+            )
         if i not in reduced:
           result.append(out)
           continue
 
         def reduce_leaf(leaf, i=i):
           if not jnp.issubdtype(leaf.dtype, jnp.inexact):
-            raise TypeError(f"`reduced_outputs` includes output {i}, which has a "
-                            f"leaf of dtype {leaf.dtype}; only float outputs reduce.")
+            raise TypeError(
+              f"`reduced_outputs` includes output {i}, which has a "
+              f"leaf of dtype {leaf.dtype}; only float outputs reduce."
+            )
           mask = valid.reshape((local,) + (1,) * (leaf.ndim - 1))
           total = lax.psum(jnp.sum(jnp.where(mask, leaf, 0), axis=0), axis)
           return total / size if reduce == "mean" else total
@@ -277,20 +309,27 @@ def shard_hypergradient(fn: Callable, mesh: Mesh, *, in_axes: Sequence[int | Non
 
     # Output specs depend on how many outputs `fn` has: find out abstractly.
     local_args = tuple(
-        jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((local,) + jnp.shape(a)[1:],
-                                                              jnp.result_type(a)), a)
-        if ax == 0 else a for a, ax in zip(args, in_axes))
+      jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct((local,) + jnp.shape(a)[1:], jnp.result_type(a)), a
+      )
+      if ax == 0
+      else a
+      for a, ax in zip(args, in_axes)
+    )
     num_outputs = _count_outputs(fn, local_args, reduced)
     out_specs = tuple(P() if i in reduced else P(axis) for i in range(num_outputs))
     in_specs = tuple(P(axis) if ax == 0 else P() for ax in in_axes)
     # Unchecked (check_vma=False): `fn` is arbitrary user code (a lax.scan whose carry
     # starts as a constant, for one) that need not annotate which values vary
     # across devices. The reduced outputs are replicated by the psum above.
-    outputs = _shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                         **_UNCHECKED)(*args)
+    outputs = _shard_map(
+      per_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **_UNCHECKED
+    )(*args)
     if padded != size:
-      outputs = tuple(out if i in reduced else jax.tree_util.tree_map(lambda a: a[:size], out)
-                      for i, out in enumerate(outputs))
+      outputs = tuple(
+        out if i in reduced else jax.tree_util.tree_map(lambda a: a[:size], out)
+        for i, out in enumerate(outputs)
+      )
     return outputs
 
   return jax.jit(sharded) if jit else sharded
@@ -326,7 +365,8 @@ def process_local_batch(tree, mesh: Mesh, *, axis_name: str | None = None):
   axis = _resolve_axis(mesh, axis_name)
   sharding = NamedSharding(mesh, P(axis))
   return jax.tree_util.tree_map(
-      lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree)
+    lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree
+  )
 
 
 def replicate(tree, mesh: Mesh):
@@ -345,4 +385,5 @@ def replicate(tree, mesh: Mesh):
     raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
   sharding = NamedSharding(mesh, P())
   return jax.tree_util.tree_map(
-      lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree)
+    lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree
+  )

@@ -37,6 +37,7 @@ mu that is not > 0 gives NaN, a concrete one raises) and stay
 finite in float32 down to mu = 1e-4 and below: the softplus is evaluated as
 mu * softplus(t / mu), the others have no exponentials.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,15 +52,16 @@ from bilevel_jax._src import validation
 
 class Density(NamedTuple):
   """A symmetric density of Example 2.7: its name and kappa = E|s|."""
+
   name: str
   kappa: float
 
 
 DENSITIES = {
-    "softplus": Density("softplus", 2.0 * math.log(2.0)),
-    "chks": Density("chks", 2.0),
-    "uniform": Density("uniform", 0.25),
-    "gaussian": Density("gaussian", math.sqrt(2.0 / math.pi)),
+  "softplus": Density("softplus", 2.0 * math.log(2.0)),
+  "chks": Density("chks", 2.0),
+  "uniform": Density("uniform", 0.25),
+  "gaussian": Density("gaussian", math.sqrt(2.0 / math.pi)),
 }
 
 
@@ -191,8 +193,10 @@ def max(z, mu, density: str = "softplus", axis: int = -1):
   """
   z = _as_float(z)
   if z.ndim == 0 or z.shape[axis] == 0:
-    raise ValueError(f"`z` must have at least one entry along `axis` ({axis}) to take "
-                     f"the max of, got shape {z.shape}.")
+    raise ValueError(
+      f"`z` must have at least one entry along `axis` ({axis}) to take "
+      f"the max of, got shape {z.shape}."
+    )
   z = jnp.moveaxis(z, axis, 0)
   out = z[0]
   for i in range(1, z.shape[0]):
@@ -302,8 +306,14 @@ def bound(kind: str, mu, density: str = "softplus", n: int = 1):
       raise ValueError(f"`kind` {kind!r} has no L^2 mu / 2 bound.")
     return scale * mu / 2.0
   k = kappa(density)
-  factors = {"plus": 0.5, "hinge": 0.5, "maximum": 0.5, "abs": 1.0,
-             "max": 0.5 * (n - 1), "l1": float(n)}
+  factors = {
+    "plus": 0.5,
+    "hinge": 0.5,
+    "maximum": 0.5,
+    "abs": 1.0,
+    "max": 0.5 * (n - 1),
+    "l1": float(n),
+  }
   if kind not in factors:
     raise ValueError(f"unknown `kind` {kind!r}.")
   return factors[kind] * k * mu

@@ -32,6 +32,7 @@ Examples:
   >>> int(Status.MAX_STEPS), status_message(jnp.array(1))
   (1, 'max_steps reached before the tolerance was met; raise max_steps or loosen tol')
 """
+
 from __future__ import annotations
 
 import enum
@@ -43,6 +44,7 @@ import numpy as np
 
 class Status(enum.IntEnum):
   """Status codes of ``info.status`` (the same integers in every module)."""
+
   SUCCESS = 0
   MAX_STEPS = 1
   NONFINITE = 2
@@ -56,28 +58,27 @@ class Status(enum.IntEnum):
 
 
 MESSAGES = {
-    Status.SUCCESS: "success",
-    Status.MAX_STEPS: "max_steps reached before the tolerance was met; raise max_steps "
-                      "or loosen tol",
-    Status.NONFINITE: "a value, gradient or iterate became NaN or infinite; check the "
-                      "objectives and reduce the step sizes",
-    Status.LINESEARCH_FAILED: "the line search found no decrease before the tolerance "
-                              "was met (tol below what rounding allows?)",
-    Status.INACCURATE: "the error estimate (quadrature, approximation) is above tol; "
-                       "refine the rule or raise mu",
-    Status.NOT_STATIONARY: "the final point is not stationary to the tolerance "
-                           "(KKT residual above kkt_tol)",
-    Status.INNER_FAILED: "an inner solve failed; info.inner_status holds its code",
-    Status.INVALID_INPUT: "an argument known only at run time (a traced step size, alpha, "
-                          "mu, eps, ...) is outside its valid range; the solve was not "
-                          "trusted (see the entry point's docstring for the ranges)",
-    Status.DIVERGED: "the lower iterations did not settle: the lower residual did not "
-                     "shrink and the lower objective does not curve up between the "
-                     "first and the last iterate; is the lower level bounded below?",
-    Status.NOT_CONVEX: "a direction of zero or negative curvature of the lower objective "
-                       "at the solution (a saddle point, a maximum or a singular "
-                       "Hessian): the lower level is not strongly convex there, so the "
-                       "implicit derivative does not apply",
+  Status.SUCCESS: "success",
+  Status.MAX_STEPS: "max_steps reached before the tolerance was met; raise max_steps or loosen tol",
+  Status.NONFINITE: "a value, gradient or iterate became NaN or infinite; check the "
+  "objectives and reduce the step sizes",
+  Status.LINESEARCH_FAILED: "the line search found no decrease before the tolerance "
+  "was met (tol below what rounding allows?)",
+  Status.INACCURATE: "the error estimate (quadrature, approximation) is above tol; "
+  "refine the rule or raise mu",
+  Status.NOT_STATIONARY: "the final point is not stationary to the tolerance "
+  "(KKT residual above kkt_tol)",
+  Status.INNER_FAILED: "an inner solve failed; info.inner_status holds its code",
+  Status.INVALID_INPUT: "an argument known only at run time (a traced step size, alpha, "
+  "mu, eps, ...) is outside its valid range; the solve was not "
+  "trusted (see the entry point's docstring for the ranges)",
+  Status.DIVERGED: "the lower iterations did not settle: the lower residual did not "
+  "shrink and the lower objective does not curve up between the "
+  "first and the last iterate; is the lower level bounded below?",
+  Status.NOT_CONVEX: "a direction of zero or negative curvature of the lower objective "
+  "at the solution (a saddle point, a maximum or a singular "
+  "Hessian): the lower level is not strongly convex there, so the "
+  "implicit derivative does not apply",
 }
 
 # Python ints, for use in jnp.where inside traced code.
@@ -146,15 +147,17 @@ def with_inner(status, inner_status):
   inner solve failed, else SUCCESS."""
   status = jnp.asarray(status, jnp.int32)
   inner_status = jnp.asarray(inner_status, jnp.int32)
-  return jnp.where((status == SUCCESS) & (inner_status != SUCCESS), INNER_FAILED,
-                   status).astype(jnp.int32)
+  return jnp.where((status == SUCCESS) & (inner_status != SUCCESS), INNER_FAILED, status).astype(
+    jnp.int32
+  )
 
 
 def unless_invalid(valid, status):
   """INVALID_INPUT where the run-time argument check ``valid`` fails, else
   ``status``: an out-of-range argument outranks whatever the solve reports."""
-  return jnp.where(jnp.asarray(valid), jnp.asarray(status, jnp.int32),
-                   INVALID_INPUT).astype(jnp.int32)
+  return jnp.where(jnp.asarray(valid), jnp.asarray(status, jnp.int32), INVALID_INPUT).astype(
+    jnp.int32
+  )
 
 
 def first_failure(current, new):

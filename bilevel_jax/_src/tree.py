@@ -1,4 +1,5 @@
 """Small pytree arithmetic used by the solvers (no dependency beyond JAX)."""
+
 from __future__ import annotations
 
 import jax
@@ -26,10 +27,12 @@ def tree_norm(x):
 
 def tree_all_finite(x):
   """True when every floating-point leaf of ``x`` is finite (True for none)."""
-  leaves = [leaf for leaf in jax.tree_util.tree_leaves(x)
-            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]
-                           or [jnp.array(True)]))
+  leaves = [
+    leaf
+    for leaf in jax.tree_util.tree_leaves(x)
+    if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+  ]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves] or [jnp.array(True)]))
 
 
 def tree_cast_like(x, like):

@@ -52,6 +52,7 @@ batch of step k (k = 0..K-1); ``upper_batches`` does the same for F in the
 d^F term. Values reported at y_K (``info.upper_value`` = phi_K, the residual,
 ``info.lower_value``) use the last batch, b_{K-1}.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,7 +75,7 @@ from bilevel_jax._src import variables
 Objective = Callable[..., jax.Array]  # F(x, y) or F(x, y, batch)
 Checkpoint = bool | str | int
 # `steps` at most: the loop scans over (and may record) arrays of length K.
-MAX_UNROLL = 2 ** 24
+MAX_UNROLL = 2**24
 
 
 class BDAInfo(NamedTuple):
@@ -97,6 +98,7 @@ class BDAInfo(NamedTuple):
     upper_history: F(x, y_k) for k = 0..K-1 when ``record_history``, else None.
     lower_history: f(x, y_k) for k = 0..K-1 when ``record_history``, else None.
   """
+
   num_steps: jax.Array
   status: jax.Array
   residual: jax.Array
@@ -108,6 +110,7 @@ class BDAInfo(NamedTuple):
 
 class BDASolution(NamedTuple):
   """Result of `solve`: ``y`` is y_K(x), differentiable in x."""
+
   y: Any
   info: BDAInfo
 
@@ -118,11 +121,16 @@ def _segment_length(checkpoint: Checkpoint, steps: int) -> int:
     return 1
   if isinstance(checkpoint, str) and checkpoint == "sqrt":
     return max(1, int(round(math.sqrt(steps))))
-  if (isinstance(checkpoint, (int, np.integer)) and not isinstance(checkpoint, bool)
-      and checkpoint > 0):
+  if (
+    isinstance(checkpoint, (int, np.integer))
+    and not isinstance(checkpoint, bool)
+    and checkpoint > 0
+  ):
     return int(checkpoint)
-  raise ValueError("`checkpoint` must be False, True/'step', 'sqrt' or a "
-                   f"positive int segment length, got {checkpoint!r}.")
+  raise ValueError(
+    "`checkpoint` must be False, True/'step', 'sqrt' or a "
+    f"positive int segment length, got {checkpoint!r}."
+  )
 
 
 def _scan(step, carry, xs, checkpoint: Checkpoint, unroll: int | bool = 1):
@@ -146,11 +154,12 @@ def _scan(step, carry, xs, checkpoint: Checkpoint, unroll: int | bool = 1):
   def segment(c, xs_seg):
     return lax.scan(step, c, xs_seg, unroll=unroll)
 
-  carry, out = lax.scan(segment, carry, tmap(
-      lambda v: v[: n_full * seg].reshape((n_full, seg) + v.shape[1:]), xs))
+  carry, out = lax.scan(
+    segment, carry, tmap(lambda v: v[: n_full * seg].reshape((n_full, seg) + v.shape[1:]), xs)
+  )
   out = tmap(lambda o: o.reshape((n_full * seg,) + o.shape[2:]), out)
   if n_full * seg < steps:
-    carry, rest = segment(carry, tmap(lambda v: v[n_full * seg:], xs))
+    carry, rest = segment(carry, tmap(lambda v: v[n_full * seg :], xs))
     out = tmap(lambda a, b: jnp.concatenate([a, b]), out, rest)
   return carry, out
 
@@ -158,6 +167,7 @@ def _scan(step, carry, xs, checkpoint: Checkpoint, unroll: int | bool = 1):
 class _Batches(NamedTuple):
   """Where the batch of step k comes from: ``xs`` (leading axis K, scanned
   over), ``sample(k, key_k)``, or neither (the objective takes no batch)."""
+
   xs: Any = None
   sample: Callable | None = None
   stream: int = 0  # 0: the lower sampler's keys, 1: the upper sampler's
@@ -183,6 +193,7 @@ class _Batches(NamedTuple):
 
 class _OneBatch(NamedTuple):
   """``upper_batch``: the same batch at every step."""
+
   batch: Any
 
 
@@ -195,8 +206,10 @@ def _as_batches(name: str, batches, steps: int, key, stream: int) -> _Batches:
     return _Batches(fixed=batches.batch, stream=stream)
   if callable(batches):
     if key is None:
-      raise ValueError(f"`{name}` is a sampler (k, key) -> batch, which needs `key` "
-                       f"(a PRNG key; step k gets jax.random.fold_in(key, k)).")
+      raise ValueError(
+        f"`{name}` is a sampler (k, key) -> batch, which needs `key` "
+        f"(a PRNG key; step k gets jax.random.fold_in(key, k))."
+      )
     return _Batches(sample=batches, stream=stream)
   leaves = jax.tree_util.tree_leaves(batches)
   if not leaves:
@@ -204,9 +217,11 @@ def _as_batches(name: str, batches, steps: int, key, stream: int) -> _Batches:
   shapes = [jnp.shape(leaf) for leaf in leaves]
   bad = [shape for shape in shapes if not shape or shape[0] != steps]
   if bad:
-    raise ValueError(f"`{name}` must be a pytree whose leaves all have a leading "
-                     f"axis of length `steps` ({steps}), one batch per lower step, "
-                     f"or a callable (k, key) -> batch; got leaves of shapes {shapes}.")
+    raise ValueError(
+      f"`{name}` must be a pytree whose leaves all have a leading "
+      f"axis of length `steps` ({steps}), one batch per lower step, "
+      f"or a callable (k, key) -> batch; got leaves of shapes {shapes}."
+    )
   return _Batches(xs=batches, stream=stream)
 
 
@@ -214,28 +229,46 @@ def _as_optimizer(lower_optimizer, x):
   """``lower_optimizer`` or ``lower_optimizer(x)`` as a GradientTransformation."""
   opt = lower_optimizer
   if getattr(opt, "__module__", "").startswith("optax") and not isinstance(
-      opt, optax.GradientTransformation):
-    raise TypeError(f"`lower_optimizer` is the optax factory "
-                    f"{getattr(opt, '__name__', opt)!r}, not a GradientTransformation: "
-                    "call it (optax.adam(1e-3)), or pass a function x -> "
-                    "GradientTransformation whose hyperparameters depend on x.")
+    opt, optax.GradientTransformation
+  ):
+    raise TypeError(
+      f"`lower_optimizer` is the optax factory "
+      f"{getattr(opt, '__name__', opt)!r}, not a GradientTransformation: "
+      "call it (optax.adam(1e-3)), or pass a function x -> "
+      "GradientTransformation whose hyperparameters depend on x."
+    )
   if not isinstance(opt, optax.GradientTransformation) and callable(opt):
     opt = opt(x)
   if not isinstance(opt, optax.GradientTransformation):
-    raise TypeError("`lower_optimizer` must be an optax.GradientTransformation or a "
-                    "function x -> optax.GradientTransformation, got "
-                    f"{type(opt).__name__}.")
+    raise TypeError(
+      "`lower_optimizer` must be an optax.GradientTransformation or a "
+      "function x -> optax.GradientTransformation, got "
+      f"{type(opt).__name__}."
+    )
   return opt
 
 
-def _validate(upper_fn, lower_fn, x, y0, steps, upper_lr, lower_lr, truncate, prox,
-              lower_optimizer=None, batches=(None, None), key=None):
+def _validate(
+  upper_fn,
+  lower_fn,
+  x,
+  y0,
+  steps,
+  upper_lr,
+  lower_lr,
+  truncate,
+  prox,
+  lower_optimizer=None,
+  batches=(None, None),
+  key=None,
+):
   """Checks the arguments; ``upper_fn`` and ``lower_fn`` take (x, the
   differentiable part of y, batch), ``prox`` (x, y, step) (see `solve`);
   ``batches`` are the raw ``(upper_batches, lower_batches)``. Returns
   ``steps, truncate, upper_batches, lower_batches`` (as `_Batches`)."""
   steps = validation.check_positive_int(
-      "steps", steps, MAX_UNROLL, "the unrolled loop keeps arrays of length K")
+    "steps", steps, MAX_UNROLL, "the unrolled loop keeps arrays of length K"
+  )
   if not callable(upper_fn):
     raise TypeError(f"`upper_fn` must be callable, got {type(upper_fn).__name__}.")
   if not callable(lower_fn):
@@ -245,15 +278,21 @@ def _validate(upper_fn, lower_fn, x, y0, steps, upper_lr, lower_lr, truncate, pr
   validation.check_positive("upper_lr", upper_lr)
   _check_step_shape("upper_lr", upper_lr, y0)
   if lower_optimizer is None and lower_lr is None:
-    raise ValueError("`lower_lr` (s_l, the lower step size) is required unless a "
-                     "`lower_optimizer` makes the lower step.")
+    raise ValueError(
+      "`lower_lr` (s_l, the lower step size) is required unless a "
+      "`lower_optimizer` makes the lower step."
+    )
   if lower_optimizer is not None and lower_lr is not None and prox is None:
-    raise ValueError("give `lower_lr` or `lower_optimizer`, not both: the "
-                     "transformation's own learning rate is the lower step (with a "
-                     "`prox`, `lower_lr` is the prox's step t).")
+    raise ValueError(
+      "give `lower_lr` or `lower_optimizer`, not both: the "
+      "transformation's own learning rate is the lower step (with a "
+      "`prox`, `lower_lr` is the prox's step t)."
+    )
   if lower_optimizer is not None and prox is not None and lower_lr is None:
-    raise ValueError("`lower_lr` is required with `prox` and `lower_optimizer`: it is "
-                     "the step t of prox_{t g} after the transformation's step.")
+    raise ValueError(
+      "`lower_lr` is required with `prox` and `lower_optimizer`: it is "
+      "the step t of prox_{t g} after the transformation's step."
+    )
   if lower_lr is not None:
     validation.check_positive("lower_lr", lower_lr)
     _check_step_shape("lower_lr", lower_lr, y0)
@@ -261,14 +300,17 @@ def _validate(upper_fn, lower_fn, x, y0, steps, upper_lr, lower_lr, truncate, pr
     try:
       jax.eval_shape(jax.random.fold_in, key, 0)
     except Exception as err:
-      raise TypeError(f"`key` must be a PRNG key (jax.random.key or PRNGKey), got "
-                      f"{key!r}: {err}") from err
+      raise TypeError(
+        f"`key` must be a PRNG key (jax.random.key or PRNGKey), got {key!r}: {err}"
+      ) from err
   upper_b = _as_batches("upper_batches", batches[0], steps, key, stream=1)
   lower_b = _as_batches("lower_batches", batches[1], steps, key, stream=0)
   if key is not None and upper_b.sample is None and lower_b.sample is None:
-    raise ValueError("`key` is only used by a sampler `lower_batches`/`upper_batches` "
-                     "(k, key) -> batch; pass one, or drop `key` (a batch pytree can "
-                     "carry its own keys).")
+    raise ValueError(
+      "`key` is only used by a sampler `lower_batches`/`upper_batches` "
+      "(k, key) -> batch; pass one, or drop `key` (a batch pytree can "
+      "carry its own keys)."
+    )
   for name, b in (("upper_batches", upper_b), ("lower_batches", lower_b)):
     if b.sample is not None:
       try:
@@ -282,30 +324,32 @@ def _validate(upper_fn, lower_fn, x, y0, steps, upper_lr, lower_lr, truncate, pr
   x_dyn, x_rest = variables.partition(x)
   as_x = lambda xd: variables.combine(xd, x_rest)
   validation.check_scalar_output(
-      "upper_fn", lambda xd, yy: upper_fn(as_x(xd), yy, first(upper_b)), x_dyn, y0)
+    "upper_fn", lambda xd, yy: upper_fn(as_x(xd), yy, first(upper_b)), x_dyn, y0
+  )
   validation.check_scalar_output(
-      "lower_fn", lambda xd, yy: lower_fn(as_x(xd), yy, first(lower_b)), x_dyn, y0)
+    "lower_fn", lambda xd, yy: lower_fn(as_x(xd), yy, first(lower_b)), x_dyn, y0
+  )
   if truncate is not None:
     truncate = validation.check_positive_int("truncate", truncate)
     if truncate > steps:
       raise ValueError(f"`truncate` ({truncate}) cannot exceed `steps` ({steps}).")
   if prox is not None:
     if not callable(prox):
-      raise TypeError(f"`prox` must be a callable (x, y, step) -> y, got "
-                      f"{type(prox).__name__}.")
+      raise TypeError(f"`prox` must be a callable (x, y, step) -> y, got {type(prox).__name__}.")
     try:
       out = jax.eval_shape(lambda xd, yy: prox(as_x(xd), yy, lower_lr), x_dyn, y0)
     except Exception as err:  # re-raised with the argument's name
-      raise TypeError(f"`prox` failed when called as prox(x, y0, lower_lr); it must "
-                      f"take (x, y, step) and return y: {err}") from err
+      raise TypeError(
+        f"`prox` failed when called as prox(x, y0, lower_lr); it must "
+        f"take (x, y, step) and return y: {err}"
+      ) from err
     validation.check_same_structure("prox", y0, out, "prox(x, y0, lower_lr)")
   if lower_optimizer is not None:
     opt = _as_optimizer(lower_optimizer, x)
     try:
       jax.eval_shape(lambda yy: opt.update(yy, opt.init(yy), yy), y0)
     except Exception as err:
-      raise TypeError(f"`lower_optimizer` failed on a gradient shaped like `y0`: "
-                      f"{err}") from err
+      raise TypeError(f"`lower_optimizer` failed on a gradient shaped like `y0`: {err}") from err
   return steps, truncate, upper_b, lower_b
 
 
@@ -321,9 +365,11 @@ def _check_step_shape(name: str, lr, y0) -> None:
     except ValueError:
       ok = False
     if not ok:
-      raise ValueError(f"`{name}` must be a scalar or broadcast to each leaf of `y0` "
-                       f"(a per-coordinate step), got shape {shape} for a leaf of "
-                       f"shape {jnp.shape(leaf)}.")
+      raise ValueError(
+        f"`{name}` must be a scalar or broadcast to each leaf of `y0` "
+        f"(a per-coordinate step), got shape {shape} for a leaf of "
+        f"shape {jnp.shape(leaf)}."
+      )
 
 
 def _check_schedule_range(schedule, steps: int) -> None:
@@ -335,15 +381,19 @@ def _check_schedule_range(schedule, steps: int) -> None:
   except Exception as err:
     raise TypeError(f"`alpha` schedule failed on k = 1..{steps}: {err}") from err
   if jnp.shape(values) not in ((steps,), ()):
-    raise ValueError(f"`alpha` schedule must map k (shape ({steps},)) to an "
-                     f"array of the same shape or a scalar, got shape {jnp.shape(values)}.")
+    raise ValueError(
+      f"`alpha` schedule must map k (shape ({steps},)) to an "
+      f"array of the same shape or a scalar, got shape {jnp.shape(values)}."
+    )
   concrete = validation.concrete_value(values)
   if concrete is not None:
     concrete = np.broadcast_to(concrete, (steps,))
     bad = np.flatnonzero(~((concrete >= 0) & (concrete <= 1)))
     if bad.size:
-      raise ValueError(f"`alpha` schedule must return values in [0, 1], got "
-                       f"alpha_{bad[0] + 1} = {concrete[bad[0]]}.")
+      raise ValueError(
+        f"`alpha` schedule must return values in [0, 1], got "
+        f"alpha_{bad[0] + 1} = {concrete[bad[0]]}."
+      )
 
 
 def _diverged(lower_grad, lower_step, y0, y_final, grad_final, residual):
@@ -361,19 +411,40 @@ def _diverged(lower_grad, lower_step, y0, y_final, grad_final, residual):
   residual0 = tree_ops.tree_norm(lower_step(y0, grad0))
   leaves = lambda t: jax.tree_util.tree_leaves(t)
   moved = tree_ops.tree_sub(y_final, y0)
-  secant = sum(jnp.vdot(gk - g0, m) for gk, g0, m in
-               zip(leaves(grad_final), leaves(grad0), leaves(moved)))
+  secant = sum(
+    jnp.vdot(gk - g0, m) for gk, g0, m in zip(leaves(grad_final), leaves(grad0), leaves(moved))
+  )
   rtol = 1 - jnp.sqrt(jnp.finfo(jnp.result_type(residual)).eps)
-  return ((residual >= rtol * residual0) & (residual > 0)
-          & (tree_ops.tree_norm(moved) > 0) & (secant <= 0))
+  return (
+    (residual >= rtol * residual0)
+    & (residual > 0)
+    & (tree_ops.tree_norm(moved) > 0)
+    & (secant <= 0)
+  )
 
 
-def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
-          upper_lr, lower_lr=None, alpha, truncate: int | None = None,
-          prox=None, checkpoint: Checkpoint = False,
-          record_history: bool = False, unroll: int | bool = 1,
-          throw: bool = False, lower_optimizer=None, lower_batches=None,
-          upper_batches=None, upper_batch=None, key=None) -> BDASolution:
+def solve(
+  upper_fn: Objective,
+  lower_fn: Objective,
+  x,
+  y0,
+  *,
+  steps: int,
+  upper_lr,
+  lower_lr=None,
+  alpha,
+  truncate: int | None = None,
+  prox=None,
+  checkpoint: Checkpoint = False,
+  record_history: bool = False,
+  unroll: int | bool = 1,
+  throw: bool = False,
+  lower_optimizer=None,
+  lower_batches=None,
+  upper_batches=None,
+  upper_batch=None,
+  key=None,
+) -> BDASolution:
   """Runs K aggregated lower iterations (BDA eq. 10, or eq. 13 with ``prox``).
 
   Args:
@@ -479,8 +550,9 @@ def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
   user_upper, user_lower, user_prox = upper_fn, lower_fn, prox
   if upper_batch is not None:
     if upper_batches is not None:
-      raise ValueError("pass `upper_batch` (one batch for every step) or `upper_batches` "
-                       "(one per step), not both.")
+      raise ValueError(
+        "pass `upper_batch` (one batch for every step) or `upper_batches` (one per step), not both."
+      )
     upper_batches = _OneBatch(upper_batch)
   if upper_batches is None:
     upper_fn = lambda xx, yd, b: user_upper(xx, as_y(yd))
@@ -495,12 +567,24 @@ def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
   if not callable(user_upper) or not callable(user_lower):
     upper_fn, lower_fn = user_upper, user_lower  # _validate names the bad one
   steps, truncate, upper_b, lower_b = _validate(
-      upper_fn, lower_fn, x, y0_dyn, steps, upper_lr, lower_lr, truncate, prox,
-      lower_optimizer, (upper_batches, lower_batches), key)
+    upper_fn,
+    lower_fn,
+    x,
+    y0_dyn,
+    steps,
+    upper_lr,
+    lower_lr,
+    truncate,
+    prox,
+    lower_optimizer,
+    (upper_batches, lower_batches),
+    key,
+  )
   if not isinstance(throw, (bool, np.bool_)):
     raise TypeError(f"`throw` must be a bool, got {throw!r}.")
-  if not (isinstance(unroll, (bool, np.bool_)) or (
-      isinstance(unroll, (int, np.integer)) and unroll >= 1)):
+  if not (
+    isinstance(unroll, (bool, np.bool_)) or (isinstance(unroll, (int, np.integer)) and unroll >= 1)
+  ):
     raise ValueError(f"`unroll` must be a positive int or a bool, got {unroll!r}.")
   schedule, rhg = schedules.as_schedule(alpha)
   if callable(alpha):
@@ -513,8 +597,9 @@ def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
       if rhg:
         return tree_ops.tree_scale(s_l, jax.grad(lower_fn, argnums=1)(x, y, batch_f)), state
       # One backward pass for both directions.
-      combined = lambda yy: (a * s_u * upper_fn(x, yy, batch_F)
-                             + (1 - a) * s_l * lower_fn(x, yy, batch_f))
+      combined = lambda yy: (
+        a * s_u * upper_fn(x, yy, batch_F) + (1 - a) * s_l * lower_fn(x, yy, batch_f)
+      )
       return jax.grad(combined)(y), state
     g_f = jax.grad(lower_fn, argnums=1)(x, y, batch_f)
     if opt is None:
@@ -547,6 +632,7 @@ def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
       else:
         out = None
       return (y_next, state, finite), out
+
     return step
 
   xs = (jnp.arange(1, steps + 1), lower_b.xs, upper_b.xs)
@@ -560,22 +646,29 @@ def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
     x_const = variables.combine(sg(x_dyn), x_rest)
     opt_const = None if opt is None else _as_optimizer(lower_optimizer, x_const)
     split = lambda lo, hi: jax.tree_util.tree_map(lambda v: v[lo:hi], xs)
-    carry, head_out = _scan(make_step(x_const, sg(upper_lr), sg(lower_lr), opt_const),
-                            sg(carry), split(0, head), False, unroll)
+    carry, head_out = _scan(
+      make_step(x_const, sg(upper_lr), sg(lower_lr), opt_const),
+      sg(carry),
+      split(0, head),
+      False,
+      unroll,
+    )
     y_head, state_head, finite = sg(carry)
     # S_{K-M} is a constant, except for the tangent that S_0 = T.init(y0)
     # gets from x (an injected hyperparameter): value S_{K-M}, derivative dS_0.
     state_head = jax.tree_util.tree_map(
-        lambda h, i: h + (i - sg(i)) if variables.is_differentiable(i) else h,
-        state_head, state0)
-    carry, tail_out = _scan(make_step(x, upper_lr, lower_lr, opt),
-                            (y_head, state_head, finite), split(head, steps),
-                            checkpoint, unroll)
-    history = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]),
-                                     head_out, tail_out)
+      lambda h, i: h + (i - sg(i)) if variables.is_differentiable(i) else h, state_head, state0
+    )
+    carry, tail_out = _scan(
+      make_step(x, upper_lr, lower_lr, opt),
+      (y_head, state_head, finite),
+      split(head, steps),
+      checkpoint,
+      unroll,
+    )
+    history = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), head_out, tail_out)
   else:
-    carry, history = _scan(make_step(x, upper_lr, lower_lr, opt), carry, xs, checkpoint,
-                           unroll)
+    carry, history = _scan(make_step(x, upper_lr, lower_lr, opt), carry, xs, checkpoint, unroll)
   y_final, _, finite = carry
 
   batch_F, batch_f = upper_b.last(steps, key), lower_b.last(steps, key)
@@ -591,32 +684,42 @@ def solve(upper_fn: Objective, lower_fn: Objective, x, y0, *, steps: int,
   grad_final = lower_grad(y_final)
   residual = tree_ops.tree_norm(lower_step(y_final, grad_final))
   upper_value, lower_value = upper_fn(x, y_final, batch_F), lower_fn(x, y_final, batch_f)
-  finite = finite & jnp.isfinite(upper_value) & jnp.isfinite(lower_value) & jnp.isfinite(
-      residual)
+  finite = finite & jnp.isfinite(upper_value) & jnp.isfinite(lower_value) & jnp.isfinite(residual)
   status = jnp.where(finite, status_lib.SUCCESS, status_lib.NONFINITE)
   if steps >= 2:  # on the last batch at y_0 and y_K alike
-    status = jnp.where((status == status_lib.SUCCESS) & _diverged(
-        lower_grad, lower_step, y0_dyn, y_final, grad_final, residual),
-        status_lib.DIVERGED, status)
+    status = jnp.where(
+      (status == status_lib.SUCCESS)
+      & _diverged(lower_grad, lower_step, y0_dyn, y_final, grad_final, residual),
+      status_lib.DIVERGED,
+      status,
+    )
   valid = validation.is_positive(upper_lr) & validation.in_unit_interval(schedule(xs[0]))
   if lower_lr is not None:
     valid = valid & validation.is_positive(lower_lr)
   status = status_lib.unless_invalid(valid, status)
   info = BDAInfo(
-      num_steps=jnp.asarray(steps, jnp.int32),
-      status=status,
-      residual=residual,
-      upper_value=upper_value,
-      lower_value=lower_value,
-      upper_history=history[0] if record_history else None,
-      lower_history=history[1] if record_history else None,
+    num_steps=jnp.asarray(steps, jnp.int32),
+    status=status,
+    residual=residual,
+    upper_value=upper_value,
+    lower_value=lower_value,
+    upper_history=history[0] if record_history else None,
+    lower_history=history[1] if record_history else None,
   )
   status_lib.raise_if_failed(status, throw=throw, where="bda.solve")
   return BDASolution(y=as_y(y_final), info=info)
 
 
-def hypergradient(upper_fn: Objective, lower_fn: Objective, x, y0, *,
-                  return_info: bool = False, throw: bool = False, **kwargs):
+def hypergradient(
+  upper_fn: Objective,
+  lower_fn: Objective,
+  x,
+  y0,
+  *,
+  return_info: bool = False,
+  throw: bool = False,
+  **kwargs,
+):
   """phi_K(x) = F(x, y_K(x)) and its gradient in x by reverse mode (eq. 9).
 
   Takes the keyword arguments of `solve`. Returns ``(value, grad)``, or
@@ -643,8 +746,9 @@ def hypergradient(upper_fn: Objective, lower_fn: Objective, x, y0, *,
 
   (value, solution), grad = jax.value_and_grad(phi, has_aux=True)(x_dyn)
   status = solution.info.status
-  status = jnp.where((status == status_lib.SUCCESS) & ~tree_ops.tree_all_finite(grad),
-                     status_lib.NONFINITE, status).astype(jnp.int32)
+  status = jnp.where(
+    (status == status_lib.SUCCESS) & ~tree_ops.tree_all_finite(grad), status_lib.NONFINITE, status
+  ).astype(jnp.int32)
   solution = solution._replace(info=solution.info._replace(status=status))
   status_lib.raise_if_failed(solution.info.status, throw=throw, where="bda.hypergradient")
   if return_info:
@@ -652,8 +756,7 @@ def hypergradient(upper_fn: Objective, lower_fn: Objective, x, y0, *,
   return value, grad
 
 
-def make_hypergradient(upper_fn: Objective, lower_fn: Objective, *, jit: bool = True,
-                       **kwargs):
+def make_hypergradient(upper_fn: Objective, lower_fn: Objective, *, jit: bool = True, **kwargs):
   """Builds ``fn(x, y0) -> (value, grad, solution)`` for `bilevel_jax.upper.optimize`.
 
   ``solution.info.status`` tells the driver whether the lower iterations

@@ -34,6 +34,7 @@ Practical choices (ours):
     first step, stale temporaries of killed runs are removed, and a file that
     does not fit this run (dtype, structure, step) is refused by name.
 """
+
 from __future__ import annotations
 
 import os
@@ -66,6 +67,7 @@ class OptimizeInfo(NamedTuple):
     resumed_from: step the run resumed from (0 if fresh).
     compile_time: seconds spent compiling the step (first call).
   """
+
   num_steps: np.ndarray
   status: np.ndarray
   inner_status: np.ndarray
@@ -84,6 +86,7 @@ class OptimizeSolution(NamedTuple):
   ``metrics_fn``. A run stopped on a failure keeps that step's entry, so its
   history has ``info.num_steps + 1`` entries.
   """
+
   x: Any
   y: Any
   opt_state: Any
@@ -94,7 +97,7 @@ class OptimizeSolution(NamedTuple):
 # optax's step counters (``count`` in the Adam, schedule and inject_hyperparams
 # states) are int32 and saturate at 2**31 - 1 (`optax.safe_increment`): past
 # that, bias corrections and schedules silently stop advancing.
-MAX_STEPS = 2 ** 31 - 1
+MAX_STEPS = 2**31 - 1
 # Reserved history names; a metric may not replace them.
 _RESERVED = ("value", "grad_norm", "lower_status", "lower_residual", "step_time")
 
@@ -112,8 +115,9 @@ def _eval_shape(name: str, call: str, fn, *args):
     return jax.eval_shape(fn, *args)
   except Exception as err:  # re-raised with the argument's name
     kind = ValueError if isinstance(err, ValueError) else TypeError
-    raise kind(f"`{name}` failed when called as {call} on the initial point: "
-               f"{type(err).__name__}: {err}") from err
+    raise kind(
+      f"`{name}` failed when called as {call} on the initial point: {type(err).__name__}: {err}"
+    ) from err
 
 
 def _check_like(name: str, what: str, reference, candidate, dtypes: bool = True) -> None:
@@ -122,16 +126,20 @@ def _check_like(name: str, what: str, reference, candidate, dtypes: bool = True)
   ref_def = jax.tree_util.tree_structure(reference)
   cand_def = jax.tree_util.tree_structure(candidate)
   if ref_def != cand_def:  # type: ignore[operator]
-    raise TypeError(f"`{name}`: {what} has tree structure {cand_def}, expected "
-                    f"{ref_def}.")
-  for i, (ref, cand) in enumerate(zip(jax.tree_util.tree_leaves(reference),
-                                      jax.tree_util.tree_leaves(candidate))):
+    raise TypeError(f"`{name}`: {what} has tree structure {cand_def}, expected {ref_def}.")
+  for i, (ref, cand) in enumerate(
+    zip(jax.tree_util.tree_leaves(reference), jax.tree_util.tree_leaves(candidate))
+  ):
     if jnp.shape(ref) != cand.shape:
-      raise ValueError(f"`{name}`: {what} has a leaf ({i}) of shape {cand.shape}, "
-                       f"expected {jnp.shape(ref)} (no broadcasting).")
+      raise ValueError(
+        f"`{name}`: {what} has a leaf ({i}) of shape {cand.shape}, "
+        f"expected {jnp.shape(ref)} (no broadcasting)."
+      )
     if dtypes and jnp.result_type(ref) != cand.dtype:
-      raise TypeError(f"`{name}`: {what} has a leaf ({i}) of dtype {cand.dtype}, "
-                      f"expected {jnp.result_type(ref)} (no silent cast).")
+      raise TypeError(
+        f"`{name}`: {what} has a leaf ({i}) of dtype {cand.dtype}, "
+        f"expected {jnp.result_type(ref)} (no silent cast)."
+      )
 
 
 def _check_scalar(name: str, what: str, out, kinds) -> None:
@@ -139,12 +147,15 @@ def _check_scalar(name: str, what: str, out, kinds) -> None:
     shape = getattr(out, "shape", type(out).__name__)
     raise ValueError(f"`{name}`: {what} must be a scalar, got shape {shape}.")
   if not any(jnp.issubdtype(out.dtype, kind) for kind in kinds):
-    raise TypeError(f"`{name}`: {what} must be a real scalar of kind "
-                    f"{[k.__name__ for k in kinds]}, got dtype {out.dtype}.")
+    raise TypeError(
+      f"`{name}`: {what} must be a real scalar of kind "
+      f"{[k.__name__ for k in kinds]}, got dtype {out.dtype}."
+    )
 
 
-def _check_functions(hypergradient_fn, x0, x_dyn, as_x, y0, with_y, metrics_fn,
-                     projection, data) -> tuple[bool, bool, tuple]:
+def _check_functions(
+  hypergradient_fn, x0, x_dyn, as_x, y0, with_y, metrics_fn, projection, data
+) -> tuple[bool, bool, tuple]:
   """Evaluates the user's functions abstractly on the initial point and checks
   their outputs, so that a wrong arity, output count, shape, structure or
   dtype is an error naming the function instead of a failure inside optax or
@@ -154,41 +165,59 @@ def _check_functions(hypergradient_fn, x0, x_dyn, as_x, y0, with_y, metrics_fn,
     ``(has_status, has_residual, metric_names)``.
   """
   keywords = "".join(f", {k}=..." for k in data)
-  call = (f"hypergradient_fn(x0, y0{keywords})" if with_y
-          else f"hypergradient_fn(x0{keywords}) (no `y0` given)")
+  call = (
+    f"hypergradient_fn(x0, y0{keywords})"
+    if with_y
+    else f"hypergradient_fn(x0{keywords}) (no `y0` given)"
+  )
   y_dyn, y_rest = variables.partition(y0) if with_y else (None, None)
   as_y = lambda yd: variables.combine(yd, y_rest)
-  out = _eval_shape("hypergradient_fn", call,
-                    lambda xd, yd, d: _arrays_only(
-                        hypergradient_fn(as_x(xd), as_y(yd), **d) if with_y
-                        else hypergradient_fn(as_x(xd), **d)), x_dyn, y_dyn, data)
+  out = _eval_shape(
+    "hypergradient_fn",
+    call,
+    lambda xd, yd, d: _arrays_only(
+      hypergradient_fn(as_x(xd), as_y(yd), **d) if with_y else hypergradient_fn(as_x(xd), **d)
+    ),
+    x_dyn,
+    y_dyn,
+    data,
+  )
   value, grad, y_next, lower_status, lower_residual = upper_step.unpack(out, with_y)
-  _check_scalar("hypergradient_fn", "its first output (the value phi(x))", value,
-                (jnp.floating,))
+  _check_scalar("hypergradient_fn", "its first output (the value phi(x))", value, (jnp.floating,))
   _check_like("hypergradient_fn", "its second output (the gradient in x)", x_dyn, grad)
   if lower_status is not None:
     _check_scalar("hypergradient_fn", "`solution.info.status`", lower_status, (jnp.integer,))
   if lower_residual is not None:
-    _check_scalar("hypergradient_fn", "`solution.info.residual`", lower_residual,
-                  (jnp.floating,))
+    _check_scalar("hypergradient_fn", "`solution.info.residual`", lower_residual, (jnp.floating,))
   if with_y:
-    _check_like("hypergradient_fn", "the lower solution y it returns (third output, "
-                "or `solution.y`), which must be like `y0`,", _arrays_only(y0), y_next)
+    _check_like(
+      "hypergradient_fn",
+      "the lower solution y it returns (third output, or `solution.y`), which must be like `y0`,",
+      _arrays_only(y0),
+      y_next,
+    )
   metric_names = ()
   if metrics_fn is not None:
-    metrics = _eval_shape("metrics_fn", "metrics_fn(x0, y)", lambda xd, yd: metrics_fn(
-        as_x(xd), None if yd is None else as_y(yd)), x_dyn, y_next)
+    metrics = _eval_shape(
+      "metrics_fn",
+      "metrics_fn(x0, y)",
+      lambda xd, yd: metrics_fn(as_x(xd), None if yd is None else as_y(yd)),
+      x_dyn,
+      y_next,
+    )
     if not isinstance(metrics, dict):
-      raise TypeError("`metrics_fn` must return a dict of named scalars, got "
-                      f"{type(metrics).__name__}.")
+      raise TypeError(
+        f"`metrics_fn` must return a dict of named scalars, got {type(metrics).__name__}."
+      )
     for key, val in metrics.items():
       if not isinstance(key, str):
         raise TypeError(f"`metrics_fn` must return a dict with str keys, got key {key!r}.")
       if key in _RESERVED:
-        raise ValueError(f"`metrics_fn` returned the key {key!r}, which the history "
-                         f"already records; the reserved names are {_RESERVED}.")
-      _check_scalar("metrics_fn", f"entry {key!r}", val,
-                    (jnp.floating, jnp.integer, jnp.bool_))
+        raise ValueError(
+          f"`metrics_fn` returned the key {key!r}, which the history "
+          f"already records; the reserved names are {_RESERVED}."
+        )
+      _check_scalar("metrics_fn", f"entry {key!r}", val, (jnp.floating, jnp.integer, jnp.bool_))
     metric_names = tuple(metrics)
   if projection is not None:
     if not callable(projection):
@@ -203,8 +232,10 @@ def _check_functions(hypergradient_fn, x0, x_dyn, as_x, y0, with_y, metrics_fn,
     projected = _eval_shape("projection", "projection(x0)", project, x_dyn)
     expected = jax.tree_util.tree_structure(x0)
     if structure[0] != expected:
-      raise TypeError(f"`projection` must return x with the structure of `x0`, got "
-                      f"{structure[0]}, expected {expected}.")
+      raise TypeError(
+        f"`projection` must return x with the structure of `x0`, got "
+        f"{structure[0]}, expected {expected}."
+      )
     _check_like("projection", "its output", x_dyn, projected, dtypes=False)
   return lower_status is not None, lower_residual is not None, metric_names
 
@@ -242,8 +273,7 @@ class _History:
 
   def arrays(self, n: int | None = None) -> dict:
     n = self.length if n is None else n
-    return {k: np.concatenate(self.done[k] + [self.tail[k][:self.fill]])[:n]
-            for k in self.dtypes}
+    return {k: np.concatenate(self.done[k] + [self.tail[k][: self.fill]])[:n] for k in self.dtypes}
 
 
 def _physical_memory() -> int | None:
@@ -257,32 +287,39 @@ def _check_steps(steps: int, num_keys: int) -> None:
   """Bounds ``steps`` before any work: optax's int32 step counters, and the
   history (``num_keys`` entries of 8 bytes per step) against the memory."""
   if steps > MAX_STEPS:
-    raise ValueError(f"`steps` = {steps} exceeds {MAX_STEPS} (2**31 - 1): optax's "
-                     "step counters are int32 and stop advancing there. Run fewer steps "
-                     "per call (resume with `checkpoint_path` to go on).")
+    raise ValueError(
+      f"`steps` = {steps} exceeds {MAX_STEPS} (2**31 - 1): optax's "
+      "step counters are int32 and stop advancing there. Run fewer steps "
+      "per call (resume with `checkpoint_path` to go on)."
+    )
   needed, memory = 8 * steps * num_keys, _physical_memory()
   if memory is not None and needed > memory:
-    raise ValueError(f"`steps` = {steps} needs {needed / 2**30:.1f} GiB for the history "
-                     f"({num_keys} entries of 8 bytes per step), more than this machine's "
-                     f"{memory / 2**30:.1f} GiB of memory. Run fewer steps per call "
-                     "(resume with `checkpoint_path` to go on).")
+    raise ValueError(
+      f"`steps` = {steps} needs {needed / 2**30:.1f} GiB for the history "
+      f"({num_keys} entries of 8 bytes per step), more than this machine's "
+      f"{memory / 2**30:.1f} GiB of memory. Run fewer steps per call "
+      "(resume with `checkpoint_path` to go on)."
+    )
 
 
 def _load_history(path: str, meta: dict, done: int, dtypes: dict) -> dict:
   """The history arrays of a checkpoint, checked against this run's names."""
-  stored = {k[len("history."):]: v for k, v in meta.items() if k.startswith("history.")}
+  stored = {k[len("history.") :]: v for k, v in meta.items() if k.startswith("history.")}
   if not stored and done == 0:
     return {k: np.zeros(0, dtype) for k, dtype in dtypes.items()}
   if set(stored) != set(dtypes):
     raise checkpointing.not_this_run(
-        path, f"its history records {sorted(stored)}, this run records {sorted(dtypes)} "
-        "(another method or `metrics_fn`)")
+      path,
+      f"its history records {sorted(stored)}, this run records {sorted(dtypes)} "
+      "(another method or `metrics_fn`)",
+    )
   for k, v in stored.items():
-    if v.shape != (done,) or not (np.issubdtype(v.dtype, np.number)
-                                  or v.dtype == np.bool_):
+    if v.shape != (done,) or not (np.issubdtype(v.dtype, np.number) or v.dtype == np.bool_):
       raise checkpointing.not_this_run(
-          path, f"its history {k!r} has shape {v.shape} and dtype {v.dtype}, expected "
-          f"{done} numbers (one per completed step)")
+        path,
+        f"its history {k!r} has shape {v.shape} and dtype {v.dtype}, expected "
+        f"{done} numbers (one per completed step)",
+      )
   return stored
 
 
@@ -301,9 +338,12 @@ def _data_source(data, key) -> Callable[[int], dict]:
     def sample(t):
       out = data(t, jax.random.fold_in(key, t))
       if not isinstance(out, dict):
-        raise TypeError(f"`data(t, key)` must return a dict of keywords for "
-                        f"`hypergradient_fn`, got {type(out).__name__} at step {t}.")
+        raise TypeError(
+          f"`data(t, key)` must return a dict of keywords for "
+          f"`hypergradient_fn`, got {type(out).__name__} at step {t}."
+        )
       return out
+
     return sample
   if hasattr(data, "__iter__") or hasattr(data, "__next__"):
     iterator = iter(data)
@@ -314,12 +354,17 @@ def _data_source(data, key) -> Callable[[int], dict]:
       except StopIteration:
         raise ValueError(f"`data` ran out of items at upper step {t}.") from None
       if not isinstance(out, dict):
-        raise TypeError(f"`data` must yield dicts of keywords for `hypergradient_fn`, "
-                        f"got {type(out).__name__} at step {t}.")
+        raise TypeError(
+          f"`data` must yield dicts of keywords for `hypergradient_fn`, "
+          f"got {type(out).__name__} at step {t}."
+        )
       return out
+
     return next_item
-  raise TypeError("`data` must be a dict, a sampler (t, key) -> dict or an iterator of "
-                  f"dicts, got {type(data).__name__}.")
+  raise TypeError(
+    "`data` must be a dict, a sampler (t, key) -> dict or an iterator of "
+    f"dicts, got {type(data).__name__}."
+  )
 
 
 class _ProgressBar:
@@ -336,22 +381,42 @@ class _ProgressBar:
     filled = int(30 * done / self.total)
     rate = done / max(now - self.start, 1e-9)
     eta = (self.total - done) / max(rate, 1e-9)
-    print(f"\r  [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total}  phi={value:.4g}"
-          f"  {rate:.1f} steps/s  eta {eta:.0f} s", end="", file=self.log, flush=True)
+    print(
+      f"\r  [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total}  phi={value:.4g}"
+      f"  {rate:.1f} steps/s  eta {eta:.0f} s",
+      end="",
+      file=self.log,
+      flush=True,
+    )
 
   def close(self) -> None:
     print(file=self.log, flush=True)
 
 
-def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransformation,
-             *, steps: int, y0=None, warm_start: bool = False,
-             projection: Callable | None = None,
-             metrics_fn: Callable | None = None, data=None, key=None,
-             callback: Callable | None = None, callback_every: int = 1,
-             checkpoint_path: str | None = None, checkpoint_every: int = 100,
-             resume: bool = True, log_every: int = 0, progress: bool = False,
-             stop_on_nonfinite: bool = True, stop_on_inner_failure: bool = False,
-             throw: bool = False, log=None) -> OptimizeSolution:
+def optimize(
+  hypergradient_fn: Callable,
+  x0,
+  optimizer: optax.GradientTransformation,
+  *,
+  steps: int,
+  y0=None,
+  warm_start: bool = False,
+  projection: Callable | None = None,
+  metrics_fn: Callable | None = None,
+  data=None,
+  key=None,
+  callback: Callable | None = None,
+  callback_every: int = 1,
+  checkpoint_path: str | None = None,
+  checkpoint_every: int = 100,
+  resume: bool = True,
+  log_every: int = 0,
+  progress: bool = False,
+  stop_on_nonfinite: bool = True,
+  stop_on_inner_failure: bool = False,
+  throw: bool = False,
+  log=None,
+) -> OptimizeSolution:
   """Minimizes phi(x) with hypergradients and an Optax optimizer.
 
   Args:
@@ -426,14 +491,21 @@ def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransforma
   steps = validation.check_positive_int("steps", steps)
   if not callable(hypergradient_fn):
     raise TypeError("`hypergradient_fn` must be callable.")
-  for name, flag in (("warm_start", warm_start), ("resume", resume), ("progress", progress),
-                     ("stop_on_nonfinite", stop_on_nonfinite),
-                     ("stop_on_inner_failure", stop_on_inner_failure), ("throw", throw)):
+  for name, flag in (
+    ("warm_start", warm_start),
+    ("resume", resume),
+    ("progress", progress),
+    ("stop_on_nonfinite", stop_on_nonfinite),
+    ("stop_on_inner_failure", stop_on_inner_failure),
+    ("throw", throw),
+  ):
     if not isinstance(flag, (bool, np.bool_)):
       raise TypeError(f"`{name}` must be a bool, got {flag!r}.")
   if isinstance(log_every, bool) or not isinstance(log_every, (int, np.integer)):
-    raise TypeError(f"`log_every` must be an int >= 0 (0: no progress lines), got "
-                    f"{log_every!r} of type {type(log_every).__name__}.")
+    raise TypeError(
+      f"`log_every` must be an int >= 0 (0: no progress lines), got "
+      f"{log_every!r} of type {type(log_every).__name__}."
+    )
   if log_every < 0:
     raise ValueError(f"`log_every` must be >= 0 (0: no progress lines), got {log_every}.")
   if callback is not None:
@@ -445,8 +517,13 @@ def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransforma
   if checkpoint_path is not None:
     validation.check_positive_int("checkpoint_every", checkpoint_every)
   variables.check("x0", x0)
-  stepper = upper_step.make_step(hypergradient_fn, optimizer, projection=projection,
-                                 warm_start=bool(warm_start), metrics_fn=metrics_fn)
+  stepper = upper_step.make_step(
+    hypergradient_fn,
+    optimizer,
+    projection=projection,
+    warm_start=bool(warm_start),
+    metrics_fn=metrics_fn,
+  )
   draw = _data_source(data, key)
   log = sys.stderr if log is None else log
   with_y = y0 is not None
@@ -454,8 +531,11 @@ def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransforma
   if with_y:
     try:
       y0 = jax.tree_util.tree_map(  # arrays; an Equinox module's functions stay
-          lambda v: jnp.asarray(v) if isinstance(v, (jax.Array, np.ndarray, np.generic,
-                                                     int, float)) else v, y0)
+        lambda v: (
+          jnp.asarray(v) if isinstance(v, (jax.Array, np.ndarray, np.generic, int, float)) else v
+        ),
+        y0,
+      )
     except TypeError as err:
       raise TypeError(f"`y0` must be a pytree of arrays: {err}") from err
   y_rest = variables.partition(y0)[1] if with_y else None
@@ -475,16 +555,22 @@ def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransforma
       templates["y_last"] = y_dyn(y0)
     trees, meta = checkpointing.load(checkpoint_path, templates)
     if meta["step"] > steps:
-      raise ValueError(f"checkpoint {checkpoint_path!r} is at step {meta['step']}, beyond "
-                       f"`steps` = {steps}; raise `steps` or use another path.")
+      raise ValueError(
+        f"checkpoint {checkpoint_path!r} is at step {meta['step']}, beyond "
+        f"`steps` = {steps}; raise `steps` or use another path."
+      )
     state = upper_step.UpperState(
-        x=as_x(trees["x"]), opt_state=trees["opt_state"],
-        y0=as_y(trees["y"]) if with_y else None, y=as_y(trees["y_last"]) if with_y else None,
-        step=jnp.asarray(meta["step"], jnp.int32))
+      x=as_x(trees["x"]),
+      opt_state=trees["opt_state"],
+      y0=as_y(trees["y"]) if with_y else None,
+      y=as_y(trees["y_last"]) if with_y else None,
+      step=jnp.asarray(meta["step"], jnp.int32),
+    )
   first_step = int(state.step)
   pending = draw(first_step) if first_step < steps else {}
   has_status, has_residual, metric_names = _check_functions(
-      hypergradient_fn, x0, x0_dyn, as_x, y0, with_y, metrics_fn, projection, pending)
+    hypergradient_fn, x0, x0_dyn, as_x, y0, with_y, metrics_fn, projection, pending
+  )
   history_dtypes: dict[str, Any] = {"value": np.float64, "grad_norm": np.float64}
   if has_status:
     history_dtypes["lower_status"] = np.int64
@@ -514,13 +600,21 @@ def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransforma
     # The non-array leaves of x and y (an Equinox module's functions) stay out of jit.
     opt_state, y0_d, y_d, count = rest_of_state
     new, step_info = stepper.step(
-        upper_step.UpperState(as_x(x_dyn), opt_state, as_y(y0_d), as_y(y_d), count), **batch)
-    return (variables.partition(new.x)[0],
-            (new.opt_state, y_dyn(new.y0), y_dyn(new.y), new.step), step_info)
+      upper_step.UpperState(as_x(x_dyn), opt_state, as_y(y0_d), as_y(y_d), count), **batch
+    )
+    return (
+      variables.partition(new.x)[0],
+      (new.opt_state, y_dyn(new.y0), y_dyn(new.y), new.step),
+      step_info,
+    )
 
   def split(state):
-    return variables.partition(state.x)[0], (state.opt_state, y_dyn(state.y0),
-                                             y_dyn(state.y), state.step)
+    return variables.partition(state.x)[0], (
+      state.opt_state,
+      y_dyn(state.y0),
+      y_dyn(state.y),
+      state.step,
+    )
 
   def join(x_d, rest_of_state):
     opt_state, y0_d, y_d, count = rest_of_state
@@ -544,8 +638,10 @@ def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransforma
       jax.block_until_ready((x_new, step_info))
       new_state = join(x_new, rest_new)
       elapsed = time.perf_counter() - tic
-      metrics: dict[str, Any] = {"value": float(step_info.value),
-                                 "grad_norm": float(step_info.grad_norm)}
+      metrics: dict[str, Any] = {
+        "value": float(step_info.value),
+        "grad_norm": float(step_info.grad_norm),
+      }
       if has_status:
         metrics["lower_status"] = int(step_info.lower_status)
       if has_residual:
@@ -569,9 +665,12 @@ def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransforma
         lower = ""
         if "lower_status" in metrics:
           lower = f"  lower: {status_lib.Status(metrics['lower_status']).name}"
-        print(f"  upper step {t + 1:>6d}/{steps}  phi={metrics['value']:.6g}  "
-              f"|grad|={metrics['grad_norm']:.3g}  {1e3 * elapsed:.2f} ms/step{lower}",
-              file=log, flush=True)
+        print(
+          f"  upper step {t + 1:>6d}/{steps}  phi={metrics['value']:.6g}  "
+          f"|grad|={metrics['grad_norm']:.3g}  {1e3 * elapsed:.2f} ms/step{lower}",
+          file=log,
+          flush=True,
+        )
       if bar is not None:
         bar.update(t + 1, metrics["value"])
       if callback is not None and (t + 1) % callback_every == 0:
@@ -586,13 +685,20 @@ def optimize(hypergradient_fn: Callable, x0, optimizer: optax.GradientTransforma
       bar.close()
   save(state)
   completed = int(state.step)
-  status = status_lib.NONFINITE if nonfinite else (
-      status_lib.INNER_FAILED if inner_failures else status_lib.SUCCESS)
-  info = OptimizeInfo(num_steps=np.asarray(completed), status=np.asarray(status, np.int32),
-                      inner_status=np.asarray(inner_status, np.int32),
-                      inner_failures=np.asarray(inner_failures),
-                      resumed_from=np.asarray(resumed_from),
-                      compile_time=np.asarray(compile_time))
+  status = (
+    status_lib.NONFINITE
+    if nonfinite
+    else (status_lib.INNER_FAILED if inner_failures else status_lib.SUCCESS)
+  )
+  info = OptimizeInfo(
+    num_steps=np.asarray(completed),
+    status=np.asarray(status, np.int32),
+    inner_status=np.asarray(inner_status, np.int32),
+    inner_failures=np.asarray(inner_failures),
+    resumed_from=np.asarray(resumed_from),
+    compile_time=np.asarray(compile_time),
+  )
   status_lib.raise_if_failed(info.status, throw=throw, where="upper.optimize")
-  return OptimizeSolution(x=state.x, y=state.y, opt_state=state.opt_state,
-                          history=history.arrays(), info=info)
+  return OptimizeSolution(
+    x=state.x, y=state.y, opt_state=state.opt_state, history=history.arrays(), info=info
+  )

@@ -30,6 +30,7 @@ logging and a data source.
 For an Equinox module as x, whose non-array leaves (activation functions)
 jax.jit cannot take, jit the step with ``equinox.filter_jit``.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -55,6 +56,7 @@ class UpperState(NamedTuple):
     y: the lower solution of the last step (``y0`` before the first).
     step: upper steps taken (int32).
   """
+
   x: Any
   opt_state: Any
   y0: Any
@@ -74,6 +76,7 @@ class UpperStepInfo(NamedTuple):
     status: NONFINITE, INNER_FAILED or SUCCESS (`bilevel_jax.Status`).
     metrics: ``metrics_fn(x, y)`` (an empty dict without one).
   """
+
   value: Any
   grad_norm: Any
   lower_status: Any
@@ -85,6 +88,7 @@ class UpperStepInfo(NamedTuple):
 class UpperStep(NamedTuple):
   """``init(x0, y0=None) -> UpperState`` and ``step(state, **data) ->
   (UpperState, UpperStepInfo)``, both pure."""
+
   init: Callable
   step: Callable
 
@@ -93,17 +97,23 @@ def unpack(out, with_y: bool):
   """(value, grad, y, lower status or None, lower residual or None) of a
   hypergradient function's output ``(value, grad[, solution or y])``."""
   if hasattr(out, "_fields"):
-    raise TypeError("`hypergradient_fn` must return a plain tuple (value, grad) or "
-                    f"(value, grad, solution), got a {type(out).__name__} NamedTuple; "
-                    "pass a method's `make_hypergradient(...)`, not its `solve`.")
+    raise TypeError(
+      "`hypergradient_fn` must return a plain tuple (value, grad) or "
+      f"(value, grad, solution), got a {type(out).__name__} NamedTuple; "
+      "pass a method's `make_hypergradient(...)`, not its `solve`."
+    )
   if not isinstance(out, tuple) or len(out) not in (2, 3):
-    raise TypeError("`hypergradient_fn` must return (value, grad) or (value, grad, "
-                    f"solution), got {type(out).__name__} of length "
-                    f"{len(out) if isinstance(out, tuple) else '-'}.")
+    raise TypeError(
+      "`hypergradient_fn` must return (value, grad) or (value, grad, "
+      f"solution), got {type(out).__name__} of length "
+      f"{len(out) if isinstance(out, tuple) else '-'}."
+    )
   if len(out) == 2:
     if with_y:
-      raise TypeError("with `y0`, `hypergradient_fn(x, y0)` must return (value, grad, "
-                      "solution) or (value, grad, y).")
+      raise TypeError(
+        "with `y0`, `hypergradient_fn(x, y0)` must return (value, grad, "
+        "solution) or (value, grad, y)."
+      )
     return out[0], out[1], None, None, None
   value, grad, third = out
   info = getattr(third, "info", None)
@@ -116,16 +126,22 @@ def canonical(tree):
   """Float leaves as JAX arrays of the default dtype (a Python float becomes
   float32 or float64 by ``jax_enable_x64``), not weakly typed: as they are
   after one step, so that the step is traced once."""
+
   def strong(v):
     v = jnp.asarray(v)
     return jnp.asarray(v, dtype=v.dtype)
-  return jax.tree_util.tree_map(
-      lambda v: strong(v) if variables.is_differentiable(v) else v, tree)
+
+  return jax.tree_util.tree_map(lambda v: strong(v) if variables.is_differentiable(v) else v, tree)
 
 
-def make_step(hypergradient_fn: Callable, optimizer: optax.GradientTransformation, *,
-              projection: Callable | None = None, warm_start: bool = False,
-              metrics_fn: Callable | None = None) -> UpperStep:
+def make_step(
+  hypergradient_fn: Callable,
+  optimizer: optax.GradientTransformation,
+  *,
+  projection: Callable | None = None,
+  warm_start: bool = False,
+  metrics_fn: Callable | None = None,
+) -> UpperStep:
   """One upper step as ``init`` and ``step`` pure functions, for a loop you own.
 
   Args:
@@ -163,10 +179,14 @@ def make_step(hypergradient_fn: Callable, optimizer: optax.GradientTransformatio
     (3.0, 0, 200)
   """
   if not isinstance(optimizer, optax.GradientTransformation):
-    raise TypeError("`optimizer` must be an optax.GradientTransformation, got "
-                    f"{type(optimizer).__name__}.")
-  for name, fn in (("hypergradient_fn", hypergradient_fn), ("projection", projection),
-                   ("metrics_fn", metrics_fn)):
+    raise TypeError(
+      f"`optimizer` must be an optax.GradientTransformation, got {type(optimizer).__name__}."
+    )
+  for name, fn in (
+    ("hypergradient_fn", hypergradient_fn),
+    ("projection", projection),
+    ("metrics_fn", metrics_fn),
+  ):
     if fn is not None and not callable(fn):
       raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}.")
   if not isinstance(warm_start, bool):
@@ -177,8 +197,11 @@ def make_step(hypergradient_fn: Callable, optimizer: optax.GradientTransformatio
     x0 = canonical(x0)
     if y0 is not None:
       y0 = jax.tree_util.tree_map(  # arrays; an Equinox module's functions stay
-          lambda v: jnp.asarray(v) if isinstance(v, (jax.Array, np.ndarray, np.generic,
-                                                     int, float)) else v, y0)
+        lambda v: (
+          jnp.asarray(v) if isinstance(v, (jax.Array, np.ndarray, np.generic, int, float)) else v
+        ),
+        y0,
+      )
     elif warm_start:
       raise ValueError("`warm_start=True` needs `y0` in `init(x0, y0)`.")
     opt_state = optimizer.init(variables.partition(x0)[0])
@@ -188,8 +211,9 @@ def make_step(hypergradient_fn: Callable, optimizer: optax.GradientTransformatio
     with_y = state.y0 is not None
     x_dyn, x_rest = variables.partition(state.x)
     as_x = lambda xd: variables.combine(xd, x_rest)
-    out = (hypergradient_fn(state.x, state.y0, **data) if with_y
-           else hypergradient_fn(state.x, **data))
+    out = (
+      hypergradient_fn(state.x, state.y0, **data) if with_y else hypergradient_fn(state.x, **data)
+    )
     value, grad, y_next, lower_status, lower_residual = unpack(out, with_y)
     updates, opt_state = optimizer.update(grad, state.opt_state, x_dyn)
     x_new = optax.apply_updates(x_dyn, updates)
@@ -198,19 +222,34 @@ def make_step(hypergradient_fn: Callable, optimizer: optax.GradientTransformatio
     x_new = tree_ops.tree_cast_like(x_new, x_dyn)
     finite = tree_ops.tree_all_finite((value, grad))
     lower_ok = True if lower_status is None else lower_status == status_lib.SUCCESS
-    status = jnp.where(~finite, status_lib.NONFINITE,
-                       jnp.where(lower_ok, status_lib.SUCCESS, status_lib.INNER_FAILED))
+    status = jnp.where(
+      ~finite,
+      status_lib.NONFINITE,
+      jnp.where(lower_ok, status_lib.SUCCESS, status_lib.INNER_FAILED),
+    )
     metrics = {} if metrics_fn is None else dict(metrics_fn(state.x, y_next))
     info = UpperStepInfo(
-        value=value, grad_norm=tree_ops.tree_norm(grad),
-        lower_status=(jnp.asarray(status_lib.SUCCESS, jnp.int32) if lower_status is None
-                      else jnp.asarray(lower_status, jnp.int32)),
-        lower_residual=(jnp.asarray(jnp.nan, jnp.result_type(value)) if lower_residual is None
-                        else lower_residual),
-        status=status.astype(jnp.int32), metrics=metrics)
+      value=value,
+      grad_norm=tree_ops.tree_norm(grad),
+      lower_status=(
+        jnp.asarray(status_lib.SUCCESS, jnp.int32)
+        if lower_status is None
+        else jnp.asarray(lower_status, jnp.int32)
+      ),
+      lower_residual=(
+        jnp.asarray(jnp.nan, jnp.result_type(value)) if lower_residual is None else lower_residual
+      ),
+      status=status.astype(jnp.int32),
+      metrics=metrics,
+    )
     y0_next = y_next if (warm_start and with_y) else state.y0
-    new_state = UpperState(x=as_x(x_new), opt_state=opt_state, y0=y0_next,
-                           y=y_next if with_y else None, step=state.step + 1)
+    new_state = UpperState(
+      x=as_x(x_new),
+      opt_state=opt_state,
+      y0=y0_next,
+      y=y_next if with_y else None,
+      step=state.step + 1,
+    )
     return new_state, info
 
   return UpperStep(init=init, step=step)

@@ -6,6 +6,7 @@ without a device round trip and are left to the runtime status in ``info``:
 `is_positive` and `in_unit_interval` return the traced condition, which the
 entry points turn into ``Status.INVALID_INPUT`` (`status.unless_invalid`).
 """
+
 from __future__ import annotations
 
 import numbers
@@ -29,15 +30,17 @@ def concrete_value(value: Any) -> np.ndarray | None:
 
 
 # Iteration counters are int32 arrays.
-MAX_INT32 = 2 ** 31 - 1
+MAX_INT32 = 2**31 - 1
 
 
-def check_positive_int(name: str, value: Any, maximum: int = MAX_INT32,
-                       why: str = "iteration counters are int32") -> int:
+def check_positive_int(
+  name: str, value: Any, maximum: int = MAX_INT32, why: str = "iteration counters are int32"
+) -> int:
   """A Python int in [1, maximum] (``why`` explains the bound in the error)."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise TypeError(f"`{name}` must be a positive Python int, got {value!r} "
-                    f"of type {type(value).__name__}.")
+    raise TypeError(
+      f"`{name}` must be a positive Python int, got {value!r} of type {type(value).__name__}."
+    )
   if value <= 0:
     raise ValueError(f"`{name}` must be positive, got {value}.")
   if value > maximum:
@@ -80,8 +83,10 @@ def check_finite(name: str, value: Any) -> None:
   if concrete is None or not np.issubdtype(concrete.dtype, np.number):
     return
   if not np.all(np.isfinite(concrete)):
-    raise ValueError(f"`{name}` must be finite; it has {int(np.sum(~np.isfinite(concrete)))} "
-                     "NaN or infinite entries.")
+    raise ValueError(
+      f"`{name}` must be finite; it has {int(np.sum(~np.isfinite(concrete)))} "
+      "NaN or infinite entries."
+    )
 
 
 def check_in_unit_interval(name: str, value: Any) -> None:
@@ -92,10 +97,13 @@ def check_in_unit_interval(name: str, value: Any) -> None:
     raise ValueError(f"`{name}` must lie in [0, 1], got {value!r}.")
 
 
-def check_scalar_output(name: str, fn, *args,
-                        call: str = "on the initial point (x, `y0`); do `x` and `y0` "
-                                    "have the structure and shapes it expects?"
-                        ) -> jax.ShapeDtypeStruct:
+def check_scalar_output(
+  name: str,
+  fn,
+  *args,
+  call: str = "on the initial point (x, `y0`); do `x` and `y0` "
+  "have the structure and shapes it expects?",
+) -> jax.ShapeDtypeStruct:
   """Evaluates ``fn(*args)`` abstractly and checks that it is a real scalar
   (``call`` says how ``name`` was called, for the error message)."""
   try:
@@ -104,11 +112,9 @@ def check_scalar_output(name: str, fn, *args,
     raise TypeError(f"`{name}` failed when called {call} {err}") from err
   if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
     shape = getattr(out, "shape", type(out).__name__)
-    raise ValueError(f"`{name}` must return a scalar, got an output of shape "
-                     f"{shape}.")
+    raise ValueError(f"`{name}` must return a scalar, got an output of shape {shape}.")
   if not jnp.issubdtype(out.dtype, jnp.floating):
-    raise TypeError(f"`{name}` must return a floating-point scalar, got dtype "
-                    f"{out.dtype}.")
+    raise TypeError(f"`{name}` must return a floating-point scalar, got dtype {out.dtype}.")
   return out
 
 
@@ -120,8 +126,10 @@ def check_prng_key(name: str, key: Any) -> None:
     return
   if dtype is not None and dtype == jnp.uint32 and jnp.ndim(key) >= 1:
     return
-  raise TypeError(f"`{name}` must be a JAX PRNG key (`jax.random.key(0)` or "
-                  f"`jax.random.PRNGKey(0)`), got {key!r} of type {type(key).__name__}.")
+  raise TypeError(
+    f"`{name}` must be a JAX PRNG key (`jax.random.key(0)` or "
+    f"`jax.random.PRNGKey(0)`), got {key!r} of type {type(key).__name__}."
+  )
 
 
 def check_same_structure(name: str, reference, candidate, what: str) -> None:
@@ -130,18 +138,16 @@ def check_same_structure(name: str, reference, candidate, what: str) -> None:
   ref_def = jax.tree_util.tree_structure(reference)
   cand_def = jax.tree_util.tree_structure(candidate)
   if ref_def != cand_def:  # type: ignore[operator]
-    raise ValueError(f"`{name}`: {what} has tree structure {cand_def}, "
-                     f"expected {ref_def}.")
-  for ref, cand in zip(jax.tree_util.tree_leaves(reference),
-                       jax.tree_util.tree_leaves(candidate)):
+    raise ValueError(f"`{name}`: {what} has tree structure {cand_def}, expected {ref_def}.")
+  for ref, cand in zip(jax.tree_util.tree_leaves(reference), jax.tree_util.tree_leaves(candidate)):
     if jnp.shape(ref) != jnp.shape(cand):
-      raise ValueError(f"`{name}`: {what} has a leaf of shape "
-                       f"{jnp.shape(cand)}, expected {jnp.shape(ref)}.")
+      raise ValueError(
+        f"`{name}`: {what} has a leaf of shape {jnp.shape(cand)}, expected {jnp.shape(ref)}."
+      )
 
 
 def check_keywords(where: str, kwargs, accepted) -> None:
   """Raises a TypeError naming the unknown keyword arguments of ``where``."""
   unknown = sorted(set(kwargs) - set(accepted))
   if unknown:
-    raise TypeError(f"unknown keyword argument(s) {unknown}; `{where}` takes "
-                    f"{sorted(accepted)}.")
+    raise TypeError(f"unknown keyword argument(s) {unknown}; `{where}` takes {sorted(accepted)}.")

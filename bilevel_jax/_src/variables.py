@@ -14,6 +14,7 @@ structure of the variable with ``None`` where a leaf belongs to the other.
     merge inside the objective (``nnx.merge(graphdef, y)``); RNG keys and
     counters are carried along (not advanced between lower steps).
 """
+
 from __future__ import annotations
 
 import numbers
@@ -30,8 +31,7 @@ def is_differentiable(leaf) -> bool:
     return False
   if isinstance(leaf, numbers.Real) and not isinstance(leaf, numbers.Integral):
     return True
-  if isinstance(leaf, (jax.Array, np.ndarray, np.generic)) or isinstance(
-      leaf, jax.core.Tracer):
+  if isinstance(leaf, (jax.Array, np.ndarray, np.generic)) or isinstance(leaf, jax.core.Tracer):
     dtype = getattr(leaf, "dtype", None)
     try:
       return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
@@ -69,12 +69,15 @@ def check(name: str, tree) -> None:
   if not leaves:
     raise ValueError(f"`{name}` has no array leaves.")
   if not any(is_differentiable(leaf) for leaf in leaves):
-    kinds = sorted({type(leaf).__name__ if not hasattr(leaf, "dtype") else str(leaf.dtype)
-                    for leaf in leaves})
-    raise TypeError(f"`{name}` must have floating-point leaves (the variables to "
-                    f"optimize), got only leaves of kind {kinds}. Integer, boolean and "
-                    f"key leaves are carried along but not optimized; for a Flax NNX "
-                    f"model pass the state of `graphdef, state = nnx.split(model)`.")
+    kinds = sorted(
+      {type(leaf).__name__ if not hasattr(leaf, "dtype") else str(leaf.dtype) for leaf in leaves}
+    )
+    raise TypeError(
+      f"`{name}` must have floating-point leaves (the variables to "
+      f"optimize), got only leaves of kind {kinds}. Integer, boolean and "
+      f"key leaves are carried along but not optimized; for a Flax NNX "
+      f"model pass the state of `graphdef, state = nnx.split(model)`."
+    )
 
 
 def dtype_of(tree) -> Any:

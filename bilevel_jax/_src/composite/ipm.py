@@ -33,6 +33,7 @@ steps (the attainable accuracy: status INACCURATE), when it grew a
 NONFINITE), at tol (SUCCESS) or at max_steps (MAX_STEPS).  The best iterate
 is returned in every case.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -43,25 +44,25 @@ import jax.numpy as jnp
 from bilevel_jax._src import status as status_lib
 from bilevel_jax._src.composite import linalg
 
-PATIENCE = 8       # steps without halving the error before the loop stops
-DIVERGED = 1e6     # error growth over the best that counts as divergence
+PATIENCE = 8  # steps without halving the error before the loop stops
+DIVERGED = 1e6  # error growth over the best that counts as divergence
 
 
 class _Group(NamedTuple):
-  rows: Any      # (nb, n, k) constraint rows C
-  offsets: Any   # (nb, n) c0
+  rows: Any  # (nb, n, k) constraint rows C
+  offsets: Any  # (nb, n) c0
   is_piece: Any  # (1, n) 1.0 for max pieces, 0.0 for constraints
-  index: Any     # (nb, k)
+  index: Any  # (nb, k)
 
 
 class _Loop(NamedTuple):
   y: Any
   blocks: Any
   k: Any
-  err: Any          # error of the current iterate (inf once non-finite)
+  err: Any  # error of the current iterate (inf once non-finite)
   y_best: Any
   err_best: Any
-  err_ref: Any      # error when it last halved, at step k_ref
+  err_ref: Any  # error when it last halved, at step k_ref
   k_ref: Any
 
 
@@ -76,8 +77,7 @@ def _groups(h, dtype):
   return out
 
 
-def solve(g_fn, G_fn, lin_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=None,
-          active=True):
+def solve(g_fn, G_fn, lin_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=None, active=True):
   """Interior-point solve of (3.1); returns (y, steps, kkt_error, status).
 
   y is the best iterate (least KKT error), kkt_error its error, status a
@@ -98,7 +98,7 @@ def solve(g_fn, G_fn, lin_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=No
   groups = _groups(h, dtype)
 
   def init_block(gr, z):
-    zb = z[gr.index]                                          # (nb, k)
+    zb = z[gr.index]  # (nb, k)
     w = zb
     pieces = jnp.einsum("bnk,bk->bn", gr.rows, w) - gr.offsets
     t = jnp.max(jnp.where(gr.is_piece > 0, pieces, -jnp.inf), axis=1)
@@ -153,41 +153,43 @@ def solve(g_fn, G_fn, lin_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=No
     mu = duality_measure(blocks)
     sigma = 0.1
     target = sigma * mu
-    matrix, jac = lin_fn(y, p)                             # (m, m), (s, m)
+    matrix, jac = lin_fn(y, p)  # (m, m), (s, m)
     rhs = -r_y
     solves = []
     for gr, (_w, _t, s, lam), (r_w, r_t, r_p) in zip(groups, blocks, res):
-      d = lam / s                                          # (nb, n)
-      e = (target - s * lam + lam * r_p) / s               # (nb, n)
-      crow = gr.rows                                       # (nb, n, k)
+      d = lam / s  # (nb, n)
+      e = (target - s * lam + lam * r_p) / s  # (nb, n)
+      crow = gr.rows  # (nb, n, k)
       k_ = crow.shape[2]
-      piece = gr.is_piece[0]                               # (n,)
+      piece = gr.is_piece[0]  # (n,)
       f_w = -r_w - jnp.einsum("bnk,bn->bk", crow, e)
       f_t = -r_t + jnp.einsum("n,bn->b", piece, e)
       # dt eliminated: dt = (f_t + <d pi, C dw>) / sum_pieces d.  What remains
       # on dw is I/alpha + E with E = C^T L C, L the weighted Laplacian of the
       # pieces (diag d_i sum_{j != i} d_j / sum d, off-diagonal -d_i d_j /
       # sum d, no differences of large numbers) and diag(d) on constraints.
-      dp = d * gr.is_piece                                 # (nb, n)
-      total = jnp.sum(dp, axis=1)                          # (nb,) > 0
+      dp = d * gr.is_piece  # (nb, n)
+      total = jnp.sum(dp, axis=1)  # (nb,) > 0
       others = jnp.einsum("ij,bj->bi", 1 - jnp.eye(piece.shape[0], dtype=dtype), dp)
       lap = -dp[:, :, None] * dp[:, None, :] / total[:, None, None]
       diag = jnp.where(gr.is_piece > 0, dp * others / total[:, None], d)
       both_pieces = (piece[:, None] * piece[None, :])[None]
-      lap = jnp.where(jnp.eye(piece.shape[0], dtype=bool)[None], diag[:, :, None],
-                      lap * both_pieces)
-      e_mat = jnp.einsum("bnk,bnl,blj->bkj", crow, lap, crow)          # (nb, k, k)
+      lap = jnp.where(
+        jnp.eye(piece.shape[0], dtype=bool)[None], diag[:, :, None], lap * both_pieces
+      )
+      e_mat = jnp.einsum("bnk,bnl,blj->bkj", crow, lap, crow)  # (nb, k, k)
       g_w = f_w + jnp.einsum("bnk,bn->bk", crow, dp) * (f_t / total)[:, None]
       # dw = R (alpha g_w + J dy) with R = (I + alpha E)^-1; the y-system
       # gains J^T S J with S = E R = (I - R)/alpha, solved for directly (no
       # cancellation when alpha E is small) and symmetrized.
       eye = jnp.eye(k_, dtype=dtype)
-      both = jax.vmap(linalg.small_solve)(eye[None] + alpha * e_mat,
-                                          jnp.concatenate([jnp.broadcast_to(eye, e_mat.shape),
-                                                           e_mat], axis=2))
+      both = jax.vmap(linalg.small_solve)(
+        eye[None] + alpha * e_mat,
+        jnp.concatenate([jnp.broadcast_to(eye, e_mat.shape), e_mat], axis=2),
+      )
       r_mat, s_mat = both[:, :, :k_], both[:, :, k_:]
       s_mat = 0.5 * (s_mat + jnp.swapaxes(s_mat, 1, 2))
-      jb = jac[gr.index]                                         # (nb, k, m)
+      jb = jac[gr.index]  # (nb, k, m)
       sj = jnp.einsum("bkl,blm->bkm", s_mat, jb)
       matrix = matrix + jnp.einsum("bkm,bkn->mn", jb, sj)
       rg = jnp.einsum("bkl,bl->bk", r_mat, g_w)
@@ -198,20 +200,24 @@ def solve(g_fn, G_fn, lin_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=No
     directions = []
     alpha_p, alpha_d = jnp.ones((), dtype), jnp.ones((), dtype)
     for gr, (_w, _t, s, lam), (_r_w, _r_t, r_p), (r_mat, rg, jb, d, e, dp, total, f_t) in zip(
-        groups, blocks, res, solves):
+      groups, blocks, res, solves
+    ):
       dw = alpha * rg + jnp.einsum("bkl,blm,m->bk", r_mat, jb, dy)
       dt = (f_t + jnp.einsum("bn,bnk,bk->b", dp, gr.rows, dw)) / total
       cdw = jnp.einsum("bnk,bk->bn", gr.rows, dw) - gr.is_piece * dt[:, None]
       ds = -r_p - cdw
       dlam = d * cdw + e
       alpha_p = jnp.minimum(alpha_p, jnp.min(jnp.where(ds < 0, -s / ds, jnp.inf), initial=jnp.inf))
-      alpha_d = jnp.minimum(alpha_d, jnp.min(jnp.where(dlam < 0, -lam / dlam, jnp.inf), initial=jnp.inf))
+      alpha_d = jnp.minimum(
+        alpha_d, jnp.min(jnp.where(dlam < 0, -lam / dlam, jnp.inf), initial=jnp.inf)
+      )
       directions.append((dw, dt, ds, dlam))
     alpha_p = jnp.minimum(1.0, 0.99 * alpha_p)
     alpha_d = jnp.minimum(1.0, 0.99 * alpha_d)
     new_blocks = tuple(
-        (w + alpha_p * dw, t + alpha_p * dt, s + alpha_p * ds, lam + alpha_d * dlam)
-        for (w, t, s, lam), (dw, dt, ds, dlam) in zip(blocks, directions))
+      (w + alpha_p * dw, t + alpha_p * dt, s + alpha_p * ds, lam + alpha_d * dlam)
+      for (w, t, s, lam), (dw, dt, ds, dlam) in zip(blocks, directions)
+    )
     y_new = y + alpha_p * dy
     err, _ = measure(y_new, new_blocks)
     return y_new, new_blocks, err
@@ -222,12 +228,19 @@ def solve(g_fn, G_fn, lin_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=No
     err = jnp.where(finite, err, jnp.inf).astype(dtype)
     better = err < st.err_best
     halved = err <= 0.5 * st.err_ref
-    return _Loop(y_new, new_blocks, st.k + 1, err,
-                jnp.where(better, y_new, st.y_best), jnp.where(better, err, st.err_best),
-                jnp.where(halved, err, st.err_ref), jnp.where(halved, st.k + 1, st.k_ref))
+    return _Loop(
+      y_new,
+      new_blocks,
+      st.k + 1,
+      err,
+      jnp.where(better, y_new, st.y_best),
+      jnp.where(better, err, st.err_best),
+      jnp.where(halved, err, st.err_ref),
+      jnp.where(halved, st.k + 1, st.k_ref),
+    )
 
   def diverged(st):
-    return ~(st.err <= DIVERGED * st.err_best)      # also when err is inf or NaN
+    return ~(st.err <= DIVERGED * st.err_best)  # also when err is inf or NaN
 
   def stalled(st):
     return st.k - st.k_ref >= PATIENCE
@@ -239,8 +252,13 @@ def solve(g_fn, G_fn, lin_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=No
   err0 = err0.astype(dtype)
   zero = jnp.array(0, jnp.int32)
   st = jax.lax.while_loop(cond, body, _Loop(y0, blocks0, zero, err0, y0, err0, err0, zero))
-  status = jnp.where(st.err_best <= tol, status_lib.SUCCESS,
-                     jnp.where(diverged(st), status_lib.NONFINITE,
-                               jnp.where(stalled(st), status_lib.INACCURATE,
-                                         status_lib.MAX_STEPS)))
+  status = jnp.where(
+    st.err_best <= tol,
+    status_lib.SUCCESS,
+    jnp.where(
+      diverged(st),
+      status_lib.NONFINITE,
+      jnp.where(stalled(st), status_lib.INACCURATE, status_lib.MAX_STEPS),
+    ),
+  )
   return st.y_best, st.k, st.err_best, status

@@ -7,6 +7,7 @@ one LAPACK call per system.  `spd_solve`: Cholesky for the symmetric
 positive definite Newton and Schur matrices.
 `maybe`: a branch that costs nothing under vmap when no lane takes it.
 """
+
 from __future__ import annotations
 
 import jax
@@ -17,8 +18,9 @@ def maybe(pred, fn, default):
   """fn() where pred, else default.  A while loop that runs at most once: under
   vmap it runs when some lane needs it, where lax.cond would run fn on every
   lane every time."""
-  _, out = jax.lax.while_loop(lambda c: c[0], lambda c: (jnp.zeros_like(c[0]), fn()),
-                              (jnp.asarray(pred), default))
+  _, out = jax.lax.while_loop(
+    lambda c: c[0], lambda c: (jnp.zeros_like(c[0]), fn()), (jnp.asarray(pred), default)
+  )
   return out
 
 
@@ -40,8 +42,11 @@ def small_solve(matrix, rhs):
     is_piv = top & (jnp.cumsum(top) == 1)
     row_piv = jnp.sum(jnp.where(is_piv[:, None], aug, 0), axis=0)
     row_k = aug[k]
-    aug = aug + jnp.where((rows == k)[:, None], row_piv - row_k, 0) \
-        + jnp.where(is_piv[:, None], row_k - row_piv, 0)
+    aug = (
+      aug
+      + jnp.where((rows == k)[:, None], row_piv - row_k, 0)
+      + jnp.where(is_piv[:, None], row_k - row_piv, 0)
+    )
     factors = jnp.where(rows > k, aug[:, k] / row_piv[k], 0)
     aug = aug - factors[:, None] * row_piv[None, :]
   upper, sol_rhs = aug[:, :n], aug[:, n:]

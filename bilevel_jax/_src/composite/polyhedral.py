@@ -26,6 +26,7 @@ for zero multipliers inside it.  From S follows the basis of the critical
 cone K_{h*}(p, w) in (5.1) and (2.4): span{a_j - a_j0 : j in J(w)} +
 span{b_i : i in I(w)}, used as an orthogonal projector.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -52,6 +53,7 @@ class Blocks(NamedTuple):
     beta: (nb, I) constraint levels beta_i.
     index: (nb, k) int coordinates of z read by each block.
   """
+
   a: Any
   alpha: Any
   b: Any
@@ -122,8 +124,9 @@ class Polyhedral:
     return u[:, :dim], dim
 
   def __repr__(self):
-    parts = ", ".join(f"{g.a.shape[0]}x(J={g.a.shape[1]}, I={g.b.shape[1]}, "
-                      f"k={g.a.shape[2]})" for g in self.groups)
+    parts = ", ".join(
+      f"{g.a.shape[0]}x(J={g.a.shape[1]}, I={g.b.shape[1]}, k={g.a.shape[2]})" for g in self.groups
+    )
     scale = "" if self.scale is None else ", scale=<traced>"
     return f"Polyhedral(size={self.size}, blocks=[{parts}]{scale})"
 
@@ -140,10 +143,11 @@ def _check_nonnegative(name: str, value) -> None:
   concrete = validation.concrete_value(value)
   if concrete is not None and concrete.size and np.any(concrete < 0):
     raise ValueError(
-        f"`{name}` has a negative entry ({concrete.min():g}): h must be "
-        "nondecreasing (2.6), so every a_j and b_i must be >= 0. Write a "
-        "decreasing term through G instead, e.g. |y| = max(y, -y) with "
-        "G = (y, -y) and h = l1(...).")
+      f"`{name}` has a negative entry ({concrete.min():g}): h must be "
+      "nondecreasing (2.6), so every a_j and b_i must be >= 0. Write a "
+      "decreasing term through G instead, e.g. |y| = max(y, -y) with "
+      "G = (y, -y) and h = l1(...)."
+    )
 
 
 def polyhedral(a, alpha=None, b=None, beta=None) -> Polyhedral:
@@ -168,8 +172,7 @@ def polyhedral(a, alpha=None, b=None, beta=None) -> Polyhedral:
     2.0
   """
   if a is None and b is None:
-    raise ValueError("`a` and `b` cannot both be None: give h's pieces or its "
-                     "constraints.")
+    raise ValueError("`a` and `b` cannot both be None: give h's pieces or its constraints.")
   if b is not None:
     b = jnp.atleast_2d(jnp.asarray(b))
     s = b.shape[1]
@@ -183,8 +186,9 @@ def polyhedral(a, alpha=None, b=None, beta=None) -> Polyhedral:
   dtype = jnp.result_type(a, b, float)
   a, b = a.astype(dtype), b.astype(dtype)
   if a.shape[1] != b.shape[1]:
-    raise ValueError(f"`a` has {a.shape[1]} columns but `b` has {b.shape[1]}; "
-                     "both must match the size of z.")
+    raise ValueError(
+      f"`a` has {a.shape[1]} columns but `b` has {b.shape[1]}; both must match the size of z."
+    )
   alpha = jnp.zeros(a.shape[0], dtype) if alpha is None else jnp.asarray(alpha, dtype)
   beta = jnp.zeros(b.shape[0], dtype) if beta is None else jnp.asarray(beta, dtype)
   if alpha.shape != (a.shape[0],):
@@ -195,17 +199,17 @@ def polyhedral(a, alpha=None, b=None, beta=None) -> Polyhedral:
     validation.check_finite(name, value)
   _check_nonnegative("a", a)
   _check_nonnegative("b", b)
-  return _from_blocks(a[None], alpha[None], b[None], beta[None],
-                      np.arange(s)[None], size=s)
+  return _from_blocks(a[None], alpha[None], b[None], beta[None], np.arange(s)[None], size=s)
 
 
 def _from_blocks(a, alpha, b, beta, index, size) -> Polyhedral:
   pieces = a.shape[1] + b.shape[1]
   if pieces > MAX_PIECES_PER_BLOCK:
     raise ValueError(
-        f"`h` has a block with {pieces} pieces and constraints; at most "
-        f"{MAX_PIECES_PER_BLOCK} are supported per block (the prox enumerates "
-        "2^pieces active sets). Write h as a `separable` sum of small blocks.")
+      f"`h` has a block with {pieces} pieces and constraints; at most "
+      f"{MAX_PIECES_PER_BLOCK} are supported per block (the prox enumerates "
+      "2^pieces active sets). Write h as a `separable` sum of small blocks."
+    )
   index = np.asarray(index, dtype=np.int32)
   return Polyhedral((Blocks(a, alpha, b, beta, jnp.asarray(index)),), size)
 
@@ -247,9 +251,14 @@ def linear(c) -> Polyhedral:
   validation.check_finite("c", c)
   _check_nonnegative("c", c)
   s = c.shape[0]
-  return _from_blocks(c[:, None, None], jnp.zeros((s, 1), c.dtype),
-                      jnp.zeros((s, 0, 1), c.dtype), jnp.zeros((s, 0), c.dtype),
-                      np.arange(s)[:, None], size=s)
+  return _from_blocks(
+    c[:, None, None],
+    jnp.zeros((s, 1), c.dtype),
+    jnp.zeros((s, 0, 1), c.dtype),
+    jnp.zeros((s, 0), c.dtype),
+    np.arange(s)[:, None],
+    size=s,
+  )
 
 
 def _scaled(h: Polyhedral, scale) -> Polyhedral:
@@ -343,12 +352,13 @@ def separable(*hs: Polyhedral) -> Polyhedral:
   groups, offset = [], 0
   for i, h in enumerate(hs):
     if not isinstance(h, Polyhedral):
-      raise TypeError(f"argument {i} of `separable` must be a Polyhedral, got "
-                      f"{type(h).__name__}.")
+      raise TypeError(f"argument {i} of `separable` must be a Polyhedral, got {type(h).__name__}.")
     if h.scale is not None:
-      raise ValueError(f"argument {i} of `separable` has a traced `scale`; a separable "
-                       "sum holds one scale per block only when it is concrete. Put "
-                       "the weight into G instead (G = scale * (...)).")
+      raise ValueError(
+        f"argument {i} of `separable` has a traced `scale`; a separable "
+        "sum holds one scale per block only when it is concrete. Put "
+        "the weight into G instead (G = scale * (...))."
+      )
     groups += [g._replace(index=g.index + offset) for g in h.groups]
     offset += h.size
   return Polyhedral(tuple(groups), offset)
@@ -356,8 +366,10 @@ def separable(*hs: Polyhedral) -> Polyhedral:
 
 def check_h(name: str, h) -> Polyhedral:
   if not isinstance(h, Polyhedral):
-    raise TypeError(f"`{name}` must be a bilevel_jax.composite.Polyhedral (built "
-                    f"with composite.polyhedral, l1, ...), got {type(h).__name__}.")
+    raise TypeError(
+      f"`{name}` must be a bilevel_jax.composite.Polyhedral (built "
+      f"with composite.polyhedral, l1, ...), got {type(h).__name__}."
+    )
   return h
 
 
@@ -366,8 +378,9 @@ def check_h(name: str, h) -> Polyhedral:
 
 def _subsets(num_pieces: int, num_constraints: int) -> np.ndarray:
   """All candidate active sets with at least one max piece, largest first."""
-  rows = [s for s in itertools.product((0, 1), repeat=num_pieces + num_constraints)
-          if any(s[:num_pieces])]
+  rows = [
+    s for s in itertools.product((0, 1), repeat=num_pieces + num_constraints) if any(s[:num_pieces])
+  ]
   rows.sort(key=lambda r: -sum(r))
   return np.array(rows, dtype=bool)
 
@@ -395,11 +408,11 @@ def _block_prox(a, alpha, b, beta, z, step):
     constraint): the relative interior condition cannot be certified there.
   """
   num_j = a.shape[0]
-  rows = jnp.concatenate([a, b], axis=0)              # (n, k)
-  offsets = jnp.concatenate([alpha, beta])            # (n,)
+  rows = jnp.concatenate([a, b], axis=0)  # (n, k)
+  offsets = jnp.concatenate([alpha, beta])  # (n,)
   n = rows.shape[0]
   is_piece = jnp.arange(n) < num_j
-  subsets = jnp.asarray(_subsets(num_j, n - num_j))   # (2^n, n)
+  subsets = jnp.asarray(_subsets(num_j, n - num_j))  # (2^n, n)
   gram = rows @ rows.T
   dtype = z.dtype
   scale = 1 + jnp.max(jnp.abs(z)) + jnp.max(jnp.abs(offsets)) + step * jnp.max(gram)
@@ -407,9 +420,11 @@ def _block_prox(a, alpha, b, beta, z, step):
 
   def candidate(mask):
     # Unknowns (lam_0..lam_{n-1}, t).
-    top = jnp.where(mask[:, None],
-                    jnp.concatenate([step * gram, is_piece[:, None].astype(dtype)], 1),
-                    jnp.concatenate([jnp.eye(n, dtype=dtype), jnp.zeros((n, 1), dtype)], 1))
+    top = jnp.where(
+      mask[:, None],
+      jnp.concatenate([step * gram, is_piece[:, None].astype(dtype)], 1),
+      jnp.concatenate([jnp.eye(n, dtype=dtype), jnp.zeros((n, 1), dtype)], 1),
+    )
     last = jnp.concatenate([is_piece.astype(dtype), jnp.zeros(1, dtype)])[None]
     matrix = jnp.concatenate([top, last], 0)
     rhs = jnp.concatenate([jnp.where(mask, rows @ z - offsets, 0), jnp.ones(1, dtype)])
@@ -417,8 +432,9 @@ def _block_prox(a, alpha, b, beta, z, step):
     lam, t = sol[:n], sol[n]
     w = z - step * (rows.T @ lam)
     slack = rows @ w - offsets - jnp.where(is_piece, t, 0)
-    violation = jnp.maximum(jnp.max(jnp.where(mask, -lam, -jnp.inf)),
-                            jnp.max(jnp.where(mask, -jnp.inf, slack)))
+    violation = jnp.maximum(
+      jnp.max(jnp.where(mask, -lam, -jnp.inf)), jnp.max(jnp.where(mask, -jnp.inf, slack))
+    )
     finite = jnp.all(jnp.isfinite(sol))
     lam_scale = 1 + jnp.max(jnp.abs(jnp.where(finite, lam, 0)))
     weak = jnp.any(~mask & (jnp.abs(slack) <= tol))
@@ -496,11 +512,12 @@ def _block_projector(a, b, active, dtype):
 
 class BlockState(NamedTuple):
   """Per-group results of the prox: what the solver and the derivative use."""
-  projector: Any   # (nb, k, k)
-  lam: Any         # (nb, n) multipliers (sigma, tau)
-  active: Any      # (nb, n) bool
-  ok: Any          # (nb,) bool
-  weak: Any        # (nb,) bool: a piece active at w but off the chosen set
+
+  projector: Any  # (nb, k, k)
+  lam: Any  # (nb, n) multipliers (sigma, tau)
+  active: Any  # (nb, n) bool
+  ok: Any  # (nb,) bool
+  weak: Any  # (nb,) bool: a piece active at w but off the chosen set
 
 
 def prox(h: Polyhedral, z, step):
@@ -511,8 +528,13 @@ def prox(h: Polyhedral, z, step):
     zb = z[g.index]
     block_prox = _two_piece_prox if g.a.shape[1] == 2 and g.b.shape[1] == 0 else _block_prox
     wb, lam, active, ok, weak = jax.vmap(block_prox, (0, 0, 0, 0, 0, None))(
-        g.a.astype(z.dtype), g.alpha.astype(z.dtype), g.b.astype(z.dtype),
-        g.beta.astype(z.dtype), zb, step)
+      g.a.astype(z.dtype),
+      g.alpha.astype(z.dtype),
+      g.b.astype(z.dtype),
+      g.beta.astype(z.dtype),
+      zb,
+      step,
+    )
     proj = jax.vmap(_block_projector, (0, 0, 0, None))(g.a, g.b, active, z.dtype)
     w = w.at[g.index].set(wb)
     states.append(BlockState(proj, lam, active, ok, weak))
@@ -537,7 +559,7 @@ def multiplier(h: Polyhedral, states, z):
   only the rounding of its small KKT system (`multiplier_rounding`).  Coordinates no block reads get 0."""
   out = jnp.zeros_like(z)
   for g, st in zip(h.groups, states):
-    rows = jnp.concatenate([g.a, g.b], axis=1).astype(z.dtype)        # (nb, n, k)
+    rows = jnp.concatenate([g.a, g.b], axis=1).astype(z.dtype)  # (nb, n, k)
     out = out.at[g.index].set(jnp.einsum("bnk,bn->bk", rows, st.lam.astype(z.dtype)))
   return out
 
@@ -616,8 +638,9 @@ def ri_violated(states):
   flags = []
   for st in states:
     lam = st.lam
-    tol = float(jnp.finfo(lam.dtype).eps) ** 0.5 * (1 + jnp.max(jnp.abs(lam), axis=-1,
-                                                                  keepdims=True))
+    tol = float(jnp.finfo(lam.dtype).eps) ** 0.5 * (
+      1 + jnp.max(jnp.abs(lam), axis=-1, keepdims=True)
+    )
     zero = st.active & (lam <= tol)
     flags.append(jnp.any(zero) | jnp.any(st.weak))
   return jnp.any(jnp.stack(flags))

@@ -52,6 +52,7 @@ zero multiplier), and ``info.condition_number`` bounds the condition number
 of B^T A B from below, the quantity whose growth as a, b -> 0 the paper
 (after Theorem 5.3) names as the sign that (SOSC) fails.
 """
+
 from __future__ import annotations
 
 import functools
@@ -135,6 +136,7 @@ class CompositeInfo(NamedTuple):
       more than such a solve.
     objective: phi(y) of (3.1) at the returned y.
   """
+
   num_steps: Any
   status: Any
   residual: Any
@@ -149,6 +151,7 @@ class CompositeInfo(NamedTuple):
 
 class CompositeSolution(NamedTuple):
   """y = Y_{alpha,beta}(x), its multiplier p from (3.2), and diagnostics."""
+
   y: Any
   p: Any
   info: CompositeInfo
@@ -170,6 +173,7 @@ class _Options(NamedTuple):
 
 class _Model(NamedTuple):
   """Closure-converted g and G with flat y; x stays a pytree."""
+
   g: Any
   G: Any
 
@@ -191,8 +195,11 @@ def _hessian_L(model, x, consts, y, p, beta, dense):
   g_consts, G_consts = consts
 
   def lag(yy):
-    return model.g(x, yy, *g_consts) + jnp.vdot(model.G(x, yy, *G_consts), p) \
-        + 0.5 * beta * jnp.vdot(yy, yy)
+    return (
+      model.g(x, yy, *g_consts)
+      + jnp.vdot(model.G(x, yy, *G_consts), p)
+      + 0.5 * beta * jnp.vdot(yy, yy)
+    )
 
   if dense:
     return jax.hessian(lag)(y)
@@ -205,6 +212,7 @@ def _hessian_L(model, x, consts, y, p, beta, dense):
 
 class _Structure(NamedTuple):
   """Static: hess_yy L independent of (y, p); grad_y G independent of y."""
+
   hess_const: bool
   jac_const: bool
 
@@ -215,13 +223,16 @@ def _structure(model, x, consts, y, p, dense) -> _Structure:
   zero = jnp.zeros((), y.dtype)
   hess = lambda xx, cc, yy, pp: _hessian_L(model, xx, cc, yy, pp, zero, True)
   jac = lambda xx, cc, yy: _jacobian_G(model, xx, cc, yy)
-  return _Structure(not structure.depends_on(hess, (x, consts, y, p), (2, 3)),
-                    not structure.depends_on(jac, (x, consts, y), (2,)))
+  return _Structure(
+    not structure.depends_on(hess, (x, consts, y, p), (2, 3)),
+    not structure.depends_on(jac, (x, consts, y), (2,)),
+  )
 
 
 class _Lin(NamedTuple):
   """Dense hess_yy L (with beta I) and grad_y G; ``have`` says whether the
   constant parts are already computed (see _Structure)."""
+
   hess: Any
   jac: Any
   have: Any
@@ -235,6 +246,7 @@ def _empty_lin(y, s):
 def _update_lin(model, x, consts, y, p, beta, struct, lin, jac=None):
   """hess and jac at (y, p): constant parts computed once, then reused; a
   ``jac`` already computed at y (not constant) is taken as it is."""
+
   def hess_at():
     return _hessian_L(model, x, consts, y, p, beta, dense=True)
 
@@ -253,7 +265,7 @@ def _gauss_newton_term(h, states, jac):
   """grad G^T P grad G with P the block-diagonal projector onto K_{h*}."""
   out = jnp.zeros((jac.shape[1], jac.shape[1]), jac.dtype)
   for g, st in zip(h.groups, states):
-    jb = jac[g.index]                                           # (nb, k, m)
+    jb = jac[g.index]  # (nb, k, m)
     pj = jnp.einsum("bkl,blm->bkm", st.projector.astype(jac.dtype), jb)
     out = out + jnp.einsum("bkm,bkn->mn", jb, pj)
   return out
@@ -262,6 +274,7 @@ def _gauss_newton_term(h, states, jac):
 class _Factor(NamedTuple):
   """The Cholesky factor of the Newton matrix M = hess L + grad G^T P grad G /
   alpha, and the active pieces P was built from."""
+
   chol: Any
   active: Any
 
@@ -287,14 +300,14 @@ def _matrix_free_solve(model, x, consts, y, p, beta, h, states, alpha, rhs, opti
     jv = jax.jvp(G_y, (y,), (v,))[1]
     return hvp(v) + vjp(poly.project_dual(h, states, jv))[0] / alpha
 
-  sol, _, _ = implicit_diff.cg(matvec, rhs, tol=float(jnp.finfo(rhs.dtype).eps) ** 0.75,
-                               max_steps=options.cg_max_steps)
+  sol, _, _ = implicit_diff.cg(
+    matvec, rhs, tol=float(jnp.finfo(rhs.dtype).eps) ** 0.75, max_steps=options.cg_max_steps
+  )
   return sol
 
 
 def _dense(options, m) -> bool:
-  return options.linear_solver == "dense" or (
-      options.linear_solver == "auto" and m <= DENSE_MAX)
+  return options.linear_solver == "dense" or (options.linear_solver == "auto" and m <= DENSE_MAX)
 
 
 # ------------------------------------------------------------ forward solve
@@ -305,7 +318,7 @@ def _evaluate(model, h, x, consts, y, alpha, beta):
   g_consts, G_consts = consts
   z = model.G(x, y, *G_consts)
   w, states = poly.prox(h, z, alpha)
-  p = poly.multiplier(h, states, z)          # = (z - w) / alpha, without cancellation
+  p = poly.multiplier(h, states, z)  # = (z - w) / alpha, without cancellation
   envelope = poly.max_part(h, w) + 0.5 * alpha * jnp.vdot(p, p)
   phi = model.g(x, y, *g_consts) + envelope + 0.5 * beta * jnp.vdot(y, y)
   grad, gy = _lagrangian_grad(model, x, consts, y, p, beta)
@@ -315,6 +328,7 @@ def _evaluate(model, h, x, consts, y, alpha, beta):
 
 class _Newton(NamedTuple):
   """Loop state of Newton on phi."""
+
   y: Any
   phi: Any
   p: Any
@@ -322,13 +336,13 @@ class _Newton(NamedTuple):
   states: Any
   scale: Any
   step: Any
-  status: Any       # < 0 while running; STALLED: the warm phase gave up
+  status: Any  # < 0 while running; STALLED: the warm phase gave up
   rel: Any
-  slow: Any         # consecutive steps that did not halve rel
-  floor: Any        # rounding floor of the residual (from grad G)
+  slow: Any  # consecutive steps that did not halve rel
+  floor: Any  # rounding floor of the residual (from grad G)
   lin: _Lin
-  factor: Any       # _Factor of the last step (dense), or None
-  condition: Any    # _condition_lower_bound of the last step's factor (NaN: none)
+  factor: Any  # _Factor of the last step (dense), or None
+  condition: Any  # _condition_lower_bound of the last step's factor (NaN: none)
 
 
 STALLED = -2
@@ -363,8 +377,9 @@ def _accepted(rel, floor, scale, tol):
   return rel <= jnp.maximum(tol, floor / scale)
 
 
-def _newton_init(model, h, x, consts, y0, alpha, beta, options, struct, lin, factor, floor,
-                 condition):
+def _newton_init(
+  model, h, x, consts, y0, alpha, beta, options, struct, lin, factor, floor, condition
+):
   """The loop state at y0; in dense mode the floor is computed at y0 (and
   lin.jac holds grad G at y0 where it is not constant), else ``floor``."""
   phi, p, grad, states, scale = _evaluate(model, h, x, consts, y0, alpha, beta)
@@ -374,12 +389,25 @@ def _newton_init(model, h, x, consts, y0, alpha, beta, options, struct, lin, fac
       lin = lin._replace(jac=jac)
   rel = jnp.max(jnp.abs(grad)) / scale
   status = jnp.where(_accepted(rel, floor, scale, options.tol), status_lib.SUCCESS, -1)
-  return _Newton(y0, phi, p, grad, states, scale, jnp.array(0, jnp.int32), status, rel,
-                 jnp.array(0, jnp.int32), floor, lin, factor, condition)
+  return _Newton(
+    y0,
+    phi,
+    p,
+    grad,
+    states,
+    scale,
+    jnp.array(0, jnp.int32),
+    status,
+    rel,
+    jnp.array(0, jnp.int32),
+    floor,
+    lin,
+    factor,
+    condition,
+  )
 
 
-def _newton_loop(model, h, x, consts, alpha, beta, options, struct, init, *, max_steps,
-                 warm: bool):
+def _newton_loop(model, h, x, consts, alpha, beta, options, struct, init, *, max_steps, warm: bool):
   """Damped Newton on phi with model-minimizer directions (see above).
 
   With ``warm``, the loop also stops (status STALLED) when a step fails to
@@ -398,15 +426,25 @@ def _newton_loop(model, h, x, consts, alpha, beta, options, struct, init, *, max
     if dense:
       # lin.jac is grad G at st.y (computed with the floor at the end of the
       # last step) where it is not constant.
-      lin = _update_lin(model, x, consts, st.y, st.p, beta, struct, st.lin,
-                        jac=None if struct.jac_const else st.lin.jac)
+      lin = _update_lin(
+        model,
+        x,
+        consts,
+        st.y,
+        st.p,
+        beta,
+        struct,
+        st.lin,
+        jac=None if struct.jac_const else st.lin.jac,
+      )
       factor = _factor(h, st.states, lin, alpha)
       direction = _factor_solve(factor, -st.grad)
       condition = _condition_lower_bound(factor, lin)
     else:
       lin, factor, condition = st.lin, None, st.condition
-      direction = _matrix_free_solve(model, x, consts, st.y, st.p, beta, h, st.states, alpha,
-                                     -st.grad, options)
+      direction = _matrix_free_solve(
+        model, x, consts, st.y, st.p, beta, h, st.states, alpha, -st.grad, options
+      )
     slope = jnp.vdot(st.grad, direction)
 
     # Line search on t -> phi(y + t d): t = 1 when Armijo accepts it (Newton's
@@ -449,29 +487,46 @@ def _newton_loop(model, h, x, consts, alpha, beta, options, struct, init, *, max
     zero = jnp.zeros((), st.y.dtype)
     one = jnp.ones((), st.y.dtype)
     t, k, trial, _, _, _, _, accepted = jax.lax.while_loop(
-        ls_cond, ls_body, (one, 0, current, zero, one, slope, -one, jnp.array(False)))
+      ls_cond, ls_body, (one, 0, current, zero, one, slope, -one, jnp.array(False))
+    )
     failed = ~accepted
     y_new = jnp.where(failed, st.y, st.y + t * direction)
     phi_n, p_n, grad_n, states_n, scale_n = jax.tree_util.tree_map(
-        lambda new, old: jnp.where(failed, old, new), trial, current)
+      lambda new, old: jnp.where(failed, old, new), trial, current
+    )
     rel = jnp.max(jnp.abs(grad_n)) / scale_n
     floor = st.floor
     if dense:
-      jac_n, floor = _jac_and_floor(model, h, x, consts, y_new, p_n, states_n, alpha, struct,
-                                    lin)
+      jac_n, floor = _jac_and_floor(model, h, x, consts, y_new, p_n, states_n, alpha, struct, lin)
       if not struct.jac_const:
         lin = lin._replace(jac=jac_n)
     finite = jnp.all(jnp.isfinite(y_new)) & jnp.isfinite(phi_n) & poly.prox_ok(states_n)
     converged = _accepted(rel, floor, scale_n, options.tol)
-    status = jnp.where(~finite, status_lib.NONFINITE,
-                       jnp.where(converged, status_lib.SUCCESS,
-                                 jnp.where(failed, status_lib.LINESEARCH_FAILED, -1)))
+    status = jnp.where(
+      ~finite,
+      status_lib.NONFINITE,
+      jnp.where(converged, status_lib.SUCCESS, jnp.where(failed, status_lib.LINESEARCH_FAILED, -1)),
+    )
     slow = jnp.where(rel > 0.5 * st.rel, st.slow + 1, 0)
     if warm:
       stalled = (slow >= 2) | (st.step + 1 >= max_steps)
       status = jnp.where((status < 0) & stalled, STALLED, status)
-    return _Newton(y_new, phi_n, p_n, grad_n, states_n, scale_n, st.step + 1, status, rel,
-                   slow, floor, lin, factor, condition)
+    return _Newton(
+      y_new,
+      phi_n,
+      p_n,
+      grad_n,
+      states_n,
+      scale_n,
+      st.step + 1,
+      status,
+      rel,
+      slow,
+      floor,
+      lin,
+      factor,
+      condition,
+    )
 
   return jax.lax.while_loop(cond, body, init)
 
@@ -479,8 +534,7 @@ def _newton_loop(model, h, x, consts, alpha, beta, options, struct, init, *, max
 def _placeholder_factor(y0, h):
   m = y0.shape[0]
   zeros = jnp.zeros((m, m), y0.dtype)
-  active = tuple(jnp.zeros(g.a.shape[:1] + (g.a.shape[1] + g.b.shape[1],), bool)
-                 for g in h.groups)
+  active = tuple(jnp.zeros(g.a.shape[:1] + (g.a.shape[1] + g.b.shape[1],), bool) for g in h.groups)
   return _Factor(zeros, active)
 
 
@@ -492,8 +546,9 @@ def _ipm_phase(model, h, x, consts, y, alpha, beta, options, struct, lin, active
   g_consts, G_consts = consts
   p0 = jnp.zeros((h.size,), y.dtype)
   if struct.hess_const or struct.jac_const:
-    lin = linalg.maybe(active & ~lin.have, lambda: _update_lin(model, x, consts, y, p0, beta,
-                                                               struct, lin), lin)
+    lin = linalg.maybe(
+      active & ~lin.have, lambda: _update_lin(model, x, consts, y, p0, beta, struct, lin), lin
+    )
 
   def lin_fn(yy, pp):
     hess = lin.hess if struct.hess_const else _hessian_L(model, x, consts, yy, pp, beta, True)
@@ -501,8 +556,16 @@ def _ipm_phase(model, h, x, consts, y, alpha, beta, options, struct, lin, active
     return hess, jac
 
   y_ipm, steps, _, status = ipm.solve(
-      lambda yy: model.g(x, yy, *g_consts), lambda yy: model.G(x, yy, *G_consts), lin_fn,
-      h, y, alpha, beta, max_steps=options.max_steps, active=active)
+    lambda yy: model.g(x, yy, *g_consts),
+    lambda yy: model.G(x, yy, *G_consts),
+    lin_fn,
+    h,
+    y,
+    alpha,
+    beta,
+    max_steps=options.max_steps,
+    active=active,
+  )
   y_ipm = jnp.where(active & jnp.all(jnp.isfinite(y_ipm)), y_ipm, y)
   status = jnp.where(active, status, status_lib.SUCCESS).astype(jnp.int32)
   return y_ipm, jnp.asarray(steps, jnp.int32), status, lin
@@ -531,23 +594,31 @@ def _forward(model, h, x, consts, y0, alpha, beta, options):
   loop = functools.partial(_newton_loop, model, h, x, consts, alpha, beta, options, struct)
   ipm_steps = jnp.array(0, jnp.int32)
   if options.method == "warm":
-    st = loop(init(y0, alpha, beta, options, struct, lin, factor, floor, no_condition),
-              max_steps=options.warm_steps, warm=True)
+    st = loop(
+      init(y0, alpha, beta, options, struct, lin, factor, floor, no_condition),
+      max_steps=options.warm_steps,
+      warm=True,
+    )
     need_ipm = st.status != status_lib.SUCCESS
     y_start = jnp.where(jnp.all(jnp.isfinite(st.y)), st.y, y0)
-    y_ipm, ipm_steps, ipm_status, lin = _ipm_phase(model, h, x, consts, y_start, alpha, beta,
-                                                   options, struct, st.lin, need_ipm)
+    y_ipm, ipm_steps, ipm_status, lin = _ipm_phase(
+      model, h, x, consts, y_start, alpha, beta, options, struct, st.lin, need_ipm
+    )
     first = st._replace(lin=lin, step=jnp.array(0, jnp.int32))
-    start = linalg.maybe(need_ipm, lambda: init(y_ipm, alpha, beta, options, struct, lin,
-                                                st.factor, st.floor, st.condition), first)
+    start = linalg.maybe(
+      need_ipm,
+      lambda: init(y_ipm, alpha, beta, options, struct, lin, st.factor, st.floor, st.condition),
+      first,
+    )
     warm_steps = st.step
     ipm_ran = need_ipm
   else:
     y_start = y0
     ipm_status = jnp.array(status_lib.SUCCESS, jnp.int32)
     if options.method == "ipm":
-      y_start, ipm_steps, ipm_status, lin = _ipm_phase(model, h, x, consts, y0, alpha, beta,
-                                                       options, struct, lin, jnp.array(True))
+      y_start, ipm_steps, ipm_status, lin = _ipm_phase(
+        model, h, x, consts, y0, alpha, beta, options, struct, lin, jnp.array(True)
+      )
     start = init(y_start, alpha, beta, options, struct, lin, factor, floor, no_condition)
     warm_steps = jnp.array(0, jnp.int32)
     ipm_ran = jnp.array(options.method == "ipm")
@@ -572,16 +643,23 @@ def _forward(model, h, x, consts, y0, alpha, beta, options):
       factor_y = _factor(h, st.states, lin_y, alpha)
       return factor_y, lin_y, jnp.array(True), _condition_lower_bound(factor_y, lin_y)
 
-    factor, lin, exact, cond = linalg.maybe(fresh, refactor,
-                                            (st.factor, st.lin, same, st.condition))
+    factor, lin, exact, cond = linalg.maybe(
+      fresh, refactor, (st.factor, st.lin, same, st.condition)
+    )
     dense_data = (factor, lin, exact)
     condition = jnp.where(usable | fresh, cond, no_condition)
-  info = CompositeInfo(num_steps=steps.astype(jnp.int32), status=status.astype(jnp.int32),
-                       residual=res, relative_residual=res / st.scale,
-                       interior_steps=ipm_steps, interior_status=ipm_status,
-                       ri_violated=poly.ri_violated(st.states),
-                       num_active=poly.count_active(st.states).astype(jnp.int32),
-                       condition_number=condition, objective=st.phi)
+  info = CompositeInfo(
+    num_steps=steps.astype(jnp.int32),
+    status=status.astype(jnp.int32),
+    residual=res,
+    relative_residual=res / st.scale,
+    interior_steps=ipm_steps,
+    interior_status=ipm_status,
+    ri_violated=poly.ri_violated(st.states),
+    num_active=poly.count_active(st.states).astype(jnp.int32),
+    condition_number=condition,
+    objective=st.phi,
+  )
   return st.y, st.p, st.states, info, dense_data
 
 
@@ -597,7 +675,7 @@ def _final_status(st, res, ipm_status, options):
   report."""
   eps = float(jnp.finfo(st.y.dtype).eps)
   rel = res / st.scale
-  certified = st.floor / st.scale <= eps ** 0.25
+  certified = st.floor / st.scale <= eps**0.25
   ok = jnp.isfinite(res) & _accepted(rel, st.floor, st.scale, options.tol) & certified
   status = jnp.where(st.status < 0, status_lib.MAX_STEPS, st.status)
   status = jnp.where(jnp.isfinite(res), status, status_lib.NONFINITE)
@@ -625,7 +703,7 @@ def _condition_lower_bound(factor, lin):
   (see CompositeInfo.condition_number); L the Cholesky factor of M.  O(m):
   hess L is positive semidefinite, so its largest entry is on the diagonal."""
   pivot = jnp.min(jnp.abs(jnp.diagonal(factor.chol)))
-  return jnp.maximum(1.0, jnp.max(jnp.diagonal(lin.hess)) / pivot ** 2)
+  return jnp.maximum(1.0, jnp.max(jnp.diagonal(lin.hess)) / pivot**2)
 
 
 # --------------------------------------------------------------- derivative
@@ -633,9 +711,10 @@ def _condition_lower_bound(factor, lin):
 
 class _Theta(NamedTuple):
   """The differentiable inputs of the solution map (implicit_diff.solution_map)."""
+
   x: Any
-  consts: Any      # (arrays g closes over, arrays G closes over)
-  h: Any           # Polyhedral (zero cotangent: F does not read it)
+  consts: Any  # (arrays g closes over, arrays G closes over)
+  h: Any  # Polyhedral (zero cotangent: F does not read it)
   alpha: Any
   beta: Any
 
@@ -643,6 +722,7 @@ class _Theta(NamedTuple):
 def _optimality(model, derivative):
   """F(theta; (y, p)) of (3.2) in theta, whose -(d_theta F)^T u is theta-bar:
   (grad_y L_{a,b}, G - a p) for (3.6); (grad_y L_{0,0}, G) for (3.14)."""
+
   def regularized(theta, sol):
     y, p = sol
     grad, _ = _lagrangian_grad(model, theta.x, theta.consts, y, p, theta.beta)
@@ -695,9 +775,11 @@ def _unregularized_cotangent(model, theta, y, p, states, ct_y, ct_p):
 
 def _solution(model, options, theta, y0):
   """(y, p, info), differentiable in theta by (3.6) or (3.14)."""
+
   def solve(theta, start):
-    y, p, states, info, dense_data = _forward(model, theta.h, theta.x, theta.consts, start,
-                                              theta.alpha, theta.beta, options)
+    y, p, states, info, dense_data = _forward(
+      model, theta.h, theta.x, theta.consts, start, theta.alpha, theta.beta, options
+    )
     return (y, p, info), (y, p, states, dense_data)
 
   def adjoint(theta, saved, cotangent):
@@ -729,14 +811,29 @@ def _check_options(tol, max_steps, derivative, linear_solver, dtype):
 class _Prepared(NamedTuple):
   model: _Model
   theta: _Theta
-  y0: Any           # flat
-  unravel: Any      # flat -> the structure of y0
+  y0: Any  # flat
+  unravel: Any  # flat -> the structure of y0
   options: _Options
-  p_scale: Any      # p = p_scale * the multiplier of the solve (h's traced scale)
+  p_scale: Any  # p = p_scale * the multiplier of the solve (h's traced scale)
 
 
-def _prepare(g, G, h, x, y0, alpha, beta, tol, max_steps, derivative, linear_solver,
-             max_backtracks, cg_max_steps, method, warm_steps) -> _Prepared:
+def _prepare(
+  g,
+  G,
+  h,
+  x,
+  y0,
+  alpha,
+  beta,
+  tol,
+  max_steps,
+  derivative,
+  linear_solver,
+  max_backtracks,
+  cg_max_steps,
+  method,
+  warm_steps,
+) -> _Prepared:
   h = poly.check_h("h", h)
   for name, fn in (("g", g), ("G", G)):
     if not callable(fn):
@@ -744,21 +841,26 @@ def _prepare(g, G, h, x, y0, alpha, beta, tol, max_steps, derivative, linear_sol
   variables.check("x", x)
   variables.check("y0", y0)
   if variables.has_rest(y0):
-    raise TypeError("`y0` must hold floating-point arrays only (composite.solve has no "
-                    "leaves to carry along); keep integer or key leaves out of y.")
+    raise TypeError(
+      "`y0` must hold floating-point arrays only (composite.solve has no "
+      "leaves to carry along); keep integer or key leaves out of y."
+    )
   for name, value in (("alpha", alpha), ("beta", beta)):
     validation.check_positive(name, value)
   y0_flat, unravel = ravel_pytree(y0)
   tol = _check_options(tol, max_steps, derivative, linear_solver, y0_flat.dtype)
   validation.check_one_of("method", method, METHODS)
   if method in ("ipm", "warm") and linear_solver == "cg":
-    raise ValueError(f"`linear_solver='cg'` needs `method='newton'`: the interior-point "
-                     f"phase of method={method!r} forms dense m x m matrices.")
+    raise ValueError(
+      f"`linear_solver='cg'` needs `method='newton'`: the interior-point "
+      f"phase of method={method!r} forms dense m x m matrices."
+    )
   validation.check_positive_int("warm_steps", warm_steps)
   validation.check_positive_int("max_backtracks", max_backtracks)
   validation.check_positive_int("cg_max_steps", cg_max_steps)
-  options = _Options(tol, max_steps, derivative, linear_solver, max_backtracks, cg_max_steps,
-                     method, warm_steps)
+  options = _Options(
+    tol, max_steps, derivative, linear_solver, max_backtracks, cg_max_steps, method, warm_steps
+  )
 
   g_flat = lambda xx, yy: g(xx, unravel(yy))
   G_flat = lambda xx, yy: G(xx, unravel(yy))
@@ -772,7 +874,7 @@ def _prepare(g, G, h, x, y0, alpha, beta, tol, max_steps, derivative, linear_sol
     scale = jnp.asarray(scale, y0_flat.dtype)
     G_unscaled = G_flat
     G_flat = lambda xx, yy: scale * G_unscaled(xx, yy)
-    alpha = alpha * scale ** 2
+    alpha = alpha * scale**2
     p_scale = scale  # type: ignore[assignment]
   validation.check_scalar_output("g", g_flat, x, y0_flat)
   try:
@@ -780,23 +882,39 @@ def _prepare(g, G, h, x, y0, alpha, beta, tol, max_steps, derivative, linear_sol
   except Exception as err:
     raise TypeError(f"`G` failed when called on (x, y0): {err}") from err
   if getattr(out, "shape", None) != (h.size,):
-    raise ValueError(f"`G` must return a vector of size {h.size} to match `h`, got "
-                     f"an output of shape {getattr(out, 'shape', type(out).__name__)}.")
+    raise ValueError(
+      f"`G` must return a vector of size {h.size} to match `h`, got "
+      f"an output of shape {getattr(out, 'shape', type(out).__name__)}."
+    )
 
   g_conv, g_consts = implicit_diff.closure_convert(g_flat, x, y0_flat)
   G_conv, G_consts = implicit_diff.closure_convert(G_flat, x, y0_flat)
   dtype = y0_flat.dtype
-  theta = _Theta(x, (g_consts, G_consts), h, jnp.asarray(alpha, dtype),
-                 jnp.asarray(beta, dtype))
-  return _Prepared(_Model(g_conv, G_conv), theta, y0_flat, unravel, options,
-                   jnp.asarray(p_scale, dtype))
+  theta = _Theta(x, (g_consts, G_consts), h, jnp.asarray(alpha, dtype), jnp.asarray(beta, dtype))
+  return _Prepared(
+    _Model(g_conv, G_conv), theta, y0_flat, unravel, options, jnp.asarray(p_scale, dtype)
+  )
 
 
-def solve(g, G, h, x, y0, *, alpha, beta, tol=None, max_steps: int = 100,
-          derivative: str = "regularized", linear_solver: str = "auto",
-          max_backtracks: int = 40, cg_max_steps: int = 1000,
-          method: str = "ipm", warm_steps: int = 10,
-          throw: bool = False) -> CompositeSolution:
+def solve(
+  g,
+  G,
+  h,
+  x,
+  y0,
+  *,
+  alpha,
+  beta,
+  tol=None,
+  max_steps: int = 100,
+  derivative: str = "regularized",
+  linear_solver: str = "auto",
+  max_backtracks: int = 40,
+  cg_max_steps: int = 1000,
+  method: str = "ipm",
+  warm_steps: int = 10,
+  throw: bool = False,
+) -> CompositeSolution:
   """Solves the regularized lower level (3.1); differentiable in x by (3.6).
 
       Y_{alpha,beta}(x) = argmin_y g(x, y) + e_alpha h(G(x, y)) + beta/2 |y|^2,
@@ -868,20 +986,49 @@ def solve(g, G, h, x, y0, *, alpha, beta, tol=None, max_steps: int = 100,
     >>> round(float(dy(1.0)), 6)
     0.09009
   """
-  prep = _prepare(g, G, h, x, y0, alpha, beta, tol, max_steps, derivative, linear_solver,
-                  max_backtracks, cg_max_steps, method, warm_steps)
+  prep = _prepare(
+    g,
+    G,
+    h,
+    x,
+    y0,
+    alpha,
+    beta,
+    tol,
+    max_steps,
+    derivative,
+    linear_solver,
+    max_backtracks,
+    cg_max_steps,
+    method,
+    warm_steps,
+  )
   y, p, info = _solution(prep.model, prep.options, prep.theta, prep.y0)
   status_lib.raise_if_failed(info.status, throw=throw, where="composite.solve")
   return CompositeSolution(prep.unravel(y), prep.p_scale * p, info)
 
 
-_SOLVE_KEYWORDS = tuple(name for name, param in inspect.signature(solve).parameters.items()
-                        if param.kind is inspect.Parameter.KEYWORD_ONLY
-                        and name not in ("alpha", "beta", "throw"))
+_SOLVE_KEYWORDS = tuple(
+  name
+  for name, param in inspect.signature(solve).parameters.items()
+  if param.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("alpha", "beta", "throw")
+)
 
 
-def hypergradient(upper_fn, g, G, h, x, y0, *, alpha, beta, return_info: bool = False,
-                  throw: bool = False, **solve_kw):
+def hypergradient(
+  upper_fn,
+  g,
+  G,
+  h,
+  x,
+  y0,
+  *,
+  alpha,
+  beta,
+  return_info: bool = False,
+  throw: bool = False,
+  **solve_kw,
+):
   """phi(x) = upper_fn(x, Y_{alpha,beta}(x)) and its gradient by (3.6).
 
       grad phi(x) = grad_x F(x, y) + (d Y_{alpha,beta} / dx)^T grad_y F(x, y)
@@ -918,15 +1065,15 @@ def hypergradient(upper_fn, g, G, h, x, y0, *, alpha, beta, return_info: bool = 
     return upper_fn(xx, sol.y), sol
 
   (value, solution), grad = jax.value_and_grad(phi, has_aux=True)(x_dyn)
-  status_lib.raise_if_failed(solution.info.status, throw=throw,
-                             where="composite.hypergradient")
+  status_lib.raise_if_failed(solution.info.status, throw=throw, where="composite.hypergradient")
   if return_info:
     return value, grad, solution
   return value, grad
 
 
-def make_hypergradient(upper_fn: Callable, g: Callable, G: Callable, h, *, jit: bool = True,
-                       **kwargs):
+def make_hypergradient(
+  upper_fn: Callable, g: Callable, G: Callable, h, *, jit: bool = True, **kwargs
+):
   """Builds ``fn(x, y0) -> (value, grad, solution)`` of `hypergradient` for
   `bilevel_jax.upper.optimize`: ``solution.info`` carries the lower status and
   residual, which the driver records every upper step; with ``warm_start=True``

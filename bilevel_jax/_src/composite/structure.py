@@ -12,6 +12,7 @@ sub-computation it does not look into (loops, conditionals) counts as
 depending on all its inputs, so a True may be spurious (the solver then
 recomputes, as it would anyway) but a False is exact.
 """
+
 from __future__ import annotations
 
 import jax
@@ -27,8 +28,11 @@ def _inner_jaxpr(eqn):
     if inner is None:
       continue
     inner = getattr(inner, "jaxpr", inner)  # ClosedJaxpr -> Jaxpr
-    if (hasattr(inner, "eqns") and len(inner.invars) == len(eqn.invars)
-        and len(inner.outvars) == len(eqn.outvars)):
+    if (
+      hasattr(inner, "eqns")
+      and len(inner.invars) == len(eqn.invars)
+      and len(inner.outvars) == len(eqn.outvars)
+    ):
       return inner
   return None
 

@@ -39,6 +39,7 @@ truncated Neumann series, CG at ``max_steps``, or the darts approximation on
 a Hessian far from I / xi; pass ``tol=float("inf")`` to accept an
 approximation knowingly).
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -70,6 +71,7 @@ class AdjointInfo(NamedTuple):
       whatever the adjoint.
     approximate: True for ``adjoint="darts"``.
   """
+
   num_steps: Any
   status: Any
   residual: Any
@@ -80,6 +82,7 @@ class AdjointInfo(NamedTuple):
 class AdjointSolution(NamedTuple):
   """``value`` F(x, y), ``grad`` (4), ``adjoint`` v of (2) (pass it as the
   next call's ``v0``), ``info`` an `AdjointInfo`."""
+
   value: Any
   grad: Any
   adjoint: Any
@@ -90,11 +93,23 @@ def _with_batch(fn: Callable, batch) -> Callable:
   return (lambda x, y: fn(x, y)) if batch is None else (lambda x, y: fn(x, y, batch))
 
 
-def hypergradient_at(upper_fn: Callable, lower_fn: Callable, x, y, *, adjoint: str = "cg",
-                     v0=None, tol: float = 1e-6, max_steps: int = 100,
-                     neumann_lr: float | None = None, darts_lr: float | None = None,
-                     finite_difference: float = 1e-2, upper_batch=None, lower_batch=None,
-                     throw: bool = False) -> AdjointSolution:
+def hypergradient_at(
+  upper_fn: Callable,
+  lower_fn: Callable,
+  x,
+  y,
+  *,
+  adjoint: str = "cg",
+  v0=None,
+  tol: float = 1e-6,
+  max_steps: int = 100,
+  neumann_lr: float | None = None,
+  darts_lr: float | None = None,
+  finite_difference: float = 1e-2,
+  upper_batch=None,
+  lower_batch=None,
+  throw: bool = False,
+) -> AdjointSolution:
   """The implicit hypergradient (4) at a given (x, y), from Hessian-vector products.
 
   Args:
@@ -140,11 +155,15 @@ def hypergradient_at(upper_fn: Callable, lower_fn: Callable, x, y, *, adjoint: s
   if adjoint not in ADJOINTS:
     raise ValueError(f"`adjoint` must be one of {ADJOINTS}, got {adjoint!r}.")
   if adjoint == "neumann" and neumann_lr is None:
-    raise ValueError("`neumann_lr` is required with adjoint='neumann' (0 < eta < 2 / L, "
-                     "L the largest eigenvalue of the lower Hessian).")
+    raise ValueError(
+      "`neumann_lr` is required with adjoint='neumann' (0 < eta < 2 / L, "
+      "L the largest eigenvalue of the lower Hessian)."
+    )
   if adjoint == "darts" and darts_lr is None:
-    raise ValueError("`darts_lr` is required with adjoint='darts' (xi of H^-1 ~ xi I, "
-                     "typically the lower learning rate).")
+    raise ValueError(
+      "`darts_lr` is required with adjoint='darts' (xi of H^-1 ~ xi I, "
+      "typically the lower learning rate)."
+    )
   validation.check_positive_int("max_steps", max_steps)
   validation.check_positive("tol", tol)
   variables.check("x", x)
@@ -188,19 +207,26 @@ def hypergradient_at(upper_fn: Callable, lower_fn: Callable, x, y, *, adjoint: s
   if adjoint == "darts":
     v_norm = jnp.linalg.norm(v)
     e = finite_difference / jnp.where(v_norm > 0, v_norm, 1.0)
-    mixed = jax.tree_util.tree_map(lambda a, c: (a - c) / (2 * e),
-                                   grad_x_f(flat_y + e * v), grad_x_f(flat_y - e * v))
+    mixed = jax.tree_util.tree_map(
+      lambda a, c: (a - c) / (2 * e), grad_x_f(flat_y + e * v), grad_x_f(flat_y - e * v)
+    )
   else:
     _, vjp = jax.vjp(lambda xd: jax.grad(f_flat, argnums=1)(xd, flat_y), x_dyn)
     (mixed,) = vjp(v)
   grad = jax.tree_util.tree_map(lambda a, m: a - m, gx_F, mixed)
 
   finite = tree_lib.tree_all_finite((value, grad, v))
-  status = jnp.where(~finite, status_lib.NONFINITE,
-                     jnp.where(residual <= tol, status_lib.SUCCESS,
-                               status_lib.INACCURATE)).astype(jnp.int32)
+  status = jnp.where(
+    ~finite,
+    status_lib.NONFINITE,
+    jnp.where(residual <= tol, status_lib.SUCCESS, status_lib.INACCURATE),
+  ).astype(jnp.int32)
   status_lib.raise_if_failed(status, throw=throw, where="implicit.hypergradient_at")
-  info = AdjointInfo(num_steps=steps, status=status, residual=residual,
-                     lower_grad_norm=jnp.linalg.norm(lower_grad),
-                     approximate=jnp.asarray(adjoint == "darts"))
+  info = AdjointInfo(
+    num_steps=steps,
+    status=status,
+    residual=residual,
+    lower_grad_norm=jnp.linalg.norm(lower_grad),
+    approximate=jnp.asarray(adjoint == "darts"),
+  )
   return AdjointSolution(value=value, grad=grad, adjoint=unravel(v), info=info)

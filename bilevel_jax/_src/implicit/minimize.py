@@ -34,6 +34,7 @@ After `_MAX_BACKTRACKS` halvings without decrease the loop stops at the
 last accepted point with LINESEARCH_FAILED (usually: a tol below what
 rounding allows).
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -49,13 +50,14 @@ from bilevel_jax._src.status import SUCCESS
 
 SOLVERS = ("lbfgs", "gd", "newton")
 _RUNNING = -1
-_ARMIJO = 1e-4        # sufficient-decrease constant c1 (L-BFGS, Newton)
-_ARMIJO_GD = 0.5      # c1 of backtracking gradient descent
+_ARMIJO = 1e-4  # sufficient-decrease constant c1 (L-BFGS, Newton)
+_ARMIJO_GD = 0.5  # c1 of backtracking gradient descent
 _MAX_BACKTRACKS = 40  # halvings of t before the search fails
 
 
 class Options(NamedTuple):
   """Static settings of the lower solve (validated in `solver.py`)."""
+
   solver: str
   tol: float
   max_steps: int
@@ -74,13 +76,15 @@ class _Method(NamedTuple):
   first_step(aux, grad, t) -> t0: the first trial step (t: the last accepted).
   select(accept, aux_accepted, aux_rejected) -> aux: merges the two.
   """
+
   direction: Callable
   update: Callable
   first_step: Callable
   c1: float
   aux: Any
   select: Callable = lambda accept, a, r: jax.tree_util.tree_map(
-      lambda x, y: jnp.where(accept, x, y), a, r)
+    lambda x, y: jnp.where(accept, x, y), a, r
+  )
 
 
 class _State(NamedTuple):
@@ -88,8 +92,8 @@ class _State(NamedTuple):
   value: Any
   grad: Any
   direction: Any
-  slope: Any       # <grad, direction>
-  t: Any           # the current trial step
+  slope: Any  # <grad, direction>
+  t: Any  # the current trial step
   backtracks: Any  # halvings in the current search
   aux: Any
   grad_norm: Any
@@ -104,8 +108,10 @@ def _finish(y, steps, value, grad_norm, status):
 
 def _loop(body, init, max_steps):
   """Runs ``body`` while the status (last field) is running and steps remain."""
+
   def cond(carry):
     return (carry[-1] == _RUNNING) & (carry[-2] < max_steps)
+
   return jax.lax.while_loop(cond, body, init)
 
 
@@ -136,8 +142,19 @@ def _search(fun: Callable, y0, options: Options, method: _Method):
   t = method.first_step(aux, grad, jnp.ones((), y0.dtype))
   finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
   status = jnp.where(~finite, NONFINITE, jnp.where(grad_norm <= options.tol, SUCCESS, _RUNNING))
-  init = _State(y0, value, grad, d, slope, t, jnp.array(0, jnp.int32), aux, grad_norm,
-                jnp.array(0, jnp.int32), status)
+  init = _State(
+    y0,
+    value,
+    grad,
+    d,
+    slope,
+    t,
+    jnp.array(0, jnp.int32),
+    aux,
+    grad_norm,
+    jnp.array(0, jnp.int32),
+    status,
+  )
 
   def body(s: _State):
     y_try = s.y + s.t * s.direction
@@ -145,7 +162,8 @@ def _search(fun: Callable, y0, options: Options, method: _Method):
     noise = 100 * eps * (1 + jnp.abs(s.value))
     decrease = v <= s.value + c1 * s.t * s.slope
     approximate = (jnp.abs(v - s.value) <= noise) & (
-        jnp.vdot(g, s.direction) <= (2 * c1 - 1) * s.slope)
+      jnp.vdot(g, s.direction) <= (2 * c1 - 1) * s.slope
+    )
     accept = jnp.isfinite(v) & (decrease | approximate)
 
     # Accepted: the next iterate, its direction and first trial step.
@@ -153,19 +171,35 @@ def _search(fun: Callable, y0, options: Options, method: _Method):
     d, slope, aux_next, _ = _descent(method, aux, y_try, g)
     t_next = method.first_step(aux_next, g, s.t)
     g_norm = jnp.linalg.norm(g)
-    accepted = _State(y_try, v, g, d, slope, t_next, jnp.zeros_like(s.backtracks), aux_next,
-                      g_norm, s.steps + 1,
-                      jnp.where(~jnp.isfinite(g_norm), NONFINITE,
-                                jnp.where(g_norm <= options.tol, SUCCESS, _RUNNING)))
+    accepted = _State(
+      y_try,
+      v,
+      g,
+      d,
+      slope,
+      t_next,
+      jnp.zeros_like(s.backtracks),
+      aux_next,
+      g_norm,
+      s.steps + 1,
+      jnp.where(
+        ~jnp.isfinite(g_norm), NONFINITE, jnp.where(g_norm <= options.tol, SUCCESS, _RUNNING)
+      ),
+    )
     # Rejected: halve t.
     failed = s.backtracks + 1 >= _MAX_BACKTRACKS
-    rejected = s._replace(t=0.5 * s.t, backtracks=s.backtracks + 1, aux=aux,
-                          status=jnp.where(failed, LINESEARCH_FAILED, s.status))
+    rejected = s._replace(
+      t=0.5 * s.t,
+      backtracks=s.backtracks + 1,
+      aux=aux,
+      status=jnp.where(failed, LINESEARCH_FAILED, s.status),
+    )
     # The method's state is updated in place (its update saw `accept`); only
     # the small entries it may reset on a rejected trial are selected.
     aux_sel = method.select(accept, aux_next, aux)
-    out = jax.tree_util.tree_map(lambda a, r: jnp.where(accept, a, r),
-                                 accepted._replace(aux=()), rejected._replace(aux=()))
+    out = jax.tree_util.tree_map(
+      lambda a, r: jnp.where(accept, a, r), accepted._replace(aux=()), rejected._replace(aux=())
+    )
     return out._replace(aux=aux_sel)
 
   s = _loop(body, init, options.max_steps)
@@ -215,22 +249,32 @@ def _lbfgs_method(y0, memory_size):
     sy = jnp.vdot(s, dg)
     store = accept & (sy > eps * jnp.linalg.norm(s) * jnp.linalg.norm(dg))
     slot = jnp.where(store, (newest + 1) % m, newest)
-    return (s_mem.at[slot].set(jnp.where(store, s, s_mem[slot])),
-            y_mem.at[slot].set(jnp.where(store, dg, y_mem[slot])),
-            rho.at[slot].set(jnp.where(store, 1 / jnp.where(store, sy, 1), rho[slot])),
-            jnp.where(store, jnp.minimum(count + 1, m), count), slot,
-            jnp.where(store, sy / jnp.where(store, jnp.vdot(dg, dg), 1), gamma))
+    return (
+      s_mem.at[slot].set(jnp.where(store, s, s_mem[slot])),
+      y_mem.at[slot].set(jnp.where(store, dg, y_mem[slot])),
+      rho.at[slot].set(jnp.where(store, 1 / jnp.where(store, sy, 1), rho[slot])),
+      jnp.where(store, jnp.minimum(count + 1, m), count),
+      slot,
+      jnp.where(store, sy / jnp.where(store, jnp.vdot(dg, dg), 1), gamma),
+    )
 
   def first_step(memory, grad, t):
     # Unit step, except from steepest descent (empty memory): |t d| <= 1.
-    return jnp.where(memory[3] == 0, jnp.minimum(1.0, 1.0 / jnp.linalg.norm(grad)),
-                     1.0).astype(dtype)
+    return jnp.where(memory[3] == 0, jnp.minimum(1.0, 1.0 / jnp.linalg.norm(grad)), 1.0).astype(
+      dtype
+    )
 
-  memory = (jnp.zeros((m,) + y0.shape, dtype), jnp.zeros((m,) + y0.shape, dtype),
-            jnp.zeros((m,), dtype), jnp.array(0, jnp.int32), jnp.array(m - 1, jnp.int32),
-            jnp.ones((), dtype))
-  select = lambda accept, a, r: r[:3] + jax.tree_util.tree_map(
-      lambda x, y: jnp.where(accept, x, y), a[3:], r[3:])
+  memory = (
+    jnp.zeros((m,) + y0.shape, dtype),
+    jnp.zeros((m,) + y0.shape, dtype),
+    jnp.zeros((m,), dtype),
+    jnp.array(0, jnp.int32),
+    jnp.array(m - 1, jnp.int32),
+    jnp.ones((), dtype),
+  )
+  select = lambda accept, a, r: (
+    r[:3] + jax.tree_util.tree_map(lambda x, y: jnp.where(accept, x, y), a[3:], r[3:])
+  )
   return _Method(direction, update, first_step, _ARMIJO, memory, select)
 
 
@@ -244,10 +288,13 @@ def lbfgs(fun: Callable, y0, options: Options):
 def gd(fun: Callable, y0, options: Options):
   if options.stepsize is not None:
     return _gd_fixed(fun, y0, options)
-  method = _Method(direction=lambda aux, y, grad: (-grad, aux),
-                   update=lambda aux, s, dg, accept: aux,
-                   first_step=lambda aux, grad, t: 2 * t,
-                   c1=_ARMIJO_GD, aux=())
+  method = _Method(
+    direction=lambda aux, y, grad: (-grad, aux),
+    update=lambda aux, s, dg, accept: aux,
+    first_step=lambda aux, grad, t: 2 * t,
+    c1=_ARMIJO_GD,
+    aux=(),
+  )
   return _search(fun, y0, options, method)
 
 
@@ -258,8 +305,9 @@ def _gd_fixed(fun: Callable, y0, options: Options):
 
   def norm_status(grad):
     grad_norm = jnp.linalg.norm(grad)
-    return grad_norm, jnp.where(~jnp.isfinite(grad_norm), NONFINITE,
-                                jnp.where(grad_norm <= options.tol, SUCCESS, _RUNNING))
+    return grad_norm, jnp.where(
+      ~jnp.isfinite(grad_norm), NONFINITE, jnp.where(grad_norm <= options.tol, SUCCESS, _RUNNING)
+    )
 
   def body(carry):
     y, grad, _, steps, _ = carry
@@ -286,8 +334,13 @@ def newton(fun: Callable, y0, options: Options):
   def direction(aux, y, grad):
     return -jnp.linalg.solve(hessian(y), grad), aux
 
-  method = _Method(direction=direction, update=lambda aux, s, dg, accept: aux,
-                   first_step=lambda aux, grad, t: jnp.ones_like(t), c1=_ARMIJO, aux=())
+  method = _Method(
+    direction=direction,
+    update=lambda aux, s, dg, accept: aux,
+    first_step=lambda aux, grad, t: jnp.ones_like(t),
+    c1=_ARMIJO,
+    aux=(),
+  )
   return _search(fun, y0, options, method)
 
 

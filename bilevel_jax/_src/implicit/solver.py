@@ -27,6 +27,7 @@ closes over get their cotangents from (3) too (`jax.closure_convert`).
 y*(x) is only as accurate as the lower solve: an error e in y* gives an
 O(|e|) error in (4), and (2) solved to relative residual r another O(r).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -74,6 +75,7 @@ class ImplicitInfo(NamedTuple):
       eigenvalue with ``linear_solver="dense"``). Positive for a strongly
       convex f.
   """
+
   num_steps: Any
   status: Any
   residual: Any
@@ -85,6 +87,7 @@ class ImplicitInfo(NamedTuple):
 
 class ImplicitSolution(NamedTuple):
   """y = y*(x), differentiable in x by (2)-(3), and diagnostics."""
+
   y: Any
   info: ImplicitInfo
 
@@ -97,11 +100,11 @@ class _Options(NamedTuple):
 
 
 class _Prepared(NamedTuple):
-  fn: Callable      # closure-converted f(x_dyn, y_flat, *consts)
+  fn: Callable  # closure-converted f(x_dyn, y_flat, *consts)
   consts: tuple
-  x: Any            # differentiable part of x (None at the other leaves)
-  as_x: Callable    # x_dyn -> x
-  y0: Any           # flat differentiable part of y0
+  x: Any  # differentiable part of x (None at the other leaves)
+  as_x: Callable  # x_dyn -> x
+  y0: Any  # flat differentiable part of y0
   unravel: Callable  # flat vector -> y (with the non-differentiable leaves)
   options: _Options
 
@@ -112,12 +115,21 @@ class _Prepared(NamedTuple):
 def _lower(fn, options, x, consts, y0):
   """(y, info) of the lower solve; info's linear fields are placeholders."""
   y, steps, value, grad_norm, status = minimize.minimize(
-      lambda yy: fn(x, yy, *consts), y0, options.lower)
+    lambda yy: fn(x, yy, *consts), y0, options.lower
+  )
   curvature = implicit_diff.probe_curvature(jax.grad(lambda yy: fn(x, yy, *consts)), y)
-  status = jnp.where((status == status_lib.SUCCESS) & (curvature <= 0),
-                     status_lib.NOT_CONVEX, status).astype(jnp.int32)
-  info = ImplicitInfo(steps, status, grad_norm, value, jnp.array(-1, jnp.int32),
-                      jnp.full((), jnp.nan, y.dtype), curvature)
+  status = jnp.where(
+    (status == status_lib.SUCCESS) & (curvature <= 0), status_lib.NOT_CONVEX, status
+  ).astype(jnp.int32)
+  info = ImplicitInfo(
+    steps,
+    status,
+    grad_norm,
+    value,
+    jnp.array(-1, jnp.int32),
+    jnp.full((), jnp.nan, y.dtype),
+    curvature,
+  )
   return y, info
 
 
@@ -127,8 +139,13 @@ def _adjoint(fn, options, x, consts, y, ct_y):
   grad_y = lambda theta, yy: jax.grad(fn, argnums=1)(theta[0], yy, *theta[1])
   ct_y = jnp.asarray(ct_y, y.dtype)
   v, steps, residual, curvature = implicit_diff.symmetric_solve(
-      options.linear_solver, lambda yy: grad_y((x, consts), yy), y, ct_y,
-      tol=options.linear_tol, max_steps=options.linear_max_steps)
+    options.linear_solver,
+    lambda yy: grad_y((x, consts), yy),
+    y,
+    ct_y,
+    tol=options.linear_tol,
+    max_steps=options.linear_max_steps,
+  )
   ct_x, ct_consts = implicit_diff.root_vjp(grad_y, (x, consts), y, v)
   return ct_x, ct_consts, steps, residual, curvature
 
@@ -140,9 +157,11 @@ def _adjoint_status(info, options, grad, residual, curvature):
   status = info.status
   ok = status == status_lib.SUCCESS
   finite = jnp.isfinite(residual) & jnp.isfinite(curvature) & tree_ops.tree_all_finite(grad)
-  for failed, code in ((curvature <= 0, status_lib.NOT_CONVEX),
-                       (~finite, status_lib.NONFINITE),
-                       (residual > options.linear_tol, status_lib.MAX_STEPS)):
+  for failed, code in (
+    (curvature <= 0, status_lib.NOT_CONVEX),
+    (~finite, status_lib.NONFINITE),
+    (residual > options.linear_tol, status_lib.MAX_STEPS),
+  ):
     status = jnp.where(ok & failed, code, status)
     ok = ok & ~failed
   return status.astype(jnp.int32)
@@ -150,6 +169,7 @@ def _adjoint_status(info, options, grad, residual, curvature):
 
 def _solution(fn, options, x, consts, y0):
   """(y*, info), differentiable in (x, consts) by (2)-(3)."""
+
   def solve(theta, start):
     y, info = _lower(fn, options, theta[0], theta[1], start)
     return (y, info), y
@@ -164,8 +184,19 @@ def _solution(fn, options, x, consts, y0):
 # ------------------------------------------------------------ validation
 
 
-def _prepare(lower_fn, x, y0, solver, tol, max_steps, linear_solver, linear_tol,
-             linear_max_steps, stepsize, memory_size) -> _Prepared:
+def _prepare(
+  lower_fn,
+  x,
+  y0,
+  solver,
+  tol,
+  max_steps,
+  linear_solver,
+  linear_tol,
+  linear_max_steps,
+  stepsize,
+  memory_size,
+) -> _Prepared:
   if not callable(lower_fn):
     raise TypeError(f"`lower_fn` must be callable, got {type(lower_fn).__name__}.")
   validation.check_one_of("solver", solver, SOLVERS)
@@ -186,8 +217,9 @@ def _prepare(lower_fn, x, y0, solver, tol, max_steps, linear_solver, linear_tol,
         raise TypeError(f"`{name}` must be a Python float, got {value!r}.")
       validation.check_positive(name, value)
   tol = float(tol) if tol is not None else (1e-8 if dtype == jnp.float64 else 1e-4)
-  linear_tol = float(linear_tol) if linear_tol is not None else (
-      1e-10 if dtype == jnp.float64 else 1e-5)
+  linear_tol = (
+    float(linear_tol) if linear_tol is not None else (1e-10 if dtype == jnp.float64 else 1e-5)
+  )
   if linear_max_steps is None:
     linear_max_steps = 10 * y0_flat.size
   linear_max_steps = validation.check_positive_int("linear_max_steps", linear_max_steps)
@@ -202,19 +234,33 @@ def _prepare(lower_fn, x, y0, solver, tol, max_steps, linear_solver, linear_tol,
   f_flat = lambda xd, yy: lower_fn(as_x(xd), unravel(yy))
   validation.check_scalar_output("lower_fn", f_flat, x_dyn, y0_flat)
   fn, consts = implicit_diff.closure_convert(f_flat, x_dyn, y0_flat)
-  options = _Options(minimize.Options(solver, tol, max_steps, stepsize, memory_size),
-                     linear_solver, linear_tol, linear_max_steps)
+  options = _Options(
+    minimize.Options(solver, tol, max_steps, stepsize, memory_size),
+    linear_solver,
+    linear_tol,
+    linear_max_steps,
+  )
   return _Prepared(fn, consts, x_dyn, as_x, y0_flat, unravel, options)
 
 
 # ------------------------------------------------------------------ public
 
 
-def solve(lower_fn: Callable, x, y0, *, solver: str = "lbfgs", tol: float | None = None,
-          max_steps: int = 500, linear_solver: str = "cg",
-          linear_tol: float | None = None, linear_max_steps: int | None = None,
-          stepsize: float | None = None, memory_size: int = 10,
-          throw: bool = False) -> ImplicitSolution:
+def solve(
+  lower_fn: Callable,
+  x,
+  y0,
+  *,
+  solver: str = "lbfgs",
+  tol: float | None = None,
+  max_steps: int = 500,
+  linear_solver: str = "cg",
+  linear_tol: float | None = None,
+  linear_max_steps: int | None = None,
+  stepsize: float | None = None,
+  memory_size: int = 10,
+  throw: bool = False,
+) -> ImplicitSolution:
   """Minimizes y -> f(x, y); the minimizer is differentiable in x by (2)-(3).
 
   Args:
@@ -260,16 +306,35 @@ def solve(lower_fn: Callable, x, y0, *, solver: str = "lbfgs", tol: float | None
     >>> round(float(jax.grad(y_first)(1.0)), 6)               # -1 / (1 + lam)^2
     -0.25
   """
-  p = _prepare(lower_fn, x, y0, solver, tol, max_steps, linear_solver, linear_tol,
-               linear_max_steps, stepsize, memory_size)
+  p = _prepare(
+    lower_fn,
+    x,
+    y0,
+    solver,
+    tol,
+    max_steps,
+    linear_solver,
+    linear_tol,
+    linear_max_steps,
+    stepsize,
+    memory_size,
+  )
   # One program even when called eagerly (inlined under an outer jit).
   y, info = jax.jit(_solution, static_argnums=(0, 1))(p.fn, p.options, p.x, p.consts, p.y0)
   status_lib.raise_if_failed(info.status, throw=throw, where="implicit.solve")
   return ImplicitSolution(p.unravel(y), info)
 
 
-def hypergradient(upper_fn: Callable, lower_fn: Callable, x, y0, *,
-                  return_info: bool = False, throw: bool = False, **solve_kw):
+def hypergradient(
+  upper_fn: Callable,
+  lower_fn: Callable,
+  x,
+  y0,
+  *,
+  return_info: bool = False,
+  throw: bool = False,
+  **solve_kw,
+):
   """phi(x) = F(x, y*(x)) and its gradient (4).
 
   Takes the keyword arguments of `solve`. The direct term grad_x F is
@@ -302,10 +367,12 @@ def hypergradient(upper_fn: Callable, lower_fn: Callable, x, y0, *,
     grad = jax.tree_util.tree_map(jnp.add, grad_x, ct_x)
     curvature = jnp.fmin(info.curvature, curvature)
     status = _adjoint_status(info, p.options, grad, residual, curvature)
-    status = jnp.where((status == status_lib.SUCCESS) & ~jnp.isfinite(value),
-                       status_lib.NONFINITE, status).astype(jnp.int32)
-    info = info._replace(status=status, linear_steps=steps, linear_residual=residual,
-                         curvature=curvature)
+    status = jnp.where(
+      (status == status_lib.SUCCESS) & ~jnp.isfinite(value), status_lib.NONFINITE, status
+    ).astype(jnp.int32)
+    info = info._replace(
+      status=status, linear_steps=steps, linear_residual=residual, curvature=curvature
+    )
     return value, grad, y, info
 
   value, grad, y, info = run(p.x, p.consts, p.y0)
@@ -315,9 +382,11 @@ def hypergradient(upper_fn: Callable, lower_fn: Callable, x, y0, *,
   return value, grad, ImplicitSolution(p.unravel(y), info)
 
 
-_SOLVE_DEFAULTS = {name: param.default for name, param in
-                   inspect.signature(solve).parameters.items()
-                   if param.kind is inspect.Parameter.KEYWORD_ONLY and name != "throw"}
+_SOLVE_DEFAULTS = {
+  name: param.default
+  for name, param in inspect.signature(solve).parameters.items()
+  if param.kind is inspect.Parameter.KEYWORD_ONLY and name != "throw"
+}
 
 
 def _solve_kwargs(kwargs):
@@ -325,8 +394,7 @@ def _solve_kwargs(kwargs):
   return {**_SOLVE_DEFAULTS, **kwargs}
 
 
-def make_hypergradient(upper_fn: Callable, lower_fn: Callable, *, jit: bool = True,
-                       **kwargs):
+def make_hypergradient(upper_fn: Callable, lower_fn: Callable, *, jit: bool = True, **kwargs):
   """Builds ``fn(x, y0) -> (value, grad, solution)`` for `bilevel_jax.upper.optimize`.
 
   ``solution.info`` carries the lower status and residual, which the driver

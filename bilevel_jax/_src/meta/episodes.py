@@ -12,6 +12,7 @@ Data sources (nothing is downloaded): any (features, labels) pair of
 synthetic task family `synthetic_classes`, and Omniglot from a local folder
 (`load_omniglot`).
 """
+
 from __future__ import annotations
 
 import os
@@ -39,14 +40,16 @@ class Episodes(NamedTuple):
     >>> ep.x_train.shape, ep.y_train[0].tolist(), ep.x_val.shape, ep.y_val[0].tolist()
     ((3, 2, 4), [0, 1], (3, 4, 4), [0, 0, 1, 1])
   """
+
   x_train: np.ndarray
   y_train: np.ndarray
   x_val: np.ndarray
   y_val: np.ndarray
 
 
-def split_classes(labels: np.ndarray, *, test_classes: int, seed: int = 0
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def split_classes(
+  labels: np.ndarray, *, test_classes: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
   """Splits the classes of ``labels`` at random into (meta-train, test) classes.
 
   Examples:
@@ -58,15 +61,25 @@ def split_classes(labels: np.ndarray, *, test_classes: int, seed: int = 0
   """
   classes = np.unique(labels)
   if not 0 < test_classes < classes.size:
-    raise ValueError(f"`test_classes` must lie in [1, {classes.size - 1}] "
-                     f"({classes.size} classes), got {test_classes}.")
+    raise ValueError(
+      f"`test_classes` must lie in [1, {classes.size - 1}] "
+      f"({classes.size} classes), got {test_classes}."
+    )
   perm = np.random.default_rng(seed).permutation(classes)
   return np.sort(perm[test_classes:]), np.sort(perm[:test_classes])
 
 
-def sample_episodes(features: np.ndarray, labels: np.ndarray, classes: np.ndarray, *,
-                    ways: int, shots: int, queries: int, num_tasks: int,
-                    rng: np.random.Generator) -> Episodes:
+def sample_episodes(
+  features: np.ndarray,
+  labels: np.ndarray,
+  classes: np.ndarray,
+  *,
+  ways: int,
+  shots: int,
+  queries: int,
+  num_tasks: int,
+  rng: np.random.Generator,
+) -> Episodes:
   """Draws ``num_tasks`` N-way M-shot episodes from the given classes.
 
   Args:
@@ -93,8 +106,12 @@ def sample_episodes(features: np.ndarray, labels: np.ndarray, classes: np.ndarra
     >>> [a.shape for a in ep]
     [(3, 2, 4), (3, 2), (3, 4, 4), (3, 4)]
   """
-  for name, value in (("ways", ways), ("shots", shots), ("queries", queries),
-                      ("num_tasks", num_tasks)):
+  for name, value in (
+    ("ways", ways),
+    ("shots", shots),
+    ("queries", queries),
+    ("num_tasks", num_tasks),
+  ):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
       raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
   classes = np.asarray(classes)
@@ -103,8 +120,10 @@ def sample_episodes(features: np.ndarray, labels: np.ndarray, classes: np.ndarra
   members = {int(c): np.flatnonzero(labels == c) for c in classes}
   small = [c for c, idx in members.items() if idx.size < shots + queries]
   if small:
-    raise ValueError(f"class {small[0]} has {members[small[0]].size} samples, fewer than "
-                     f"`shots` + `queries` = {shots + queries}.")
+    raise ValueError(
+      f"class {small[0]} has {members[small[0]].size} samples, fewer than "
+      f"`shots` + `queries` = {shots + queries}."
+    )
   train_idx = np.empty((num_tasks, ways * shots), np.int64)
   val_idx = np.empty((num_tasks, ways * queries), np.int64)
   for t in range(num_tasks):
@@ -114,13 +133,25 @@ def sample_episodes(features: np.ndarray, labels: np.ndarray, classes: np.ndarra
     val_idx[t] = np.concatenate([p[shots:] for p in picks])
   y_train = np.repeat(np.arange(ways, dtype=np.int32), shots)
   y_val = np.repeat(np.arange(ways, dtype=np.int32), queries)
-  return Episodes(x_train=features[train_idx], y_train=np.tile(y_train, (num_tasks, 1)),
-                  x_val=features[val_idx], y_val=np.tile(y_val, (num_tasks, 1)))
+  return Episodes(
+    x_train=features[train_idx],
+    y_train=np.tile(y_train, (num_tasks, 1)),
+    x_val=features[val_idx],
+    y_val=np.tile(y_val, (num_tasks, 1)),
+  )
 
 
-def synthetic_classes(*, num_classes: int = 100, per_class: int = 40, dim: int = 64,
-                      latent_dim: int = 8, noise: float = 0.6, nuisance: float = 3.0,
-                      seed: int = 0, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_classes(
+  *,
+  num_classes: int = 100,
+  per_class: int = 40,
+  dim: int = 64,
+  latent_dim: int = 8,
+  noise: float = 0.6,
+  nuisance: float = 3.0,
+  seed: int = 0,
+  dtype=np.float32,
+) -> tuple[np.ndarray, np.ndarray]:
   """A synthetic task family whose classes share a low-dimensional structure.
 
   Class c has a centre z_c ~ N(0, I) in R^latent_dim; its samples are
@@ -157,8 +188,9 @@ def synthetic_classes(*, num_classes: int = 100, per_class: int = 40, dim: int =
   return features.astype(dtype), labels
 
 
-def rotate_classes(features: np.ndarray, labels: np.ndarray, *, image_shape, rotations: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def rotate_classes(
+  features: np.ndarray, labels: np.ndarray, *, image_shape, rotations: int
+) -> tuple[np.ndarray, np.ndarray]:
   """New classes from rotations by multiples of 90 degrees (the Omniglot
   protocol of Santoro et al., 2016 and Vinyals et al., 2016): image i of
   class c rotated by r * 90 degrees is a sample of class c * rotations + r."""
@@ -173,8 +205,9 @@ def rotate_classes(features: np.ndarray, labels: np.ndarray, *, image_shape, rot
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
-def load_omniglot(path: str, *, image_size: int = 28, invert: bool = True,
-                  max_classes: int | None = None) -> tuple[np.ndarray, np.ndarray, list]:
+def load_omniglot(
+  path: str, *, image_size: int = 28, invert: bool = True, max_classes: int | None = None
+) -> tuple[np.ndarray, np.ndarray, list]:
   """Omniglot (Lake et al., 2015) from a local folder the user has.
 
   Every folder under ``path`` that holds image files is one class (in the
@@ -231,8 +264,7 @@ def load_omniglot(path: str, *, image_size: int = 28, invert: bool = True,
       if not name.lower().endswith(IMAGE_SUFFIXES):
         continue
       with Image.open(os.path.join(folder, name)) as image:
-        resized = image.convert("L").resize((image_size, image_size),
-                                            Image.Resampling.LANCZOS)
+        resized = image.convert("L").resize((image_size, image_size), Image.Resampling.LANCZOS)
         pixels = np.asarray(resized, dtype=np.float32) / 255.0
       features.append((1.0 - pixels if invert else pixels).reshape(-1))
       labels.append(label)

@@ -23,6 +23,7 @@ At test time a new task only has its training split: its head is fitted by
 K steps of gradient descent on the lower objective from y0 = 0 (alpha = 0,
 since the validation labels are what is being predicted).
 """
+
 from __future__ import annotations
 
 import math
@@ -51,8 +52,10 @@ def init_representation(key: jax.Array, sizes: Sequence[int], dtype=jnp.float32)
   if len(sizes) < 2 or any(s <= 0 for s in sizes):
     raise ValueError(f"`sizes` must list at least two positive widths, got {sizes}.")
   keys = jax.random.split(key, len(sizes) - 1)
-  return [{"w": jax.random.normal(k, (a, b), dtype) / math.sqrt(a),
-           "b": jnp.zeros((b,), dtype)} for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
+  return [
+    {"w": jax.random.normal(k, (a, b), dtype) / math.sqrt(a), "b": jnp.zeros((b,), dtype)}
+    for k, a, b in zip(keys, sizes[:-1], sizes[1:])
+  ]
 
 
 def represent(x: list, inputs: jax.Array) -> jax.Array:
@@ -87,8 +90,10 @@ def init_heads(num_tasks: int, feature_dim: int, ways: int, dtype=jnp.float32) -
     >>> heads["w"].shape, heads["b"].shape
     ((3, 8, 5), (3, 5))
   """
-  return {"w": jnp.zeros((num_tasks, feature_dim, ways), dtype),
-          "b": jnp.zeros((num_tasks, ways), dtype)}
+  return {
+    "w": jnp.zeros((num_tasks, feature_dim, ways), dtype),
+    "b": jnp.zeros((num_tasks, ways), dtype),
+  }
 
 
 def logits(x: list, head: dict, inputs: jax.Array) -> jax.Array:
@@ -133,8 +138,7 @@ def task_lower(x: list, head: dict, task, l2: float) -> jax.Array:
     >>> round(float(meta.task_lower(x, head, task, l2=0.1)), 4)   # ln 2 at y = 0
     0.6931
   """
-  return (cross_entropy(x, head, task.x_train, task.y_train)
-          + 0.5 * l2 * jnp.sum(head["w"] ** 2))
+  return cross_entropy(x, head, task.x_train, task.y_train) + 0.5 * l2 * jnp.sum(head["w"] ** 2)
 
 
 def task_upper(x: list, head: dict, task) -> jax.Array:
@@ -199,8 +203,13 @@ def task_hypergradient(x: list, y0: dict, task, *, l2: float, **solve_kwargs):
     ((4, 3), (3, 2))
   """
   value, grad, solution = unrolled.hypergradient(
-      lambda x, y: task_upper(x, y, task), lambda x, y: task_lower(x, y, task, l2),
-      x, y0, return_info=True, **solve_kwargs)
+    lambda x, y: task_upper(x, y, task),
+    lambda x, y: task_lower(x, y, task, l2),
+    x,
+    y0,
+    return_info=True,
+    **solve_kwargs,
+  )
   return value, grad, solution.y
 
 
@@ -230,8 +239,10 @@ def batched_hypergradient(*, l2: float, **solve_kwargs):
     ((3,), (3, 4, 3), (3, 3, 2))
     >>> meta_grad = jax.tree_util.tree_map(lambda g: g.sum(0), grads)
   """
+
   def one(x, y0, task):
     return task_hypergradient(x, y0, task, l2=l2, **solve_kwargs)
+
   return jax.vmap(one, in_axes=(None, 0, 0))
 
 
@@ -253,10 +264,13 @@ def adapt(x: list, tasks, y0: dict, *, steps: int, lower_lr: float, l2: float) -
     >>> fitted["w"].shape, bool(jnp.any(fitted["w"] != 0))
     ((3, 3, 2), True)
   """
+
   def one(y0, task):
     lower = lambda x, y: task_lower(x, y, task, l2)
-    return unrolled.solve(lower, lower, x, y0, steps=steps, upper_lr=1.0,
-                          lower_lr=lower_lr, alpha=0.0).y
+    return unrolled.solve(
+      lower, lower, x, y0, steps=steps, upper_lr=1.0, lower_lr=lower_lr, alpha=0.0
+    ).y
+
   return jax.vmap(one)(y0, tasks)
 
 

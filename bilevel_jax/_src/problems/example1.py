@@ -15,6 +15,7 @@ Examples:
   >>> float(example1.lower(2.0, jnp.array([2.0, 5.0]))), float(example1.lower_value(2.0))
   (-2.0, -2.0)
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -61,7 +62,7 @@ def lower_value(x):
     >>> example1.lower_value(3.0)
     -4.5
   """
-  return -0.5 * x ** 2
+  return -0.5 * x**2
 
 
 def projection():
@@ -91,8 +92,8 @@ def metrics(x, y):
   """
   y_star = jnp.asarray(Y_STAR, dtype=jnp.result_type(y))
   return {
-      "F_gap": jnp.abs(upper(x, y)),
-      "f_gap": jnp.abs(lower(x, y) - lower_value(x)),
-      "x_err": (x - X_STAR) ** 2 / X_STAR ** 2,
-      "y_err": jnp.sum((y - y_star) ** 2) / jnp.sum(y_star ** 2),
+    "F_gap": jnp.abs(upper(x, y)),
+    "f_gap": jnp.abs(lower(x, y) - lower_value(x)),
+    "x_err": (x - X_STAR) ** 2 / X_STAR**2,
+    "y_err": jnp.sum((y - y_star) ** 2) / jnp.sum(y_star**2),
   }

@@ -8,6 +8,7 @@ Softmax regression y = (W, b); per-sample weights sigma(x_i):
 These are the paper's objectives divided by n_tr and n_val, which leaves
 their minimizers unchanged and only rescales the step sizes.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -35,6 +36,7 @@ class CleaningData(NamedTuple):
     >>> data.x_train.shape, int(data.corrupted.sum())
     ((6, 3), 2)
   """
+
   # Arrays: NumPy from `bilevel_jax.data` (moved to the device on use), or JAX.
   x_train: Any
   y_train: Any
@@ -100,6 +102,7 @@ class HyperCleaning(NamedTuple):
     >>> round(float(hc.lower(x, params)), 4), round(float(hc.upper(x, params)), 4)
     (0.3466, 0.6931)
   """
+
   data: CleaningData
   l2: float = 1e-4
 
@@ -123,7 +126,7 @@ class HyperCleaning(NamedTuple):
 
   def upper(self, x, params):
     del x
-    sq = sum(jnp.sum(p ** 2) for p in jax.tree_util.tree_leaves(params))
+    sq = sum(jnp.sum(p**2) for p in jax.tree_util.tree_leaves(params))
     losses = cross_entropy(params, self.data.x_val, self.data.y_val)
     return (jnp.sum(losses) + self.l2 * sq) / losses.shape[0]
 

@@ -10,6 +10,7 @@ y*(x) = A^{-1} B x, and the hypergradient of phi(x) = F(x, y*(x)) is
 The problem is a NamedTuple of arrays, hence a pytree: it can be vmapped over
 (a batch of problems) and its methods used as the objectives.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -35,13 +36,14 @@ class QuadraticProblem(NamedTuple):
     >>> prob.hypergradient(x).tolist()       # (y* - c) + rho x
     [2.0, -1.0]
   """
+
   A: jax.Array
   B: jax.Array
   c: jax.Array
   rho: jax.Array
 
   def upper(self, x, y):
-    return 0.5 * jnp.sum((y - self.c) ** 2) + 0.5 * self.rho * jnp.sum(x ** 2)
+    return 0.5 * jnp.sum((y - self.c) ** 2) + 0.5 * self.rho * jnp.sum(x**2)
 
   def lower(self, x, y):
     return 0.5 * y @ (self.A @ y) - y @ (self.B @ x)
@@ -63,8 +65,9 @@ class QuadraticProblem(NamedTuple):
     return jnp.linalg.eigvalsh(self.A)[-1]
 
 
-def make_quadratic(key, *, dim_x: int = 5, dim_y: int = 10, condition: float = 10.0,
-                   rho: float = 0.1, dtype=None) -> QuadraticProblem:
+def make_quadratic(
+  key, *, dim_x: int = 5, dim_y: int = 10, condition: float = 10.0, rho: float = 0.1, dtype=None
+) -> QuadraticProblem:
   """Random instance with eigenvalues of A spread in [1, condition].
 
   Examples:

@@ -20,6 +20,7 @@ in the form g + h(G) of (1.2):
   lambda_1 = e^3, lambda_2 = e^2, and upper level max |A_val y - b_val|^2 /
   n_val subject to |w|^2 <= c.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -40,9 +41,18 @@ class RegressionData(NamedTuple):
   x_true: jax.Array
 
 
-def make_regression(key, *, dim: int, n_train: int = 100, n_val: int = 100,
-                    n_test: int = 300, nonzeros: int = 15, correlation: float = 0.5,
-                    snr: float = 2.0, dtype=jnp.float64) -> RegressionData:
+def make_regression(
+  key,
+  *,
+  dim: int,
+  n_train: int = 100,
+  n_val: int = 100,
+  n_test: int = 300,
+  nonzeros: int = 15,
+  correlation: float = 0.5,
+  snr: float = 2.0,
+  dtype=jnp.float64,
+) -> RegressionData:
   """One instance of the Section 6.1 data."""
   k_sup, k_a, k_noise = jax.random.split(key, 3)
   idx = jnp.arange(dim)
@@ -73,6 +83,7 @@ def mse(a, b, y):
 class CompositeLowerLevel(NamedTuple):
   """g, G, h and a starting point of a lower level g + h(G); functions of
   (x, y) closing over the data."""
+
   g: object
   G: object
   h: poly.Polyhedral
@@ -80,8 +91,9 @@ class CompositeLowerLevel(NamedTuple):
   to_model: object  # y -> the regression coefficients
 
 
-def elastic_net_lower(data: RegressionData, reformulated: bool = False,
-                      lam=None) -> CompositeLowerLevel:
+def elastic_net_lower(
+  data: RegressionData, reformulated: bool = False, lam=None
+) -> CompositeLowerLevel:
   """The elastic-net lower level of (6.1) ("1") or (6.2) ("1R").
 
   By default x = (lambda_1, lambda_2) with the exp reparametrization.  For
@@ -98,6 +110,7 @@ def elastic_net_lower(data: RegressionData, reformulated: bool = False,
     return lam[0], lam[1], b + x
 
   if not reformulated:
+
     def g(x, y):
       _, l2, target = weights(x)
       r = a @ y - target
@@ -120,5 +133,4 @@ def elastic_net_lower(data: RegressionData, reformulated: bool = False,
     return jnp.concatenate([l1 * (y[:d] + y[d:]), -y])
 
   h = poly.separable(poly.linear(jnp.ones(d, dtype)), poly.nonpositive(2 * d))
-  return CompositeLowerLevel(g_split, G_split, h, jnp.zeros(2 * d, dtype),
-                            lambda y: y[:d] - y[d:])
+  return CompositeLowerLevel(g_split, G_split, h, jnp.zeros(2 * d, dtype), lambda y: y[:d] - y[d:])

@@ -6,6 +6,7 @@ The lower objective is called ``g(x, y)``, or ``g(x, y, mu)`` with
 the same mu that is vmapped or differentiated over.  Status codes are those of
 `bilevel_jax.Status` (`bilevel_jax._src.status`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -34,8 +35,9 @@ def check_mu(mu) -> None:
   validation.check_positive("mu", mu)
   concrete = validation.concrete_value(mu)
   if concrete is not None and concrete.ndim != 0:
-    raise ValueError(f"`mu` must be a scalar (vmap over it for several), got "
-                     f"shape {concrete.shape}.")
+    raise ValueError(
+      f"`mu` must be a scalar (vmap over it for several), got shape {concrete.shape}."
+    )
 
 
 def check_variable(name: str, tree) -> None:
@@ -43,11 +45,17 @@ def check_variable(name: str, tree) -> None:
   functions ravel, project and optimize every leaf of x and y."""
   variables.check(name, tree)
   if variables.has_rest(tree):
-    kinds = sorted({str(getattr(leaf, "dtype", type(leaf).__name__))
-                    for leaf in jax.tree_util.tree_leaves(tree)
-                    if not variables.is_differentiable(leaf)})
-    raise TypeError(f"`{name}` must have only floating-point leaves, got leaves of kind "
-                    f"{kinds}; pass the floating-point part and close over the rest.")
+    kinds = sorted(
+      {
+        str(getattr(leaf, "dtype", type(leaf).__name__))
+        for leaf in jax.tree_util.tree_leaves(tree)
+        if not variables.is_differentiable(leaf)
+      }
+    )
+    raise TypeError(
+      f"`{name}` must have only floating-point leaves, got leaves of kind "
+      f"{kinds}; pass the floating-point part and close over the rest."
+    )
 
 
 def check_g(g3: Callable, x, y, mu) -> None:

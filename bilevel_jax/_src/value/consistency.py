@@ -30,6 +30,7 @@ Practical choices (ours):
   sample point is recorded and passed on (``info.inner_status``): a distance
   computed from an inaccurate value function is not evidence either way.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -62,6 +63,7 @@ class ConsistencyInfo(NamedTuple):
     inner_statuses: (K, J) the status of ``value_fn`` at each sample point
       (SUCCESS where it returns a bare value).
   """
+
   num_steps: jax.Array
   status: jax.Array
   inner_status: jax.Array
@@ -72,16 +74,17 @@ class ConsistencyInfo(NamedTuple):
 class ConsistencySolution(NamedTuple):
   """Attributes (K = len(mus), J = num_directions + 1, n = size of x):
 
-    mus, radii: (K,) the schedules.
-    distances: (K, J) dist(grad v_mu_k(x_kj), conv G).
-    max_distance: (K,) the largest distance at each mu_k.
-    gradients: (K, J, n) the gradients grad v_mu_k(x_kj) (x flattened).
-    points: (K, J, n) the sample points.
-    generators: (p, n) the rows G whose convex hull is partial v(x_bar).
-    estimated_from: "user", "reference_grad" or "smallest mu" (a str: this
-      diagnostic runs eagerly, it is not a jit-compiled entry point).
-    info: `ConsistencyInfo`.
+  mus, radii: (K,) the schedules.
+  distances: (K, J) dist(grad v_mu_k(x_kj), conv G).
+  max_distance: (K,) the largest distance at each mu_k.
+  gradients: (K, J, n) the gradients grad v_mu_k(x_kj) (x flattened).
+  points: (K, J, n) the sample points.
+  generators: (p, n) the rows G whose convex hull is partial v(x_bar).
+  estimated_from: "user", "reference_grad" or "smallest mu" (a str: this
+    diagnostic runs eagerly, it is not a jit-compiled entry point).
+  info: `ConsistencyInfo`.
   """
+
   mus: jax.Array
   radii: jax.Array
   distances: jax.Array
@@ -106,9 +109,15 @@ def distance_to_hull(xi, generators, steps: int = 500):
   gen = generators
   lip = jnp.maximum(jnp.linalg.norm(gen, 2) ** 2, jnp.finfo(gen.dtype).tiny)
   w0 = jnp.full(gen.shape[0], 1.0 / gen.shape[0], gen.dtype)
-  state = fista_lib.fista(fista_lib.project_simplex, w0,
-                          grad=lambda z: gen @ (gen.T @ z - xi), lipschitz=lip,
-                          max_steps=steps, tol=None, restart=None)
+  state = fista_lib.fista(
+    fista_lib.project_simplex,
+    w0,
+    grad=lambda z: gen @ (gen.T @ z - xi),
+    lipschitz=lip,
+    max_steps=steps,
+    tol=None,
+    restart=None,
+  )
   return jnp.linalg.norm(gen.T @ state.x - xi)
 
 
@@ -116,16 +125,24 @@ def _first_failure(statuses):
   """First non-SUCCESS entry (row-major) of an int array, SUCCESS if none."""
   flat = jnp.ravel(statuses)
   failed = flat != status_lib.SUCCESS
-  return jnp.where(jnp.any(failed), flat[jnp.argmax(failed)],
-                   status_lib.SUCCESS).astype(jnp.int32)
+  return jnp.where(jnp.any(failed), flat[jnp.argmax(failed)], status_lib.SUCCESS).astype(jnp.int32)
 
 
-def consistency_check(value_fn: Callable, x_bar, *, mus, radii=None,
-                      num_directions: int = 8, subdifferential=None,
-                      reference_grad: Callable | None = None,
-                      sample_radius: float = 1e-6, num_reference: int = 64,
-                      key=None, steps: int = 500,
-                      throw: bool = False) -> ConsistencySolution:
+def consistency_check(
+  value_fn: Callable,
+  x_bar,
+  *,
+  mus,
+  radii=None,
+  num_directions: int = 8,
+  subdifferential=None,
+  reference_grad: Callable | None = None,
+  sample_radius: float = 1e-6,
+  num_reference: int = 64,
+  key=None,
+  steps: int = 500,
+  throw: bool = False,
+) -> ConsistencySolution:
   """Distances of grad v_mu(x) to partial v(x_bar) as x -> x_bar, mu -> 0.
 
   Args:
@@ -188,7 +205,8 @@ def consistency_check(value_fn: Callable, x_bar, *, mus, radii=None,
   per_point = lambda fn: jax.jit(jax.vmap(lambda pts, mu: jax.vmap(lambda p: fn(p, mu))(pts)))
 
   dirs = sampling.sphere(k_dir, mus.shape[0] * num_directions, n, dtype).reshape(
-      mus.shape[0], num_directions, n)
+    mus.shape[0], num_directions, n
+  )
   dirs = jnp.concatenate([jnp.zeros((mus.shape[0], 1, n), dtype), dirs], axis=1)
   points = flat_bar[None, None] + radii[:, None, None] * dirs
   # One compiled program per call (value_fn and the sizes are fixed here).
@@ -215,26 +233,38 @@ def consistency_check(value_fn: Callable, x_bar, *, mus, radii=None,
       source = "reference_grad"
     else:
       ref_points = flat_bar[None] + 10 * sample_radius * sampling.sphere(
-          k_ref, num_reference, n, dtype)
+        k_ref, num_reference, n, dtype
+      )
       gens = jax.jit(jax.vmap(lambda p: grad_v(p, mus[-1])))(ref_points)
       if has_status:
         all_statuses.append(jax.jit(jax.vmap(lambda p: status_v(p, mus[-1])))(ref_points))
       source = "smallest mu"
     gens = gens.astype(dtype)
-  dist = jax.jit(jax.vmap(jax.vmap(lambda xi, g: distance_to_hull(xi, g, steps),
-                                   in_axes=(0, None)), in_axes=(0, None)))(grads, gens)
+  dist = jax.jit(
+    jax.vmap(
+      jax.vmap(lambda xi, g: distance_to_hull(xi, g, steps), in_axes=(0, None)), in_axes=(0, None)
+    )
+  )(grads, gens)
   flat_statuses = jnp.concatenate(all_statuses)
   inner_status = _first_failure(flat_statuses)
-  finite = (jnp.all(jnp.isfinite(dist)) & jnp.all(jnp.isfinite(grads))
-            & jnp.all(jnp.isfinite(gens)))
+  finite = jnp.all(jnp.isfinite(dist)) & jnp.all(jnp.isfinite(grads)) & jnp.all(jnp.isfinite(gens))
   own = jnp.where(finite, status_lib.SUCCESS, status_lib.NONFINITE)
   info = ConsistencyInfo(
-      num_steps=jnp.asarray(steps, jnp.int32),
-      status=status_lib.with_inner(own, inner_status), inner_status=inner_status,
-      inner_failures=jnp.sum(flat_statuses != status_lib.SUCCESS).astype(jnp.int32),
-      inner_statuses=statuses)
+    num_steps=jnp.asarray(steps, jnp.int32),
+    status=status_lib.with_inner(own, inner_status),
+    inner_status=inner_status,
+    inner_failures=jnp.sum(flat_statuses != status_lib.SUCCESS).astype(jnp.int32),
+    inner_statuses=statuses,
+  )
   status_lib.raise_if_failed(info.status, throw=throw, where="value.consistency_check")
-  return ConsistencySolution(mus=mus, radii=radii, distances=dist,
-                             max_distance=jnp.max(dist, axis=1), gradients=grads,
-                             points=points, generators=gens, estimated_from=source,
-                             info=info)
+  return ConsistencySolution(
+    mus=mus,
+    radii=radii,
+    distances=dist,
+    max_distance=jnp.max(dist, axis=1),
+    gradients=grads,
+    points=points,
+    generators=gens,
+    estimated_from=source,
+    info=info,
+  )

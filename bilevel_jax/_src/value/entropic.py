@@ -43,6 +43,7 @@ Practical choices (the paper has no algorithm; these are ours):
   a backward pass. ``batch_size`` evaluates chunks with `lax.map` and
   accumulates the backward VJP over chunks with `lax.scan`.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,6 +83,7 @@ class EntropicInfo(NamedTuple):
     mean_g: E_alpha[g(x, y)], the Gibbs average of g (>= v_mu).
     log_volume: ln vol(Y_mu) of the integration box (0 for user rules).
   """
+
   num_steps: jax.Array
   status: jax.Array
   num_points: jax.Array
@@ -95,6 +97,7 @@ class EntropicInfo(NamedTuple):
 class EntropicSolution(NamedTuple):
   """``value`` = v_mu(x) (differentiable); ``y`` = the Gibbs mean
   E_alpha[y] (a soft argmin; not differentiated); ``info``."""
+
   value: jax.Array
   y: jax.Array
   info: EntropicInfo
@@ -121,8 +124,7 @@ def _node_values(gp, p, mu, nodes, batch_size=None):
   if batch_size is None:
     return jax.vmap(jax.vmap(lambda y: gp(p, y, mu)))(nodes)
   flat = nodes.reshape(-1, nodes.shape[-1])
-  return jax.lax.map(lambda y: gp(p, y, mu), flat, batch_size=batch_size).reshape(
-      nodes.shape[:2])
+  return jax.lax.map(lambda y: gp(p, y, mu), flat, batch_size=batch_size).reshape(nodes.shape[:2])
 
 
 def _weighted_vjp(gp, p, mu, nodes, weights, batch_size):
@@ -177,8 +179,13 @@ def _gibbs_fwd(gp, batch_size, p, mu, nodes, logw):
     rel_se = jnp.std(rho, ddof=1) / math.sqrt(num_rand)
   else:
     rel_se = jnp.zeros_like(v)
-  aux = (jnp.max(alpha), 1.0 / jnp.sum(alpha * alpha), jnp.sum(alpha * gvals),
-         jnp.einsum("rn,rnm->m", alpha, nodes), rel_se)
+  aux = (
+    jnp.max(alpha),
+    1.0 / jnp.sum(alpha * alpha),
+    jnp.sum(alpha * gvals),
+    jnp.einsum("rn,rnm->m", alpha, nodes),
+    rel_se,
+  )
   return (v, aux), v
 
 
@@ -202,12 +209,13 @@ def _gibbs_bwd(gp, batch_size, theta, v, ct):
 # ---------------------------------------------------------------- the rule
 def _check_box(box):
   if not (isinstance(box, (tuple, list)) and len(box) == 2):
-    raise TypeError("`box` must be a pair (lower, upper) of 1-D arrays, got "
-                    f"{type(box).__name__}.")
+    raise TypeError(f"`box` must be a pair (lower, upper) of 1-D arrays, got {type(box).__name__}.")
   lo, hi = (jnp.asarray(b) for b in box)
   if lo.ndim != 1 or lo.shape != hi.shape or lo.shape[0] == 0:
-    raise ValueError("`box` must be a pair of 1-D arrays of the same length m >= 1, "
-                     f"got shapes {lo.shape} and {hi.shape}.")
+    raise ValueError(
+      "`box` must be a pair of 1-D arrays of the same length m >= 1, "
+      f"got shapes {lo.shape} and {hi.shape}."
+    )
   clo, chi = validation.concrete_value(box[0]), validation.concrete_value(box[1])
   unbounded = False
   if clo is not None and chi is not None:
@@ -215,8 +223,10 @@ def _check_box(box):
     bad = np.flatnonzero(~(clo < chi))
     if bad.size:
       i = bad[0]
-      raise ValueError(f"`box`: lower bound must be below the upper bound, got "
-                       f"lower[{i}] = {clo[i]} >= upper[{i}] = {chi[i]}.")
+      raise ValueError(
+        f"`box`: lower bound must be below the upper bound, got "
+        f"lower[{i}] = {clo[i]} >= upper[{i}] = {chi[i]}."
+      )
     unbounded = bool(np.any(np.isinf(clo)) or np.any(np.isinf(chi)))
   return lo, hi, unbounded
 
@@ -229,15 +239,16 @@ def _per_axis(name, value, m):
   return tuple(validation.check_positive_int(name, v) for v in values)
 
 
-def _box_rule(box, mu, dtype, rule, order, panels, num_points, randomizations,
-              key, radius):
+def _box_rule(box, mu, dtype, rule, order, panels, num_points, randomizations, key, radius):
   """Nodes (R, n, m), log-weights (R, n), ln vol and the coarse GL rule."""
   lo, hi, unbounded = _check_box(box)
   m = lo.shape[0]
   lo, hi = lo.astype(dtype), hi.astype(dtype)
   if unbounded and radius is None:
-    raise ValueError("`box` is unbounded: pass `radius` (a schedule mu -> r_mu "
-                     "such as `log_radius()`, Theorem 4.13).")
+    raise ValueError(
+      "`box` is unbounded: pass `radius` (a schedule mu -> r_mu "
+      "such as `log_radius()`, Theorem 4.13)."
+    )
   if radius is not None:  # Y_mu = Y cap [-r_mu, r_mu]^m whenever a radius is given
     r = radius(mu) if callable(radius) else radius
     validation.check_positive("radius", r)
@@ -263,8 +274,9 @@ def _box_rule(box, mu, dtype, rule, order, panels, num_points, randomizations,
     num_points = validation.check_positive_int("num_points", num_points)
     randomizations = validation.check_positive_int("randomizations", randomizations)
     if randomizations < 2:
-      raise ValueError(f"`randomizations` must be >= 2 for the error estimate, got "
-                       f"{randomizations}.")
+      raise ValueError(
+        f"`randomizations` must be >= 2 for the error estimate, got {randomizations}."
+      )
     key = jax.random.PRNGKey(0) if key is None else key
     u = rules.shifted_halton(key, m, num_points, randomizations, dtype)
     nodes = lo[None, None] + width[None, None] * u
@@ -277,18 +289,34 @@ def _user_rule(points, weights, dtype):
   points = jnp.asarray(points, dtype)
   weights = jnp.asarray(weights, dtype)
   if points.ndim != 2 or weights.shape != points.shape[:1]:
-    raise ValueError(f"`points` must have shape (N, m) and `weights` shape (N,), got "
-                     f"{points.shape} and {weights.shape}.")
+    raise ValueError(
+      f"`points` must have shape (N, m) and `weights` shape (N,), got "
+      f"{points.shape} and {weights.shape}."
+    )
   validation.check_positive("weights", weights)
   return points[None], jnp.log(weights)[None]
 
 
-def entropic(g: Callable, x, *, mu, box=None, rule: str = "auto",
-             order=None, panels=None,
-             num_points: int = 2048, randomizations: int = 8, key=None,
-             points=None, weights=None, radius=None, pass_mu: bool = False,
-             tol: float = 1e-4, batch_size: int | None = None,
-             throw: bool = False) -> EntropicSolution:
+def entropic(
+  g: Callable,
+  x,
+  *,
+  mu,
+  box=None,
+  rule: str = "auto",
+  order=None,
+  panels=None,
+  num_points: int = 2048,
+  randomizations: int = 8,
+  key=None,
+  points=None,
+  weights=None,
+  radius=None,
+  pass_mu: bool = False,
+  tol: float = 1e-4,
+  batch_size: int | None = None,
+  throw: bool = False,
+) -> EntropicSolution:
   """Entropic value function v_mu(x) = -mu ln int_Y exp(-g(x, y)/mu) dy (4.1).
 
   Args:
@@ -353,8 +381,9 @@ def entropic(g: Callable, x, *, mu, box=None, rule: str = "auto",
   else:
     if box is None:
       raise ValueError("`box` is required unless `points` and `weights` are given.")
-    (nodes, logw), coarse, log_vol = _box_rule(box, mu, dtype, rule, order, panels,
-                                               num_points, randomizations, key, radius)
+    (nodes, logw), coarse, log_vol = _box_rule(
+      box, mu, dtype, rule, order, panels, num_points, randomizations, key, radius
+    )
   common.check_g(g3, x, nodes[0, 0], mu)
   gp, consts = common.convert(g3, x, nodes[0, 0], mu)
   p = (x, consts)
@@ -363,21 +392,28 @@ def entropic(g: Callable, x, *, mu, box=None, rule: str = "auto",
   v, (max_w, ess, mean_g, mean_y, rel_se) = _gibbs(gp, batch_size, p, mu, nodes, logw)
   sg = jax.lax.stop_gradient
   if coarse is not None:
-    v_coarse = _soft_min(_node_values(gp, sg(p), sg(mu), sg(coarse[0]), batch_size), sg(mu),
-                         sg(coarse[1]))[0]
+    v_coarse = _soft_min(
+      _node_values(gp, sg(p), sg(mu), sg(coarse[0]), batch_size), sg(mu), sg(coarse[1])
+    )[0]
     error = jnp.abs(sg(v) - v_coarse)
   elif nodes.shape[0] > 1:
     error = sg(mu * rel_se)
   else:
     error = jnp.full((), jnp.nan, dtype)
   finite = jnp.isfinite(v) & jnp.isfinite(mean_g)
-  status = jnp.where(~finite, status_lib.NONFINITE,
-                     jnp.where(error > tol, status_lib.INACCURATE, status_lib.SUCCESS))
+  status = jnp.where(
+    ~finite, status_lib.NONFINITE, jnp.where(error > tol, status_lib.INACCURATE, status_lib.SUCCESS)
+  )
   status = status_lib.unless_invalid(validation.is_positive(mu), status)
   info = EntropicInfo(
-      num_steps=jnp.ones((), jnp.int32), status=status,
-      num_points=jnp.asarray(nodes.shape[0] * nodes.shape[1], jnp.int32),
-      integration_error=error, max_weight=sg(max_w), effective_points=sg(ess),
-      mean_g=sg(mean_g), log_volume=sg(log_vol))
+    num_steps=jnp.ones((), jnp.int32),
+    status=status,
+    num_points=jnp.asarray(nodes.shape[0] * nodes.shape[1], jnp.int32),
+    integration_error=error,
+    max_weight=sg(max_w),
+    effective_points=sg(ess),
+    mean_g=sg(mean_g),
+    log_volume=sg(log_vol),
+  )
   status_lib.raise_if_failed(status, throw=throw, where="value.entropic")
   return EntropicSolution(value=v, y=sg(mean_y), info=info)

@@ -43,6 +43,7 @@ Practical choices (ours):
   parallel to grad_y g~, so u = grad_y g~ and no linear solve is needed.)
   It assumes strict complementarity (P differentiable at z*).
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -72,6 +73,7 @@ class QuadraticInfo(NamedTuple):
     lipschitz: final Lipschitz estimate L of grad_y g~_mu.
     restarts: number of momentum restarts.
   """
+
   num_steps: jax.Array
   status: jax.Array
   residual: jax.Array
@@ -81,6 +83,7 @@ class QuadraticInfo(NamedTuple):
 
 class QuadraticSolution(NamedTuple):
   """``value`` = v_mu(x) (differentiable, Prop. 3.4); ``y`` = S_mu(x)."""
+
   value: jax.Array
   y: Any
   info: QuadraticInfo
@@ -100,10 +103,19 @@ def _merge(consts, inexact, moving):
   return [next(moving) if d else c for c, d in zip(consts, inexact)]
 
 
-def quadratic(g: Callable, x, y0, *, mu, projection: Callable | None = None,
-              tol: float | None = None, max_steps: int = 2000,
-              lipschitz=None, pass_mu: bool = False,
-              throw: bool = False) -> QuadraticSolution:
+def quadratic(
+  g: Callable,
+  x,
+  y0,
+  *,
+  mu,
+  projection: Callable | None = None,
+  tol: float | None = None,
+  max_steps: int = 2000,
+  lipschitz=None,
+  pass_mu: bool = False,
+  throw: bool = False,
+) -> QuadraticSolution:
   """Quadratic-regularization value function v_mu(x) of (3.2).
 
   Args:
@@ -148,8 +160,9 @@ def quadratic(g: Callable, x, y0, *, mu, projection: Callable | None = None,
   project_tree = projection if projection is not None else (lambda y: y)
   if not callable(project_tree):
     raise TypeError(f"`projection` must be callable, got {type(projection).__name__}.")
-  validation.check_same_structure("projection", y0, jax.eval_shape(project_tree, y0),
-                                  "projection(y0)")
+  validation.check_same_structure(
+    "projection", y0, jax.eval_shape(project_tree, y0), "projection(y0)"
+  )
   if lipschitz is not None:
     validation.check_positive("lipschitz", lipschitz)
   y_flat0, unravel = ravel_pytree(y0)
@@ -163,7 +176,8 @@ def quadratic(g: Callable, x, y0, *, mu, projection: Callable | None = None,
   # Arrays the projection closes over (x for an x-dependent Y) become inputs
   # of the custom rule, so that they get cotangents too.
   project_p, pconsts = implicit_diff.closure_convert(
-      lambda v: ravel_pytree(project_tree(unravel(v)))[0].astype(dtype), y_flat0)
+    lambda v: ravel_pytree(project_tree(unravel(v)))[0].astype(dtype), y_flat0
+  )
   lip0 = None if lipschitz is None else jnp.asarray(lipschitz, dtype)
 
   def objective(theta, y):
@@ -179,9 +193,16 @@ def quadratic(g: Callable, x, y0, *, mu, projection: Callable | None = None,
     y_start = project(y_start)
     if lip_start is None:
       lip_start = _initial_lipschitz(grad_h, y_start, theta[1])
-    state = fista_lib.fista(project, y_start, fun=h, lipschitz=lip_start, tol=tol,
-                            max_steps=max_steps, backtracking=True,
-                            restart="gradient_mapping")
+    state = fista_lib.fista(
+      project,
+      y_start,
+      fun=h,
+      lipschitz=lip_start,
+      tol=tol,
+      max_steps=max_steps,
+      backtracking=True,
+      restart="gradient_mapping",
+    )
     final_res = fista_lib.gradient_mapping(grad_h, project, state.x, state.lipschitz)
     y_star = state.x
     return (h(y_star), y_star, state, final_res), (y_star, state.lipschitz)
@@ -205,14 +226,22 @@ def quadratic(g: Callable, x, y0, *, mu, projection: Callable | None = None,
     return ct_p, ct_m, ct_pc
 
   value, y_star, state, final_res = implicit_diff.solution_map(
-      solve, adjoint, ((x, consts), mu, pconsts), (y_flat0, lip0))
+    solve, adjoint, ((x, consts), mu, pconsts), (y_flat0, lip0)
+  )
   y_star = lax.stop_gradient(y_star)
   finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(y_star))
-  status = jnp.where(~finite, status_lib.NONFINITE,
-                     jnp.where(final_res <= 10 * tol, status_lib.SUCCESS,
-                               status_lib.MAX_STEPS))
+  status = jnp.where(
+    ~finite,
+    status_lib.NONFINITE,
+    jnp.where(final_res <= 10 * tol, status_lib.SUCCESS, status_lib.MAX_STEPS),
+  )
   status = status_lib.unless_invalid(validation.is_positive(mu), status)
-  info = QuadraticInfo(num_steps=state.num_steps, status=status, residual=final_res,
-                       lipschitz=state.lipschitz, restarts=state.restarts)
+  info = QuadraticInfo(
+    num_steps=state.num_steps,
+    status=status,
+    residual=final_res,
+    lipschitz=state.lipschitz,
+    restarts=state.restarts,
+  )
   status_lib.raise_if_failed(status, throw=throw, where="value.quadratic")
   return QuadraticSolution(value=value, y=unravel(y_star), info=info)

@@ -15,6 +15,7 @@
 Nodes are fixed arrays computed with NumPy when the program is traced (they
 depend only on static sizes); the random shift is a JAX operation.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,8 +24,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71,
-           73, 79, 83, 89, 97, 101, 103, 107, 109, 113, 127, 131, 137, 139, 149, 151)
+_PRIMES = (
+  2,
+  3,
+  5,
+  7,
+  11,
+  13,
+  17,
+  19,
+  23,
+  29,
+  31,
+  37,
+  41,
+  43,
+  47,
+  53,
+  59,
+  61,
+  67,
+  71,
+  73,
+  79,
+  83,
+  89,
+  97,
+  101,
+  103,
+  107,
+  109,
+  113,
+  127,
+  131,
+  137,
+  139,
+  149,
+  151,
+)
 
 
 @functools.lru_cache(maxsize=64)

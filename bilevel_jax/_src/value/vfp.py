@@ -65,6 +65,7 @@ What the status says (`bilevel_jax.Status`):
   max(1, .) ignores multipliers below 1). It does not change the status: a
   few mu_k cannot prove divergence; read it with ``info.lambdas``.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -110,6 +111,7 @@ class VFPInfo(NamedTuple):
     rho: penalty parameter at the end of mu_k.
     xs, ys: the iterates (x_k, y_k), stacked along a leading axis.
   """
+
   num_steps: jax.Array
   status: jax.Array
   residual: jax.Array
@@ -133,6 +135,7 @@ class VFPInfo(NamedTuple):
 
 class VFPSolution(NamedTuple):
   """Final (x, y), the multiplier ``lam`` and the per-mu_k ``info``."""
+
   x: Any
   y: Any
   lam: jax.Array
@@ -165,14 +168,29 @@ def _check_mus(mus) -> None:
     raise ValueError(f"`mus` must be non-increasing, got {concrete}.")
 
 
-def solve_vfp(f: Callable, g: Callable, value_fn: Callable, x0, y0, *, mus,
-              epsilon, optimizer: optax.GradientTransformation,
-              projection_x: Callable | None = None,
-              projection_y: Callable | None = None, inner_steps: int = 200,
-              outer_steps: int = 10, rho: float = 10.0, rho_growth: float = 2.0,
-              rho_max: float = 1e4, feas_tol: float = 1e-6, lam0: float = 0.0,
-              pass_mu: bool = False, kkt_tol: float | None = None,
-              throw: bool = False) -> VFPSolution:
+def solve_vfp(
+  f: Callable,
+  g: Callable,
+  value_fn: Callable,
+  x0,
+  y0,
+  *,
+  mus,
+  epsilon,
+  optimizer: optax.GradientTransformation,
+  projection_x: Callable | None = None,
+  projection_y: Callable | None = None,
+  inner_steps: int = 200,
+  outer_steps: int = 10,
+  rho: float = 10.0,
+  rho_growth: float = 2.0,
+  rho_max: float = 1e4,
+  feas_tol: float = 1e-6,
+  lam0: float = 0.0,
+  pass_mu: bool = False,
+  kkt_tol: float | None = None,
+  throw: bool = False,
+) -> VFPSolution:
   """Smoothing method for (VFP_eps): augmented Lagrangian on (VFP^mu_eps).
 
   Args:
@@ -240,8 +258,9 @@ def solve_vfp(f: Callable, g: Callable, value_fn: Callable, x0, y0, *, mus,
   mu_probe = mus[0]
   validation.check_scalar_output("f", f3, x0, y0, mu_probe)
   validation.check_scalar_output("g", g3, x0, y0, mu_probe)
-  validation.check_scalar_output("value_fn", lambda x, m: common.value_of(value_fn(x, m)),
-                                 x0, mu_probe)
+  validation.check_scalar_output(
+    "value_fn", lambda x, m: common.value_of(value_fn(x, m)), x0, mu_probe
+  )
   px = projection_x if projection_x is not None else (lambda t: t)
   py = projection_y if projection_y is not None else (lambda t: t)
   project = lambda params: (px(params[0]), py(params[1]))
@@ -260,8 +279,9 @@ def solve_vfp(f: Callable, g: Callable, value_fn: Callable, x0, y0, *, mus,
 
   def lagrangian(params, mu, lam, rho_):
     c = constraint(params, mu)
-    return (f3(params[0], params[1], mu)
-            + (jnp.square(jnp.maximum(lam + rho_ * c, 0.0)) - lam * lam) / (2.0 * rho_))
+    return f3(params[0], params[1], mu) + (
+      jnp.square(jnp.maximum(lam + rho_ * c, 0.0)) - lam * lam
+    ) / (2.0 * rho_)
 
   grad_l = jax.grad(lagrangian)
 
@@ -273,8 +293,8 @@ def solve_vfp(f: Callable, g: Callable, value_fn: Callable, x0, y0, *, mus,
       params = project(optax.apply_updates(params, updates))
       params = tree_ops.tree_cast_like(params, carry[0])
       return (params, state), None
-    (params, _), _ = lax.scan(step, (params, optimizer.init(params)), None,
-                              length=inner_steps)
+
+    (params, _), _ = lax.scan(step, (params, optimizer.init(params)), None, length=inner_steps)
     return params
 
   def round_(carry, _):
@@ -291,6 +311,7 @@ def solve_vfp(f: Callable, g: Callable, value_fn: Callable, x0, y0, *, mus,
   def kkt(params, mu, lam):
     def lag(p):
       return f3(p[0], p[1], mu) + lam * constraint(p, mu)
+
     grads = jax.grad(lag)(params)
     moved = project(tree_ops.tree_sub(params, grads))
     stat = tree_ops.tree_norm(tree_ops.tree_sub(params, moved))
@@ -299,45 +320,73 @@ def solve_vfp(f: Callable, g: Callable, value_fn: Callable, x0, y0, *, mus,
 
   def per_mu(carry, mu):
     params, lam, rho_ = carry
-    (params, lam, rho_, _), _ = lax.scan(round_, (params, lam, rho_, mu), None,
-                                         length=outer_steps)
+    (params, lam, rho_, _), _ = lax.scan(round_, (params, lam, rho_, mu), None, length=outer_steps)
     stat, feas, comp, c, inner = kkt(params, mu, lam)
-    out = dict(lam=lam, stat=stat, feas=feas, comp=comp, c=c, rho=rho_, inner=inner,
-               f=f3(params[0], params[1], mu), x=params[0], y=params[1])
+    out = dict(
+      lam=lam,
+      stat=stat,
+      feas=feas,
+      comp=comp,
+      c=c,
+      rho=rho_,
+      inner=inner,
+      f=f3(params[0], params[1], mu),
+      x=params[0],
+      y=params[1],
+    )
     return (params, lam, rho_), out
 
   params0 = project((x0, y0))
   carry0 = (params0, jnp.asarray(lam0, dtype), jnp.asarray(rho, dtype))
   (params, lam, _), out = lax.scan(per_mu, carry0, mus)
   kkt_res = jnp.maximum(jnp.maximum(out["stat"], out["feas"]), out["comp"])
-  finite = (tree_ops.tree_all_finite(params) & jnp.isfinite(lam)
-            & jnp.all(jnp.isfinite(kkt_res)))
+  finite = tree_ops.tree_all_finite(params) & jnp.isfinite(lam) & jnp.all(jnp.isfinite(kkt_res))
   if kkt_tol is None:
     grad_f0 = jax.grad(lambda p: f3(p[0], p[1], mus[0]))(params0)
     tol = 1e-2 * (1.0 + tree_ops.tree_norm(grad_f0))
   else:
     tol = jnp.asarray(kkt_tol, dtype)
-  own = jnp.where(~finite, status_lib.NONFINITE,
-                  jnp.where(kkt_res[-1] > tol, status_lib.NOT_STATIONARY, status_lib.SUCCESS))
-  valid = (validation.is_positive(epsilon) & validation.is_positive(rho)
-           & validation.is_positive(rho_max) & validation.is_positive(feas_tol)
-           & validation.is_positive(mus) & jnp.all(jnp.asarray(rho_growth) >= 1)
-           & jnp.all(jnp.asarray(lam0) >= 0))
+  own = jnp.where(
+    ~finite,
+    status_lib.NONFINITE,
+    jnp.where(kkt_res[-1] > tol, status_lib.NOT_STATIONARY, status_lib.SUCCESS),
+  )
+  valid = (
+    validation.is_positive(epsilon)
+    & validation.is_positive(rho)
+    & validation.is_positive(rho_max)
+    & validation.is_positive(feas_tol)
+    & validation.is_positive(mus)
+    & jnp.all(jnp.asarray(rho_growth) >= 1)
+    & jnp.all(jnp.asarray(lam0) >= 0)
+  )
   own = status_lib.unless_invalid(valid, own)
   inner_statuses = out["inner"].astype(jnp.int32)
   failed = inner_statuses != status_lib.SUCCESS
-  inner_status = jnp.where(jnp.any(failed), inner_statuses[jnp.argmax(failed)],
-                           status_lib.SUCCESS).astype(jnp.int32)
-  info = VFPInfo(num_steps=jnp.asarray(mus.shape[0] * outer_steps * inner_steps, jnp.int32),
-                 status=status_lib.with_inner(own, inner_status), residual=kkt_res[-1],
-                 kkt_tol=jnp.asarray(tol, dtype), inner_status=inner_status,
-                 inner_failures=jnp.sum(failed).astype(jnp.int32),
-                 inner_statuses=inner_statuses,
-                 lambda_growing=lambda_growing(out["lam"]),
-                 mus=mus, lambdas=out["lam"], kkt_residual=kkt_res,
-                 stationarity=out["stat"], feasibility=out["feas"],
-                 complementarity=out["comp"], constraint=out["c"],
-                 upper_value=out["f"], rho=out["rho"], xs=out["x"], ys=out["y"])
+  inner_status = jnp.where(
+    jnp.any(failed), inner_statuses[jnp.argmax(failed)], status_lib.SUCCESS
+  ).astype(jnp.int32)
+  info = VFPInfo(
+    num_steps=jnp.asarray(mus.shape[0] * outer_steps * inner_steps, jnp.int32),
+    status=status_lib.with_inner(own, inner_status),
+    residual=kkt_res[-1],
+    kkt_tol=jnp.asarray(tol, dtype),
+    inner_status=inner_status,
+    inner_failures=jnp.sum(failed).astype(jnp.int32),
+    inner_statuses=inner_statuses,
+    lambda_growing=lambda_growing(out["lam"]),
+    mus=mus,
+    lambdas=out["lam"],
+    kkt_residual=kkt_res,
+    stationarity=out["stat"],
+    feasibility=out["feas"],
+    complementarity=out["comp"],
+    constraint=out["c"],
+    upper_value=out["f"],
+    rho=out["rho"],
+    xs=out["x"],
+    ys=out["y"],
+  )
   status_lib.raise_if_failed(info.status, throw=throw, where="value.solve_vfp")
   return VFPSolution(x=params[0], y=params[1], lam=lam, info=info)
 
