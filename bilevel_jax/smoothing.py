@@ -1,5 +1,9 @@
 """Smoothing families phi_mu of nonsmooth functions (Definition 2.5).
 
+Equation, section, definition and proposition numbers refer to the value-function
+smoothing paper of Alcantara, Nguyen, Chen and Lin (quadratic and entropic
+regularization of the lower-level value function).
+
 Chen-Mangasarian smoothings of the plus function with four densities
 (Example 2.7) and what is built from it, and Moreau envelopes (Example 2.8).
 See `bilevel_jax._src.smoothing` for the formulas and approximation bounds.

@@ -1,5 +1,9 @@
 """Smoothed value functions and the smoothing method for (VFP_eps).
 
+Equation, section, definition and proposition numbers refer to the value-function
+smoothing paper of Alcantara, Nguyen, Chen and Lin (quadratic and entropic
+regularization of the lower-level value function).
+
   entropic           v_mu(x) = -mu ln int_Y exp(-g_mu(x, y)/mu) dy      (4.1)
   quadratic          v_mu(x) = min_{y in Y} g_mu(x, y) + mu/2 ||y||^2    (3.2)
   solve_vfp          augmented Lagrangian on (VFP^mu_eps) for mu_k -> 0 (Prop. 2.13)

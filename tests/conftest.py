@@ -14,3 +14,79 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+# The heaviest checks (by measured duration) whose property a faster default
+# test also checks: deselected by default so that `python -m pytest` stays
+# under 5 minutes on 2 cores; `.ci/run` runs them in a second step
+# (`python -m pytest -m extended`). Regenerate the list from
+# `python -m pytest -n 2 --durations=60` when the suite's profile changes.
+EXTENDED = {
+    "tests/test_meta.py::test_fewshot_experiment_with_an_adam_inner_loop",
+    "tests/test_composite.py::test_l1_scale_is_differentiable",
+    "tests/test_hypercleaning.py::test_hypergradient_matches_finite_differences",
+    "bilevel_jax/_src/value/entropic.py::bilevel_jax._src.value.entropic.entropic",
+    "tests/test_implicit_at_solution.py::test_float32_stays_float32",
+    "tests/test_composite.py::test_success_only_below_tolerance_on_hard_cases[ipm-2]",
+    "tests/test_composite.py::test_float32_elastic_net_at_small_alpha[ipm]",
+    "tests/test_composite.py::test_diverging_interior_phase_keeps_its_best_iterate",
+    "tests/test_bench_runner.py::test_ridge_benchmark_problem_has_the_closed_form_hypergradient",
+    "tests/test_bench_runner.py::test_unrolled_cost_extrapolation_matches_the_full_unroll",
+    "tests/test_docs.py::test_every_code_block_of_the_docs_runs[docs/howto/composite.md]",
+    "tests/test_gradient_sampling.py::test_gradient_sampling_on_example_5_5",
+    "tests/test_gradient_sampling.py::test_gradient_sampling_with_a_warm_state",
+    "tests/test_docs.py::test_every_code_block_of_the_docs_runs[docs/howto/training_loop.md]",
+    "bilevel_jax/_src/composite/polyhedral.py::bilevel_jax._src.composite.polyhedral.l1",
+    "tests/test_composite.py::test_jacobian_minimax",
+    "tests/test_bench_runner.py::test_bench_command_writes_json_markdown_and_machine",
+    "bilevel_jax/_src/composite/solver.py::bilevel_jax._src.composite.solver.hypergradient",
+    "tests/test_models.py::test_flax_nnx_state_with_dropout_rngs_in_bda_and_implicit",
+    "tests/test_composite.py::test_optax_driver_tunes_the_l1_weight",
+    "tests/test_models.py::test_equinox_mlp_as_y0_in_bda",
+    "tests/test_composite.py::test_warm_start_matches_cold_start",
+    "tests/test_composite.py::test_relative_interior_condition",
+    "tests/test_stochastic_lower.py::test_flax_nnx_model_with_batchnorm_and_dropout",
+    "tests/test_hypercleaning.py::test_cleaning_beats_uniform_weights_on_digits",
+    "tests/test_meta.py::test_fewshot_experiment_runs_from_the_cli",
+    "tests/test_composite.py::test_jacobian_lasso",
+    "tests/test_composite.py::test_gradients_in_alpha_beta_and_data",
+    "tests/test_docs.py::test_every_code_block_of_the_docs_runs[docs/howto/nonsmooth.md]",
+    "tests/test_upper_step.py::test_step_vmaps_over_tasks",
+    "tests/test_composite.py::test_jacobian_inequality_constrained_qp",
+    "tests/test_models.py::test_jitted_make_hypergradient_and_optimize_take_an_equinox_module_as_y0",
+    "tests/test_composite.py::test_unregularized_formula_matches_regularized_limit",
+    "tests/test_composite.py::test_jacobian_nonlinear_G",
+    "tests/test_docs.py::test_every_code_block_of_the_docs_runs[docs/howto/reweighting.md]",
+    "tests/test_stochastic_lower.py::test_checkpoint_gives_the_same_gradient",
+    "tests/test_stochastic_lower.py::test_equinox_mlp_with_dropout_key_in_the_batch",
+    "tests/test_meta.py::test_per_task_solve_equals_joint_solve_of_the_summed_problem",
+    "tests/test_value.py::test_gradient_consistency_at_the_kink[entropic]",
+    "tests/test_composite.py::test_critical_cone_of_example_3_6",
+    "tests/test_bench_hypercleaning_peers.py::test_small_config_skips_missing_boat",
+    "tests/test_meta.py::test_meta_hypergradient_sharded_over_four_devices",
+    "tests/test_composite.py::test_regularized_solution_approaches_lasso_solution",
+    "tests/test_docs.py::test_every_code_block_of_the_docs_runs[docs/howto/many_problems.md]",
+    "tests/test_docs.py::test_every_code_block_of_the_docs_runs[docs/howto/fewshot.md]",
+    "tests/test_value.py::test_gradient_consistency_at_the_kink[quadratic]",
+    "tests/test_composite.py::test_example_5_5_closed_form",
+    "tests/test_docs.py::test_every_code_block_of_the_docs_runs[docs/howto/gpu.md]",
+    "tests/test_composite.py::test_matrix_free_newton_matches_dense",
+    "tests/test_bench_implicit_peers.py::test_small_config_skips_missing_jaxopt",
+    "tests/test_value.py::test_status_and_throw_report_runtime_problems",
+    "tests/test_unrolled.py::test_vmap_over_step_sizes_and_alpha_matches_loop",
+    "tests/test_composite.py::test_success_only_below_tolerance_on_hard_cases[warm-100]",
+    "tests/test_hypercleaning.py::test_vmap_over_datasets",
+    "tests/test_composite.py::test_condition_number_grows_where_sosc_fails",
+    "tests/test_composite.py::test_warm_start_falls_back_to_interior_point",
+    "tests/test_unrolled.py::test_bda_agrees_with_closed_form_and_rhg_for_large_K",
+    "bilevel_jax/_src/composite/solver.py::bilevel_jax._src.composite.solver.solve",
+    "tests/test_composite.py::test_nonfinite_h_data",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+  import pytest
+
+  for item in items:
+    if item.nodeid in EXTENDED:
+      item.add_marker(pytest.mark.extended)

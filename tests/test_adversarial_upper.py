@@ -227,7 +227,7 @@ def test_float_steps():
 
 def test_steps_beyond_int32_refused_up_front():
   tic = time.perf_counter()
-  with pytest.raises(ValueError, match=r"`steps` = 2147483648 exceeds 2147483647"):
+  with pytest.raises(ValueError, match=r"`steps`.*2147483647"):
     _run(steps=2**31)
   assert time.perf_counter() - tic < 5.0
 

@@ -302,3 +302,17 @@ def test_fewshot_config_errors(tmp_path, body, match):
   with pytest.raises(config.ConfigError, match=match):
     module, _, cfg = cli.load_experiment_config(str(path))
     module.run(cfg, quiet=True)
+
+
+def test_fewshot_experiment_with_an_adam_inner_loop(tmp_path, capsys):
+  """[lower] optimizer = "adam": the tasks' heads are fitted by Adam
+  (`lower_optimizer`) inside the unrolled loop, and upper.optimize draws a new
+  meta-batch of episodes every step."""
+  path = tmp_path / "fs_adam.toml"
+  path.write_text(TINY.replace("[lower]\n", '[lower]\noptimizer = "adam"\nadam_lr = 0.05\n'))
+  assert cli.main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet", "--no-plot"]) == 0
+  capsys.readouterr()
+  payload = json.loads((tmp_path / "out" / "results.json").read_text())
+  assert payload["settings"]["lower"]["optimizer"] == "adam"
+  hist = payload["histories"]["BDA 1-shot"]
+  assert len(hist["value"]) == 4 and all(np.isfinite(hist["value"]))

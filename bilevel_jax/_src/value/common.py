@@ -1,6 +1,10 @@
 """Argument checks, closure handling and inner-status helpers shared by the
 value functions.
 
+Equation, section, definition and proposition numbers refer to the value-function
+smoothing paper of Alcantara, Nguyen, Chen and Lin (quadratic and entropic
+regularization of the lower-level value function).
+
 The lower objective is called ``g(x, y)``, or ``g(x, y, mu)`` with
 ``pass_mu=True`` so that a smoothing family g_mu (Definition 2.5) can depend on
 the same mu that is vmapped or differentiated over.  Status codes are those of

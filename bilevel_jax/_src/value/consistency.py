@@ -1,5 +1,9 @@
 """Gradient consistency as a diagnostic (Definition 2.6).
 
+Equation, section, definition and proposition numbers refer to the value-function
+smoothing paper of Alcantara, Nguyen, Chen and Lin (quadratic and entropic
+regularization of the lower-level value function).
+
 A smoothing family {v_mu} is gradient consistent at x_bar if
 
     {} != limsup_{x -> x_bar, mu -> 0} grad v_mu(x) subset of partial v(x_bar),

@@ -1,5 +1,9 @@
 """Entropic value function (Section 4): a soft minimum of g over Y.
 
+Equation, section, definition and proposition numbers refer to the value-function
+smoothing paper of Alcantara, Nguyen, Chen and Lin (quadratic and entropic
+regularization of the lower-level value function).
+
     v_mu(x) = -mu ln int_Y exp(-g_mu(x, y) / mu) dy                      (4.1)
 
 is continuously differentiable (Proposition 4.1) with the Gibbs average

@@ -1,5 +1,9 @@
 """Quadratic-regularization value function (Section 3).
 
+Equation, section, definition and proposition numbers refer to the value-function
+smoothing paper of Alcantara, Nguyen, Chen and Lin (quadratic and entropic
+regularization of the lower-level value function).
+
     g~_mu(x, y) = g_mu(x, y) + mu/2 ||y||^2,                              (3.1)
     v_mu(x) = min_{y in Y} g~_mu(x, y),  S_mu(x) = argmin_{y in Y} g~_mu(x, y).  (3.2)
 

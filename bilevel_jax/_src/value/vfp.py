@@ -1,5 +1,9 @@
 """The smoothing method for (VFP_eps) (Proposition 2.13).
 
+Equation, section, definition and proposition numbers refer to the value-function
+smoothing paper of Alcantara, Nguyen, Chen and Lin (quadratic and entropic
+regularization of the lower-level value function).
+
 For a decreasing sequence mu_1 > mu_2 > ... > mu_K, solve
 
     min_{x in X, y in Y} f_mu(x, y)  s.t.  c_mu(x, y) = g_mu(x, y) - v_mu(x) - eps <= 0   (VFP^mu_eps)
