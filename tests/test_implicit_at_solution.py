@@ -205,3 +205,16 @@ def test_non_finite_is_reported_and_bad_arguments_are_named():
     implicit.hypergradient_at(upper, lower, X, y, max_steps=0)
   with pytest.raises(ValueError, match="upper_fn"):
     implicit.hypergradient_at(lambda x, y: y, lower, X, y)
+
+
+def test_a_stationary_maximum_is_not_convex():
+  """At a maximum of f the adjoint system describes no minimum: NOT_CONVEX
+  from CG's curvature or the Rayleigh quotient along v, for every adjoint."""
+  f = lambda x, y: -0.5 * jnp.sum(y**2) + x * jnp.sum(y)  # stationary at y = x, a maximum
+  F = lambda x, y: 0.5 * jnp.sum((y - 1.0) ** 2)
+  for kw in ({}, {"adjoint": "neumann", "neumann_lr": 0.5}, {"adjoint": "darts", "darts_lr": 0.5}):
+    sol = implicit.hypergradient_at(F, f, 2.0, jnp.full(3, 2.0), **kw)
+    assert int(sol.info.status) == Status.NOT_CONVEX, kw
+    assert float(sol.info.curvature) <= 0
+  ok = implicit.hypergradient_at(upper, lower, X, ridge_solution(X), tol=1e-10)
+  assert int(ok.info.status) == Status.SUCCESS and float(ok.info.curvature) > 0

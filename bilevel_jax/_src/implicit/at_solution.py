@@ -33,7 +33,9 @@ The returned ``adjoint`` (v) is what to pass as ``v0`` at the next upper
 step: warm starts cut the CG or Neumann steps when x moves little.
 
 Status (``info.status``, `bilevel_jax.Status`): NONFINITE when a value,
-the gradient or v is not finite; otherwise SUCCESS when the relative
+the gradient or v is not finite; NOT_CONVEX when H has a direction of zero or
+negative curvature along v or CG's directions (y is not a minimum of f, so (4)
+is not a hypergradient); otherwise SUCCESS when the relative
 residual of (2) is at most ``tol`` and INACCURATE when it is not (a
 truncated Neumann series, CG at ``max_steps``, or the darts approximation on
 a Hessian far from I / xi; pass ``tol=float("inf")`` to accept an
@@ -70,6 +72,8 @@ class AdjointInfo(NamedTuple):
       premise of (4); a large value makes the hypergradient meaningless
       whatever the adjoint.
     approximate: True for ``adjoint="darts"``.
+    curvature: the smallest Rayleigh quotient p' H p / p' p seen (along v,
+      and along CG's directions): NOT_CONVEX when it is <= 0.
   """
 
   num_steps: Any
@@ -77,6 +81,7 @@ class AdjointInfo(NamedTuple):
   residual: Any
   lower_grad_norm: Any
   approximate: Any
+  curvature: Any
 
 
 class AdjointSolution(NamedTuple):
@@ -192,16 +197,29 @@ def hypergradient_at(
     rhs = b - hvp(start)
     rhs_norm = jnp.linalg.norm(rhs)
     relative = tol * b_norm / jnp.where(rhs_norm > 0, rhs_norm, 1.0)
-    d, steps, _ = implicit_diff.cg(hvp, rhs, tol=relative, max_steps=max_steps)
+    d, steps, _, curvature = implicit_diff.cg(
+      hvp, rhs, tol=relative, max_steps=max_steps, curvature=True
+    )
     v = start + d
   elif adjoint == "neumann":
     eta = jnp.asarray(neumann_lr, b.dtype)
     v = jax.lax.fori_loop(0, max_steps, lambda _, v: v - eta * (hvp(v) - b), start)
     steps = jnp.asarray(max_steps, jnp.int32)
+    curvature = jnp.asarray(jnp.inf, b.dtype)
   else:
     v = jnp.asarray(darts_lr, b.dtype) * b
     steps = jnp.asarray(1, jnp.int32)
-  residual = jnp.linalg.norm(hvp(v) - b) / jnp.where(b_norm > 0, b_norm, 1.0)
+    curvature = jnp.asarray(jnp.inf, b.dtype)
+  hv = hvp(v)
+  residual = jnp.linalg.norm(hv - b) / jnp.where(b_norm > 0, b_norm, 1.0)
+  # The Rayleigh quotient along v (and CG's directions): <= 0 proves that the
+  # lower Hessian is not positive definite, so (2) and (4) do not describe a
+  # minimum (y is a saddle or a maximum of f).
+  v_norm2 = jnp.vdot(v, v)
+  curvature = jnp.minimum(
+    curvature,
+    jnp.where(v_norm2 > 0, jnp.vdot(v, hv) / jnp.where(v_norm2 > 0, v_norm2, 1.0), jnp.inf),
+  )
 
   grad_x_f = lambda yv: jax.grad(f_flat, argnums=0)(x_dyn, yv)
   if adjoint == "darts":
@@ -219,7 +237,11 @@ def hypergradient_at(
   status = jnp.where(
     ~finite,
     status_lib.NONFINITE,
-    jnp.where(residual <= tol, status_lib.SUCCESS, status_lib.INACCURATE),
+    jnp.where(
+      curvature <= 0,
+      status_lib.NOT_CONVEX,
+      jnp.where(residual <= tol, status_lib.SUCCESS, status_lib.INACCURATE),
+    ),
   ).astype(jnp.int32)
   status_lib.raise_if_failed(status, throw=throw, where="implicit.hypergradient_at")
   info = AdjointInfo(
@@ -228,5 +250,6 @@ def hypergradient_at(
     residual=residual,
     lower_grad_norm=jnp.linalg.norm(lower_grad),
     approximate=jnp.asarray(adjoint == "darts"),
+    curvature=curvature,
   )
   return AdjointSolution(value=value, grad=grad, adjoint=unravel(v), info=info)
