@@ -94,10 +94,6 @@ class OptimizeSolution(NamedTuple):
   info: OptimizeInfo
 
 
-# optax's step counters (``count`` in the Adam, schedule and inject_hyperparams
-# states) are int32 and saturate at 2**31 - 1 (`optax.safe_increment`): past
-# that, bias corrections and schedules silently stop advancing.
-MAX_STEPS = 2**31 - 1
 # Reserved history names; a metric may not replace them.
 _RESERVED = ("value", "grad_norm", "lower_status", "lower_residual", "step_time")
 
@@ -284,14 +280,9 @@ def _physical_memory() -> int | None:
 
 
 def _check_steps(steps: int, num_keys: int) -> None:
-  """Bounds ``steps`` before any work: optax's int32 step counters, and the
-  history (``num_keys`` entries of 8 bytes per step) against the memory."""
-  if steps > MAX_STEPS:
-    raise ValueError(
-      f"`steps` = {steps} exceeds {MAX_STEPS} (2**31 - 1): optax's "
-      "step counters are int32 and stop advancing there. Run fewer steps "
-      "per call (resume with `checkpoint_path` to go on)."
-    )
+  """Bounds ``steps`` by the history (``num_keys`` entries of 8 bytes per
+  step) against the memory. The int32 bound (optax's step counters saturate
+  at 2**31 - 1) is `validation.check_positive_int`'s, checked first."""
   needed, memory = 8 * steps * num_keys, _physical_memory()
   if memory is not None and needed > memory:
     raise ValueError(
@@ -488,7 +479,9 @@ def optimize(
     >>> round(float(sol.x), 3), int(sol.info.status), int(sol.history["lower_status"].max())
     (3.0, 0, 0)
   """
-  steps = validation.check_positive_int("steps", steps)
+  steps = validation.check_positive_int(
+    "steps", steps, why="optax's step counters are int32 and stop advancing there"
+  )
   if not callable(hypergradient_fn):
     raise TypeError("`hypergradient_fn` must be callable.")
   for name, flag in (
