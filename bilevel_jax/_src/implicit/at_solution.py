@@ -194,7 +194,7 @@ def hypergradient_at(
   if adjoint == "cg":
     # CG on the correction d, H d = b - H v0, stopped at ||b - H v|| <= tol ||b||:
     # the tolerance stays relative to b, so a good warm start saves steps.
-    rhs = b - hvp(start)
+    rhs = b if v0 is None else b - hvp(start)  # no product with a zero start
     rhs_norm = jnp.linalg.norm(rhs)
     relative = tol * b_norm / jnp.where(rhs_norm > 0, rhs_norm, 1.0)
     d, steps, _, curvature = implicit_diff.cg(
