@@ -303,7 +303,7 @@ def _jitted(name):
   return fn, jitted, x0, xs, loop
 
 
-def _close(a, b, rtol, atol=1e-8):
+def _close(a, b, rtol, atol=1e-12):
   chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
 
 
@@ -313,7 +313,7 @@ def test_jit_equals_eager_and_does_not_retrace(name):
   status, eager = fn(x0)
   jit_status, jit_out = jitted(x0)  # a fourth call: still one trace
   assert int(status) == int(jit_status) == Status.SUCCESS
-  _close(jit_out, eager, rtol=1e-9)
+  _close(jit_out, eager, rtol=1e-12)
   assert all(int(s) == Status.SUCCESS for s, _ in loop)
 
 
@@ -322,7 +322,7 @@ def test_vmap_equals_a_loop(name):
   fn, _, _, xs, loop = _jitted(name)
   statuses, batched = jax.jit(jax.vmap(fn))(xs)
   for i, (_, expected) in enumerate(loop):
-    _close(jax.tree_util.tree_map(lambda a: a[i], batched), expected, rtol=1e-7)
+    _close(jax.tree_util.tree_map(lambda a: a[i], batched), expected, rtol=1e-12)
   np.testing.assert_array_equal(statuses, Status.SUCCESS)
 
 
