@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-import numpy as np
+
+from bilevel_jax._src import variables
 
 
 def make(hypergradient_fn: Callable, *problem, jit: bool = True, **options) -> Callable:
@@ -57,7 +58,4 @@ def make(hypergradient_fn: Callable, *problem, jit: bool = True, **options) -> C
 
 
 def _arrays_only(tree) -> bool:
-  return all(
-    isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, bool, complex))
-    for leaf in jax.tree_util.tree_leaves(tree)
-  )
+  return all(variables.is_array_like(leaf) for leaf in jax.tree_util.tree_leaves(tree))

@@ -101,8 +101,7 @@ _RESERVED = ("value", "grad_norm", "lower_status", "lower_residual", "step_time"
 def _arrays_only(tree):
   """``tree`` with ``None`` for leaves that are not arrays or numbers (an
   Equinox module's functions), which `jax.eval_shape` cannot return."""
-  keep = (jax.Array, np.ndarray, np.generic, jax.core.Tracer, int, float, bool)
-  return jax.tree_util.tree_map(lambda v: v if isinstance(v, keep) else None, tree)
+  return jax.tree_util.tree_map(lambda v: v if variables.is_array_like(v) else None, tree)
 
 
 def _eval_shape(name: str, call: str, fn, *args):
@@ -523,12 +522,7 @@ def optimize(
   x0 = upper_step.canonical(x0)
   if with_y:
     try:
-      y0 = jax.tree_util.tree_map(  # arrays; an Equinox module's functions stay
-        lambda v: (
-          jnp.asarray(v) if isinstance(v, (jax.Array, np.ndarray, np.generic, int, float)) else v
-        ),
-        y0,
-      )
+      y0 = variables.arrays_as_jax(y0)  # an Equinox module's functions stay
     except TypeError as err:
       raise TypeError(f"`y0` must be a pytree of arrays: {err}") from err
   y_rest = variables.partition(y0)[1] if with_y else None

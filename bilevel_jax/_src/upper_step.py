@@ -38,7 +38,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from bilevel_jax._src import status as status_lib
@@ -196,12 +195,7 @@ def make_step(
     variables.check("x0", x0)
     x0 = canonical(x0)
     if y0 is not None:
-      y0 = jax.tree_util.tree_map(  # arrays; an Equinox module's functions stay
-        lambda v: (
-          jnp.asarray(v) if isinstance(v, (jax.Array, np.ndarray, np.generic, int, float)) else v
-        ),
-        y0,
-      )
+      y0 = variables.arrays_as_jax(y0)  # an Equinox module's functions stay
     elif warm_start:
       raise ValueError("`warm_start=True` needs `y0` in `init(x0, y0)`.")
     opt_state = optimizer.init(variables.partition(x0)[0])

@@ -40,6 +40,19 @@ def is_differentiable(leaf) -> bool:
   return False
 
 
+def is_array_like(leaf) -> bool:
+  """An array (JAX, NumPy, a tracer) or a Python number: what jax.jit takes as
+  an argument; an Equinox module's functions are not."""
+  return isinstance(
+    leaf, (jax.Array, np.ndarray, np.generic, jax.core.Tracer, numbers.Number)
+  ) and not isinstance(leaf, str)
+
+
+def arrays_as_jax(tree):
+  """``tree`` with its array-like leaves as JAX arrays, other leaves as they are."""
+  return jax.tree_util.tree_map(lambda v: jnp.asarray(v) if is_array_like(v) else v, tree)
+
+
 def partition(tree):
   """``(differentiable, rest)``: two trees like ``tree`` with ``None`` holes."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)
