@@ -51,6 +51,22 @@ def test_box_with_pytree_bounds():
   np.testing.assert_allclose(out["b"], 2.0)
 
 
+def test_box_with_one_scalar_and_one_pytree_bound():
+  tree = {"w": jnp.array([3.0, -3.0]), "b": jnp.array(-5.0)}
+  out = projections.box(0.0, {"w": jnp.array([1.0, 2.0]), "b": jnp.array(2.0)})(tree)
+  np.testing.assert_allclose(out["w"], [1.0, 0.0])
+  np.testing.assert_allclose(out["b"], 0.0)
+  with pytest.raises(ValueError, match="`lower` must be <= `upper`"):
+    projections.box(1.5, {"w": jnp.array([1.0, 2.0]), "b": jnp.array(2.0)})
+
+
+def test_box_bounds_of_another_structure_are_named():
+  with pytest.raises(ValueError, match="`lower` and `upper` must be numbers, arrays or pytrees"):
+    projections.box({"w": 0.0}, {"w": 1.0, "b": 2.0})
+  with pytest.raises(ValueError, match="`upper` must be a number, an array or a pytree"):
+    projections.box(0.0, {"w": 1.0})({"w": jnp.ones(2), "b": jnp.ones(())})
+
+
 def test_projections_keep_dtype():
   y = jnp.array([3.0, -4.0], jnp.float32)
   for p in (projections.box(-1.0, 2.0), projections.nonnegative(), projections.l2_ball(1.0)):

@@ -24,11 +24,22 @@ dtypes. `bilevel_jax.upper.optimize` (``projection=``), `bilevel_jax.value`
 """
 
 
-def _broadcast_like(bound, tree):
-  """A bound is a scalar (applied to every leaf) or a pytree like ``tree``."""
-  if jax.tree_util.tree_structure(bound) == jax.tree_util.tree_structure(tree):
-    return bound
-  return jax.tree_util.tree_map(lambda _: bound, tree)
+def _is_single_bound(bound) -> bool:
+  """One number or array, applied (broadcast) to every leaf."""
+  return jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(bound))
+
+
+def _broadcast_like(bound, tree, name: str):
+  """A bound is one number or array (applied to every leaf) or a pytree like ``tree``."""
+  if _is_single_bound(bound):
+    return jax.tree_util.tree_map(lambda _: bound, tree)
+  bound_def, tree_def = jax.tree_util.tree_structure(bound), jax.tree_util.tree_structure(tree)
+  if bound_def != tree_def:
+    raise ValueError(
+      f"`{name}` must be a number, an array or a pytree with the structure of the projected "
+      f"value: got {bound_def} for a value with structure {tree_def}."
+    )
+  return bound
 
 
 def box(lower, upper) -> Projection:
@@ -43,16 +54,35 @@ def box(lower, upper) -> Projection:
     >>> {k: float(v) for k, v in per_leaf({"a": 3.0, "b": -3.0}).items()}
     {'a': 1.0, 'b': -1.0}
   """
-  lo, hi = validation.concrete_value(lower), validation.concrete_value(upper)
-  if lo is not None and hi is not None and lo.dtype != object and (lo > hi).any():
-    raise ValueError(f"`lower` must be <= `upper`, got {lower} and {upper}.")
+  _check_ordered(lower, upper)
 
   def project(tree):
     return jax.tree_util.tree_map(
-      jnp.clip, tree, _broadcast_like(lower, tree), _broadcast_like(upper, tree)
+      jnp.clip, tree, _broadcast_like(lower, tree, "lower"), _broadcast_like(upper, tree, "upper")
     )
 
   return project
+
+
+def _check_ordered(lower, upper) -> None:
+  """ValueError when concrete bounds have some ``lower > upper``.
+
+  A single (number or array) bound is compared with every leaf of the other; two pytree bounds
+  must share one structure. Traced bounds are not checked (values unknown).
+  """
+  if _is_single_bound(lower) and not _is_single_bound(upper):
+    lower = jax.tree_util.tree_map(lambda _: lower, upper)
+  elif _is_single_bound(upper) and not _is_single_bound(lower):
+    upper = jax.tree_util.tree_map(lambda _: upper, lower)
+  lo_def, hi_def = jax.tree_util.tree_structure(lower), jax.tree_util.tree_structure(upper)
+  if lo_def != hi_def:
+    raise ValueError(
+      f"`lower` and `upper` must be numbers, arrays or pytrees of one structure: got {lo_def} and {hi_def}."
+    )
+  for lo_leaf, hi_leaf in zip(jax.tree_util.tree_leaves(lower), jax.tree_util.tree_leaves(upper)):
+    lo, hi = validation.concrete_value(lo_leaf), validation.concrete_value(hi_leaf)
+    if lo is not None and hi is not None and (lo > hi).any():
+      raise ValueError(f"`lower` must be <= `upper`, got {lower} and {upper}.")
 
 
 def nonnegative() -> Projection:
