@@ -161,6 +161,22 @@ def test_per_task_solve_equals_joint_solve_of_the_summed_problem():
   assert tree_allclose(y_k, sol.y, rtol=1e-12, atol=1e-13)
 
 
+def test_batched_hypergradient_reports_each_task_status():
+  """return_info=True passes each task's inner status on: a task whose
+  support set holds a NaN fails alone, and says so."""
+  from bilevel_jax import Status
+
+  tasks = jax.tree_util.tree_map(jnp.asarray, _episodes(num_tasks=2))
+  x, y0 = _model(), meta.init_heads(2, 3, 3, jnp.float64)
+  values, grads, y_k = meta.batched_hypergradient(l2=0.01, **KW)(x, y0, tasks)
+  _, _, solution = meta.batched_hypergradient(l2=0.01, return_info=True, **KW)(x, y0, tasks)
+  assert tree_allclose(solution.y, y_k, rtol=0, atol=0)
+  np.testing.assert_array_equal(solution.info.status, [Status.SUCCESS] * 2)
+  poisoned = tasks._replace(x_train=tasks.x_train.at[1].set(jnp.nan))
+  _, _, failed = meta.batched_hypergradient(l2=0.01, return_info=True, **KW)(x, y0, poisoned)
+  np.testing.assert_array_equal(failed.info.status, [Status.SUCCESS, Status.NONFINITE])
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.4])  # RHG, BDA
 def test_task_hypergradient_matches_finite_differences(alpha):
   task = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), _episodes(num_tasks=1))

@@ -177,12 +177,17 @@ def lower_smoothness(feature_dim: int, l2: float) -> float:
   return 0.5 * (feature_dim + 1) + l2
 
 
-def task_hypergradient(x: list, y0: dict, task, *, l2: float, **solve_kwargs):
+def task_hypergradient(
+  x: list, y0: dict, task, *, l2: float, return_info: bool = False, **solve_kwargs
+):
   """(F_j(x, y^j_K), d F_j(x, y^j_K(x)) / dx, y^j_K) for one task.
 
   ``solve_kwargs`` are those of `bilevel_jax.bda.solve` (steps, upper_lr,
   lower_lr, alpha, truncate, ...): alpha = 0 is RHG, truncate = M truncated
-  RHG.
+  RHG. With ``return_info=True`` the third output is the lower solve's
+  `bilevel_jax.bda.BDASolution` instead of y^j_K: ``solution.y`` is y^j_K and
+  ``solution.info.status`` says whether the task's inner solve failed
+  (DIVERGED, NONFINITE); `bilevel_jax.upper.make_step` reads it from there.
 
   Examples:
     >>> import numpy as np, jax, jax.numpy as jnp
@@ -201,6 +206,10 @@ def task_hypergradient(x: list, y0: dict, task, *, l2: float, **solve_kwargs):
     >>> value, grad, y_k = hypergradient(x, head, task)
     >>> grad[0]["w"].shape, y_k["w"].shape        # grad is shaped like x
     ((4, 3), (3, 2))
+    >>> _, _, solution = meta.task_hypergradient(x, head, task, l2=0.1, steps=5, upper_lr=0.5,
+    ...                                          lower_lr=0.5, alpha=0.5, return_info=True)
+    >>> int(solution.info.status)                   # 0: Status.SUCCESS
+    0
   """
   value, grad, solution = unrolled.hypergradient(
     lambda x, y: task_upper(x, y, task),
@@ -210,14 +219,16 @@ def task_hypergradient(x: list, y0: dict, task, *, l2: float, **solve_kwargs):
     return_info=True,
     **solve_kwargs,
   )
-  return value, grad, solution.y
+  return value, grad, (solution if return_info else solution.y)
 
 
-def batched_hypergradient(*, l2: float, **solve_kwargs):
+def batched_hypergradient(*, l2: float, return_info: bool = False, **solve_kwargs):
   """``fn(x, y0, tasks) -> (values (T,), grads (T, ...x), y_K (T, ...))``,
   `task_hypergradient` vmapped over the task axis of ``y0`` and ``tasks``;
   give it to `bilevel_jax.sharding.shard_hypergradient` with
-  ``in_axes=(None, 0, 0)``.
+  ``in_axes=(None, 0, 0)``. With ``return_info=True`` the third output is the
+  batched `bilevel_jax.bda.BDASolution` (``solution.info.status`` of shape
+  (T,), one status per task).
 
   Examples:
     Three RHG tasks; the meta-gradient is the sum over tasks:
@@ -241,7 +252,7 @@ def batched_hypergradient(*, l2: float, **solve_kwargs):
   """
 
   def one(x, y0, task):
-    return task_hypergradient(x, y0, task, l2=l2, **solve_kwargs)
+    return task_hypergradient(x, y0, task, l2=l2, return_info=return_info, **solve_kwargs)
 
   return jax.vmap(one, in_axes=(None, 0, 0))
 
