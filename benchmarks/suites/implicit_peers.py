@@ -72,8 +72,20 @@ X64 = True
 # the previous y*): "cg" CG from zero (jaxopt's work), "cg_warm" CG from the
 # previous adjoint, "pcg_warm" the same preconditioned by the L-BFGS memory
 # (SHINE as a preconditioner), "shine" the L-BFGS inverse alone (an
-# approximation; its error is measured like every other).
-UPPER_RUN_VARIANTS = ("cg", "cg_warm", "pcg", "pcg_warm", "shine")
+# approximation; its error is measured like every other); "_extrap": both
+# solves start from the extrapolation 2 s_t - s_{t-1} of the last two
+# solutions (`upper.make_step(..., extrapolate=True)`); jaxopt then gets the
+# same extrapolated `init_params`.
+UPPER_RUN_VARIANTS = (
+  "cg",
+  "cg_warm",
+  "pcg",
+  "pcg_warm",
+  "shine",
+  "cg_extrap",
+  "cg_warm_extrap",
+  "pcg_warm_extrap",
+)
 TITLE = "Implicit hypergradients vs jaxopt: hypergradient error against time"
 PROBLEMS = ("ridge", "logistic", "quadratic")
 F = config.Field
@@ -146,6 +158,11 @@ SCHEMA = {
       ["cg", "cg_warm", "pcg_warm"],
       config.one_of(*UPPER_RUN_VARIANTS),
       doc="ours: the adjoint of each (see UPPER_RUN_VARIANTS)",
+    ),
+    "jaxopt_extrapolate": F(
+      "list[bool]",
+      [False],
+      doc="jaxopt's init_params: the previous y* (false) and/or its extrapolation (true)",
     ),
     "repeats": F("int", 5, config.positive),
     "reference_newton_steps": F("int", 3, config.positive),
@@ -629,7 +646,7 @@ def _ours_hypergradient(problem, cfg, tol, linear_tol, variant):
     kw["linear_solver"] = "shine"
   if variant.startswith("pcg"):
     kw["preconditioner"] = "lbfgs"
-  warm = variant.endswith("_warm")
+  warm = "_warm" in variant
 
   def hg(x, y0, v0, data):
     value, grad, sol = implicit.hypergradient(
@@ -674,24 +691,33 @@ def _jaxopt_hypergradient(jaxopt, problem, cfg, tol, linear_tol):
   return hg
 
 
-def _upper_run(hg, problem, cfg):
+def _upper_run(hg, problem, cfg, extrapolate=False):
   """``run(x0, data)``: T Adam steps on x, each from the previous y* (and v),
-  as one `lax.scan`; returns the iterates, their hypergradients, lower
-  solutions and step counts. The same loop for every implementation."""
+  or with ``extrapolate`` from 2 s_t - s_{t-1} (from the second step on, as
+  `upper.make_step`), as one `lax.scan`; returns the iterates, their
+  hypergradients, lower solutions and step counts. The same loop for every
+  implementation."""
   import optax
 
   c = cfg["upper_run"]
   optimizer = optax.adam(c["learning_rate"])
 
   def run(x0, data):
-    def body(carry, _):
-      x, opt_state, y, v = carry
-      _, grad, y_new, v_new, lower_steps, linear_steps = hg(x, y, v, data)
+    def body(carry, t):
+      x, opt_state, y0, y_last, v0, v_last = carry
+      _, grad, y, v, lower_steps, linear_steps = hg(x, y0, v0, data)
       updates, opt_state = optimizer.update(grad, opt_state, x)
-      return (x + updates, opt_state, y_new, v_new), (x, grad, y_new, lower_steps, linear_steps)
+      if extrapolate:
+        y_next = jnp.where(t > 0, 2 * y - y_last, y)
+        v_next = jnp.where(t > 0, 2 * v - v_last, v)
+      else:
+        y_next, v_next = y, v
+      carry = (x + updates, opt_state, y_next, y, v_next, v)
+      return carry, (x, grad, y, lower_steps, linear_steps)
 
-    init = (x0, optimizer.init(x0), problem.y0, jnp.zeros_like(problem.y0))
-    _, out = jax.lax.scan(body, init, None, length=c["steps"])
+    zeros = jnp.zeros_like(problem.y0)
+    init = (x0, optimizer.init(x0), problem.y0, problem.y0, zeros, zeros)
+    _, out = jax.lax.scan(body, init, jnp.arange(c["steps"]))
     return out
 
   return run
@@ -731,14 +757,21 @@ def upper_run_rows(problem, cfg, ctx, jaxopt):
   for tol, linear_tol in zip(c["tols"], c["linear_tols"]):
     impls = {
       f"bilevel_jax {v}": _upper_run(
-        _ours_hypergradient(problem, cfg, tol, linear_tol, v), problem, cfg
+        _ours_hypergradient(problem, cfg, tol, linear_tol, v),
+        problem,
+        cfg,
+        extrapolate=v.endswith("_extrap"),
       )
       for v in c["variants"]
     }
     if jaxopt is not None:
-      impls["jaxopt"] = _upper_run(
-        _jaxopt_hypergradient(jaxopt, problem, cfg, tol, linear_tol), problem, cfg
-      )
+      for extrapolate in c["jaxopt_extrapolate"]:
+        impls["jaxopt extrap" if extrapolate else "jaxopt"] = _upper_run(
+          _jaxopt_hypergradient(jaxopt, problem, cfg, tol, linear_tol),
+          problem,
+          cfg,
+          extrapolate=extrapolate,
+        )
     measured, calls = {}, {}
     for name, fn in impls.items():
       compiled, compile_s = timing.compile_timed(fn, problem.x, problem.data)
@@ -762,10 +795,14 @@ def upper_run_rows(problem, cfg, ctx, jaxopt):
       measured[name].update(timing.summarize(per_step))
     for name, m in measured.items():
       impl, _, variant = name.partition(" ")
+      extrapolated = variant.endswith("extrap")
+      # The peer with the same lower start (extrapolated or the previous y*).
+      peer = "jaxopt extrap" if extrapolated and "jaxopt extrap" in measured else "jaxopt"
       row = {
         "problem": problem.name,
         "impl": impl,
         "method": f"upper run {variant or 'cg'}",
+        "lower_start": "extrapolated" if extrapolated else "previous",
         "size_name": "tol",
         "size": tol,
         "linear_tol": linear_tol,
@@ -775,7 +812,8 @@ def upper_run_rows(problem, cfg, ctx, jaxopt):
         **m,
       }
       if jaxopt is not None:
-        row["speedup"] = measured["jaxopt"]["median_s"] / m["median_s"]
+        row["speedup"] = measured[peer]["median_s"] / m["median_s"]
+        row["speedup_vs_jaxopt_previous_y"] = measured["jaxopt"]["median_s"] / m["median_s"]
       rows.append(row)
     ctx.log(
       f"  {problem.name} upper run tol={tol} linear_tol={linear_tol}: "
@@ -807,15 +845,16 @@ def upper_run_matched(rows, targets):
           and r["metric"] <= target
         ]
       )
-      peer = best(
-        [
-          r
-          for r in runs
-          if (r["problem"], r["impl"]) == (problem, "jaxopt") and r["metric"] <= target
-        ]
-      )
       if ours is None:
         continue
+      peers_ok = [
+        r
+        for r in runs
+        if (r["problem"], r["impl"]) == (problem, "jaxopt") and r["metric"] <= target
+      ]
+      # jaxopt with the same lower start as ours, and with its plain one.
+      peer = best([r for r in peers_ok if r["lower_start"] == ours["lower_start"]])
+      plain = best([r for r in peers_ok if r["lower_start"] == "previous"])
       row = {
         "problem": problem,
         "impl": "bilevel_jax",
@@ -834,9 +873,12 @@ def upper_run_matched(rows, targets):
         row.update(
           peer_median_s=peer["median_s"],
           peer_metric=peer["metric"],
-          peer_setting=f"tol={peer['size']:g}, linear_tol={peer['linear_tol']:g}",
+          peer_setting=f"tol={peer['size']:g}, linear_tol={peer['linear_tol']:g}, "
+          f"init_params {peer['lower_start']}",
           speedup=peer["median_s"] / ours["median_s"],
         )
+      if plain is not None:
+        row["speedup_vs_jaxopt_previous_y"] = plain["median_s"] / ours["median_s"]
       out.append(row)
   return out
 
@@ -878,7 +920,11 @@ def run(cfg, ctx) -> runner.SuiteResult:
       f"upper run: T = {c['steps']} Adam steps (learning rate {c['learning_rate']:g}) on x from "
       "the suite's x, as one jitted lax.scan per implementation (the same loop on both sides); "
       "each step's lower solve starts from the previous y* on both sides (jaxopt: "
-      "`init_params`); `_warm` variants of ours also start CG from the previous adjoint v "
+      "`init_params`), or with `extrap` from 2 y_t - y_{t-1} on both sides (jaxopt's "
+      "`init_params` too: the same lower start; 'speedup' compares with the jaxopt run of the "
+      "same lower start, speedup_vs_jaxopt_previous_y with jaxopt's plain warm start); "
+      "`_warm` variants of ours also start CG from the previous adjoint v (extrapolated "
+      "likewise with `_extrap`) "
       "(jaxopt's `custom_root` calls its solve as solve(matvec, b): its CG cannot be warm "
       "started); `pcg` preconditions CG by the L-BFGS memory of the lower solve (SHINE as a "
       "preconditioner: exact, CG still stops at linear_tol); `shine` uses that inverse estimate "

@@ -19,7 +19,10 @@ lower start: the initial one, or with ``warm_start=True`` the last lower
 solution. With ``warm_start_adjoint=True`` the step also passes the last
 adjoint v of hess_yy f v = grad_y F (``solution.adjoint``, zeros before the
 first step) as ``hypergradient_fn(x, y0, v0=v, **data)``, so that the
-adjoint solve starts close too (`bilevel_jax.implicit.hypergradient`).
+adjoint solve starts close too (`bilevel_jax.implicit.hypergradient`). With
+``extrapolate=True`` the next starts are the linear extrapolations
+2 s_t - s_{t-1} of the last two solutions s (y, and v): a first-order
+prediction of y*(x_{t+1}) when consecutive upper steps are alike.
 
 The state is a pytree (`UpperState`), so the step composes with `jax.jit`,
 `jax.vmap` (many tasks, each with its own x and optimizer state) and
@@ -57,9 +60,11 @@ class UpperState(NamedTuple):
     y0: the lower start of the next step (None without a lower variable).
     y: the lower solution of the last step (``y0`` before the first).
     step: upper steps taken (int32).
+    v0: with ``warm_start_adjoint=True``, the start of the next adjoint
+      solve (zeros like the floating-point leaves of y0 before the first
+      step); None otherwise.
     adjoint: with ``warm_start_adjoint=True``, the adjoint v of the last
-      step (the next step's ``v0``; zeros like the floating-point leaves of
-      y0 before the first); None otherwise.
+      step (``v0`` before the first); None otherwise.
   """
 
   x: Any
@@ -67,6 +72,7 @@ class UpperState(NamedTuple):
   y0: Any
   y: Any
   step: Any
+  v0: Any = None
   adjoint: Any = None
 
 
@@ -148,6 +154,7 @@ def make_step(
   warm_start: bool = False,
   metrics_fn: Callable | None = None,
   warm_start_adjoint: bool = False,
+  extrapolate: bool = False,
 ) -> UpperStep:
   """One upper step as ``init`` and ``step`` pure functions, for a loop you own.
 
@@ -169,6 +176,14 @@ def make_step(
       as `bilevel_jax.implicit.make_hypergradient` takes and returns it.
       The gradient is as accurate (CG stops at the same relative residual);
       only the adjoint iterations drop when x moves little.
+    extrapolate: with the warm starts above, start the next lower (and
+      adjoint) solve from 2 s_t - s_{t-1} instead of s_t, s_t the solution
+      of this step and s_{t-1} of the previous one (from the second step
+      on). Since s(x_{t+1}) = s_t + J (x_{t+1} - x_t) + O(|dx|^2) and
+      s_t - s_{t-1} ~ J (x_t - x_{t-1}), this predicts the next solution
+      to first order when consecutive steps dx are alike (momentum, Adam,
+      small learning rates). Only the starting point changes: the solves
+      stop at the same tolerances.
 
   Returns:
     `UpperStep` ``(init, step)``: ``init(x0, y0=None)`` and
@@ -202,9 +217,15 @@ def make_step(
   ):
     if fn is not None and not callable(fn):
       raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}.")
-  for name, flag in (("warm_start", warm_start), ("warm_start_adjoint", warm_start_adjoint)):
+  for name, flag in (
+    ("warm_start", warm_start),
+    ("warm_start_adjoint", warm_start_adjoint),
+    ("extrapolate", extrapolate),
+  ):
     if not isinstance(flag, bool):
       raise TypeError(f"`{name}` must be a bool, got {flag!r}.")
+  if extrapolate and not (warm_start or warm_start_adjoint):
+    raise ValueError("`extrapolate=True` needs `warm_start=True` or `warm_start_adjoint=True`.")
 
   def init(x0, y0=None) -> UpperState:
     variables.check("x0", x0)
@@ -219,7 +240,26 @@ def make_step(
     if warm_start_adjoint:
       adjoint = jax.tree_util.tree_map(jnp.zeros_like, canonical(variables.partition(y0)[0]))
     return UpperState(
-      x=x0, opt_state=opt_state, y0=y0, y=y0, step=jnp.zeros((), jnp.int32), adjoint=adjoint
+      x=x0,
+      opt_state=opt_state,
+      y0=y0,
+      y=y0,
+      step=jnp.zeros((), jnp.int32),
+      v0=adjoint,
+      adjoint=adjoint,
+    )
+
+  def next_start(new, last, step_count):
+    """``new``, or 2 new - last (float leaves) from the second step on."""
+    if not extrapolate:
+      return new
+    later = step_count > 0
+    return jax.tree_util.tree_map(
+      lambda n, o: (
+        jnp.where(later, 2 * n - o, n).astype(n.dtype) if variables.is_differentiable(n) else n
+      ),
+      new,
+      last,
     )
 
   def step(state: UpperState, **data):
@@ -227,11 +267,11 @@ def make_step(
     x_dyn, x_rest = variables.partition(state.x)
     as_x = lambda xd: variables.combine(xd, x_rest)
     if warm_start_adjoint:
-      if state.adjoint is None:
+      if state.v0 is None or state.adjoint is None:
         raise ValueError(
           "`warm_start_adjoint=True` needs the state of this stepper's `init` (no adjoint in it)."
         )
-      data = {**data, "v0": state.adjoint}
+      data = {**data, "v0": state.v0}
     out = (
       hypergradient_fn(state.x, state.y0, **data) if with_y else hypergradient_fn(state.x, **data)
     )
@@ -272,13 +312,15 @@ def make_step(
       status=status.astype(jnp.int32),
       metrics=metrics,
     )
-    y0_next = y_next if (warm_start and with_y) else state.y0
+    y0_next = next_start(y_next, state.y, state.step) if (warm_start and with_y) else state.y0
+    v0_next = None if adjoint_next is None else next_start(adjoint_next, state.adjoint, state.step)
     new_state = UpperState(
       x=as_x(x_new),
       opt_state=opt_state,
       y0=y0_next,
       y=y_next if with_y else None,
       step=state.step + 1,
+      v0=v0_next,
       adjoint=adjoint_next,
     )
     return new_state, info
