@@ -105,6 +105,8 @@ def test_shine_is_an_approximation_with_its_residual_measured():
   )
   assert float(sol.info.linear_residual) > 1e-6  # m = 10 pairs on a 12-dim y: not exact
   assert rel(grad, EXACT) > 1e-6
+  with pytest.raises(ValueError, match="approximation"):
+    implicit.solve(lower, LAM, jnp.zeros(D), linear_solver="shine")
 
 
 def test_warm_adjoint_gives_the_same_gradient_in_fewer_steps():

@@ -347,7 +347,8 @@ def solve(
       H_k the L-BFGS inverse estimate of the lower solve, no iteration:
       **an approximation**, SHINE of Ramzi et al., ICLR 2022; its relative
       residual ``info.linear_residual`` is measured by one Hessian-vector
-      product and the status is INACCURATE above ``linear_tol``).
+      product and the status is INACCURATE above ``linear_tol``; `hypergradient`
+      only, since `solve`'s backward pass has no status to report it).
     linear_tol: CG stops when ||H v - y-bar|| <= linear_tol ||y-bar||
       (default 1e-10 in float64, 1e-5 in float32).
     linear_max_steps: CG iterations at most (default 10 times the size of y).
@@ -379,6 +380,12 @@ def solve(
     >>> round(float(jax.grad(y_first)(1.0)), 6)               # -1 / (1 + lam)^2
     -0.25
   """
+  if linear_solver == "shine":
+    raise ValueError(
+      "`linear_solver='shine'` is an approximation whose residual only "
+      "`implicit.hypergradient` reports (info.linear_residual, INACCURATE); `solve`'s "
+      "backward pass could not say so: use 'cg' (with preconditioner='lbfgs') here."
+    )
   p = _prepare(
     lower_fn,
     x,
