@@ -31,8 +31,8 @@ enabled = true
 steps = 3
 tols = [1e-6]
 linear_tols = [1e-8]
-variants = ["cg_warm", "shine", "cg_warm_extrap"]
-jaxopt_extrapolate = [false, true]
+variants = ["cg_warm", "shine", "cg_warm_extrap2"]
+jaxopt_extrapolate = [0, 2]
 repeats = 1
 targets = [1e-4]
 """
@@ -48,9 +48,9 @@ def test_tiny_upper_run(tmp_path):
   assert {(r["impl"], r["method"]) for r in runs} == {
     ("bilevel_jax", "upper run cg_warm"),
     ("bilevel_jax", "upper run shine"),
-    ("bilevel_jax", "upper run cg_warm_extrap"),
+    ("bilevel_jax", "upper run cg_warm_extrap2"),
     ("jaxopt", "upper run cg"),
-    ("jaxopt", "upper run extrap"),
+    ("jaxopt", "upper run extrap2"),
   }
   for r in runs:
     assert r["median_s"] > 0 and r["steps"] == 3 and r["lower_steps"] > 0
@@ -62,10 +62,10 @@ def test_tiny_upper_run(tmp_path):
   matched = [r for r in payload["rows"] if r["per"] == "upper_step_matched"]
   assert {r["method"] for r in matched} == {
     "upper run cg_warm matched",
-    "upper run cg_warm_extrap matched",
+    "upper run cg_warm_extrap2 matched",
   }
   for r in matched:
-    same_start = "extrapolated" if "extrap" in r["method"] else "previous"
+    same_start = "extrapolated (degree 2)" if "extrap" in r["method"] else "previous"
     assert r["peer_setting"].endswith(same_start) and r["speedup"] > 0
   assert len(payload["load_average"]["start"]) == 3
 

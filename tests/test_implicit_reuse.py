@@ -206,10 +206,11 @@ def test_make_step_carries_the_adjoint_with_optax():
   assert states.adjoint.shape == (2, D) and bool(jnp.all(infos.status == Status.SUCCESS))
 
 
-def test_make_step_extrapolates_both_starts():
+@pytest.mark.parametrize("degree", [1, 2])
+def test_make_step_extrapolates_both_starts(degree):
   hg = implicit.make_hypergradient(upper_fn, lower, jit=False, tol=1e-11)
   finals = {}
-  for extrapolate in (False, True):
+  for extrapolate in (0, degree):
     stepper = upper.make_step(
       hg, optax.adam(0.05), warm_start=True, warm_start_adjoint=True, extrapolate=extrapolate
     )
@@ -219,21 +220,29 @@ def test_make_step_extrapolates_both_starts():
     # After the first step there is one solution only: no extrapolation yet.
     np.testing.assert_array_equal(state.y0, state.y)
     np.testing.assert_array_equal(state.v0, state.adjoint)
+    ys, vs = [state.y], [state.adjoint]
     for _ in range(4):
-      previous = state
       state, info = step(state)
+      ys.append(state.y)
+      vs.append(state.adjoint)
       assert int(info.status) == Status.SUCCESS
-    if extrapolate:
-      np.testing.assert_allclose(state.y0, 2 * state.y - previous.y, rtol=1e-12)
-      np.testing.assert_allclose(state.v0, 2 * state.adjoint - previous.adjoint, rtol=1e-12)
-    else:
-      np.testing.assert_array_equal(state.y0, state.y)
+    weights = {0: (1.0,), 1: (2.0, -1.0), 2: (3.0, -3.0, 1.0)}[extrapolate]
+    for start, past in ((state.y0, ys), (state.v0, vs)):
+      guess = sum(w * s for w, s in zip(weights, past[::-1]))
+      np.testing.assert_allclose(start, guess, rtol=1e-12, atol=1e-14)
     assert step._cache_size() == 1
     finals[extrapolate] = state.x
   # Only the starting points differ: the same iterates to the solves' tolerances.
-  np.testing.assert_allclose(finals[True], finals[False], rtol=1e-7)
-  with pytest.raises(ValueError, match="extrapolate"):
-    upper.make_step(hg, optax.sgd(0.1), extrapolate=True)
+  np.testing.assert_allclose(finals[degree], finals[0], rtol=1e-7)
+
+
+def test_extrapolate_errors():
+  hg = implicit.make_hypergradient(upper_fn, lower, jit=False)
+  with pytest.raises(ValueError, match="needs `warm_start"):
+    upper.make_step(hg, optax.sgd(0.1), extrapolate=1)
+  for bad in (3, True, 1.0):
+    with pytest.raises(ValueError, match="`extrapolate` must be 0, 1 or 2"):
+      upper.make_step(hg, optax.sgd(0.1), warm_start=True, extrapolate=bad)
 
 
 def test_make_step_adjoint_errors():

@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bilevel_jax import implicit
+from bilevel_jax._src import upper_step
 from experiments import config
 from benchmarks import timing
 from benchmarks import peers
@@ -72,9 +73,9 @@ X64 = True
 # the previous y*): "cg" CG from zero (jaxopt's work), "cg_warm" CG from the
 # previous adjoint, "pcg_warm" the same preconditioned by the L-BFGS memory
 # (SHINE as a preconditioner), "shine" the L-BFGS inverse alone (an
-# approximation; its error is measured like every other); "_extrap": both
-# solves start from the extrapolation 2 s_t - s_{t-1} of the last two
-# solutions (`upper.make_step(..., extrapolate=True)`); jaxopt then gets the
+# approximation; its error is measured like every other); "_extrap<p>": both
+# solves start from the extrapolation of degree p of the last p + 1
+# solutions (`upper.make_step(..., extrapolate=p)`); jaxopt then gets the
 # same extrapolated `init_params`.
 UPPER_RUN_VARIANTS = (
   "cg",
@@ -82,9 +83,11 @@ UPPER_RUN_VARIANTS = (
   "pcg",
   "pcg_warm",
   "shine",
-  "cg_extrap",
-  "cg_warm_extrap",
-  "pcg_warm_extrap",
+  "cg_extrap2",
+  "cg_warm_extrap1",
+  "cg_warm_extrap2",
+  "pcg_warm_extrap1",
+  "pcg_warm_extrap2",
 )
 TITLE = "Implicit hypergradients vs jaxopt: hypergradient error against time"
 PROBLEMS = ("ridge", "logistic", "quadratic")
@@ -160,9 +163,10 @@ SCHEMA = {
       doc="ours: the adjoint of each (see UPPER_RUN_VARIANTS)",
     ),
     "jaxopt_extrapolate": F(
-      "list[bool]",
-      [False],
-      doc="jaxopt's init_params: the previous y* (false) and/or its extrapolation (true)",
+      "list[int]",
+      [0],
+      config.one_of(0, 1, 2),
+      doc="jaxopt's init_params: the previous y* (0) and/or its extrapolation of degree 1, 2",
     ),
     "repeats": F("int", 5, config.positive),
     "reference_newton_steps": F("int", 3, config.positive),
@@ -691,32 +695,31 @@ def _jaxopt_hypergradient(jaxopt, problem, cfg, tol, linear_tol):
   return hg
 
 
-def _upper_run(hg, problem, cfg, extrapolate=False):
+def _upper_run(hg, problem, cfg, extrapolate=0):
   """``run(x0, data)``: T Adam steps on x, each from the previous y* (and v),
-  or with ``extrapolate`` from 2 s_t - s_{t-1} (from the second step on, as
-  `upper.make_step`), as one `lax.scan`; returns the iterates, their
-  hypergradients, lower solutions and step counts. The same loop for every
-  implementation."""
+  or with ``extrapolate`` = p from their extrapolation of degree p
+  (`upper_step.extrapolated`, what `upper.make_step(..., extrapolate=p)`
+  does), as one `lax.scan`; returns the iterates, their hypergradients,
+  lower solutions and step counts. The same loop for every implementation."""
   import optax
 
   c = cfg["upper_run"]
   optimizer = optax.adam(c["learning_rate"])
+  depth = max(extrapolate, 1)
 
   def run(x0, data):
     def body(carry, t):
-      x, opt_state, y0, y_last, v0, v_last = carry
+      x, opt_state, y0, ys, v0, vs = carry
       _, grad, y, v, lower_steps, linear_steps = hg(x, y0, v0, data)
       updates, opt_state = optimizer.update(grad, opt_state, x)
-      if extrapolate:
-        y_next = jnp.where(t > 0, 2 * y - y_last, y)
-        v_next = jnp.where(t > 0, 2 * v - v_last, v)
-      else:
-        y_next, v_next = y, v
-      carry = (x + updates, opt_state, y_next, y, v_next, v)
+      y_next = upper_step.extrapolated(y, ys, t, extrapolate)
+      v_next = upper_step.extrapolated(v, vs, t, extrapolate)
+      ys, vs = (y,) + ys[:-1], (v,) + vs[:-1]
+      carry = (x + updates, opt_state, y_next, ys, v_next, vs)
       return carry, (x, grad, y, lower_steps, linear_steps)
 
     zeros = jnp.zeros_like(problem.y0)
-    init = (x0, optimizer.init(x0), problem.y0, problem.y0, zeros, zeros)
+    init = (x0, optimizer.init(x0), problem.y0, (problem.y0,) * depth, zeros, (zeros,) * depth)
     _, out = jax.lax.scan(body, init, jnp.arange(c["steps"]))
     return out
 
@@ -760,13 +763,13 @@ def upper_run_rows(problem, cfg, ctx, jaxopt):
         _ours_hypergradient(problem, cfg, tol, linear_tol, v),
         problem,
         cfg,
-        extrapolate=v.endswith("_extrap"),
+        extrapolate=int(v.split("_extrap")[1]) if "_extrap" in v else 0,
       )
       for v in c["variants"]
     }
     if jaxopt is not None:
       for extrapolate in c["jaxopt_extrapolate"]:
-        impls["jaxopt extrap" if extrapolate else "jaxopt"] = _upper_run(
+        impls[f"jaxopt extrap{extrapolate}" if extrapolate else "jaxopt"] = _upper_run(
           _jaxopt_hypergradient(jaxopt, problem, cfg, tol, linear_tol),
           problem,
           cfg,
@@ -795,14 +798,14 @@ def upper_run_rows(problem, cfg, ctx, jaxopt):
       measured[name].update(timing.summarize(per_step))
     for name, m in measured.items():
       impl, _, variant = name.partition(" ")
-      extrapolated = variant.endswith("extrap")
+      degree = int(variant.split("extrap")[1]) if "extrap" in variant else 0
       # The peer with the same lower start (extrapolated or the previous y*).
-      peer = "jaxopt extrap" if extrapolated and "jaxopt extrap" in measured else "jaxopt"
+      peer = f"jaxopt extrap{degree}" if f"jaxopt extrap{degree}" in measured else "jaxopt"
       row = {
         "problem": problem.name,
         "impl": impl,
         "method": f"upper run {variant or 'cg'}",
-        "lower_start": "extrapolated" if extrapolated else "previous",
+        "lower_start": f"extrapolated (degree {degree})" if degree else "previous",
         "size_name": "tol",
         "size": tol,
         "linear_tol": linear_tol,
@@ -920,7 +923,8 @@ def run(cfg, ctx) -> runner.SuiteResult:
       f"upper run: T = {c['steps']} Adam steps (learning rate {c['learning_rate']:g}) on x from "
       "the suite's x, as one jitted lax.scan per implementation (the same loop on both sides); "
       "each step's lower solve starts from the previous y* on both sides (jaxopt: "
-      "`init_params`), or with `extrap` from 2 y_t - y_{t-1} on both sides (jaxopt's "
+      "`init_params`), or with `extrap<p>` from the extrapolation of degree p of the last "
+      "p + 1 solutions (2 y_t - y_{t-1}, 3 y_t - 3 y_{t-1} + y_{t-2}) on both sides (jaxopt's "
       "`init_params` too: the same lower start; 'speedup' compares with the jaxopt run of the "
       "same lower start, speedup_vs_jaxopt_previous_y with jaxopt's plain warm start); "
       "`_warm` variants of ours also start CG from the previous adjoint v (extrapolated "
