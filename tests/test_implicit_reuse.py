@@ -34,12 +34,13 @@ def upper_fn(lam, w):
   return 0.5 * jnp.mean((A_VAL @ w - B_VAL) ** 2)
 
 
+@jax.jit
 def exact(lam):
   """The hypergradient by Newton to machine precision and a dense solve."""
   w = jnp.zeros(D)
   f = lambda ww: lower(lam, ww)
-  for _ in range(30):
-    w = w - jnp.linalg.solve(jax.hessian(f)(w), jax.grad(f)(w))
+  newton = lambda _, w: w - jnp.linalg.solve(jax.hessian(f)(w), jax.grad(f)(w))
+  w = jax.lax.fori_loop(0, 30, newton, w)
   gy = jax.grad(upper_fn, argnums=1)(lam, w)
   v = jnp.linalg.solve(jax.hessian(f)(w), gy)
   _, vjp = jax.vjp(lambda ll: jax.grad(lower, argnums=1)(ll, w), lam)
