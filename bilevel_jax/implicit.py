@@ -4,6 +4,8 @@
     sol.y, sol.info                                    # y* differentiable in x
     value, grad = implicit.hypergradient(F, f, x, y0)  # phi(x) = F(x, y*(x))
     sol = implicit.hypergradient_at(F, f, x, y)        # at a y you trained yourself
+    value, grad, sol = implicit.hypergradient(F, f, x, y_prev, v0=v_prev,
+                                              return_info=True)  # warm starts: sol.y, sol.adjoint
 
 The derivative solves hess_yy f(x, y*) v = y-bar (conjugate gradients on
 Hessian-vector products, or dense) and returns -(d_x grad_y f)^T v; the
@@ -18,12 +20,13 @@ from bilevel_jax._src.implicit.at_solution import AdjointInfo
 from bilevel_jax._src.implicit.at_solution import AdjointSolution
 from bilevel_jax._src.implicit.at_solution import hypergradient_at
 from bilevel_jax._src.implicit.minimize import SOLVERS
+from bilevel_jax._src.implicit.solver import IMPLICIT_LINEAR_SOLVERS as LINEAR_SOLVERS
+from bilevel_jax._src.implicit.solver import PRECONDITIONERS
 from bilevel_jax._src.implicit.solver import ImplicitInfo
 from bilevel_jax._src.implicit.solver import ImplicitSolution
 from bilevel_jax._src.implicit.solver import hypergradient
 from bilevel_jax._src.implicit.solver import make_hypergradient
 from bilevel_jax._src.implicit.solver import solve
-from bilevel_jax._src.implicit_diff import LINEAR_SOLVERS
 
 __all__ = [
   "ADJOINTS",
@@ -32,6 +35,7 @@ __all__ = [
   "ImplicitInfo",
   "ImplicitSolution",
   "LINEAR_SOLVERS",
+  "PRECONDITIONERS",
   "SOLVERS",
   "hypergradient",
   "hypergradient_at",

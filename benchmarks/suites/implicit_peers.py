@@ -52,6 +52,7 @@ their times.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from typing import Any, NamedTuple
 from collections.abc import Callable
@@ -61,12 +62,33 @@ import jax.numpy as jnp
 import numpy as np
 
 from bilevel_jax import implicit
+from bilevel_jax._src import upper_step
 from experiments import config
 from benchmarks import timing
 from benchmarks import peers
 from benchmarks import runner
 
 X64 = True
+# Our adjoint options in the full upper run (all with the lower warm start y0 =
+# the previous y*): "cg" CG from zero (jaxopt's work), "cg_warm" CG from the
+# previous adjoint, "pcg_warm" the same preconditioned by the L-BFGS memory
+# (SHINE as a preconditioner), "shine" the L-BFGS inverse alone (an
+# approximation; its error is measured like every other); "_extrap<p>": both
+# solves start from the extrapolation of degree p of the last p + 1
+# solutions (`upper.make_step(..., extrapolate=p)`); jaxopt then gets the
+# same extrapolated `init_params`.
+UPPER_RUN_VARIANTS = (
+  "cg",
+  "cg_warm",
+  "pcg",
+  "pcg_warm",
+  "shine",
+  "cg_extrap2",
+  "cg_warm_extrap1",
+  "cg_warm_extrap2",
+  "pcg_warm_extrap1",
+  "pcg_warm_extrap2",
+)
 TITLE = "Implicit hypergradients vs jaxopt: hypergradient error against time"
 PROBLEMS = ("ridge", "logistic", "quadratic")
 F = config.Field
@@ -123,6 +145,33 @@ SCHEMA = {
   },
   "timing": {"repeats": F("int", 7, config.positive)},
   "matched": {"targets": F("list[float]", [1e-2, 1e-4, 1e-6, 1e-8], config.positive)},
+  "upper_run": {
+    "enabled": F("bool", False, doc="the full upper run (warm starts across upper steps)"),
+    "steps": F("int", 50, config.positive, doc="T upper steps per run"),
+    "learning_rate": F("float", 0.05, config.positive, doc="Adam's step on x"),
+    "tols": F("list[float]", [1e-6], config.positive, doc="lower tolerances (both sides)"),
+    "linear_tols": F(
+      "list[float]",
+      [1e-10],
+      config.positive,
+      doc="adjoint CG tolerances, paired with `tols` (both sides)",
+    ),
+    "variants": F(
+      "list[str]",
+      ["cg", "cg_warm", "pcg_warm"],
+      config.one_of(*UPPER_RUN_VARIANTS),
+      doc="ours: the adjoint of each (see UPPER_RUN_VARIANTS)",
+    ),
+    "jaxopt_extrapolate": F(
+      "list[int]",
+      [0],
+      config.one_of(0, 1, 2),
+      doc="jaxopt's init_params: the previous y* (0) and/or its extrapolation of degree 1, 2",
+    ),
+    "repeats": F("int", 5, config.positive),
+    "reference_newton_steps": F("int", 3, config.positive),
+    "targets": F("list[float]", [1e-3, 1e-5, 1e-7], config.positive, doc="matched errors"),
+  },
 }
 COLUMNS = [
   "problem",
@@ -130,11 +179,13 @@ COLUMNS = [
   "method",
   "size_name",
   "size",
+  "linear_tol",
   "compile_s",
   "median_s",
   "q25_s",
   "q75_s",
   "lower_steps",
+  "linear_steps",
   "metric",
   "speedup",
 ]
@@ -582,12 +633,266 @@ def _figures(rows, problems):
   return {"error_vs_time.png": draw}
 
 
+# ------------------------------------------------------- the full upper run
+
+
+def _ours_hypergradient(problem, cfg, tol, linear_tol, variant):
+  """``hg(x, y0, v0, data) -> (value, grad, y, v, lower steps, adjoint steps)``."""
+  kw = dict(
+    solver="lbfgs",
+    tol=tol,
+    max_steps=cfg["lbfgs"]["max_steps"],
+    memory_size=cfg["lbfgs"]["memory_size"],
+    linear_tol=linear_tol,
+    linear_max_steps=cfg["linear"]["max_steps"],
+  )
+  if variant == "shine":
+    kw["linear_solver"] = "shine"
+  if variant.startswith("pcg"):
+    kw["preconditioner"] = "lbfgs"
+  warm = "_warm" in variant
+
+  def hg(x, y0, v0, data):
+    value, grad, sol = implicit.hypergradient(
+      lambda xx, yy: problem.upper(xx, yy, data),
+      lambda xx, yy: problem.lower(xx, yy, data),
+      x,
+      y0,
+      v0=v0 if warm else None,
+      return_info=True,
+      **kw,
+    )
+    return value, grad, sol.y, sol.adjoint, sol.info.num_steps, sol.info.linear_steps
+
+  return hg
+
+
+def _jaxopt_hypergradient(jaxopt, problem, cfg, tol, linear_tol):
+  """jaxopt's natural usage: LBFGS with implicit_diff_solve = CG, the previous
+  y* as ``init_params`` (the lower warm start a jaxopt user passes); its CG
+  starts from zero (`jaxopt.linear_solve.solve_cg` is called by
+  `custom_root` as solve(matvec, b), with no way to pass an initial v)."""
+  cg = functools.partial(
+    jaxopt.linear_solve.solve_cg, tol=linear_tol, maxiter=cfg["linear"]["max_steps"]
+  )
+  solver = jaxopt.LBFGS(
+    fun=lambda y, x, data: problem.lower(x, y, data),
+    tol=tol,
+    maxiter=cfg["lbfgs"]["max_steps"],
+    history_size=cfg["lbfgs"]["memory_size"],
+    linesearch=cfg["lbfgs"]["jaxopt_linesearch"],
+    implicit_diff_solve=cg,
+  )
+
+  def hg(x, y0, v0, data):
+    def phi(xx):
+      sol = solver.run(y0, xx, data)
+      return problem.upper(xx, sol.params, data), (sol.params, sol.state.iter_num)
+
+    (value, (y, steps)), grad = jax.value_and_grad(phi, has_aux=True)(x)
+    return value, grad, y, v0, steps, jnp.array(-1, jnp.int32)
+
+  return hg
+
+
+def _upper_run(hg, problem, cfg, extrapolate=0):
+  """``run(x0, data)``: T Adam steps on x, each from the previous y* (and v),
+  or with ``extrapolate`` = p from their extrapolation of degree p
+  (`upper_step.extrapolated`, what `upper.make_step(..., extrapolate=p)`
+  does), as one `lax.scan`; returns the iterates, their hypergradients,
+  lower solutions and step counts. The same loop for every implementation."""
+  import optax
+
+  c = cfg["upper_run"]
+  optimizer = optax.adam(c["learning_rate"])
+  depth = max(extrapolate, 1)
+
+  def run(x0, data):
+    def body(carry, t):
+      x, opt_state, y0, ys, v0, vs = carry
+      _, grad, y, v, lower_steps, linear_steps = hg(x, y0, v0, data)
+      updates, opt_state = optimizer.update(grad, opt_state, x)
+      y_next = upper_step.extrapolated(y, ys, t, extrapolate)
+      v_next = upper_step.extrapolated(v, vs, t, extrapolate)
+      ys, vs = (y,) + ys[:-1], (v,) + vs[:-1]
+      carry = (x + updates, opt_state, y_next, ys, v_next, vs)
+      return carry, (x, grad, y, lower_steps, linear_steps)
+
+    zeros = jnp.zeros_like(problem.y0)
+    init = (x0, optimizer.init(x0), problem.y0, (problem.y0,) * depth, zeros, (zeros,) * depth)
+    _, out = jax.lax.scan(body, init, jnp.arange(c["steps"]))
+    return out
+
+  return run
+
+
+def _reference_hypergradients(problem, newton_steps):
+  """Exact hypergradients along a trajectory: ``newton_steps`` Newton steps
+  on f(x_t, .) from the run's own y_t (dense Hessian; one is exact on the
+  quadratic problems), then (4) with a dense solve. Also returns the
+  reference's ||grad_y f||."""
+
+  def one(args):
+    x, y, data = args
+    fy = lambda yy: problem.lower(x, yy, data)
+    for _ in range(newton_steps):
+      y = y - jnp.linalg.solve(jax.hessian(fy)(y), jax.grad(fy)(y))
+    gx, gy = jax.grad(problem.upper, argnums=(0, 1))(x, y, data)
+    v = jnp.linalg.solve(jax.hessian(fy)(y), gy)
+    _, vjp = jax.vjp(lambda xx: jax.grad(problem.lower, argnums=1)(xx, y, data), x)
+    return gx - vjp(v)[0], jnp.linalg.norm(jax.grad(fy)(y))
+
+  @jax.jit
+  def along(xs, ys, data):
+    return jax.lax.map(lambda xy: one((xy[0], xy[1], data)), (xs, ys))
+
+  return along
+
+
+def upper_run_rows(problem, cfg, ctx, jaxopt):
+  """Time per upper step over T steps with warm starts, and the median
+  hypergradient error of the steps, for each variant of ours and jaxopt."""
+  c = cfg["upper_run"]
+  rows = []
+  reference = _reference_hypergradients(problem, c["reference_newton_steps"])
+  if len(c["tols"]) != len(c["linear_tols"]):
+    raise ValueError("[upper_run] `tols` and `linear_tols` must have the same length (pairs).")
+  for tol, linear_tol in zip(c["tols"], c["linear_tols"]):
+    impls = {
+      f"bilevel_jax {v}": _upper_run(
+        _ours_hypergradient(problem, cfg, tol, linear_tol, v),
+        problem,
+        cfg,
+        extrapolate=int(v.split("_extrap")[1]) if "_extrap" in v else 0,
+      )
+      for v in c["variants"]
+    }
+    if jaxopt is not None:
+      for extrapolate in c["jaxopt_extrapolate"]:
+        impls[f"jaxopt extrap{extrapolate}" if extrapolate else "jaxopt"] = _upper_run(
+          _jaxopt_hypergradient(jaxopt, problem, cfg, tol, linear_tol),
+          problem,
+          cfg,
+          extrapolate=extrapolate,
+        )
+    measured, calls = {}, {}
+    for name, fn in impls.items():
+      compiled, compile_s = timing.compile_timed(fn, problem.x, problem.data)
+      xs, grads, ys, lower_steps, linear_steps = compiled(problem.x, problem.data)
+      exact, ref_grad_norm = reference(xs, ys, problem.data)
+      errors = np.linalg.norm(np.asarray(grads - exact), axis=1) / np.linalg.norm(
+        np.asarray(exact), axis=1
+      )
+      measured[name] = {
+        "compile_s": compile_s,
+        "metric": float(np.median(errors)),
+        "max_error": float(np.max(errors)),
+        "reference_grad_norm": float(np.max(ref_grad_norm)),
+        "lower_steps": float(np.mean(lower_steps)),
+        "linear_steps": float(np.mean(linear_steps)) if int(linear_steps[0]) >= 0 else None,
+      }
+      calls[name] = functools.partial(compiled, problem.x, problem.data)
+    samples = timing.time_alternating(calls, c["repeats"])
+    for name in impls:
+      per_step = [t / c["steps"] for t in samples[name]]
+      measured[name].update(timing.summarize(per_step))
+    for name, m in measured.items():
+      impl, _, variant = name.partition(" ")
+      degree = int(variant.split("extrap")[1]) if "extrap" in variant else 0
+      # The peer with the same lower start (extrapolated or the previous y*).
+      peer = f"jaxopt extrap{degree}" if f"jaxopt extrap{degree}" in measured else "jaxopt"
+      row = {
+        "problem": problem.name,
+        "impl": impl,
+        "method": f"upper run {variant or 'cg'}",
+        "lower_start": f"extrapolated (degree {degree})" if degree else "previous",
+        "size_name": "tol",
+        "size": tol,
+        "linear_tol": linear_tol,
+        "per": "upper_step",
+        "metric_name": "median hypergradient relative error over the run",
+        "steps": c["steps"],
+        **m,
+      }
+      if jaxopt is not None:
+        row["speedup"] = measured[peer]["median_s"] / m["median_s"]
+        row["speedup_vs_jaxopt_previous_y"] = measured["jaxopt"]["median_s"] / m["median_s"]
+      rows.append(row)
+    ctx.log(
+      f"  {problem.name} upper run tol={tol} linear_tol={linear_tol}: "
+      + ", ".join(
+        f"{name} {1e3 * m['median_s']:.2f} ms/step err {m['metric']:.1e} "
+        f"lower {m['lower_steps']:.1f} adj {m['linear_steps']}"
+        for name, m in measured.items()
+      )
+    )
+    ctx.save_partial(rows)
+  return rows
+
+
+def upper_run_matched(rows, targets):
+  """Per problem, variant of ours and target error: the fastest (tol,
+  linear_tol) setting of that variant and of jaxopt whose median error over
+  the run is at most the target, and jaxopt's time / ours."""
+  out = []
+  runs = [r for r in rows if r["per"] == "upper_step"]
+  keys = dict.fromkeys((r["problem"], r["method"]) for r in runs if r["impl"] == "bilevel_jax")
+  best = lambda pool: min(pool, key=lambda r: r["median_s"]) if pool else None
+  for problem, method in keys:
+    for target in targets:
+      ours = best(
+        [
+          r
+          for r in runs
+          if (r["problem"], r["method"], r["impl"]) == (problem, method, "bilevel_jax")
+          and r["metric"] <= target
+        ]
+      )
+      if ours is None:
+        continue
+      peers_ok = [
+        r
+        for r in runs
+        if (r["problem"], r["impl"]) == (problem, "jaxopt") and r["metric"] <= target
+      ]
+      # jaxopt with the same lower start as ours, and with its plain one.
+      peer = best([r for r in peers_ok if r["lower_start"] == ours["lower_start"]])
+      plain = best([r for r in peers_ok if r["lower_start"] == "previous"])
+      row = {
+        "problem": problem,
+        "impl": "bilevel_jax",
+        "method": f"{method} matched",
+        "size_name": "target error",
+        "size": target,
+        "per": "upper_step_matched",
+        "median_s": ours["median_s"],
+        "q25_s": ours["q25_s"],
+        "q75_s": ours["q75_s"],
+        "metric_name": ours["metric_name"],
+        "metric": ours["metric"],
+        "setting": f"tol={ours['size']:g}, linear_tol={ours['linear_tol']:g}",
+      }
+      if peer is not None:
+        row.update(
+          peer_median_s=peer["median_s"],
+          peer_metric=peer["metric"],
+          peer_setting=f"tol={peer['size']:g}, linear_tol={peer['linear_tol']:g}, "
+          f"init_params {peer['lower_start']}",
+          speedup=peer["median_s"] / ours["median_s"],
+        )
+      if plain is not None:
+        row["speedup_vs_jaxopt_previous_y"] = plain["median_s"] / ours["median_s"]
+      out.append(row)
+  return out
+
+
 def run(cfg, ctx) -> runner.SuiteResult:
   notes = []
   jaxopt = import_jaxopt() if ctx.peers else None
   status = peers.in_process_status("jaxopt", jaxopt, enabled=ctx.peers)
   ctx.log(f"jaxopt: {status}")
   notes.append(f"jaxopt: {status}.")
+  load_start = os.getloadavg()
   rows = []
   for name in cfg["problems"]["names"]:
     problem = BUILDERS[name](cfg[name])
@@ -595,7 +900,11 @@ def run(cfg, ctx) -> runner.SuiteResult:
       f"{name}: x in R^{problem.x.size}, y in R^{problem.y0.size}, L = {problem.lipschitz:.3g}"
     )
     rows += _problem_rows(problem, cfg, ctx, jaxopt)
+    if cfg["upper_run"]["enabled"]:
+      rows += upper_run_rows(problem, cfg, ctx, jaxopt)
   rows += matched_rows(rows, cfg["matched"]["targets"])
+  if cfg["upper_run"]["enabled"]:
+    rows += upper_run_matched(rows, cfg["upper_run"]["targets"])
   notes.append(
     "metric: |g - g_ref| / |g_ref| against the float64 reference (closed form for ridge "
     "and quadratic, NumPy Newton + dense solve for logistic). lbfgs: ours (backtracking) "
@@ -608,11 +917,41 @@ def run(cfg, ctx) -> runner.SuiteResult:
     "data as arguments; compile time apart. speedup = jaxopt median / ours. "
     "'matched' rows: per target error, the fastest setting of each side that reaches it."
   )
+  if cfg["upper_run"]["enabled"]:
+    c = cfg["upper_run"]
+    notes.append(
+      f"upper run: T = {c['steps']} Adam steps (learning rate {c['learning_rate']:g}) on x from "
+      "the suite's x, as one jitted lax.scan per implementation (the same loop on both sides); "
+      "each step's lower solve starts from the previous y* on both sides (jaxopt: "
+      "`init_params`), or with `extrap<p>` from the extrapolation of degree p of the last "
+      "p + 1 solutions (2 y_t - y_{t-1}, 3 y_t - 3 y_{t-1} + y_{t-2}) on both sides (jaxopt's "
+      "`init_params` too: the same lower start; 'speedup' compares with the jaxopt run of the "
+      "same lower start, speedup_vs_jaxopt_previous_y with jaxopt's plain warm start); "
+      "`_warm` variants of ours also start CG from the previous adjoint v (extrapolated "
+      "likewise with `_extrap`) "
+      "(jaxopt's `custom_root` calls its solve as solve(matvec, b): its CG cannot be warm "
+      "started); `pcg` preconditions CG by the L-BFGS memory of the lower solve (SHINE as a "
+      "preconditioner: exact, CG still stops at linear_tol); `shine` uses that inverse estimate "
+      "alone (an approximation: its error is in the metric column). (tol, linear_tol) pairs: "
+      f"{list(zip(c['tols'], c['linear_tols']))}, the same on both sides. Time: median over "
+      f"{c['repeats']} alternated repeats of the whole run / T (compile apart). metric: median "
+      "over the T steps of |g_t - g*_t| / |g*_t|, with g*_t the exact hypergradient at the "
+      f"run's own x_t ({c['reference_newton_steps']} Newton steps on f(x_t, .) from the run's "
+      "y_t, dense solve); max_error its maximum, reference_grad_norm the largest "
+      "|grad_y f| of the reference (how exact it is). lower_steps / linear_steps: mean "
+      "iterations per upper step (jaxopt does not report its CG count). 'upper run ... matched' "
+      "rows: per target error, the fastest pair of that variant and of jaxopt whose median "
+      "error reaches it. Shared 2-core machine under load from other jobs: times are noisy; "
+      "load averages at start and end are in the JSON."
+    )
   return runner.SuiteResult(
     title=TITLE,
     columns=COLUMNS + ["setting", "peer_setting"],
     rows=rows,
     notes=notes,
     figures=_figures(rows, cfg["problems"]["names"]),
-    extra={"peer": {"jaxopt": {"status": status}}},
+    extra={
+      "peer": {"jaxopt": {"status": status}},
+      "load_average": {"start": list(load_start), "end": list(os.getloadavg())},
+    },
   )

@@ -4,7 +4,11 @@ Each solver runs one `lax.while_loop` until
 
     ||grad f(y_k)||_2 <= tol,   or k = max_steps,   or a non-finite value,
 
-and returns ``(y, steps, value, grad_norm, status)``. They are never
+and returns ``(y, steps, value, grad_norm, status, inverse)``, where
+``inverse`` is what the solver knows of the inverse Hessian at y (the
+L-BFGS memory, Newton's LU factors of hess f(y), or nothing for gd), for
+`apply_inverse`: the adjoint solve of the implicit hypergradient reuses it
+(SHINE, Ramzi et al., ICLR 2022). They are never
 differentiated (the solution map gets its derivative from the implicit
 function theorem, see `solver.py`), so the loops need no reverse-mode
 support.
@@ -101,9 +105,9 @@ class _State(NamedTuple):
   status: Any
 
 
-def _finish(y, steps, value, grad_norm, status):
+def _finish(y, steps, value, grad_norm, status, inverse=()):
   status = jnp.where(status == _RUNNING, MAX_STEPS, status).astype(jnp.int32)
-  return y, steps, value, grad_norm, status
+  return y, steps, value, grad_norm, status, inverse
 
 
 def _loop(body, init, max_steps):
@@ -203,7 +207,7 @@ def _search(fun: Callable, y0, options: Options, method: _Method):
     return out._replace(aux=aux_sel)
 
   s = _loop(body, init, options.max_steps)
-  return _finish(s.y, s.steps, s.value, s.grad_norm, s.status)
+  return _finish(s.y, s.steps, s.value, s.grad_norm, s.status, s.aux)
 
 
 # ------------------------------------------------------------------ L-BFGS
@@ -329,17 +333,22 @@ def _gd_fixed(fun: Callable, y0, options: Options):
 
 
 def newton(fun: Callable, y0, options: Options):
+  """Newton's direction by the LU factors of hess f(y) (partial pivoting, as
+  `jnp.linalg.solve`); the factors at the accepted point are the method's
+  state, so the factors at the returned y come out with it."""
   hessian = jax.hessian(fun)
 
   def direction(aux, y, grad):
-    return -jnp.linalg.solve(hessian(y), grad), aux
+    factors = jax.scipy.linalg.lu_factor(hessian(y))
+    return -jax.scipy.linalg.lu_solve(factors, grad), factors
 
+  n = y0.shape[0]
   method = _Method(
     direction=direction,
     update=lambda aux, s, dg, accept: aux,
     first_step=lambda aux, grad, t: jnp.ones_like(t),
     c1=_ARMIJO,
-    aux=(),
+    aux=(jnp.eye(n, dtype=y0.dtype), jnp.arange(n, dtype=jnp.int32)),
   )
   return _search(fun, y0, options, method)
 
@@ -347,6 +356,27 @@ def newton(fun: Callable, y0, options: Options):
 def minimize(fun: Callable, y0, options: Options):
   """Runs ``options.solver`` on ``fun`` from ``y0``.
 
-  Returns ``(y, steps, value, grad_norm, status)``.
+  Returns ``(y, steps, value, grad_norm, status, inverse)`` (see the module
+  docstring; ``inverse`` goes to `apply_inverse`).
   """
   return {"lbfgs": lbfgs, "gd": gd, "newton": newton}[options.solver](fun, y0, options)
+
+
+def apply_inverse(solver: str, inverse, vector):
+  """The solver's inverse-Hessian estimate at its returned y, applied to ``vector``.
+
+  * ``"lbfgs"``: H_k vector by the two-loop recursion over the memory of the
+    solve (Nocedal & Wright, Alg. 7.4): a symmetric positive definite
+    approximation of hess f(y)^{-1} (every stored pair has s^T dg > 0),
+    exact only along the directions the solve explored; SHINE's "shared
+    inverse estimate" (Ramzi et al., ICLR 2022, Section 3).
+  * ``"newton"``: hess f(y)^{-1} vector, exact up to rounding, by the LU
+    factors of the Hessian Newton formed at y (to choose its last direction).
+
+  Gradient descent keeps no estimate (a ValueError).
+  """
+  if solver == "lbfgs":
+    return _two_loop(vector, inverse)
+  if solver == "newton":
+    return jax.scipy.linalg.lu_solve(inverse, vector)
+  raise ValueError(f"solver={solver!r} keeps no inverse-Hessian estimate.")

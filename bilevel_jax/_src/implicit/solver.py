@@ -48,6 +48,11 @@ from bilevel_jax._src.implicit import minimize
 from bilevel_jax._src.implicit.minimize import SOLVERS
 from bilevel_jax._src.implicit_diff import LINEAR_SOLVERS
 
+# "factor": Newton's LU factors of hess_yy f(x, y*) (exact, solver="newton");
+# "shine": the L-BFGS inverse estimate alone (an approximation, solver="lbfgs").
+IMPLICIT_LINEAR_SOLVERS = LINEAR_SOLVERS + ("factor", "shine")
+PRECONDITIONERS = (None, "lbfgs")
+
 
 class ImplicitInfo(NamedTuple):
   """Diagnostics of the lower solve (and, from `hypergradient`, of (2)).
@@ -86,10 +91,16 @@ class ImplicitInfo(NamedTuple):
 
 
 class ImplicitSolution(NamedTuple):
-  """y = y*(x), differentiable in x by (2)-(3), and diagnostics."""
+  """y = y*(x), differentiable in x by (2)-(3), and diagnostics.
+
+  ``adjoint`` is v of (2) from `hypergradient` (a tree like the
+  floating-point leaves of y; pass it as the next call's ``v0``), None from
+  `solve`, whose adjoint solve runs in the backward pass.
+  """
 
   y: Any
   info: ImplicitInfo
+  adjoint: Any = None
 
 
 class _Options(NamedTuple):
@@ -97,6 +108,7 @@ class _Options(NamedTuple):
   linear_solver: str
   linear_tol: float
   linear_max_steps: int
+  preconditioner: str | None = None
 
 
 class _Prepared(NamedTuple):
@@ -106,6 +118,7 @@ class _Prepared(NamedTuple):
   as_x: Callable  # x_dyn -> x
   y0: Any  # flat differentiable part of y0
   unravel: Callable  # flat vector -> y (with the non-differentiable leaves)
+  unravel_dyn: Callable  # flat vector -> the differentiable part of y (None holes)
   options: _Options
 
 
@@ -113,8 +126,10 @@ class _Prepared(NamedTuple):
 
 
 def _lower(fn, options, x, consts, y0):
-  """(y, info) of the lower solve; info's linear fields are placeholders."""
-  y, steps, value, grad_norm, status = minimize.minimize(
+  """(y, info, inverse) of the lower solve; info's linear fields are
+  placeholders; ``inverse`` is the solver's inverse-Hessian estimate at y
+  (`minimize.apply_inverse`)."""
+  y, steps, value, grad_norm, status, inverse = minimize.minimize(
     lambda yy: fn(x, yy, *consts), y0, options.lower
   )
   curvature = implicit_diff.probe_curvature(jax.grad(lambda yy: fn(x, yy, *consts)), y)
@@ -130,37 +145,64 @@ def _lower(fn, options, x, consts, y0):
     jnp.full((), jnp.nan, y.dtype),
     curvature,
   )
-  return y, info
+  return y, info, inverse
 
 
-def _adjoint(fn, options, x, consts, y, ct_y):
-  """Solves (2) and returns (x-bar, consts-bar, linear steps, residual,
-  curvature) of (3)."""
+def _reuse_inverse(options, operator, y, b, inverse):
+  """(2) by the lower solver's inverse estimate, without CG: Newton's LU
+  factors ("factor", exact) or the L-BFGS two-loop (``"shine"``, an
+  approximation). One Hessian-vector product measures the residual and the
+  curvature along v."""
+  v = minimize.apply_inverse(options.lower.solver, inverse, b)
+  _, hv = jax.jvp(operator, (y,), (v,))
+  b_norm = jnp.linalg.norm(b)
+  residual = jnp.linalg.norm(hv - b) / jnp.where(b_norm > 0, b_norm, 1.0)
+  v_norm2 = jnp.vdot(v, v)
+  curvature = jnp.where(
+    v_norm2 > 0, jnp.vdot(v, hv) / jnp.where(v_norm2 > 0, v_norm2, 1.0), jnp.inf
+  )
+  return v, jnp.array(1, jnp.int32), residual, curvature
+
+
+def _adjoint(fn, options, x, consts, y, ct_y, inverse, v0=None):
+  """Solves (2) (from ``v0`` with CG) and returns (x-bar, consts-bar, v,
+  linear steps, residual, curvature) of (3)."""
   grad_y = lambda theta, yy: jax.grad(fn, argnums=1)(theta[0], yy, *theta[1])
   ct_y = jnp.asarray(ct_y, y.dtype)
-  v, steps, residual, curvature = implicit_diff.symmetric_solve(
-    options.linear_solver,
-    lambda yy: grad_y((x, consts), yy),
-    y,
-    ct_y,
-    tol=options.linear_tol,
-    max_steps=options.linear_max_steps,
-  )
+  operator = lambda yy: grad_y((x, consts), yy)
+  if options.linear_solver in ("factor", "shine"):
+    v, steps, residual, curvature = _reuse_inverse(options, operator, y, ct_y, inverse)
+  else:
+    preconditioner = None
+    if options.preconditioner == "lbfgs":
+      preconditioner = lambda r: minimize.apply_inverse("lbfgs", inverse, r)
+    v, steps, residual, curvature = implicit_diff.symmetric_solve(
+      options.linear_solver,
+      operator,
+      y,
+      ct_y,
+      tol=options.linear_tol,
+      max_steps=options.linear_max_steps,
+      x0=v0,
+      preconditioner=preconditioner,
+    )
   ct_x, ct_consts = implicit_diff.root_vjp(grad_y, (x, consts), y, v)
-  return ct_x, ct_consts, steps, residual, curvature
+  return ct_x, ct_consts, v, steps, residual, curvature
 
 
 def _adjoint_status(info, options, grad, residual, curvature):
   """The status of `hypergradient`: the lower solve's, then NOT_CONVEX at
   curvature <= 0, NONFINITE for a non-finite adjoint solve, curvature or
-  gradient, MAX_STEPS when CG stopped above ``linear_tol``."""
+  gradient, MAX_STEPS when CG stopped above ``linear_tol`` (INACCURATE for
+  the approximation ``linear_solver="shine"`` and for "factor")."""
   status = info.status
   ok = status == status_lib.SUCCESS
   finite = jnp.isfinite(residual) & jnp.isfinite(curvature) & tree_ops.tree_all_finite(grad)
+  above = status_lib.MAX_STEPS if options.linear_solver == "cg" else status_lib.INACCURATE
   for failed, code in (
     (curvature <= 0, status_lib.NOT_CONVEX),
     (~finite, status_lib.NONFINITE),
-    (residual > options.linear_tol, status_lib.MAX_STEPS),
+    (residual > options.linear_tol, above),
   ):
     status = jnp.where(ok & failed, code, status)
     ok = ok & ~failed
@@ -171,11 +213,12 @@ def _solution(fn, options, x, consts, y0):
   """(y*, info), differentiable in (x, consts) by (2)-(3)."""
 
   def solve(theta, start):
-    y, info = _lower(fn, options, theta[0], theta[1], start)
-    return (y, info), y
+    y, info, inverse = _lower(fn, options, theta[0], theta[1], start)
+    return (y, info), (y, inverse)
 
-  def adjoint(theta, y, cotangent):
-    ct_x, ct_consts, _, _, _ = _adjoint(fn, options, theta[0], theta[1], y, cotangent[0])
+  def adjoint(theta, saved, cotangent):
+    y, inverse = saved
+    ct_x, ct_consts, *_ = _adjoint(fn, options, theta[0], theta[1], y, cotangent[0], inverse)
     return ct_x, ct_consts
 
   return implicit_diff.solution_map(solve, adjoint, (x, consts), y0)
@@ -196,11 +239,27 @@ def _prepare(
   linear_max_steps,
   stepsize,
   memory_size,
+  preconditioner,
 ) -> _Prepared:
   if not callable(lower_fn):
     raise TypeError(f"`lower_fn` must be callable, got {type(lower_fn).__name__}.")
   validation.check_one_of("solver", solver, SOLVERS)
-  validation.check_one_of("linear_solver", linear_solver, LINEAR_SOLVERS)
+  validation.check_one_of("linear_solver", linear_solver, IMPLICIT_LINEAR_SOLVERS)
+  validation.check_one_of("preconditioner", preconditioner, PRECONDITIONERS)
+  for name, value, needs in (
+    ("linear_solver", linear_solver == "factor", "newton"),
+    ("linear_solver", linear_solver == "shine", "lbfgs"),
+    ("preconditioner", preconditioner == "lbfgs", "lbfgs"),
+  ):
+    if value and solver != needs:
+      option = linear_solver if name == "linear_solver" else preconditioner
+      raise ValueError(
+        f"`{name}={option!r}` reuses solver={needs!r}'s state, got solver={solver!r}."
+      )
+  if preconditioner is not None and linear_solver != "cg":
+    raise ValueError(
+      f"`preconditioner` applies to linear_solver='cg', got linear_solver={linear_solver!r}."
+    )
   variables.check("x", x)
   variables.check("y0", y0)
   max_steps = validation.check_positive_int("max_steps", max_steps)
@@ -239,8 +298,9 @@ def _prepare(
     linear_solver,
     linear_tol,
     linear_max_steps,
+    preconditioner,
   )
-  return _Prepared(fn, consts, x_dyn, as_x, y0_flat, unravel, options)
+  return _Prepared(fn, consts, x_dyn, as_x, y0_flat, unravel, unravel_dyn, options)
 
 
 # ------------------------------------------------------------------ public
@@ -259,6 +319,7 @@ def solve(
   linear_max_steps: int | None = None,
   stepsize: float | None = None,
   memory_size: int = 10,
+  preconditioner: str | None = None,
   throw: bool = False,
 ) -> ImplicitSolution:
   """Minimizes y -> f(x, y); the minimizer is differentiable in x by (2)-(3).
@@ -278,19 +339,32 @@ def solve(
     tol: stop when ||grad_y f(x, y)||_2 <= tol (an absolute tolerance, as
       jaxopt's; default 1e-8 in float64, 1e-4 in float32).
     max_steps: lower iterations at most (static).
-    linear_solver: "cg" (conjugate gradients on Hessian-vector products) or
-      "dense" (form the Hessian and solve by LU; small y only) for (2).
+    linear_solver: the solve of (2): "cg" (conjugate gradients on
+      Hessian-vector products), "dense" (form the Hessian and solve by LU;
+      small y only), "factor" (solver="newton" only: the LU factors of
+      hess_yy f(x, y*) that Newton formed for its last direction, no new
+      Hessian; exact) or "shine" (solver="lbfgs" only: v = H_k y-bar with
+      H_k the L-BFGS inverse estimate of the lower solve, no iteration:
+      **an approximation**, SHINE of Ramzi et al., ICLR 2022; its relative
+      residual ``info.linear_residual`` is measured by one Hessian-vector
+      product and the status is INACCURATE above ``linear_tol``; `hypergradient`
+      only, since `solve`'s backward pass has no status to report it).
     linear_tol: CG stops when ||H v - y-bar|| <= linear_tol ||y-bar||
       (default 1e-10 in float64, 1e-5 in float32).
     linear_max_steps: CG iterations at most (default 10 times the size of y).
     stepsize: the fixed step of solver="gd" (for example 1 / L with L the
       Lipschitz constant of grad_y f); None for backtracking.
     memory_size: pairs kept by L-BFGS.
+    preconditioner: None, or "lbfgs" (solver="lbfgs", linear_solver="cg"):
+      CG on (2) preconditioned by the L-BFGS inverse estimate H_k of the
+      lower solve (two-loop recursion; SHINE, Ramzi et al., ICLR 2022,
+      used as a preconditioner). Exact: CG still stops at ``linear_tol`` on
+      the unpreconditioned residual; only its iteration count changes.
     throw: raise `bilevel_jax.SolverError` when ``info.status`` is not
       SUCCESS (see `bilevel_jax.Status`); default False (status only).
 
   Returns:
-    `ImplicitSolution(y, info)`. ``y`` has the structure of ``y0`` and is
+    `ImplicitSolution(y, info)` (``adjoint`` None). ``y`` has the structure of ``y0`` and is
     differentiable in ``x`` and in arrays ``lower_fn`` closes over, by
     `jax.grad` / `jax.vjp` (reverse mode; y0 gets a zero cotangent). The
     derivative assumes ``y`` is the minimizer: check ``info.status``.
@@ -306,6 +380,12 @@ def solve(
     >>> round(float(jax.grad(y_first)(1.0)), 6)               # -1 / (1 + lam)^2
     -0.25
   """
+  if linear_solver == "shine":
+    raise ValueError(
+      "`linear_solver='shine'` is an approximation whose residual only "
+      "`implicit.hypergradient` reports (info.linear_residual, INACCURATE); `solve`'s "
+      "backward pass could not say so: use 'cg' (with preconditioner='lbfgs') here."
+    )
   p = _prepare(
     lower_fn,
     x,
@@ -318,6 +398,7 @@ def solve(
     linear_max_steps,
     stepsize,
     memory_size,
+    preconditioner,
   )
   # One program even when called eagerly (inlined under an outer jit).
   y, info = jax.jit(_solution, static_argnums=(0, 1))(p.fn, p.options, p.x, p.consts, p.y0)
@@ -331,6 +412,7 @@ def hypergradient(
   x,
   y0,
   *,
+  v0=None,
   return_info: bool = False,
   throw: bool = False,
   **solve_kw,
@@ -340,9 +422,20 @@ def hypergradient(
   Takes the keyword arguments of `solve`. The direct term grad_x F is
   included. Returns ``(value, grad)``, or ``(value, grad, solution)`` with
   ``return_info=True``, where ``solution.info`` also holds the steps and
-  relative residual of the adjoint solve (2); ``grad`` has the structure of
-  ``x`` (``None`` at leaves that are not floating point). ``throw``: raise
-  `bilevel_jax.SolverError` when the lower solve did not succeed.
+  relative residual of the adjoint solve (2) and ``solution.adjoint`` is
+  its v; ``grad`` has the structure of ``x`` (``None`` at leaves that are
+  not floating point). ``throw``: raise `bilevel_jax.SolverError` when the
+  lower solve did not succeed.
+
+  Warm starts across upper steps: ``y0`` = the previous ``solution.y``
+  starts the lower solve close, and ``v0`` = the previous
+  ``solution.adjoint`` (a tree like the floating-point leaves of ``y0``)
+  starts CG on (2) close: CG then runs from r_0 = y-bar - H v0 to the same
+  relative tolerance ||H v - y-bar|| <= linear_tol ||y-bar||, so the
+  gradient is as accurate and, when x moved little, cheaper (one more
+  Hessian-vector product, fewer iterations). `bilevel_jax.upper.make_step`
+  carries both with ``warm_start=True, warm_start_adjoint=True``. Used by
+  ``linear_solver="cg"`` only.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -358,12 +451,15 @@ def hypergradient(
   p = _prepare(lower_fn, x, y0, **_solve_kwargs(solve_kw))
   upper = lambda xd, yy: upper_fn(p.as_x(xd), p.unravel(yy))
   validation.check_scalar_output("upper_fn", upper, p.x, p.y0)
+  v0_flat = None if v0 is None else _flat_like("v0", v0, p.y0)
 
   @jax.jit  # one program even when called eagerly (inlined under an outer jit)
-  def run(x, consts, y0):
-    y, info = _lower(p.fn, p.options, x, consts, y0)
+  def run(x, consts, y0, v0):
+    y, info, inverse = _lower(p.fn, p.options, x, consts, y0)
     value, (grad_x, grad_y) = jax.value_and_grad(upper, argnums=(0, 1))(x, y)
-    ct_x, _, steps, residual, curvature = _adjoint(p.fn, p.options, x, consts, y, grad_y)
+    ct_x, _, v, steps, residual, curvature = _adjoint(
+      p.fn, p.options, x, consts, y, grad_y, inverse, v0
+    )
     grad = jax.tree_util.tree_map(jnp.add, grad_x, ct_x)
     curvature = jnp.fmin(info.curvature, curvature)
     status = _adjoint_status(info, p.options, grad, residual, curvature)
@@ -373,13 +469,25 @@ def hypergradient(
     info = info._replace(
       status=status, linear_steps=steps, linear_residual=residual, curvature=curvature
     )
-    return value, grad, y, info
+    return value, grad, y, v, info
 
-  value, grad, y, info = run(p.x, p.consts, p.y0)
+  value, grad, y, v, info = run(p.x, p.consts, p.y0, v0_flat)
   status_lib.raise_if_failed(info.status, throw=throw, where="implicit.hypergradient")
   if not return_info:
     return value, grad
-  return value, grad, ImplicitSolution(p.unravel(y), info)
+  return value, grad, ImplicitSolution(p.unravel(y), info, p.unravel_dyn(v))
+
+
+def _flat_like(name, tree, flat):
+  """``tree`` (like the floating-point leaves of y) as a vector like ``flat``;
+  a ValueError naming ``name`` when its size differs."""
+  vector = ravel_pytree(variables.partition(tree)[0])[0]
+  if vector.shape != flat.shape:
+    raise ValueError(
+      f"`{name}` must be like the floating-point leaves of y0 ({flat.size} numbers), "
+      f"got {vector.size}."
+    )
+  return vector.astype(flat.dtype)
 
 
 _SOLVE_DEFAULTS = {
