@@ -391,6 +391,8 @@ def optimize(
   steps: int,
   y0=None,
   warm_start: bool = False,
+  warm_start_adjoint: bool = False,
+  extrapolate: int = 0,
   projection: Callable | None = None,
   metrics_fn: Callable | None = None,
   data=None,
@@ -421,6 +423,14 @@ def optimize(
     steps: number of upper iterations.
     y0: initial lower iterate, passed to ``hypergradient_fn``.
     warm_start: feed the lower solution of each step back as the next y0.
+    warm_start_adjoint, extrapolate: as in `bilevel_jax.upper.make_step`:
+      start each adjoint solve from the previous adjoint (a
+      ``hypergradient_fn`` that takes ``v0=`` and returns
+      ``solution.adjoint``, as `bilevel_jax.implicit.make_hypergradient`
+      does), and start the lower (and adjoint) solves from the polynomial
+      extrapolation of degree 1 or 2 of the last solutions. They change the
+      starting points only. A resumed run restarts both from the restored
+      lower solution (the adjoint from zeros).
     projection: ``P_X(x) -> x`` applied after each update (see
       `bilevel_jax.projections`).
     metrics_fn: ``fn(x, y) -> dict of scalars`` recorded every step, inside
@@ -485,6 +495,7 @@ def optimize(
     raise TypeError("`hypergradient_fn` must be callable.")
   for name, flag in (
     ("warm_start", warm_start),
+    ("warm_start_adjoint", warm_start_adjoint),
     ("resume", resume),
     ("progress", progress),
     ("stop_on_nonfinite", stop_on_nonfinite),
@@ -504,8 +515,9 @@ def optimize(
     if not callable(callback):
       raise TypeError(f"`callback` must be callable, got {type(callback).__name__}.")
     validation.check_positive_int("callback_every", callback_every)
-  if warm_start and y0 is None:
-    raise ValueError("`warm_start=True` needs `y0`.")
+  for name, flag in (("warm_start", warm_start), ("warm_start_adjoint", warm_start_adjoint)):
+    if flag and y0 is None:
+      raise ValueError(f"`{name}=True` needs `y0`.")
   if checkpoint_path is not None:
     validation.check_positive_int("checkpoint_every", checkpoint_every)
   variables.check("x0", x0)
@@ -515,6 +527,8 @@ def optimize(
     projection=projection,
     warm_start=bool(warm_start),
     metrics_fn=metrics_fn,
+    warm_start_adjoint=bool(warm_start_adjoint),
+    extrapolate=extrapolate,
   )
   draw = _data_source(data, key)
   log = sys.stderr if log is None else log
@@ -546,10 +560,11 @@ def optimize(
         f"checkpoint {checkpoint_path!r} is at step {meta['step']}, beyond "
         f"`steps` = {steps}; raise `steps` or use another path."
       )
-    state = upper_step.UpperState(
+    # The adjoint and extrapolation history are starting points only: they
+    # restart from the restored lower solution, not from the checkpoint.
+    state = stepper.init(x0, as_y(trees["y"]) if with_y else None)._replace(
       x=as_x(trees["x"]),
       opt_state=trees["opt_state"],
-      y0=as_y(trees["y"]) if with_y else None,
       y=as_y(trees["y_last"]) if with_y else None,
       step=jnp.asarray(meta["step"], jnp.int32),
     )
@@ -583,29 +598,32 @@ def optimize(
     meta.update({f"history.{k}": v for k, v in history.arrays(completed).items()})
     checkpointing.save(checkpoint_path, trees, meta)
 
-  def array_step(x_dyn, rest_of_state, batch):
-    # The non-array leaves of x and y (an Equinox module's functions) stay out of jit.
-    opt_state, y0_d, y_d, count = rest_of_state
-    new, step_info = stepper.step(
-      upper_step.UpperState(as_x(x_dyn), opt_state, as_y(y0_d), as_y(y_d), count), **batch
-    )
-    return (
-      variables.partition(new.x)[0],
-      (new.opt_state, y_dyn(new.y0), y_dyn(new.y), new.step),
-      step_info,
-    )
-
+  # The non-array leaves of x and y (an Equinox module's functions) stay out
+  # of jit: `split` keeps the arrays of an UpperState, `join` puts them back.
   def split(state):
+    ys = None if state.history is None else tuple(map(y_dyn, state.history[0]))
     return variables.partition(state.x)[0], (
       state.opt_state,
       y_dyn(state.y0),
       y_dyn(state.y),
       state.step,
+      state.v0,
+      state.adjoint,
+      None if state.history is None else (ys, state.history[1]),
     )
 
   def join(x_d, rest_of_state):
-    opt_state, y0_d, y_d, count = rest_of_state
-    return upper_step.UpperState(as_x(x_d), opt_state, as_y(y0_d), as_y(y_d), count)
+    opt_state, y0_d, y_d, count, v0, adjoint, history = rest_of_state
+    if history is not None:
+      history = (tuple(map(as_y, history[0])), history[1])
+    return upper_step.UpperState(
+      as_x(x_d), opt_state, as_y(y0_d), as_y(y_d), count, v0, adjoint, history
+    )
+
+  def array_step(x_dyn, rest_of_state, batch):
+    new, step_info = stepper.step(join(x_dyn, rest_of_state), **batch)
+    x_new, rest_new = split(new)
+    return x_new, rest_new, step_info
 
   compile_start = time.perf_counter()
   compiled = jax.jit(array_step).lower(*split(state), pending).compile()
