@@ -411,10 +411,15 @@ def _newton_loop(model, h, x, consts, alpha, beta, options, struct, init, *, max
   """Damped Newton on phi with model-minimizer directions (see above).
 
   With ``warm``, the loop also stops (status STALLED) when a step fails to
-  halve the relative residual twice in a row, or after ``max_steps`` steps:
-  the active set of the warm start is then too far off for Newton, whose line
-  searches stop at the first kink of e_alpha h, and the caller switches to
-  the interior-point method.
+  halve the relative residual twice in a row and the last step left the
+  active set unchanged, or after ``max_steps`` steps: the active set of the
+  warm start is then too far off for Newton, whose line searches stop at the
+  first kink of e_alpha h, and the caller switches to the interior-point
+  method.  Steps that change the active set are progress (the residual of a
+  piecewise-quadratic phi need not fall while the pieces are being found):
+  on Algorithm 1 for the elastic net (6.1), counting them as stalls sent 32%
+  of the warm solves to the interior point (about 12 steps each), where
+  Newton alone needed a median of 7 steps; not counting them, 15%.
   """
   eps = float(jnp.finfo(init.y.dtype).eps)
   dense = init.factor is not None
@@ -509,7 +514,10 @@ def _newton_loop(model, h, x, consts, alpha, beta, options, struct, init, *, max
     )
     slow = jnp.where(rel > 0.5 * st.rel, st.slow + 1, 0)
     if warm:
-      stalled = (slow >= 2) | (st.step + 1 >= max_steps)
+      changed = jnp.array(False)
+      for old_state, new_state in zip(st.states, states_n):
+        changed = changed | jnp.any(old_state.active != new_state.active)
+      stalled = ((slow >= 2) & ~changed) | (st.step + 1 >= max_steps)
       status = jnp.where((status < 0) & stalled, STALLED, status)
     return _Newton(
       y_new,
@@ -956,7 +964,8 @@ def solve(
       steps when alpha is small and y0 is far: each line search stops at the
       first kink of e_alpha h it crosses); "warm": for y0 a warm start (the
       solution at a nearby x): Newton on phi from y0, and only where it
-      stalls (two steps in a row that do not halve the residual, or
+      stalls (two steps in a row that do not halve the residual, the last
+      one without a change of active set, or
       ``warm_steps`` steps) the interior-point phase from its last iterate,
       then Newton again.  When y0's active set is right, a solve is one or
       two Newton steps.
