@@ -407,7 +407,7 @@ def _newton_init(
   )
 
 
-def _newton_loop(model, h, x, consts, alpha, beta, options, struct, init, *, max_steps, warm: bool):
+def _newton_loop(model, h, x, consts, alpha, beta, options, struct, init, *, max_steps, warm):
   """Damped Newton on phi with model-minimizer directions (see above).
 
   With ``warm``, the loop also stops (status STALLED) when a step fails to
@@ -513,12 +513,12 @@ def _newton_loop(model, h, x, consts, alpha, beta, options, struct, init, *, max
       jnp.where(converged, status_lib.SUCCESS, jnp.where(failed, status_lib.LINESEARCH_FAILED, -1)),
     )
     slow = jnp.where(rel > 0.5 * st.rel, st.slow + 1, 0)
-    if warm:
+    if warm is not False:  # True, or a traced flag (one trace for both rounds of "warm")
       changed = jnp.array(False)
       for old_state, new_state in zip(st.states, states_n):
         changed = changed | jnp.any(old_state.active != new_state.active)
       stalled = ((slow >= 2) & ~changed) | (st.step + 1 >= max_steps)
-      status = jnp.where((status < 0) & stalled, STALLED, status)
+      status = jnp.where(warm & (status < 0) & stalled, STALLED, status)
     return _Newton(
       y_new,
       phi_n,
@@ -602,24 +602,64 @@ def _forward(model, h, x, consts, y0, alpha, beta, options):
   loop = functools.partial(_newton_loop, model, h, x, consts, alpha, beta, options, struct)
   ipm_steps = jnp.array(0, jnp.int32)
   if options.method == "warm":
-    st = loop(
-      init(y0, alpha, beta, options, struct, lin, factor, floor, no_condition),
-      max_steps=options.warm_steps,
-      warm=True,
+    # Round 0: Newton from y0 (at most warm_steps steps, stops where it
+    # stalls); round 1, only where round 0 did not succeed: the interior point
+    # from its last iterate, then Newton.  One while loop over the rounds, so
+    # that the Newton loop (and the interior point) is traced and compiled
+    # once, not once per round: the jaxpr of a warm solve shrank by a third.
+    class _Round(NamedTuple):
+      st: Any
+      round: Any
+      steps: Any  # Newton steps of both rounds
+      ipm_steps: Any
+      ipm_status: Any
+
+    def round_cond(c):
+      return (c.round == 0) | ((c.round == 1) & (c.st.status != status_lib.SUCCESS))
+
+    def round_body(c):
+      st, second = c.st, c.round > 0
+      y_start = jnp.where(jnp.all(jnp.isfinite(st.y)), st.y, y0)
+      y_ipm, k_ipm, s_ipm, lin_ipm = _ipm_phase(
+        model, h, x, consts, y_start, alpha, beta, options, struct, st.lin, second
+      )
+      start = linalg.maybe(
+        second,
+        lambda: init(
+          y_ipm, alpha, beta, options, struct, lin_ipm, st.factor, st.floor, st.condition
+        ),
+        st._replace(lin=lin_ipm),
+      )._replace(step=jnp.array(0, jnp.int32))
+      st = loop(
+        start,
+        max_steps=jnp.where(second, options.max_steps, options.warm_steps),
+        warm=~second,
+      )
+      return _Round(
+        st,
+        c.round + 1,
+        c.steps + st.step,
+        jnp.where(second, k_ipm, c.ipm_steps),
+        jnp.where(second, s_ipm, c.ipm_status),
+      )
+
+    zero = jnp.array(0, jnp.int32)
+    rounds = jax.lax.while_loop(
+      round_cond,
+      round_body,
+      _Round(
+        init(y0, alpha, beta, options, struct, lin, factor, floor, no_condition),
+        zero,
+        zero,
+        zero,
+        jnp.array(status_lib.SUCCESS, jnp.int32),
+      ),
     )
-    need_ipm = st.status != status_lib.SUCCESS
-    y_start = jnp.where(jnp.all(jnp.isfinite(st.y)), st.y, y0)
-    y_ipm, ipm_steps, ipm_status, lin = _ipm_phase(
-      model, h, x, consts, y_start, alpha, beta, options, struct, st.lin, need_ipm
-    )
-    first = st._replace(lin=lin, step=jnp.array(0, jnp.int32))
-    start = linalg.maybe(
-      need_ipm,
-      lambda: init(y_ipm, alpha, beta, options, struct, lin, st.factor, st.floor, st.condition),
-      first,
-    )
-    warm_steps = st.step
-    ipm_ran = need_ipm
+    ipm_ran = rounds.round > 1
+    st, steps = rounds.st, rounds.steps
+    ipm_steps, ipm_status = rounds.ipm_steps, rounds.ipm_status
+    # Steps of the Newton run after the interior point (none without it).
+    st = st._replace(step=jnp.where(ipm_ran, st.step, 0))
   else:
     y_start = y0
     ipm_status = jnp.array(status_lib.SUCCESS, jnp.int32)
@@ -628,10 +668,9 @@ def _forward(model, h, x, consts, y0, alpha, beta, options):
         model, h, x, consts, y0, alpha, beta, options, struct, lin, jnp.array(True)
       )
     start = init(y_start, alpha, beta, options, struct, lin, factor, floor, no_condition)
-    warm_steps = jnp.array(0, jnp.int32)
     ipm_ran = jnp.array(options.method == "ipm")
-  st = loop(start, max_steps=options.max_steps, warm=False)
-  steps = warm_steps + st.step
+    st = loop(start, max_steps=options.max_steps, warm=False)
+    steps = st.step
   res = jnp.max(jnp.abs(st.grad))
   status = _final_status(st, res, ipm_status, options)
   dense_data = None
