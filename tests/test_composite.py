@@ -3,6 +3,8 @@ derivative (3.6) against finite differences, closed forms and limits; the
 diagnostics ri_violated and condition_number.  jit, vmap, retracing, float32,
 status codes and throw= are in tests/test_contract.py."""
 
+import functools
+
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -10,7 +12,9 @@ import numpy as np
 import pytest
 
 from bilevel_jax import composite
+from bilevel_jax._src.problems import regression
 from bilevel_jax._src.status import Status
+from tests.helpers import finite_difference_grad
 
 TIGHT = dict(tol=1e-12, max_steps=200)
 
@@ -484,6 +488,36 @@ def test_warm_start_falls_back_to_interior_point(enet_value_and_grad):
   assert int(warm.info.interior_steps) > 0 and int(warm.info.num_steps) >= 1
   np.testing.assert_allclose(warm.y, cold.y, atol=1e-10)
   np.testing.assert_allclose(g_warm, g_cold, rtol=1e-7)
+
+
+def test_warm_newton_through_active_set_changes_needs_no_interior_point():
+  # A jump of x that changes the active set over several Newton steps, each
+  # not halving the residual: steps that change the active set count as
+  # progress, so Newton finishes alone (the earlier stall test sent this
+  # solve to the interior point after 3 steps).  Same y and value as a cold
+  # solve, and the hypergradient matches finite differences.
+  data = regression.make_instances(0, 1, dim=20, n_train=20, n_val=20, n_test=20)
+  data = jax.tree_util.tree_map(lambda leaf: leaf[0], data)
+  low = regression.elastic_net_lower(data)
+  alpha = 4.432e-3
+  x0, x1 = jnp.array([2.5, -0.097]), jnp.array([1.955, -0.736])
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def value(x, y0, method):
+    sol = composite.solve(low.g, low.G, low.h, x, y0, alpha=alpha, beta=alpha, method=method)
+    return regression.mse(data.a_val, data.b_val, sol.y), sol
+
+  near = value(x0, low.y0, "ipm")[1]
+  grad = jax.jit(jax.grad(lambda x, y0, m: value(x, y0, m)[0]), static_argnums=2)
+  v_warm, warm = value(x1, near.y, "warm")
+  v_cold, cold = value(x1, low.y0, "ipm")
+  assert int(warm.info.status) == int(cold.info.status) == Status.SUCCESS
+  assert int(warm.info.interior_steps) == 0 and int(warm.info.num_steps) >= 4
+  np.testing.assert_allclose(warm.y, cold.y, atol=1e-10)
+  np.testing.assert_allclose(v_warm, v_cold, rtol=1e-10)
+  g_warm = grad(x1, near.y, "warm")
+  fd = finite_difference_grad(lambda x: value(x, near.y, "warm")[0], x1, eps=1e-6)
+  np.testing.assert_allclose(g_warm, fd, rtol=1e-5, atol=1e-8)
 
 
 def test_bad_warm_steps_is_named():
