@@ -619,17 +619,11 @@ def _forward(model, h, x, consts, y0, alpha, beta, options):
 
     def round_body(c):
       st, second = c.st, c.round > 0
-      y_start = jnp.where(jnp.all(jnp.isfinite(st.y)), st.y, y0)
+      y_start = jnp.where(second & jnp.all(jnp.isfinite(st.y)), st.y, y0)
       y_ipm, k_ipm, s_ipm, lin_ipm = _ipm_phase(
         model, h, x, consts, y_start, alpha, beta, options, struct, st.lin, second
       )
-      start = linalg.maybe(
-        second,
-        lambda: init(
-          y_ipm, alpha, beta, options, struct, lin_ipm, st.factor, st.floor, st.condition
-        ),
-        st._replace(lin=lin_ipm),
-      )._replace(step=jnp.array(0, jnp.int32))
+      start = init(y_ipm, alpha, beta, options, struct, lin_ipm, st.factor, st.floor, st.condition)
       st = loop(
         start,
         max_steps=jnp.where(second, options.max_steps, options.warm_steps),
@@ -643,17 +637,18 @@ def _forward(model, h, x, consts, y0, alpha, beta, options):
         jnp.where(second, s_ipm, c.ipm_status),
       )
 
+    # Before round 0 only y0, lin, the factor, floor and condition are read
+    # (the loop state at y0 is built inside, so `_newton_init` is traced once).
+    shapes = jax.eval_shape(
+      lambda: init(y0, alpha, beta, options, struct, lin, factor, floor, no_condition)
+    )
+    blank = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    blank = blank._replace(y=y0, lin=lin, factor=factor, floor=floor, condition=no_condition)
     zero = jnp.array(0, jnp.int32)
     rounds = jax.lax.while_loop(
       round_cond,
       round_body,
-      _Round(
-        init(y0, alpha, beta, options, struct, lin, factor, floor, no_condition),
-        zero,
-        zero,
-        zero,
-        jnp.array(status_lib.SUCCESS, jnp.int32),
-      ),
+      _Round(blank, zero, zero, zero, jnp.array(status_lib.SUCCESS, jnp.int32)),
     )
     ipm_ran = rounds.round > 1
     st, steps = rounds.st, rounds.steps
