@@ -333,7 +333,9 @@ def run(cfg, ctx) -> runner.SuiteResult:
 
   extra["loadavg_at_end"] = list(os.getloadavg())
   if r["breakdown_instances"]:
-    extra["solve_breakdown"] = solve_breakdown(cfg, data, keys, min(r["breakdown_instances"], count))
+    extra["solve_breakdown"] = solve_breakdown(
+      cfg, data, keys, min(r["breakdown_instances"], count)
+    )
   ours = [x for x in rows if x["impl"] == "bilevel_jax"]
   refs = [x for x in rows if x["impl"] == "cvxpy"]
   summary = {

@@ -1,0 +1,233 @@
+"""Before/after of the composite solver (issue 15): compile and run time of
+`composite.make_hypergradient` and `upper.gradient_sampling` on a 10-feature
+elastic net, and Algorithm 1 on the first instances of the composite_peers
+problem (d = 100) with the count of lower solves, interior-point fallbacks
+and iterations, for two source trees (a git revision, extracted to a
+temporary folder, and the working tree), each measured in fresh processes,
+alternating, ``--rounds`` times.  Machine and load average are recorded.
+
+    python -m benchmarks.suites.composite_peers_ab BASE_REV --out FILE.json
+
+Not a suite of the runner: its sides are whole source trees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _worker(instances: int, repeats: int) -> dict:
+  import collections
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  jax.config.update("jax_enable_x64", True)
+  from bilevel_jax import composite
+  from bilevel_jax._src import gradient_sampling as gs
+  from bilevel_jax._src.composite import solver
+  from bilevel_jax._src.problems import regression
+  from benchmarks.peers import cvxpy_composite as peer
+  from experiments import composite_common as cc
+  from experiments import elasticnet
+
+  out: dict = {"bilevel_jax": composite.__file__}
+
+  def primitives(jaxpr, counter):
+    for eqn in jaxpr.eqns:
+      counter[eqn.primitive.name] += 1
+      for value in eqn.params.values():
+        for v in value if isinstance(value, (tuple, list)) else [value]:
+          inner = getattr(v, "jaxpr", v)
+          if hasattr(inner, "eqns"):
+            primitives(inner, counter)
+    return counter
+
+  def measure(fn, *args):
+    tic = time.perf_counter()
+    traced = jax.jit(fn).trace(*args)
+    trace_s = time.perf_counter() - tic
+    tic = time.perf_counter()
+    lowered = traced.lower()
+    lower_s = time.perf_counter() - tic
+    tic = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - tic
+    jax.block_until_ready(compiled(*args))
+    runs = []
+    for _ in range(5):
+      tic = time.perf_counter()
+      jax.block_until_ready(compiled(*args))
+      runs.append(time.perf_counter() - tic)
+    return {
+      "trace_s": trace_s,
+      "lower_s": lower_s,
+      "compile_s": compile_s,
+      "run_s": statistics.median(runs),
+      "jaxpr_primitives": sum(primitives(traced.jaxpr.jaxpr, collections.Counter()).values()),
+      "hlo_chars": len(lowered.as_text()),
+    }
+
+  small = regression.make_instances(0, 1, dim=10, n_train=20, n_val=20, n_test=20)
+  small = jax.tree_util.tree_map(lambda leaf: leaf[0], small)
+  low = regression.elastic_net_lower(small)
+  upper = lambda x, y: regression.mse(small.a_val, small.b_val, y)
+  x = jnp.zeros(2)
+  for method in ("ipm", "warm"):
+    fn = composite.make_hypergradient(
+      upper, low.g, low.G, low.h, alpha=1e-2, beta=1e-2, method=method, jit=False
+    )
+    out[f"make_hypergradient_{method}"] = measure(fn, x, low.y0)
+  fun, state0 = cc.hyper_objective(low, lambda c: regression.mse(small.a_val, small.b_val, c))
+  out["gradient_sampling"] = measure(
+    lambda x, key: (
+      gs.gradient_sampling(
+        fun, x, key=key, state0=state0, batching="map", num_samples=5, max_steps=1000
+      ).x
+    ),
+    x,
+    jax.random.PRNGKey(0),
+  )
+
+  data = regression.make_instances(0, instances, dim=100, n_train=100, n_val=100, n_test=300)
+  keys = jax.random.split(jax.random.PRNGKey(1), instances)
+
+  def one(d, k):
+    res = elasticnet.algorithm1(
+      d, k, warm_start=True, batching="map", num_samples=5, max_steps=1000, **peer.GS
+    )
+    return res.x, res.info.num_steps
+
+  tic = time.perf_counter()
+  compiled = (
+    jax.jit(one).lower(jax.tree_util.tree_map(lambda leaf: leaf[0], data), keys[0]).compile()
+  )
+  algo = {"compile_s": time.perf_counter() - tic, "instances": []}
+  forward = solver._forward
+  log: list = []
+
+  def counted(*args):
+    res = forward(*args)
+    info = res[3]
+    jax.debug.callback(
+      lambda *v: log.append([int(np.asarray(a)) for a in v]), info.num_steps, info.interior_steps
+    )
+    return res
+
+  solver._forward = counted
+  counting = jax.jit(lambda d, k: one(d, k))  # a new function: not the cached trace
+  for i in range(instances):
+    di = jax.tree_util.tree_map(lambda leaf: leaf[i], data)
+    times = []
+    for _ in range(repeats):
+      tic = time.perf_counter()
+      res = jax.block_until_ready(compiled(di, keys[i]))
+      times.append(time.perf_counter() - tic)
+    log.clear()
+    jax.block_until_ready(counting(di, keys[i]))
+    a = np.asarray(log, dtype=np.int64).reshape(-1, 2)
+    algo["instances"].append(
+      {
+        "instance": i,
+        "median_s": statistics.median(times),
+        "times_s": times,
+        "iterations": int(res[1]),
+        "lambda": np.asarray(res[0]).tolist(),
+        "solves": len(a),
+        "interior_point_solves": int(np.sum(a[:, 1] > 0)),
+        "newton_steps": int(np.sum(a[:, 0])),
+        "interior_point_steps": int(np.sum(a[:, 1])),
+      }
+    )
+  solver._forward = forward
+  out["algorithm1"] = algo
+  return out
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.suites.composite_peers_ab")
+  parser.add_argument("base", help="git revision of the 'before' side")
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--instances", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.worker:
+    print(json.dumps(_worker(args.instances, args.repeats)))
+    return 0
+  git = lambda *a: subprocess.run(
+    ["git", *a], cwd=ROOT, check=True, capture_output=True, text=True
+  ).stdout.strip()
+  result = {
+    "machine": {
+      "platform": platform.platform(),
+      "cpu_count": os.cpu_count(),
+      "cpu_affinity": len(os.sched_getaffinity(0)),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
+    },
+    "base": git("rev-parse", args.base),
+    "head": git("rev-parse", "HEAD"),
+    "head_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    "loadavg_at_start": list(os.getloadavg()),
+    "runs": [],
+  }
+  with tempfile.TemporaryDirectory() as tmp:
+    archive = subprocess.run(
+      ["git", "archive", args.base], cwd=ROOT, check=True, capture_output=True
+    )
+    subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+    for r in range(args.rounds):
+      for side, path in (("before", tmp), ("after", ROOT)):
+        env = dict(os.environ, PYTHONPATH=path)
+        load = list(os.getloadavg())
+        # The worker is this file, run as a script: the imports resolve to the side's tree.
+        proc = subprocess.run(
+          [
+            sys.executable,
+            os.path.abspath(__file__),
+            "x",
+            "--out",
+            "-",
+            "--worker",
+            "--instances",
+            str(args.instances),
+            "--repeats",
+            str(args.repeats),
+          ],
+          cwd=path,
+          env=env,
+          check=True,
+          capture_output=True,
+          text=True,
+        )
+        run = json.loads(proc.stdout.strip().splitlines()[-1])
+        run.update(side=side, round=r, loadavg_before=load, loadavg_after=list(os.getloadavg()))
+        result["runs"].append(run)
+        print(
+          side,
+          r,
+          {k: v.get("compile_s") for k, v in run.items() if isinstance(v, dict)},
+          [x["median_s"] for x in run["algorithm1"]["instances"]],
+          flush=True,
+        )
+  result["loadavg_at_end"] = list(os.getloadavg())
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
