@@ -16,19 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+from benchmarks import timing
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _worker(instances: int, repeats: int) -> dict:
-  import collections
-
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -38,21 +37,12 @@ def _worker(instances: int, repeats: int) -> dict:
   from bilevel_jax._src import gradient_sampling as gs
   from bilevel_jax._src.composite import solver
   from bilevel_jax._src.problems import regression
+  from benchmarks import compile_times, timing
   from benchmarks.peers import cvxpy_composite as peer
   from experiments import composite_common as cc
   from experiments import elasticnet
 
   out: dict = {"bilevel_jax": composite.__file__}
-
-  def primitives(jaxpr, counter):
-    for eqn in jaxpr.eqns:
-      counter[eqn.primitive.name] += 1
-      for value in eqn.params.values():
-        for v in value if isinstance(value, (tuple, list)) else [value]:
-          inner = getattr(v, "jaxpr", v)
-          if hasattr(inner, "eqns"):
-            primitives(inner, counter)
-    return counter
 
   def measure(fn, *args):
     tic = time.perf_counter()
@@ -64,19 +54,14 @@ def _worker(instances: int, repeats: int) -> dict:
     tic = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - tic
-    jax.block_until_ready(compiled(*args))
-    runs = []
-    for _ in range(5):
-      tic = time.perf_counter()
-      jax.block_until_ready(compiled(*args))
-      runs.append(time.perf_counter() - tic)
+    timing.time_call(compiled, *args)
     return {
       "trace_s": trace_s,
       "lower_s": lower_s,
       "compile_s": compile_s,
-      "run_s": statistics.median(runs),
-      "jaxpr_primitives": sum(primitives(traced.jaxpr.jaxpr, collections.Counter()).values()),
-      "hlo_chars": len(lowered.as_text()),
+      "run_s": statistics.median(timing.time_call(compiled, *args) for _ in range(5)),
+      "jaxpr_equations": compile_times.count_equations(traced.jaxpr),
+      "hlo_instructions": compile_times.hlo_instructions(compiled),
     }
 
   small = regression.make_instances(0, 1, dim=10, n_train=20, n_val=20, n_test=20)
@@ -128,12 +113,9 @@ def _worker(instances: int, repeats: int) -> dict:
   solver._forward = counted
   counting = jax.jit(lambda d, k: one(d, k))  # a new function: not the cached trace
   for i in range(instances):
-    di = jax.tree_util.tree_map(lambda leaf: leaf[i], data)
-    times = []
-    for _ in range(repeats):
-      tic = time.perf_counter()
-      res = jax.block_until_ready(compiled(di, keys[i]))
-      times.append(time.perf_counter() - tic)
+    di = jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], data)
+    times = [timing.time_call(compiled, di, keys[i]) for _ in range(repeats)]
+    res = compiled(di, keys[i])
     log.clear()
     jax.block_until_ready(counting(di, keys[i]))
     a = np.asarray(log, dtype=np.int64).reshape(-1, 2)
@@ -171,13 +153,7 @@ def main(argv=None) -> int:
     ["git", *a], cwd=ROOT, check=True, capture_output=True, text=True
   ).stdout.strip()
   result = {
-    "machine": {
-      "platform": platform.platform(),
-      "cpu_count": os.cpu_count(),
-      "cpu_affinity": len(os.sched_getaffinity(0)),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
-    },
+    "machine": timing.machine(),
     "base": git("rev-parse", args.base),
     "head": git("rev-parse", "HEAD"),
     "head_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
