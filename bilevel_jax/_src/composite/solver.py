@@ -211,10 +211,16 @@ def _hessian_L(model, x, consts, y, p, beta, dense):
 
 
 class _Structure(NamedTuple):
-  """Static: hess_yy L independent of (y, p); grad_y G independent of y."""
+  """Static: hess_yy L independent of (y, p); grad_y G independent of y;
+  ``columns``: None, or the (s,) column of y that each row of grad_y G is
+  supported on (G separable in y, `structure.jacobian_columns`), where the
+  Newton and interior-point matrices' grad G^T Q grad G terms are a
+  scatter-add of O(s k) entries (`linalg.jtqj`) instead of an O(s k m^2)
+  contraction."""
 
   hess_const: bool
   jac_const: bool
+  columns: Any = None
 
 
 def _structure(model, x, consts, y, p, dense) -> _Structure:
@@ -223,9 +229,13 @@ def _structure(model, x, consts, y, p, dense) -> _Structure:
   zero = jnp.zeros((), y.dtype)
   hess = lambda xx, cc, yy, pp: _hessian_L(model, xx, cc, yy, pp, zero, True)
   jac = lambda xx, cc, yy: _jacobian_G(model, xx, cc, yy)
+  columns = structure.jacobian_columns(
+    lambda xx, cc, yy: model.G(xx, yy, *cc), (x, consts[1], y), 2
+  )
   return _Structure(
     not structure.depends_on(hess, (x, consts, y, p), (2, 3)),
     not structure.depends_on(jac, (x, consts, y), (2,)),
+    None if columns is None else tuple(int(c) for c in columns),
   )
 
 
@@ -261,13 +271,12 @@ def _update_lin(model, x, consts, y, p, beta, struct, lin, jac=None):
   return _Lin(hess, jac, jnp.array(True))
 
 
-def _gauss_newton_term(h, states, jac):
-  """grad G^T P grad G with P the block-diagonal projector onto K_{h*}."""
+def _gauss_newton_term(h, states, jac, columns=None):
+  """grad G^T P grad G with P the block-diagonal projector onto K_{h*}
+  (`linalg.jtqj`; structured where G is separable in y)."""
   out = jnp.zeros((jac.shape[1], jac.shape[1]), jac.dtype)
   for g, st in zip(h.groups, states):
-    jb = jac[g.index]  # (nb, k, m)
-    pj = jnp.einsum("bkl,blm->bkm", st.projector.astype(jac.dtype), jb)
-    out = out + jnp.einsum("bkm,bkn->mn", jb, pj)
+    out = out + linalg.jtqj(jac, g.index, st.projector, columns)
   return out
 
 
@@ -279,8 +288,8 @@ class _Factor(NamedTuple):
   active: Any
 
 
-def _factor(h, states, lin, alpha):
-  matrix = lin.hess + _gauss_newton_term(h, states, lin.jac) / alpha
+def _factor(h, states, lin, alpha, columns=None):
+  matrix = lin.hess + _gauss_newton_term(h, states, lin.jac, columns) / alpha
   return _Factor(jnp.linalg.cholesky(matrix), tuple(st.active for st in states))
 
 
@@ -442,7 +451,7 @@ def _newton_loop(model, h, x, consts, alpha, beta, options, struct, init, *, max
         st.lin,
         jac=None if struct.jac_const else st.lin.jac,
       )
-      factor = _factor(h, st.states, lin, alpha)
+      factor = _factor(h, st.states, lin, alpha, struct.columns)
       direction = _factor_solve(factor, -st.grad)
       condition = _condition_lower_bound(factor, lin)
     else:
@@ -573,6 +582,7 @@ def _ipm_phase(model, h, x, consts, y, alpha, beta, options, struct, lin, active
     beta,
     max_steps=options.max_steps,
     active=active,
+    columns=struct.columns,
   )
   y_ipm = jnp.where(active & jnp.all(jnp.isfinite(y_ipm)), y_ipm, y)
   status = jnp.where(active, status, status_lib.SUCCESS).astype(jnp.int32)
@@ -682,7 +692,7 @@ def _forward(model, h, x, consts, y0, alpha, beta, options):
 
     def refactor():
       lin_y = _update_lin(model, x, consts, st.y, st.p, beta, struct, st.lin)
-      factor_y = _factor(h, st.states, lin_y, alpha)
+      factor_y = _factor(h, st.states, lin_y, alpha, struct.columns)
       return factor_y, lin_y, jnp.array(True), _condition_lower_bound(factor_y, lin_y)
 
     factor, lin, exact, cond = linalg.maybe(
@@ -735,7 +745,7 @@ def _dense_factor(model, theta, y, p, states, dense_data):
 
   def refactor():
     lin_y = _update_lin(model, x, consts, y, p, beta, struct, lin)
-    return _factor(h, states, lin_y, alpha), lin_y
+    return _factor(h, states, lin_y, alpha, struct.columns), lin_y
 
   return linalg.maybe(~same, refactor, (factor, lin))
 
