@@ -11,6 +11,12 @@ data-flow pass over the jaxpr of fn.  It is conservative: a primitive with a
 sub-computation it does not look into (loops, conditionals) counts as
 depending on all its inputs, so a True may be spurious (the solver then
 recomputes, as it would anyway) but a False is exact.
+
+`jacobian_columns` reads off the jaxpr of G whether each of its entries is
+computed from one entry of y (G separable in y: the elastic net's
+e^l1 (y, -y), bounds on y), so that grad_y G^T Q grad_y G is a scatter-add
+(`linalg.jtqj`).  Also conservative: an unknown primitive on y means "not
+separable", so a structure it reports is exact.
 """
 
 from __future__ import annotations
