@@ -137,6 +137,61 @@ def _worker(instances: int, repeats: int) -> dict:
   return out
 
 
+def write_md(result: dict, path: str) -> None:
+  """The before/after table of a result of `main` (medians over rounds)."""
+  med = statistics.median
+  lines = [
+    "# Composite solver before/after (issue 15)",
+    "",
+    f"Before {result['base'][:7]}, after {result['head'][:7]}; machine "
+    f"{result['machine'].get('processor', '')} {result['machine'].get('cpu_affinity')} CPUs "
+    f"(shared: load average {result['loadavg_at_start'][0]:.1f} at start, "
+    f"{result['loadavg_at_end'][0]:.1f} at end); fresh process per side, alternating, "
+    f"{len(result['runs']) // 2} rounds; medians over rounds. Regenerate: "
+    "`python -m benchmarks.suites.composite_peers_ab BASE_REV --out FILE.json`.",
+    "",
+    "| what | side | trace s | lower s | compile s | run ms | jaxpr equations |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for key in ("make_hypergradient_ipm", "make_hypergradient_warm", "gradient_sampling"):
+    for side in ("before", "after"):
+      runs = [r[key] for r in result["runs"] if r["side"] == side]
+      lines.append(
+        f"| {key} | {side} | {med(r['trace_s'] for r in runs):.2f} | "
+        f"{med(r['lower_s'] for r in runs):.2f} | {med(r['compile_s'] for r in runs):.2f} | "
+        f"{1e3 * med(r['run_s'] for r in runs):.2f} | {runs[0]['jaxpr_equations']} |"
+      )
+  lines += [
+    "",
+    "Algorithm 1 on composite_peers instances (d = 100), one jitted call:",
+    "",
+    "| instance | side | median s | iterations | lower solves | with interior point "
+    "| Newton steps | interior-point steps |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  count = len(result["runs"][0]["algorithm1"]["instances"])
+  for i in range(count):
+    for side in ("before", "after"):
+      rows = [r["algorithm1"]["instances"][i] for r in result["runs"] if r["side"] == side]
+      x = rows[0]
+      lines.append(
+        f"| {i} | {side} | {med(r['median_s'] for r in rows):.3f} | {x['iterations']} | "
+        f"{x['solves']} | {x['interior_point_solves']} | {x['newton_steps']} | "
+        f"{x['interior_point_steps']} |"
+      )
+  compile_s = {
+    side: med(r["algorithm1"]["compile_s"] for r in result["runs"] if r["side"] == side)
+    for side in ("before", "after")
+  }
+  lines += [
+    "",
+    f"Compile of the Algorithm 1 call: {compile_s['before']:.1f} s before, "
+    f"{compile_s['after']:.1f} s after.",
+  ]
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.suites.composite_peers_ab")
   parser.add_argument("base", help="git revision of the 'before' side")
@@ -202,6 +257,7 @@ def main(argv=None) -> int:
   result["loadavg_at_end"] = list(os.getloadavg())
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
+  write_md(result, os.path.splitext(args.out)[0] + ".md")
   return 0
 
 
