@@ -44,25 +44,12 @@ def _worker(instances: int, repeats: int) -> dict:
 
   out: dict = {"bilevel_jax": composite.__file__}
 
-  def measure(fn, *args):
-    tic = time.perf_counter()
-    traced = jax.jit(fn).trace(*args)
-    trace_s = time.perf_counter() - tic
-    tic = time.perf_counter()
-    lowered = traced.lower()
-    lower_s = time.perf_counter() - tic
-    tic = time.perf_counter()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - tic
-    timing.time_call(compiled, *args)
-    return {
-      "trace_s": trace_s,
-      "lower_s": lower_s,
-      "compile_s": compile_s,
-      "run_s": statistics.median(timing.time_call(compiled, *args) for _ in range(5)),
-      "jaxpr_equations": compile_times.count_equations(traced.jaxpr),
-      "hlo_instructions": compile_times.hlo_instructions(compiled),
-    }
+  def measure(name, fn, *args):
+    """compile_times.measure (trace, lower, compile, run, jaxpr size, target)
+    of fn at args."""
+    return compile_times.measure(
+      name, lambda dtype: (lambda a: fn(*a), args, None), jnp.float64, repeats=5
+    )
 
   small = regression.make_instances(0, 1, dim=10, n_train=20, n_val=20, n_test=20)
   small = jax.tree_util.tree_map(lambda leaf: leaf[0], small)
@@ -73,9 +60,10 @@ def _worker(instances: int, repeats: int) -> dict:
     fn = composite.make_hypergradient(
       upper, low.g, low.G, low.h, alpha=1e-2, beta=1e-2, method=method, jit=False
     )
-    out[f"make_hypergradient_{method}"] = measure(fn, x, low.y0)
+    out[f"make_hypergradient_{method}"] = measure("composite.make_hypergradient", fn, x, low.y0)
   fun, state0 = cc.hyper_objective(low, lambda c: regression.mse(small.a_val, small.b_val, c))
   out["gradient_sampling"] = measure(
+    "upper.gradient_sampling",
     lambda x, key: (
       gs.gradient_sampling(
         fun, x, key=key, state0=state0, batching="map", num_samples=5, max_steps=1000
