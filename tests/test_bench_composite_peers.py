@@ -38,6 +38,10 @@ def test_small_config_with_cvxpy(tmp_path):
   assert payload["hypergradient_check"]["passed"]
   assert payload["peer"]["cvxpy"]["status"].startswith("cvxpy ")
   assert "speedup_median" in payload["summary"]
+  (counts,) = payload["solve_breakdown"]  # the untimed count on instance 0
+  assert counts["solves"] > 0 and counts["newton_steps"] + counts["interior_point_steps"] > 0
+  assert 0 <= counts["interior_point_solves"] <= counts["solves"]
+  assert len(payload["loadavg_at_start"]) == len(payload["loadavg_at_end"]) == 3
   assert os.path.exists(tmp_path / (runner.result_stem(SMALL) + ".json"))
 
 

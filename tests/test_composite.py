@@ -3,6 +3,8 @@ derivative (3.6) against finite differences, closed forms and limits; the
 diagnostics ri_violated and condition_number.  jit, vmap, retracing, float32,
 status codes and throw= are in tests/test_contract.py."""
 
+import functools
+
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -10,7 +12,9 @@ import numpy as np
 import pytest
 
 from bilevel_jax import composite
+from bilevel_jax._src.problems import regression
 from bilevel_jax._src.status import Status
+from tests.helpers import finite_difference_grad
 
 TIGHT = dict(tol=1e-12, max_steps=200)
 
@@ -484,6 +488,100 @@ def test_warm_start_falls_back_to_interior_point(enet_value_and_grad):
   assert int(warm.info.interior_steps) > 0 and int(warm.info.num_steps) >= 1
   np.testing.assert_allclose(warm.y, cold.y, atol=1e-10)
   np.testing.assert_allclose(g_warm, g_cold, rtol=1e-7)
+
+
+def test_warm_newton_through_active_set_changes_needs_no_interior_point():
+  # A jump of x that changes the active set over several Newton steps, each
+  # not halving the residual: steps that change the active set count as
+  # progress, so Newton finishes alone (the earlier stall test sent this
+  # solve to the interior point after 3 steps).  Same y and value as a cold
+  # solve, and the hypergradient matches finite differences.
+  data = regression.make_instances(0, 1, dim=20, n_train=20, n_val=20, n_test=20)
+  data = jax.tree_util.tree_map(lambda leaf: leaf[0], data)
+  low = regression.elastic_net_lower(data)
+  alpha = 4.432e-3
+  x0, x1 = jnp.array([2.5, -0.097]), jnp.array([1.955, -0.736])
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def value(x, y0, method):
+    sol = composite.solve(low.g, low.G, low.h, x, y0, alpha=alpha, beta=alpha, method=method)
+    return regression.mse(data.a_val, data.b_val, sol.y), sol
+
+  near = value(x0, low.y0, "ipm")[1]
+  grad = jax.jit(jax.grad(lambda x, y0, m: value(x, y0, m)[0]), static_argnums=2)
+  v_warm, warm = value(x1, near.y, "warm")
+  v_cold, cold = value(x1, low.y0, "ipm")
+  assert int(warm.info.status) == int(cold.info.status) == Status.SUCCESS
+  assert int(warm.info.interior_steps) == 0 and int(warm.info.num_steps) >= 4
+  np.testing.assert_allclose(warm.y, cold.y, atol=1e-10)
+  np.testing.assert_allclose(v_warm, v_cold, rtol=1e-10)
+  g_warm = grad(x1, near.y, "warm")
+  fd = finite_difference_grad(lambda x: value(x, near.y, "warm")[0], x1, eps=1e-6)
+  np.testing.assert_allclose(g_warm, fd, rtol=1e-5, atol=1e-8)
+
+
+def test_jacobian_columns_read_off_the_jaxpr():
+  # Rows of grad_y G supported on one column each are found from the jaxpr
+  # (elementwise and structural primitives); anything else is None.
+  from bilevel_jax._src.composite import structure
+
+  x, y = jnp.array([0.3, 0.1]), jnp.arange(1.0, 5.0)
+  cases = {
+    "enet": (lambda x, y: jnp.exp(x[0]) * jnp.concatenate([y, -y]), [0, 1, 2, 3] * 2),
+    "nonlinear": (lambda x, y: jnp.concatenate([y[:2] ** 2, jnp.exp(y[2:]) - x[1]]), [0, 1, 2, 3]),
+    "reversed": (lambda x, y: jax.jit(lambda v: 2.0 * v[::-1])(y), [3, 2, 1, 0]),
+    "constant rows": (lambda x, y: jnp.concatenate([y, jnp.ones(2)]), [0, 1, 2, 3, 0, 0]),
+    "dense": (lambda x, y: jnp.ones((3, 4)) @ y, None),
+    "two columns": (lambda x, y: y + y[::-1], None),
+  }
+  for name, (G, expected) in cases.items():
+    columns = structure.jacobian_columns(G, (x, y), 1)
+    if expected is None:
+      assert columns is None, name
+      continue
+    np.testing.assert_array_equal(columns, expected, err_msg=name)
+    jac = np.asarray(jax.jacfwd(G, argnums=1)(x, y))
+    off = np.ones(jac.shape, bool)
+    off[np.arange(len(columns)), columns] = False
+    assert np.all(jac[off] == 0), name
+
+
+@pytest.mark.parametrize("method", ["ipm", "warm"])
+def test_separable_G_matches_the_dense_path(method):
+  # G = e^l1 (y, -y) takes the structured path (J^T Q J as a scatter-add);
+  # the same G as a matrix product takes the dense one.  Same y, p and
+  # hypergradient in float64; the hypergradient matches finite differences.
+  rng = np.random.default_rng(3)
+  d = 6
+  A = jnp.asarray(rng.normal(size=(15, d)))
+  b = jnp.asarray(rng.normal(size=15))
+  g = lambda x, y: jnp.sum((A @ y - b) ** 2) + 0.5 * jnp.exp(x[1]) * jnp.sum(y**2)
+  stack = jnp.concatenate([jnp.eye(d), -jnp.eye(d)])
+  separable = lambda x, y: jnp.exp(x[0]) * jnp.concatenate([y, -y])
+  dense = lambda x, y: jnp.exp(x[0]) * (stack @ y)
+  h = composite.l1(d)
+  y0 = 0.3 * jnp.ones(d) if method == "warm" else jnp.zeros(d)
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def value(x, G):
+    sol = composite.solve(g, G, h, x, y0, alpha=1e-3, beta=1e-3, method=method)
+    return jnp.sum(sol.y * jnp.arange(1.0, d + 1)), sol
+
+  x = jnp.array([0.7, -1.0])
+  (v_s, s_sol), (v_d, d_sol) = value(x, separable), value(x, dense)
+  from bilevel_jax._src.composite import structure
+
+  assert structure.jacobian_columns(separable, (x, y0), 1) is not None
+  assert structure.jacobian_columns(dense, (x, y0), 1) is None
+  assert int(s_sol.info.status) == int(d_sol.info.status) == Status.SUCCESS
+  np.testing.assert_allclose(v_s, v_d, rtol=1e-12)
+  np.testing.assert_allclose(s_sol.y, d_sol.y, atol=1e-12)
+  np.testing.assert_allclose(s_sol.p, d_sol.p, atol=1e-9)
+  grad = jax.jit(jax.grad(lambda x, G: value(x, G)[0]), static_argnums=1)
+  g_s, g_d = grad(x, separable), grad(x, dense)
+  np.testing.assert_allclose(g_s, g_d, rtol=1e-9)
+  fd = finite_difference_grad(lambda x: value(x, separable)[0], x)
+  np.testing.assert_allclose(g_s, fd, rtol=1e-5, atol=1e-8)
 
 
 def test_bad_warm_steps_is_named():

@@ -25,6 +25,8 @@ starting Python for single-threaded runs (OSQP and Clarabel are).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
 
@@ -34,6 +36,7 @@ import numpy as np
 
 from experiments import config
 from bilevel_jax._src import gradient_sampling as gs
+from bilevel_jax._src.composite import solver as composite_solver
 from bilevel_jax._src import status as status_lib
 from benchmarks import timing
 from benchmarks import peers
@@ -60,6 +63,9 @@ SCHEMA = {
     "ref_instances": F("int", 3, doc="cvxpy reference on the first ones (0: none)"),
     "repeats": F("int", 3, config.positive, "timed runs of ours per instance"),
     "retrain_reg": F("float", 1e-10, config.positive),
+    "breakdown_instances": F(
+      "int", 3, doc="count lower solves and iterations on the first ones (untimed; 0: none)"
+    ),
   },
   "reference": {
     "solver": F("str", "default", config.one_of("CLARABEL", "OSQP", "SCS", "ECOS", "default")),
@@ -129,6 +135,56 @@ def _retrain(reg):
   return jax.jit(lambda data, lam: cc.retrain(data, regression.elastic_net_lower, lam, reg))
 
 
+@contextlib.contextmanager
+def _counting_solves(log):
+  """While active, every traced `composite.solve` reports (Newton steps,
+  interior-point steps, status) of each run to ``log`` through
+  jax.debug.callback (for the untimed breakdown only)."""
+  forward = composite_solver._forward
+
+  def counted(*args):
+    out = forward(*args)
+    info = out[3]
+    jax.debug.callback(
+      lambda *v: log.append([int(np.asarray(a)) for a in v]),
+      info.num_steps,
+      info.interior_steps,
+      info.status,
+    )
+    return out
+
+  composite_solver._forward = counted
+  try:
+    yield
+  finally:
+    composite_solver._forward = forward
+
+
+def solve_breakdown(cfg, data, keys, count):
+  """Where an instance's time goes, counted (untimed, a separate compile):
+  per instance, the lower solves of Algorithm 1, how many fell back to the
+  interior point, and the Newton and interior-point iterations."""
+  rows = []
+  log: list = []
+  with _counting_solves(log):
+    fn = jax.jit(_ours(cfg))
+    for i in range(count):
+      log.clear()
+      jax.block_until_ready(fn(_instance(data, i), keys[i]))
+      a = np.asarray(log, dtype=np.int64).reshape(-1, 3)
+      rows.append(
+        {
+          "instance": i,
+          "solves": len(a),
+          "interior_point_solves": int(np.sum(a[:, 1] > 0)),
+          "newton_steps": int(np.sum(a[:, 0])),
+          "interior_point_steps": int(np.sum(a[:, 1])),
+          "not_success": int(np.sum(a[:, 2] != 0)),
+        }
+      )
+  return rows
+
+
 def check_hypergradients(cp, data, cfg):
   """Reference (3.6) in NumPy against jax.grad through composite.solve."""
   low = regression.elastic_net_lower(data)
@@ -194,6 +250,7 @@ def run(cfg, ctx) -> runner.SuiteResult:
   )
   keys = jax.random.split(jax.random.PRNGKey(a["key_seed"]), count)
   extra = {"peer": {"cvxpy": {"status": status}}, "paper": PAPER, "parameters": peer.GS}
+  extra["loadavg_at_start"] = list(os.getloadavg())
   if n_ref:
     extra["hypergradient_check"] = check_hypergradients(cp, _instance(data, 0), cfg)
     ctx.log(
@@ -274,6 +331,11 @@ def run(cfg, ctx) -> runner.SuiteResult:
       line += f" | cvxpy {ref_s:.2f} s ({ref['iterations']} it) | speedup {speedup:.1f}x"
     ctx.log(line)
 
+  extra["loadavg_at_end"] = list(os.getloadavg())
+  if r["breakdown_instances"]:
+    extra["solve_breakdown"] = solve_breakdown(
+      cfg, data, keys, min(r["breakdown_instances"], count)
+    )
   ours = [x for x in rows if x["impl"] == "bilevel_jax"]
   refs = [x for x in rows if x["impl"] == "cvxpy"]
   summary = {
@@ -293,6 +355,18 @@ def run(cfg, ctx) -> runner.SuiteResult:
     f"validation error {summary['ours_mean_validation_error']:.3f}, test "
     f"{summary['ours_mean_test_error']:.3f}.",
   ]
+  if extra.get("solve_breakdown"):
+    bd = extra["solve_breakdown"]
+    notes.append(
+      "Lower solves (untimed count, instances "
+      + ", ".join(
+        f"{b['instance']}: {b['solves']} solves, {b['interior_point_solves']} "
+        f"({b['interior_point_solves'] / max(b['solves'], 1):.0%}) with the interior point, "
+        f"{b['newton_steps']} Newton + {b['interior_point_steps']} interior-point steps"
+        for b in bd
+      )
+      + ")."
+    )
   if refs:
     same = ours[: len(refs)]
     ratios = [x["speedup"] for x in refs]

@@ -77,7 +77,20 @@ def _groups(h, dtype):
   return out
 
 
-def solve(g_fn, G_fn, lin_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=None, active=True):
+def solve(
+  g_fn,
+  G_fn,
+  lin_fn,
+  h,
+  y0,
+  alpha,
+  beta,
+  *,
+  max_steps: int = 80,
+  tol=None,
+  active=True,
+  columns=None,
+):
   """Interior-point solve of (3.1); returns (y, steps, kkt_error, status).
 
   y is the best iterate (least KKT error), kkt_error its error, status a
@@ -91,6 +104,9 @@ def solve(g_fn, G_fn, lin_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=No
     h: the Polyhedral; y0: start; alpha, beta: the regularization.
     active: when False (traced), no step is taken (a switch that costs
       nothing under vmap when no lane needs the phase).
+    columns: None, or the static (s,) columns that the rows of grad_y G are
+      supported on (G separable in y): the J^T S J term of the y-system is
+      then a scatter-add (`linalg.jtqj`).
   """
   dtype = y0.dtype
   eps = jnp.finfo(dtype).eps
@@ -190,8 +206,7 @@ def solve(g_fn, G_fn, lin_fn, h, y0, alpha, beta, *, max_steps: int = 80, tol=No
       r_mat, s_mat = both[:, :, :k_], both[:, :, k_:]
       s_mat = 0.5 * (s_mat + jnp.swapaxes(s_mat, 1, 2))
       jb = jac[gr.index]  # (nb, k, m)
-      sj = jnp.einsum("bkl,blm->bkm", s_mat, jb)
-      matrix = matrix + jnp.einsum("bkm,bkn->mn", jb, sj)
+      matrix = matrix + linalg.jtqj(jac, gr.index, s_mat, columns)
       rg = jnp.einsum("bkl,bl->bk", r_mat, g_w)
       rhs = rhs + jnp.einsum("bkm,bk->m", jb, rg)
       solves.append((r_mat, rg, jb, d, e, dp, total, f_t))

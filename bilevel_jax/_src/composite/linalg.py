@@ -67,3 +67,24 @@ def spd_solve(matrix, rhs):
   XLA's CPU runtime under vmap with --xla_cpu_multi_thread_eigen=false.)
   """
   return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(matrix), True), rhs)
+
+
+def jtqj(jac, index, q, columns=None):
+  """sum_b J_b^T Q_b J_b, J_b = jac[index_b] (k, m) the rows of grad G that
+  block b of h reads and Q_b (k, k) (the projector P_b of the Newton matrix,
+  the S_b of the interior-point step).
+
+  Dense: one contraction, O(nb k m^2).  With ``columns`` (static (s,) ints:
+  row i of jac is zero outside column columns[i], `structure.jacobian_columns`;
+  the elastic net's G = e^l1 (y, -y)), J_b^T Q_b J_b has the k^2 entries
+  jd_r Q_b[r, l] jd_l at (c_r, c_l), jd_r = jac[index_b[r], c_r]: a scatter-add
+  of O(nb k^2), the same sum in another order (equal to rounding)."""
+  m = jac.shape[1]
+  q = q.astype(jac.dtype)
+  if columns is None:
+    jb = jac[index]  # (nb, k, m)
+    return jnp.einsum("bkm,bkn->mn", jb, jnp.einsum("bkl,blm->bkm", q, jb))
+  cols = jnp.asarray(columns)[index]  # (nb, k), static values
+  jd = jac[index, cols]  # (nb, k)
+  vals = q * jd[:, :, None] * jd[:, None, :]
+  return jnp.zeros((m, m), jac.dtype).at[cols[:, :, None], cols[:, None, :]].add(vals)
