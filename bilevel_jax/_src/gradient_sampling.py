@@ -25,9 +25,17 @@ Warm starts: with ``state0``, ``fun(x, alpha, beta, state) -> (value,
 state)`` carries a state (typically the lower-level solution) from call to
 call.  f at the iterate is evaluated from the state of the last accepted
 point (after a move that is the solution there, so the solve is nearly
-free); the sampled points and the line-search trials start from the
-iterate's state.  The state is never differentiated, and a state that comes
-back with a non-finite value is dropped.  The state may itself be a
+free); the line-search trials start from the iterate's state, the sampled
+points from the last accepted point's (Algorithm 1: the same solution,
+with the previous alpha, beta after a shrink) or from the iterate's
+(Algorithm 2).  The state is never differentiated, and a state that comes
+back with a non-finite value is dropped.
+
+Compile time.  fun's forward program is traced into the loop as few times
+as the algorithm allows: Algorithm 1 evaluates f at the iterate as pass 0
+of the line search's loop (one trace of f, plus one of its gradient for
+the samples), and both algorithms get the final value from one more pass
+of their loop instead of a call after it.  The state may itself be a
 solution (``fun`` returns ``(value, solution)`` and starts its solve from
 ``state.y``): its ``info.status`` is then read as above, and its ``info``
 is not checked for finiteness.
@@ -176,6 +184,9 @@ class _Loop(NamedTuple):
   inner_status: Any
   inner_failures: Any
   history: Any
+  done: Any  # the final evaluation is done (the last pass of the loop)
+  value: Any  # f at the final x, alpha, beta (set by the last pass)
+  final_status: Any  # its inner status
 
 
 # ------------------------------------------------------------------ pieces
@@ -287,6 +298,45 @@ def _line_search(f, x, fx, d, decrease, gamma, max_backtracks, state, active):
   return t, ok, new_state, inner
 
 
+def _center_then_line_search(f, x, state, d, decrease, gamma, max_backtracks, active, dtype):
+  """f at x from ``state`` (the center: value fx, state, inner status),
+  then, where ``active`` and fx is finite, the trials of `_line_search` from
+  the center's state; one `jax.lax.while_loop` whose body calls f once, so
+  that f is traced once for both (pass 0 is the center, pass j >= 1 trial
+  j; ``dtype`` is f's value's).  Returns (fx, center state, center status, t, ok, state of the last
+  trial, first failed inner status of the trials)."""
+  success = jnp.asarray(status_lib.SUCCESS, jnp.int32)
+  fx0 = jnp.full((), jnp.nan, dtype)
+
+  def cond(c):
+    j, _, ok, fx = c[:4]
+    return (j == 0) | (active & jnp.isfinite(fx) & (~ok) & (j <= max_backtracks))
+
+  def body(c):
+    j, t, ok, fx, center_state, center_status, trial_state, inner = c
+    center = j == 0
+    start = jax.tree_util.tree_map(lambda a, b: jnp.where(center, a, b), state, center_state)
+    value, (new_state, status) = f(jnp.where(center, x, x + t * d), start)
+    accepted = (~center) & (value < fx - t * decrease)
+    pick = lambda new, old: jnp.where(center, new, old)
+    return (
+      j + 1,
+      jnp.where(center | accepted, t, gamma * t),
+      accepted,
+      pick(value, fx),
+      jax.tree_util.tree_map(pick, new_state, center_state),
+      pick(status, center_status),
+      jax.tree_util.tree_map(lambda n, o: jnp.where(center, o, n), new_state, trial_state),
+      jnp.where(center, inner, status_lib.first_failure(inner, status)),
+    )
+
+  one = jnp.ones((), x.dtype)
+  _, t, ok, fx, center_state, center_status, trial_state, inner = jax.lax.while_loop(
+    cond, body, (0, one, jnp.array(False), fx0, state, success, state, success)
+  )
+  return fx, center_state, center_status, t, ok, trial_state, inner
+
+
 class _Setup(NamedTuple):
   flat0: Any
   unravel: Any
@@ -294,6 +344,7 @@ class _Setup(NamedTuple):
   state0: Any
   value_and_grad: Any
   valid: Any  # the run-time check of the (possibly traced) parameters
+  value: Any  # jax.ShapeDtypeStruct of fun's value
 
 
 def _setup(
@@ -348,21 +399,28 @@ def _setup(
     + (", state)" if state0 is not None else ")")
     + " and accept `x0`?"
   )
-  validation.check_scalar_output(
+  value = validation.check_scalar_output(
     "fun",
     lambda xf: f(xf, jnp.asarray(alpha0, dtype), jnp.asarray(beta0, dtype), st0)[0],
     flat0,
     call=call,
   )
-  return _Setup(flat0, unravel, f, st0, _batched_value_and_grad(f, batching), valid)
+  return _Setup(flat0, unravel, f, st0, _batched_value_and_grad(f, batching), valid, value)
 
 
-def _center_and_samples(setup, s, points):
-  """f at the iterate (from the state of the last accepted point) and the
-  hypergradients at the sampled points (from the iterate's state)."""
-  fx, (center_state, center_status) = setup.f(s.x, s.alpha, s.beta, s.state)
-  _, grads, sample_status = setup.value_and_grad(points, s.alpha, s.beta, center_state)
-  return fx, center_state, grads, status_lib.first_failure(center_status, sample_status)
+def _sampled_grads(setup, running, points, alpha, beta, state):
+  """The hypergradients at the sampled points, all started from ``state``,
+  and their first failed inner status; skipped (zeros, SUCCESS) in the
+  loop's last pass, which only evaluates f at the final point."""
+
+  def sample():
+    _, grads, status = setup.value_and_grad(points, alpha, beta, state)
+    return grads, status
+
+  def skip():
+    return jnp.zeros_like(points), jnp.asarray(status_lib.SUCCESS, jnp.int32)
+
+  return jax.lax.cond(running, sample, skip)
 
 
 def _advance(
@@ -401,25 +459,37 @@ def _advance(
     inner_status=status_lib.first_failure(s.inner_status, inner),
     inner_failures=s.inner_failures + (inner != status_lib.SUCCESS).astype(jnp.int32),
     history=history,
+    done=s.done,
+    value=s.value,
+    final_status=s.final_status,
   )
 
 
 def _record(history, k, **values):
-  """Writes this iteration's values into the per-iteration history arrays."""
+  """Writes this iteration's values into the per-iteration history arrays
+  (nothing where k is out of range: the loop's last pass)."""
   return history._replace(
-    **{name: getattr(history, name).at[k].set(value) for name, value in values.items()}
+    **{name: getattr(history, name).at[k].set(value, mode="drop") for name, value in values.items()}
   )
 
 
 def _run(
   setup, body, *, key, eps0, alpha0, beta0, params, history_cls, info_cls, max_steps, where, throw
 ) -> GradientSamplingSolution:
-  """The while loop of either algorithm from its first state, then f at the
-  final x (one more inner solve) and the info: the own status combined with
-  the inner one (``params``' fields are info_cls's extra fields, in order)."""
+  """The while loop of either algorithm from its first state, and the info:
+  the own status combined with the inner one (``params``' fields are
+  info_cls's extra fields, in order).
+
+  ``body(s, running, index)`` is one iteration; it returns the next state,
+  f at the iterate and the inner status of that evaluation.  The loop makes
+  one more pass after the last iteration (``running`` False: no samples, no
+  line search, no history at ``index``), whose evaluation of f at the final
+  x, alpha, beta is the solution's value: f's forward program is traced
+  inside the loop only, not a second time after it."""
   dtype = setup.flat0.dtype
   c = lambda v: jnp.asarray(v, dtype)
   zero = jnp.array(0, jnp.int32)
+  success = jnp.asarray(status_lib.SUCCESS, jnp.int32)
   history = history_cls(
     **{
       name: jnp.full((max_steps,), jnp.nan, dtype)
@@ -434,7 +504,7 @@ def _run(
     setup.flat0,
     setup.state0,
     key,
-    0,
+    zero,
     first,
     c(eps0),
     c(alpha0),
@@ -443,12 +513,25 @@ def _run(
     c(jnp.inf),
     zero,
     zero,
-    jnp.asarray(status_lib.SUCCESS, jnp.int32),
+    success,
     zero,
     history,
+    jnp.array(False),
+    jnp.full((), jnp.nan, setup.value.dtype),
+    success,
   )
-  s = jax.lax.while_loop(lambda s: (s.status < 0) & (s.k < max_steps), body, init)
-  value, (_, final_status) = setup.f(s.x, s.alpha, s.beta, s.state)
+
+  def step(s):
+    running = (s.status < 0) & (s.k < max_steps)
+    nxt, fx, center_status = body(s, running, jnp.where(running, s.k, max_steps))
+    last = s._replace(done=jnp.array(True), value=fx, final_status=center_status)
+    out = jax.tree_util.tree_map(
+      lambda a, b: jnp.where(running, a, b), nxt._replace(history=()), last._replace(history=())
+    )
+    return out._replace(history=nxt.history)
+
+  s = jax.lax.while_loop(lambda s: ~s.done, step, init)
+  value, final_status = s.value, s.final_status
   own = jnp.where(s.status < 0, status_lib.MAX_STEPS, s.status).astype(jnp.int32)
   inner = status_lib.first_failure(s.inner_status, final_status)
   failures = s.inner_failures + (final_status != status_lib.SUCCESS).astype(jnp.int32)
@@ -580,37 +663,41 @@ def gradient_sampling(
     beta0,
   )
 
-  def body(s):
+  def body(s, running, index):
     key, sample_key = jax.random.split(s.key)
     points = sampling.ball(sample_key, s.x, s.eps, num_samples)
-    fx, center_state, grads, inner = _center_and_samples(setup, s, points)
+    # The samples start from the state of the last accepted point; f at the
+    # iterate is pass 0 of the line search's loop (one trace of f for both).
+    grads, sample_status = _sampled_grads(setup, running, points, s.alpha, s.beta, s.state)
     hull = minnorm.min_norm_hull(grads)
-    inner = status_lib.first_failure(inner, hull.info.status)
     w = hull.point
     norm_w = jnp.linalg.norm(w)
     stop = (norm_w <= eta_opt) & (s.eps <= eps_opt) & (s.alpha <= alpha_opt) & (s.beta <= beta_opt)
     hit = norm_w <= s.params.eta
     stop = stop | (early_stop & hit)
-    finite = jnp.isfinite(fx) & jnp.all(jnp.isfinite(grads))
+    grads_finite = jnp.all(jnp.isfinite(grads))
 
     d = -w / jnp.where(norm_w > 0, norm_w, 1)
-    t, ok, trial_state, ls_inner = _line_search(
+    fx, center_state, center_status, t, ok, trial_state, ls_inner = _center_then_line_search(
       lambda xx, st: setup.f(xx, s.alpha, s.beta, st),
       s.x,
-      fx,
+      s.state,
       d,
       delta * norm_w,
       gamma,
       max_backtracks,
-      center_state,
-      (~hit) & (~stop) & finite,
+      running & (~hit) & (~stop) & grads_finite,
+      setup.value.dtype,
     )
+    finite = jnp.isfinite(fx) & grads_finite
+    inner = status_lib.first_failure(center_status, sample_status)
+    inner = status_lib.first_failure(inner, hull.info.status)
     inner = status_lib.first_failure(inner, ls_inner)
     move = (~hit) & (~stop) & ok & finite
     shrink = hit & (~stop)
     history = _record(
       s.history,
-      s.k,
+      index,
       value=fx,
       stationarity=norm_w,
       eps=s.eps,
@@ -619,7 +706,7 @@ def gradient_sampling(
       inner_status=inner,
     )
     eta = jnp.where(shrink, mu_eta * s.params.eta, s.params.eta)
-    return _advance(
+    nxt = _advance(
       s,
       key=key,
       move=move,
@@ -637,6 +724,7 @@ def gradient_sampling(
       inner=inner,
       history=history,
     )
+    return nxt, fx, center_status
 
   return _run(
     setup,
@@ -770,11 +858,13 @@ def sqp_gradient_sampling(
     value, aux = setup.f(xf, a, b, st)
     return rho * value + jnp.sum(jnp.maximum(cons(xf), 0)), aux
 
-  def body(s):
+  def body(s, running, index):
     rho, theta = s.params
     key, kf, kc = jax.random.split(s.key, 3)
     points = sampling.ball(kf, s.x, s.eps, num_samples)
-    fx, center_state, grads, inner = _center_and_samples(setup, s, points)
+    fx, (center_state, center_status) = setup.f(s.x, s.alpha, s.beta, s.state)
+    grads, sample_status = _sampled_grads(setup, running, points, s.alpha, s.beta, center_state)
+    inner = status_lib.first_failure(center_status, sample_status)
     c_points = sampling.ball(kc, s.x, s.eps, num_samples * r).reshape(r, num_samples, n)
     c_grads = jax.vmap(lambda k, pts: jax.vmap(jax.grad(lambda xx: cons(xx)[k]))(pts))(
       jnp.arange(r), c_points
@@ -799,13 +889,13 @@ def sqp_gradient_sampling(
       gamma,
       max_backtracks,
       center_state,
-      (~target) & finite,
+      running & (~target) & finite,
     )
     inner = status_lib.first_failure(inner, ls_inner)
     move = (~target) & ok & finite
     history = _record(
       s.history,
-      s.k,
+      index,
       value=fx,
       stationarity=dq,
       eps=s.eps,
@@ -818,7 +908,7 @@ def sqp_gradient_sampling(
       jnp.where(shrink & ~feasible_enough, mu_rho * rho, rho),
       jnp.where(shrink & feasible_enough, mu_theta * theta, theta),
     )
-    return _advance(
+    nxt = _advance(
       s,
       key=key,
       move=move,
@@ -836,6 +926,7 @@ def sqp_gradient_sampling(
       inner=inner,
       history=history,
     )
+    return nxt, fx, center_status
 
   return _run(
     setup,
