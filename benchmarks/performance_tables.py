@@ -273,6 +273,16 @@ def memory_section() -> str:
   )
 
 
+_COMPILE_COLUMNS = [
+  "f32 first call s",
+  "f32 run ms",
+  "f64 first call s",
+  "f64 run ms",
+  "target s",
+  "meets target",
+]
+
+
 def compile_section() -> str:
   name = "compile_times_cpu_cpu.json"
   d = _load(name)
@@ -303,16 +313,7 @@ def compile_section() -> str:
     f"`benchmarks/results/{name}` ({m['device']}, JAX {m['jax']}, commit {m['commit']}):"
     "\n\n"
     + _table(
-      [
-        "entry point",
-        "f32 first call s",
-        "f32 run ms",
-        "f64 first call s",
-        "f64 run ms",
-        "target s",
-        "meets target",
-        "jaxpr eqns / HLO instr.",
-      ],
+      ["entry point", *_COMPILE_COLUMNS, "jaxpr eqns / HLO instr."],
       rows,
     )
     + "\n\nThese are 3-dimensional problems; a user's first compile grows with the problem "
@@ -370,17 +371,7 @@ def realistic_compile_section(d, name: str) -> str:
     + load
     + "\n\n"
     + _table(
-      [
-        "scenario",
-        "f32 first call s",
-        "f32 run ms",
-        "f64 first call s",
-        "f64 run ms",
-        "target s",
-        "meets target",
-        "jaxpr eqns / HLO instr. (f64)",
-        "traced",
-      ],
+      ["scenario", *_COMPILE_COLUMNS, "jaxpr eqns / HLO instr. (f64)", "traced"],
       rows,
     )
     + _limits(by_entry)
