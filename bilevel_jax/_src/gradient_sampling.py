@@ -25,20 +25,20 @@ Warm starts: with ``state0``, ``fun(x, alpha, beta, state) -> (value,
 state)`` carries a state (typically the lower-level solution) from call to
 call.  f at the iterate is evaluated from the state of the last accepted
 point (after a move that is the solution there, so the solve is nearly
-free); the line-search trials start from the iterate's state, the sampled
-points from the last accepted point's (Algorithm 1: the same solution,
-with the previous alpha, beta after a shrink) or from the iterate's
-(Algorithm 2).  The state is never differentiated, and a state that comes
-back with a non-finite value is dropped.
-
-Compile time.  fun's forward program is traced into the loop as few times
-as the algorithm allows: Algorithm 1 evaluates f at the iterate as pass 0
-of the line search's loop (one trace of f, plus one of its gradient for
-the samples), and both algorithms get the final value from one more pass
-of their loop instead of a call after it.  The state may itself be a
+free); the sampled points and the line-search trials start from the
+iterate's state.  The state is never differentiated, and a state that comes
+back with a non-finite value is dropped.  The state may itself be a
 solution (``fun`` returns ``(value, solution)`` and starts its solve from
 ``state.y``): its ``info.status`` is then read as above, and its ``info``
 is not checked for finiteness.
+
+Compile time.  fun's forward program is traced once into the compiled
+loop, plus once with its gradient for the samples: f at the next iterate
+(which the next iteration needs first, and which after the last iteration
+is the solution's value) is the last pass of the line search's
+`jax.lax.while_loop`, and f at x0 the loop's first pass.  The sequence of
+evaluations is that of the algorithm as written (f at the iterate, the
+samples, the trials).
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ class _Loop(NamedTuple):
   """The while-loop state of both algorithms (``params``: _Alg1 or _Alg2)."""
 
   x: Any
-  state: Any  # fun's state at x (warm starts), () without state0
+  state: Any  # fun's state at x, alpha, beta (warm starts), () without state0
   key: Any
   k: Any
   status: Any  # < 0 while running
@@ -184,9 +184,9 @@ class _Loop(NamedTuple):
   inner_status: Any
   inner_failures: Any
   history: Any
-  done: Any  # the final evaluation is done (the last pass of the loop)
-  value: Any  # f at the final x, alpha, beta (set by the last pass)
-  final_status: Any  # its inner status
+  fx: Any  # f at x, alpha, beta (evaluated at the end of the previous iteration)
+  center_status: Any  # the inner status of that evaluation
+  have_center: Any  # False before the first pass, which evaluates f at x0 only
 
 
 # ------------------------------------------------------------------ pieces
@@ -268,73 +268,68 @@ def _batched_value_and_grad(f, batching):
   return call
 
 
-def _line_search(f, x, fx, d, decrease, gamma, max_backtracks, state, active):
-  """Largest t in {1, gamma, gamma^2, ...} with f(x + t d) < f(x) - t decrease,
-  where ``active`` (no trial otherwise); f(x, state) -> (value, (state,
-  status)), each trial started from ``state``.  Returns (t, ok, state of the
-  last trial, first failed inner status of the trials)."""
+def _search_then_evaluate(f, merit, x, fx, state, d, decrease, gamma, max_backtracks, active, ab):
+  """The Armijo line search of an iteration, then f at the next iterate; one
+  `jax.lax.while_loop` whose body calls f once, so that f's forward program
+  is traced once for both.
+
+  Where ``active``, trial j evaluates f(x + t d) at the iterate's (alpha,
+  beta) from ``state`` (the iterate's), t in {1, gamma, gamma^2, ...}, until
+  ``merit(value, point) < fx - t decrease`` or ``max_backtracks`` trials.
+  The last pass evaluates f at the next iterate (x + t d after an accepted
+  trial, from its state; x otherwise, from ``state``) at the next (alpha,
+  beta): the value the next iteration needs at its start, and the run's
+  final value.  ``f(point, alpha, beta, state) -> (value, (state,
+  status))``; ``ab = ((alpha, beta), (alpha_next, beta_next))``.
+
+  Returns (t, ok, first failed inner status of the trials, next x, f there,
+  its state, its inner status)."""
+  (alpha, beta), (alpha_next, beta_next) = ab
+  success = jnp.asarray(status_lib.SUCCESS, jnp.int32)
 
   def cond(c):
-    t, k, ok, _, _ = c
-    return active & (~ok) & (k < max_backtracks)
+    return ~c[-1]
 
   def body(c):
-    t, k, _, _, inner = c
-    value, (trial_state, trial_status) = f(x + t * d, state)
-    ok = value < fx - t * decrease
+    j, t, ok, trial_state, inner, value_next, state_next, status_next, _ = c
+    trial = active & (~ok) & (j < max_backtracks)
+    point = jnp.where(trial | ok, x + t * d, x)
+    start = jax.tree_util.tree_map(lambda a, b: jnp.where(ok & ~trial, a, b), trial_state, state)
+    value, (new_state, status) = f(
+      point,
+      jnp.where(trial, alpha, alpha_next),
+      jnp.where(trial, beta, beta_next),
+      start,
+    )
+    accepted = trial & (merit(value, point) < fx - t * decrease)
+    when = lambda flag: lambda n, o: jnp.where(flag, n, o)
     return (
-      jnp.where(ok, t, gamma * t),
-      k + 1,
-      ok,
-      trial_state,
-      status_lib.first_failure(inner, trial_status),
+      j + trial.astype(jnp.int32),
+      jnp.where(trial & ~accepted, gamma * t, t),
+      ok | accepted,
+      jax.tree_util.tree_map(when(trial), new_state, trial_state),
+      jnp.where(trial, status_lib.first_failure(inner, status), inner),
+      jnp.where(trial, value_next, value),
+      jax.tree_util.tree_map(when(trial), state_next, new_state),
+      jnp.where(trial, status_next, status),
+      ~trial,
     )
 
   one = jnp.ones((), x.dtype)
-  success = jnp.asarray(status_lib.SUCCESS, jnp.int32)
-  t, _, ok, new_state, inner = jax.lax.while_loop(
-    cond, body, (one, 0, jnp.array(False), state, success)
+  init = (
+    jnp.array(0, jnp.int32),
+    one,
+    jnp.array(False),
+    state,
+    success,
+    fx,
+    state,
+    success,
+    jnp.array(False),
   )
-  return t, ok, new_state, inner
-
-
-def _center_then_line_search(f, x, state, d, decrease, gamma, max_backtracks, active, dtype):
-  """f at x from ``state`` (the center: value fx, state, inner status),
-  then, where ``active`` and fx is finite, the trials of `_line_search` from
-  the center's state; one `jax.lax.while_loop` whose body calls f once, so
-  that f is traced once for both (pass 0 is the center, pass j >= 1 trial
-  j; ``dtype`` is f's value's).  Returns (fx, center state, center status, t, ok, state of the last
-  trial, first failed inner status of the trials)."""
-  success = jnp.asarray(status_lib.SUCCESS, jnp.int32)
-  fx0 = jnp.full((), jnp.nan, dtype)
-
-  def cond(c):
-    j, _, ok, fx = c[:4]
-    return (j == 0) | (active & jnp.isfinite(fx) & (~ok) & (j <= max_backtracks))
-
-  def body(c):
-    j, t, ok, fx, center_state, center_status, trial_state, inner = c
-    center = j == 0
-    start = jax.tree_util.tree_map(lambda a, b: jnp.where(center, a, b), state, center_state)
-    value, (new_state, status) = f(jnp.where(center, x, x + t * d), start)
-    accepted = (~center) & (value < fx - t * decrease)
-    pick = lambda new, old: jnp.where(center, new, old)
-    return (
-      j + 1,
-      jnp.where(center | accepted, t, gamma * t),
-      accepted,
-      pick(value, fx),
-      jax.tree_util.tree_map(pick, new_state, center_state),
-      pick(status, center_status),
-      jax.tree_util.tree_map(lambda n, o: jnp.where(center, o, n), new_state, trial_state),
-      jnp.where(center, inner, status_lib.first_failure(inner, status)),
-    )
-
-  one = jnp.ones((), x.dtype)
-  _, t, ok, fx, center_state, center_status, trial_state, inner = jax.lax.while_loop(
-    cond, body, (0, one, jnp.array(False), fx0, state, success, state, success)
-  )
-  return fx, center_state, center_status, t, ok, trial_state, inner
+  _, t, ok, _, inner, value_next, state_next, status_next, _ = jax.lax.while_loop(cond, body, init)
+  x_next = jnp.where(ok, x + t * d, x)
+  return t, ok, inner, x_next, value_next, state_next, status_next
 
 
 class _Setup(NamedTuple):
@@ -411,7 +406,7 @@ def _setup(
 def _sampled_grads(setup, running, points, alpha, beta, state):
   """The hypergradients at the sampled points, all started from ``state``,
   and their first failed inner status; skipped (zeros, SUCCESS) in the
-  loop's last pass, which only evaluates f at the final point."""
+  loop's first pass, which only evaluates f at x0."""
 
   def sample():
     _, grads, status = setup.value_and_grad(points, alpha, beta, state)
@@ -427,14 +422,11 @@ def _advance(
   s,
   *,
   key,
-  move,
-  x_new,
-  trial_state,
-  center_state,
+  evaluated,
   shrink,
   mu_eps,
-  mu_alpha,
-  mu_beta,
+  alpha,
+  beta,
   status,
   stationarity,
   null_step,
@@ -442,16 +434,19 @@ def _advance(
   inner,
   history,
 ) -> _Loop:
-  """The next loop state, shared by both algorithms."""
+  """The next loop state, shared by both algorithms; ``evaluated`` is what
+  `_search_then_evaluate` returns after (t, ok, inner): the next x, f
+  there, its state and its inner status."""
+  x_next, fx_next, state_next, status_next = evaluated
   return _Loop(
-    x=jnp.where(move, x_new, s.x),
-    state=jax.tree_util.tree_map(lambda a, b: jnp.where(move, a, b), trial_state, center_state),
+    x=x_next,
+    state=state_next,
     key=key,
     k=s.k + 1,
     status=status,
     eps=jnp.where(shrink, mu_eps * s.eps, s.eps),
-    alpha=jnp.where(shrink, mu_alpha * s.alpha, s.alpha),
-    beta=jnp.where(shrink, mu_beta * s.beta, s.beta),
+    alpha=alpha,
+    beta=beta,
     params=params,
     stationarity=stationarity,
     hits=s.hits + shrink.astype(jnp.int32),
@@ -459,9 +454,9 @@ def _advance(
     inner_status=status_lib.first_failure(s.inner_status, inner),
     inner_failures=s.inner_failures + (inner != status_lib.SUCCESS).astype(jnp.int32),
     history=history,
-    done=s.done,
-    value=s.value,
-    final_status=s.final_status,
+    fx=fx_next,
+    center_status=status_next,
+    have_center=s.have_center,
   )
 
 
@@ -480,12 +475,14 @@ def _run(
   the own status combined with the inner one (``params``' fields are
   info_cls's extra fields, in order).
 
-  ``body(s, running, index)`` is one iteration; it returns the next state,
-  f at the iterate and the inner status of that evaluation.  The loop makes
-  one more pass after the last iteration (``running`` False: no samples, no
-  line search, no history at ``index``), whose evaluation of f at the final
-  x, alpha, beta is the solution's value: f's forward program is traced
-  inside the loop only, not a second time after it."""
+  ``body(s, running, index)`` is one iteration: from f at the iterate
+  (``s.fx``, evaluated at the end of the previous iteration) to the next
+  loop state, f at the next iterate included.  The loop's first pass
+  (``running`` False: no samples, no line search, no history at
+  ``index``) only evaluates f at x0; f after the last iteration is the
+  solution's value.  So f's forward program is traced once, inside the
+  line search's loop (`_search_then_evaluate`), not also before and after
+  it."""
   dtype = setup.flat0.dtype
   c = lambda v: jnp.asarray(v, dtype)
   zero = jnp.array(0, jnp.int32)
@@ -516,22 +513,25 @@ def _run(
     success,
     zero,
     history,
-    jnp.array(False),
     jnp.full((), jnp.nan, setup.value.dtype),
     success,
+    jnp.array(False),
   )
+  more = lambda s: (s.status < 0) & (s.k < max_steps)
 
   def step(s):
-    running = (s.status < 0) & (s.k < max_steps)
-    nxt, fx, center_status = body(s, running, jnp.where(running, s.k, max_steps))
-    last = s._replace(done=jnp.array(True), value=fx, final_status=center_status)
+    running = s.have_center & more(s)
+    nxt = body(s, running, jnp.where(running, s.k, max_steps))
+    at_x0 = s._replace(
+      state=nxt.state, fx=nxt.fx, center_status=nxt.center_status, have_center=jnp.array(True)
+    )
     out = jax.tree_util.tree_map(
-      lambda a, b: jnp.where(running, a, b), nxt._replace(history=()), last._replace(history=())
+      lambda a, b: jnp.where(running, a, b), nxt._replace(history=()), at_x0._replace(history=())
     )
     return out._replace(history=nxt.history)
 
-  s = jax.lax.while_loop(lambda s: ~s.done, step, init)
-  value, final_status = s.value, s.final_status
+  s = jax.lax.while_loop(lambda s: (~s.have_center) | more(s), step, init)
+  value, final_status = s.fx, s.center_status
   own = jnp.where(s.status < 0, status_lib.MAX_STEPS, s.status).astype(jnp.int32)
   inner = status_lib.first_failure(s.inner_status, final_status)
   failures = s.inner_failures + (final_status != status_lib.SUCCESS).astype(jnp.int32)
@@ -666,65 +666,60 @@ def gradient_sampling(
   def body(s, running, index):
     key, sample_key = jax.random.split(s.key)
     points = sampling.ball(sample_key, s.x, s.eps, num_samples)
-    # The samples start from the state of the last accepted point; f at the
-    # iterate is pass 0 of the line search's loop (one trace of f for both).
     grads, sample_status = _sampled_grads(setup, running, points, s.alpha, s.beta, s.state)
     hull = minnorm.min_norm_hull(grads)
+    inner = status_lib.first_failure(s.center_status, sample_status)
+    inner = status_lib.first_failure(inner, hull.info.status)
     w = hull.point
     norm_w = jnp.linalg.norm(w)
     stop = (norm_w <= eta_opt) & (s.eps <= eps_opt) & (s.alpha <= alpha_opt) & (s.beta <= beta_opt)
     hit = norm_w <= s.params.eta
     stop = stop | (early_stop & hit)
-    grads_finite = jnp.all(jnp.isfinite(grads))
-
+    finite = jnp.isfinite(s.fx) & jnp.all(jnp.isfinite(grads))
+    active = running & (~hit) & (~stop) & finite
+    shrink = running & hit & (~stop)
+    alpha = jnp.where(shrink, mu_alpha * s.alpha, s.alpha)
+    beta = jnp.where(shrink, mu_beta * s.beta, s.beta)
     d = -w / jnp.where(norm_w > 0, norm_w, 1)
-    fx, center_state, center_status, t, ok, trial_state, ls_inner = _center_then_line_search(
-      lambda xx, st: setup.f(xx, s.alpha, s.beta, st),
+    t, ok, ls_inner, *evaluated = _search_then_evaluate(
+      setup.f,
+      lambda value, _: value,
       s.x,
+      s.fx,
       s.state,
       d,
       delta * norm_w,
       gamma,
       max_backtracks,
-      running & (~hit) & (~stop) & grads_finite,
-      setup.value.dtype,
+      active,
+      ((s.alpha, s.beta), (alpha, beta)),
     )
-    finite = jnp.isfinite(fx) & grads_finite
-    inner = status_lib.first_failure(center_status, sample_status)
-    inner = status_lib.first_failure(inner, hull.info.status)
     inner = status_lib.first_failure(inner, ls_inner)
-    move = (~hit) & (~stop) & ok & finite
-    shrink = hit & (~stop)
     history = _record(
       s.history,
       index,
-      value=fx,
+      value=s.fx,
       stationarity=norm_w,
       eps=s.eps,
       alpha=s.alpha,
-      step=jnp.where(move, t, 0),
+      step=jnp.where(active & ok, t, 0),
       inner_status=inner,
     )
-    eta = jnp.where(shrink, mu_eta * s.params.eta, s.params.eta)
-    nxt = _advance(
+    return _advance(
       s,
       key=key,
-      move=move,
-      x_new=s.x + t * d,
-      trial_state=trial_state,
-      center_state=center_state,
+      evaluated=evaluated,
       shrink=shrink,
       mu_eps=mu_eps,
-      mu_alpha=mu_alpha,
-      mu_beta=mu_beta,
+      alpha=alpha,
+      beta=beta,
       status=_own_status(finite, stop),
       stationarity=norm_w,
-      null_step=(~hit) & (~stop) & (~ok),
-      params=_Alg1(eta),
+      null_step=running & (~hit) & (~stop) & (~ok),
+      params=_Alg1(jnp.where(shrink, mu_eta * s.params.eta, s.params.eta)),
       inner=inner,
       history=history,
     )
-    return nxt, fx, center_status
 
   return _run(
     setup,
@@ -854,22 +849,18 @@ def sqp_gradient_sampling(
     raise ValueError(f"`constraints` must return a vector, got shape {r}.")
   r = r[0]
 
-  def penalty(xf, rho, a, b, st):
-    value, aux = setup.f(xf, a, b, st)
-    return rho * value + jnp.sum(jnp.maximum(cons(xf), 0)), aux
-
   def body(s, running, index):
     rho, theta = s.params
     key, kf, kc = jax.random.split(s.key, 3)
     points = sampling.ball(kf, s.x, s.eps, num_samples)
-    fx, (center_state, center_status) = setup.f(s.x, s.alpha, s.beta, s.state)
-    grads, sample_status = _sampled_grads(setup, running, points, s.alpha, s.beta, center_state)
-    inner = status_lib.first_failure(center_status, sample_status)
+    grads, sample_status = _sampled_grads(setup, running, points, s.alpha, s.beta, s.state)
+    inner = status_lib.first_failure(s.center_status, sample_status)
     c_points = sampling.ball(kc, s.x, s.eps, num_samples * r).reshape(r, num_samples, n)
     c_grads = jax.vmap(lambda k, pts: jax.vmap(jax.grad(lambda xx: cons(xx)[k]))(pts))(
       jnp.arange(r), c_points
     )  # (r, N, n)
     cx = cons(s.x)
+    fx = jnp.where(running, s.fx, 0)  # (the first pass has no f yet; its QP is not used)
     qp = minnorm.sqp_direction(fx, grads, cx, c_grads, rho, max_steps=qp_max_steps)
     inner = status_lib.first_failure(inner, qp.info.status)
     phi = rho * fx + jnp.sum(jnp.maximum(cx, 0))
@@ -878,21 +869,25 @@ def sqp_gradient_sampling(
     stop = target & (s.eps <= eps_opt) & (s.alpha <= alpha_opt) & (s.beta <= beta_opt)
     finite = jnp.isfinite(fx) & jnp.all(jnp.isfinite(grads)) & jnp.all(jnp.isfinite(qp.direction))
     infeasible = jnp.sum(jnp.maximum(cx, 0))
-    shrink = target & (~stop)
+    active = running & (~target) & finite
+    shrink = running & target & (~stop)
+    alpha = jnp.where(shrink, mu_alpha * s.alpha, s.alpha)
+    beta = jnp.where(shrink, mu_beta * s.beta, s.beta)
     feasible_enough = infeasible <= theta
-    t, ok, trial_state, ls_inner = _line_search(
-      lambda xx, st: penalty(xx, rho, s.alpha, s.beta, st),
+    t, ok, ls_inner, *evaluated = _search_then_evaluate(
+      setup.f,
+      lambda value, xx: rho * value + jnp.sum(jnp.maximum(cons(xx), 0)),  # the penalty (5.4)
       s.x,
       phi,
+      s.state,
       qp.direction,
       delta * dq,
       gamma,
       max_backtracks,
-      center_state,
-      running & (~target) & finite,
+      active,
+      ((s.alpha, s.beta), (alpha, beta)),
     )
     inner = status_lib.first_failure(inner, ls_inner)
-    move = (~target) & ok & finite
     history = _record(
       s.history,
       index,
@@ -900,7 +895,7 @@ def sqp_gradient_sampling(
       stationarity=dq,
       eps=s.eps,
       alpha=s.alpha,
-      step=jnp.where(move, t, 0),
+      step=jnp.where(active & ok, t, 0),
       infeasibility=infeasible,
       inner_status=inner,
     )
@@ -908,25 +903,21 @@ def sqp_gradient_sampling(
       jnp.where(shrink & ~feasible_enough, mu_rho * rho, rho),
       jnp.where(shrink & feasible_enough, mu_theta * theta, theta),
     )
-    nxt = _advance(
+    return _advance(
       s,
       key=key,
-      move=move,
-      x_new=s.x + t * qp.direction,
-      trial_state=trial_state,
-      center_state=center_state,
+      evaluated=evaluated,
       shrink=shrink,
       mu_eps=mu_eps,
-      mu_alpha=mu_alpha,
-      mu_beta=mu_beta,
+      alpha=alpha,
+      beta=beta,
       status=_own_status(finite, stop),
       stationarity=dq,
-      null_step=(~target) & (~ok),
+      null_step=running & (~target) & (~ok),
       params=params,
       inner=inner,
       history=history,
     )
-    return nxt, fx, center_status
 
   return _run(
     setup,
