@@ -111,7 +111,6 @@ def enable(path: str | None = None, *, prune_first: bool = True) -> str | None:
   min_s = float(os.environ.get("BILEVEL_JAX_CACHE_MIN_COMPILE_S", DEFAULT_MIN_COMPILE_S))
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", min_s)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
 
 
