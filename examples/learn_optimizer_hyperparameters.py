@@ -22,6 +22,9 @@ hyperparameters for the same number of steps.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
+import sys
 import time
 
 import jax
@@ -167,4 +170,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  # From the repository: JAX's persistent compilation cache (experiments.jax_cache;
+  # .jax_cache/, BILEVEL_JAX_NO_CACHE=1 to opt out), so a second run loads its programs.
+  sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if importlib.util.find_spec("experiments") is not None:
+    importlib.import_module("experiments.jax_cache").enable()
   main()

@@ -1,4 +1,5 @@
-"""Test configuration: float64 by default, strict rank promotion, warnings as errors."""
+"""Test configuration: float64 by default, strict rank promotion, warnings as
+errors, JAX's persistent compilation cache (`experiments.jax_cache`)."""
 
 import os
 
@@ -14,6 +15,15 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Programs that took >= 0.5 s to compile are kept in .jax_cache/ (or
+# $BILEVEL_JAX_CACHE_DIR) and loaded by the next run of the suite, by the
+# `-m extended` run after the default one and by every xdist worker;
+# BILEVEL_JAX_NO_CACHE=1 turns it off. Only the first process (not an xdist
+# worker) bounds the directory's size.
+from experiments import jax_cache  # noqa: E402
+
+jax_cache.enable(prune_first="PYTEST_XDIST_WORKER" not in os.environ)
 
 
 # The heaviest checks (by measured duration) whose property a faster default
@@ -82,6 +92,15 @@ EXTENDED = {
   "bilevel_jax/_src/composite/solver.py::bilevel_jax._src.composite.solver.solve",
   "tests/test_composite.py::test_nonfinite_h_data",
 }
+
+
+def pytest_configure(config):
+  # Two xdist workers that compile the same program at once may read an entry
+  # the other is still writing: JAX warns and compiles it again (harmless),
+  # which must not fail the test under warnings-as-errors.
+  config.addinivalue_line(
+    "filterwarnings", "ignore:Error reading persistent compilation cache entry:UserWarning"
+  )
 
 
 def pytest_collection_modifyitems(config, items):

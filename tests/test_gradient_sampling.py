@@ -284,3 +284,24 @@ def test_sqp_gradient_sampling_reports_inner_failures():
   assert inner[0] == Status.SUCCESS and np.any(inner[:steps] == Status.MAX_STEPS)
   assert np.all(inner[steps:] == -1)
   assert int(info.inner_failures) == np.sum(inner[:steps] == Status.MAX_STEPS) + 1
+
+
+@pytest.mark.parametrize("sqp", [False, True])
+def test_fun_is_traced_once_into_the_loop(sqp):
+  # Compile time (issue 15): fun enters the program once forward (f at the
+  # iterate, the line-search trials and the final value share one while
+  # loop) and once with its gradient (the samples); the argument check's
+  # abstract evaluation is the third trace and adds nothing to the program.
+  traces = []
+
+  def fun(x, alpha, beta):
+    traces.append(1)
+    return jnp.sum(jnp.abs(x - 1.0)) + alpha * jnp.sum(x**2)
+
+  kw = dict(key=jax.random.PRNGKey(0), num_samples=3, max_steps=5)
+  if sqp:
+    run = lambda x: upper.sqp_gradient_sampling(fun, lambda x: x - 3.0, x, **kw)
+  else:
+    run = lambda x: upper.gradient_sampling(fun, x, **kw)
+  jax.jit(run).trace(jnp.array([2.0, -1.0]))
+  assert len(traces) == 3

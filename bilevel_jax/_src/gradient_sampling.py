@@ -31,6 +31,14 @@ back with a non-finite value is dropped.  The state may itself be a
 solution (``fun`` returns ``(value, solution)`` and starts its solve from
 ``state.y``): its ``info.status`` is then read as above, and its ``info``
 is not checked for finiteness.
+
+Compile time.  fun's forward program is traced once into the compiled
+loop, plus once with its gradient for the samples: f at the next iterate
+(which the next iteration needs first, and which after the last iteration
+is the solution's value) is the last pass of the line search's
+`jax.lax.while_loop`, and f at x0 the loop's first pass.  The sequence of
+evaluations is that of the algorithm as written (f at the iterate, the
+samples, the trials).
 """
 
 from __future__ import annotations
@@ -162,7 +170,7 @@ class _Loop(NamedTuple):
   """The while-loop state of both algorithms (``params``: _Alg1 or _Alg2)."""
 
   x: Any
-  state: Any  # fun's state at x (warm starts), () without state0
+  state: Any  # fun's state at x, alpha, beta (warm starts), () without state0
   key: Any
   k: Any
   status: Any  # < 0 while running
@@ -176,6 +184,9 @@ class _Loop(NamedTuple):
   inner_status: Any
   inner_failures: Any
   history: Any
+  fx: Any  # f at x, alpha, beta (evaluated at the end of the previous iteration)
+  center_status: Any  # the inner status of that evaluation
+  have_center: Any  # False before the first pass, which evaluates f at x0 only
 
 
 # ------------------------------------------------------------------ pieces
@@ -257,34 +268,68 @@ def _batched_value_and_grad(f, batching):
   return call
 
 
-def _line_search(f, x, fx, d, decrease, gamma, max_backtracks, state, active):
-  """Largest t in {1, gamma, gamma^2, ...} with f(x + t d) < f(x) - t decrease,
-  where ``active`` (no trial otherwise); f(x, state) -> (value, (state,
-  status)), each trial started from ``state``.  Returns (t, ok, state of the
-  last trial, first failed inner status of the trials)."""
+def _search_then_evaluate(f, merit, x, fx, state, d, decrease, gamma, max_backtracks, active, ab):
+  """The Armijo line search of an iteration, then f at the next iterate; one
+  `jax.lax.while_loop` whose body calls f once, so that f's forward program
+  is traced once for both.
+
+  Where ``active``, trial j evaluates f(x + t d) at the iterate's (alpha,
+  beta) from ``state`` (the iterate's), t in {1, gamma, gamma^2, ...}, until
+  ``merit(value, point) < fx - t decrease`` or ``max_backtracks`` trials.
+  The last pass evaluates f at the next iterate (x + t d after an accepted
+  trial, from its state; x otherwise, from ``state``) at the next (alpha,
+  beta): the value the next iteration needs at its start, and the run's
+  final value.  ``f(point, alpha, beta, state) -> (value, (state,
+  status))``; ``ab = ((alpha, beta), (alpha_next, beta_next))``.
+
+  Returns (t, ok, first failed inner status of the trials, next x, f there,
+  its state, its inner status)."""
+  (alpha, beta), (alpha_next, beta_next) = ab
+  success = jnp.asarray(status_lib.SUCCESS, jnp.int32)
 
   def cond(c):
-    t, k, ok, _, _ = c
-    return active & (~ok) & (k < max_backtracks)
+    return ~c[-1]
 
   def body(c):
-    t, k, _, _, inner = c
-    value, (trial_state, trial_status) = f(x + t * d, state)
-    ok = value < fx - t * decrease
+    j, t, ok, trial_state, inner, value_next, state_next, status_next, _ = c
+    trial = active & (~ok) & (j < max_backtracks)
+    point = jnp.where(trial | ok, x + t * d, x)
+    start = jax.tree_util.tree_map(lambda a, b: jnp.where(ok & ~trial, a, b), trial_state, state)
+    value, (new_state, status) = f(
+      point,
+      jnp.where(trial, alpha, alpha_next),
+      jnp.where(trial, beta, beta_next),
+      start,
+    )
+    accepted = trial & (merit(value, point) < fx - t * decrease)
+    when = lambda flag: lambda n, o: jnp.where(flag, n, o)
     return (
-      jnp.where(ok, t, gamma * t),
-      k + 1,
-      ok,
-      trial_state,
-      status_lib.first_failure(inner, trial_status),
+      j + trial.astype(jnp.int32),
+      jnp.where(trial & ~accepted, gamma * t, t),
+      ok | accepted,
+      jax.tree_util.tree_map(when(trial), new_state, trial_state),
+      jnp.where(trial, status_lib.first_failure(inner, status), inner),
+      jnp.where(trial, value_next, value),
+      jax.tree_util.tree_map(when(trial), state_next, new_state),
+      jnp.where(trial, status_next, status),
+      ~trial,
     )
 
   one = jnp.ones((), x.dtype)
-  success = jnp.asarray(status_lib.SUCCESS, jnp.int32)
-  t, _, ok, new_state, inner = jax.lax.while_loop(
-    cond, body, (one, 0, jnp.array(False), state, success)
+  init = (
+    jnp.array(0, jnp.int32),
+    one,
+    jnp.array(False),
+    state,
+    success,
+    fx,
+    state,
+    success,
+    jnp.array(False),
   )
-  return t, ok, new_state, inner
+  _, t, ok, _, inner, value_next, state_next, status_next, _ = jax.lax.while_loop(cond, body, init)
+  x_next = jnp.where(ok, x + t * d, x)
+  return t, ok, inner, x_next, value_next, state_next, status_next
 
 
 class _Setup(NamedTuple):
@@ -294,6 +339,7 @@ class _Setup(NamedTuple):
   state0: Any
   value_and_grad: Any
   valid: Any  # the run-time check of the (possibly traced) parameters
+  value: Any  # jax.ShapeDtypeStruct of fun's value
 
 
 def _setup(
@@ -348,35 +394,39 @@ def _setup(
     + (", state)" if state0 is not None else ")")
     + " and accept `x0`?"
   )
-  validation.check_scalar_output(
+  value = validation.check_scalar_output(
     "fun",
     lambda xf: f(xf, jnp.asarray(alpha0, dtype), jnp.asarray(beta0, dtype), st0)[0],
     flat0,
     call=call,
   )
-  return _Setup(flat0, unravel, f, st0, _batched_value_and_grad(f, batching), valid)
+  return _Setup(flat0, unravel, f, st0, _batched_value_and_grad(f, batching), valid, value)
 
 
-def _center_and_samples(setup, s, points):
-  """f at the iterate (from the state of the last accepted point) and the
-  hypergradients at the sampled points (from the iterate's state)."""
-  fx, (center_state, center_status) = setup.f(s.x, s.alpha, s.beta, s.state)
-  _, grads, sample_status = setup.value_and_grad(points, s.alpha, s.beta, center_state)
-  return fx, center_state, grads, status_lib.first_failure(center_status, sample_status)
+def _sampled_grads(setup, running, points, alpha, beta, state):
+  """The hypergradients at the sampled points, all started from ``state``,
+  and their first failed inner status; skipped (zeros, SUCCESS) in the
+  loop's first pass, which only evaluates f at x0."""
+
+  def sample():
+    _, grads, status = setup.value_and_grad(points, alpha, beta, state)
+    return grads, status
+
+  def skip():
+    return jnp.zeros_like(points), jnp.asarray(status_lib.SUCCESS, jnp.int32)
+
+  return jax.lax.cond(running, sample, skip)
 
 
 def _advance(
   s,
   *,
   key,
-  move,
-  x_new,
-  trial_state,
-  center_state,
+  evaluated,
   shrink,
   mu_eps,
-  mu_alpha,
-  mu_beta,
+  alpha,
+  beta,
   status,
   stationarity,
   null_step,
@@ -384,16 +434,19 @@ def _advance(
   inner,
   history,
 ) -> _Loop:
-  """The next loop state, shared by both algorithms."""
+  """The next loop state, shared by both algorithms; ``evaluated`` is what
+  `_search_then_evaluate` returns after (t, ok, inner): the next x, f
+  there, its state and its inner status."""
+  x_next, fx_next, state_next, status_next = evaluated
   return _Loop(
-    x=jnp.where(move, x_new, s.x),
-    state=jax.tree_util.tree_map(lambda a, b: jnp.where(move, a, b), trial_state, center_state),
+    x=x_next,
+    state=state_next,
     key=key,
     k=s.k + 1,
     status=status,
     eps=jnp.where(shrink, mu_eps * s.eps, s.eps),
-    alpha=jnp.where(shrink, mu_alpha * s.alpha, s.alpha),
-    beta=jnp.where(shrink, mu_beta * s.beta, s.beta),
+    alpha=alpha,
+    beta=beta,
     params=params,
     stationarity=stationarity,
     hits=s.hits + shrink.astype(jnp.int32),
@@ -401,25 +454,39 @@ def _advance(
     inner_status=status_lib.first_failure(s.inner_status, inner),
     inner_failures=s.inner_failures + (inner != status_lib.SUCCESS).astype(jnp.int32),
     history=history,
+    fx=fx_next,
+    center_status=status_next,
+    have_center=s.have_center,
   )
 
 
 def _record(history, k, **values):
-  """Writes this iteration's values into the per-iteration history arrays."""
+  """Writes this iteration's values into the per-iteration history arrays
+  (nothing where k is out of range: the loop's last pass)."""
   return history._replace(
-    **{name: getattr(history, name).at[k].set(value) for name, value in values.items()}
+    **{name: getattr(history, name).at[k].set(value, mode="drop") for name, value in values.items()}
   )
 
 
 def _run(
   setup, body, *, key, eps0, alpha0, beta0, params, history_cls, info_cls, max_steps, where, throw
 ) -> GradientSamplingSolution:
-  """The while loop of either algorithm from its first state, then f at the
-  final x (one more inner solve) and the info: the own status combined with
-  the inner one (``params``' fields are info_cls's extra fields, in order)."""
+  """The while loop of either algorithm from its first state, and the info:
+  the own status combined with the inner one (``params``' fields are
+  info_cls's extra fields, in order).
+
+  ``body(s, running, index)`` is one iteration: from f at the iterate
+  (``s.fx``, evaluated at the end of the previous iteration) to the next
+  loop state, f at the next iterate included.  The loop's first pass
+  (``running`` False: no samples, no line search, no history at
+  ``index``) only evaluates f at x0; f after the last iteration is the
+  solution's value.  So f's forward program is traced once, inside the
+  line search's loop (`_search_then_evaluate`), not also before and after
+  it."""
   dtype = setup.flat0.dtype
   c = lambda v: jnp.asarray(v, dtype)
   zero = jnp.array(0, jnp.int32)
+  success = jnp.asarray(status_lib.SUCCESS, jnp.int32)
   history = history_cls(
     **{
       name: jnp.full((max_steps,), jnp.nan, dtype)
@@ -434,7 +501,7 @@ def _run(
     setup.flat0,
     setup.state0,
     key,
-    0,
+    zero,
     first,
     c(eps0),
     c(alpha0),
@@ -443,12 +510,28 @@ def _run(
     c(jnp.inf),
     zero,
     zero,
-    jnp.asarray(status_lib.SUCCESS, jnp.int32),
+    success,
     zero,
     history,
+    jnp.full((), jnp.nan, setup.value.dtype),
+    success,
+    jnp.array(False),
   )
-  s = jax.lax.while_loop(lambda s: (s.status < 0) & (s.k < max_steps), body, init)
-  value, (_, final_status) = setup.f(s.x, s.alpha, s.beta, s.state)
+  more = lambda s: (s.status < 0) & (s.k < max_steps)
+
+  def step(s):
+    running = s.have_center & more(s)
+    nxt = body(s, running, jnp.where(running, s.k, max_steps))
+    at_x0 = s._replace(
+      state=nxt.state, fx=nxt.fx, center_status=nxt.center_status, have_center=jnp.array(True)
+    )
+    out = jax.tree_util.tree_map(
+      lambda a, b: jnp.where(running, a, b), nxt._replace(history=()), at_x0._replace(history=())
+    )
+    return out._replace(history=nxt.history)
+
+  s = jax.lax.while_loop(lambda s: (~s.have_center) | more(s), step, init)
+  value, final_status = s.fx, s.center_status
   own = jnp.where(s.status < 0, status_lib.MAX_STEPS, s.status).astype(jnp.int32)
   inner = status_lib.first_failure(s.inner_status, final_status)
   failures = s.inner_failures + (final_status != status_lib.SUCCESS).astype(jnp.int32)
@@ -580,60 +663,60 @@ def gradient_sampling(
     beta0,
   )
 
-  def body(s):
+  def body(s, running, index):
     key, sample_key = jax.random.split(s.key)
     points = sampling.ball(sample_key, s.x, s.eps, num_samples)
-    fx, center_state, grads, inner = _center_and_samples(setup, s, points)
+    grads, sample_status = _sampled_grads(setup, running, points, s.alpha, s.beta, s.state)
     hull = minnorm.min_norm_hull(grads)
+    inner = status_lib.first_failure(s.center_status, sample_status)
     inner = status_lib.first_failure(inner, hull.info.status)
     w = hull.point
     norm_w = jnp.linalg.norm(w)
     stop = (norm_w <= eta_opt) & (s.eps <= eps_opt) & (s.alpha <= alpha_opt) & (s.beta <= beta_opt)
     hit = norm_w <= s.params.eta
     stop = stop | (early_stop & hit)
-    finite = jnp.isfinite(fx) & jnp.all(jnp.isfinite(grads))
-
+    finite = jnp.isfinite(s.fx) & jnp.all(jnp.isfinite(grads))
+    active = running & (~hit) & (~stop) & finite
+    shrink = running & hit & (~stop)
+    alpha = jnp.where(shrink, mu_alpha * s.alpha, s.alpha)
+    beta = jnp.where(shrink, mu_beta * s.beta, s.beta)
     d = -w / jnp.where(norm_w > 0, norm_w, 1)
-    t, ok, trial_state, ls_inner = _line_search(
-      lambda xx, st: setup.f(xx, s.alpha, s.beta, st),
+    t, ok, ls_inner, *evaluated = _search_then_evaluate(
+      setup.f,
+      lambda value, _: value,
       s.x,
-      fx,
+      s.fx,
+      s.state,
       d,
       delta * norm_w,
       gamma,
       max_backtracks,
-      center_state,
-      (~hit) & (~stop) & finite,
+      active,
+      ((s.alpha, s.beta), (alpha, beta)),
     )
     inner = status_lib.first_failure(inner, ls_inner)
-    move = (~hit) & (~stop) & ok & finite
-    shrink = hit & (~stop)
     history = _record(
       s.history,
-      s.k,
-      value=fx,
+      index,
+      value=s.fx,
       stationarity=norm_w,
       eps=s.eps,
       alpha=s.alpha,
-      step=jnp.where(move, t, 0),
+      step=jnp.where(active & ok, t, 0),
       inner_status=inner,
     )
-    eta = jnp.where(shrink, mu_eta * s.params.eta, s.params.eta)
     return _advance(
       s,
       key=key,
-      move=move,
-      x_new=s.x + t * d,
-      trial_state=trial_state,
-      center_state=center_state,
+      evaluated=evaluated,
       shrink=shrink,
       mu_eps=mu_eps,
-      mu_alpha=mu_alpha,
-      mu_beta=mu_beta,
+      alpha=alpha,
+      beta=beta,
       status=_own_status(finite, stop),
       stationarity=norm_w,
-      null_step=(~hit) & (~stop) & (~ok),
-      params=_Alg1(eta),
+      null_step=running & (~hit) & (~stop) & (~ok),
+      params=_Alg1(jnp.where(shrink, mu_eta * s.params.eta, s.params.eta)),
       inner=inner,
       history=history,
     )
@@ -766,20 +849,18 @@ def sqp_gradient_sampling(
     raise ValueError(f"`constraints` must return a vector, got shape {r}.")
   r = r[0]
 
-  def penalty(xf, rho, a, b, st):
-    value, aux = setup.f(xf, a, b, st)
-    return rho * value + jnp.sum(jnp.maximum(cons(xf), 0)), aux
-
-  def body(s):
+  def body(s, running, index):
     rho, theta = s.params
     key, kf, kc = jax.random.split(s.key, 3)
     points = sampling.ball(kf, s.x, s.eps, num_samples)
-    fx, center_state, grads, inner = _center_and_samples(setup, s, points)
+    grads, sample_status = _sampled_grads(setup, running, points, s.alpha, s.beta, s.state)
+    inner = status_lib.first_failure(s.center_status, sample_status)
     c_points = sampling.ball(kc, s.x, s.eps, num_samples * r).reshape(r, num_samples, n)
     c_grads = jax.vmap(lambda k, pts: jax.vmap(jax.grad(lambda xx: cons(xx)[k]))(pts))(
       jnp.arange(r), c_points
     )  # (r, N, n)
     cx = cons(s.x)
+    fx = jnp.where(running, s.fx, 0)  # (the first pass has no f yet; its QP is not used)
     qp = minnorm.sqp_direction(fx, grads, cx, c_grads, rho, max_steps=qp_max_steps)
     inner = status_lib.first_failure(inner, qp.info.status)
     phi = rho * fx + jnp.sum(jnp.maximum(cx, 0))
@@ -788,29 +869,33 @@ def sqp_gradient_sampling(
     stop = target & (s.eps <= eps_opt) & (s.alpha <= alpha_opt) & (s.beta <= beta_opt)
     finite = jnp.isfinite(fx) & jnp.all(jnp.isfinite(grads)) & jnp.all(jnp.isfinite(qp.direction))
     infeasible = jnp.sum(jnp.maximum(cx, 0))
-    shrink = target & (~stop)
+    active = running & (~target) & finite
+    shrink = running & target & (~stop)
+    alpha = jnp.where(shrink, mu_alpha * s.alpha, s.alpha)
+    beta = jnp.where(shrink, mu_beta * s.beta, s.beta)
     feasible_enough = infeasible <= theta
-    t, ok, trial_state, ls_inner = _line_search(
-      lambda xx, st: penalty(xx, rho, s.alpha, s.beta, st),
+    t, ok, ls_inner, *evaluated = _search_then_evaluate(
+      setup.f,
+      lambda value, xx: rho * value + jnp.sum(jnp.maximum(cons(xx), 0)),  # the penalty (5.4)
       s.x,
       phi,
+      s.state,
       qp.direction,
       delta * dq,
       gamma,
       max_backtracks,
-      center_state,
-      (~target) & finite,
+      active,
+      ((s.alpha, s.beta), (alpha, beta)),
     )
     inner = status_lib.first_failure(inner, ls_inner)
-    move = (~target) & ok & finite
     history = _record(
       s.history,
-      s.k,
+      index,
       value=fx,
       stationarity=dq,
       eps=s.eps,
       alpha=s.alpha,
-      step=jnp.where(move, t, 0),
+      step=jnp.where(active & ok, t, 0),
       infeasibility=infeasible,
       inner_status=inner,
     )
@@ -821,17 +906,14 @@ def sqp_gradient_sampling(
     return _advance(
       s,
       key=key,
-      move=move,
-      x_new=s.x + t * qp.direction,
-      trial_state=trial_state,
-      center_state=center_state,
+      evaluated=evaluated,
       shrink=shrink,
       mu_eps=mu_eps,
-      mu_alpha=mu_alpha,
-      mu_beta=mu_beta,
+      alpha=alpha,
+      beta=beta,
       status=_own_status(finite, stop),
       stationarity=dq,
-      null_step=(~target) & (~ok),
+      null_step=running & (~target) & (~ok),
       params=params,
       inner=inner,
       history=history,
