@@ -27,7 +27,6 @@ from typing import Any
 from collections.abc import Callable
 
 from experiments import config
-from experiments import jax_cache
 from experiments import report
 
 SCRIPTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -157,7 +156,6 @@ def run(
     "suite": name,
     "settings": cfg,
     "machine": timing.machine(),
-    "compilation_cache": jax_cache.active(),
     "wall_time_s": wall,
     "title": result.title,
     "columns": result.columns,

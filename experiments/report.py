@@ -10,6 +10,8 @@ from typing import Any
 
 import jax
 
+from experiments import jax_cache
+
 
 def _fmt(value: Any) -> str:
   if isinstance(value, float):
@@ -49,6 +51,8 @@ def machine_info() -> dict:
     "device": getattr(device, "device_kind", str(device)),
     "x64": bool(jax.config.jax_enable_x64),
     "commit": git_commit(),
+    # A warm persistent cache makes compile times load times: say which.
+    "compilation_cache": jax_cache.active(),
   }
 
 
