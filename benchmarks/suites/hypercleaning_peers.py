@@ -210,9 +210,11 @@ def matched_hypergradient(
   alpha_decay: float,
   variant: str = "full",
   adam_lr: float = 0.001,
+  unroll: int | bool = 1,
 ):
   """``fn(x, y0, **batches) -> (F(y_K), grad_x F(y_K(x)), y_K)`` in BOAT's
-  formulation.
+  formulation (``unroll``: `lax.scan`'s, ``True`` for straight-line code, as
+  XLA's cost analysis needs).
 
   K steps y_{k+1} = y_k - lr [alpha_k grad_y F + (1 - alpha_k) grad_y f] with
   one learning rate ``lr = lower_lr`` (BDA eq. 10 with s_u = s_l = lr) and
@@ -238,7 +240,7 @@ def matched_hypergradient(
   elif variant == "minibatch":
     lower = minibatch_lower(problem)
   return unrolled.make_hypergradient(
-    problem.upper, lower, jit=False, steps=K, alpha=alpha, **kwargs
+    problem.upper, lower, jit=False, steps=K, alpha=alpha, unroll=unroll, **kwargs
   )
 
 
