@@ -26,10 +26,17 @@ In one process:
    program (their count per shape extrapolated like the FLOPs) at the rates
    the microbenchmark measured for those shapes give ``dot_time_s``, the time
    the program's matrix products alone take; the remaining FLOPs are
-   elementwise (softmax, sigmoid, the optimizer); XLA's bytes accessed over
-   the measured copy bandwidth give ``memory_time_s``. ``program_limit_s =
+   elementwise (softmax, sigmoid, the optimizer). ``program_limit_s =
    dot_time_s`` (the products cannot be faster than in isolation) and
-   ``fraction_of_program_limit = program_limit_s / time``.
+   ``fraction_of_program_limit = program_limit_s / time``. Each product here
+   is thin (one side has 10 columns, the classes), so it streams the whole
+   2000 x 784 training matrix (6.3 MB, in the L3 cache) for 20 FLOPs per
+   4 bytes read: the rate at which one ``jnp.sum`` reads that matrix
+   (``training_matrix_read_Bps``) bounds those products at 5 FLOP/byte times
+   it. XLA's bytes accessed over that read rate and over a 256 MiB copy's
+   bandwidth give ``memory_time_cached_s`` and ``memory_time_s``. The
+   program's shapes widened 2x and 4x on the thin side are timed too: what
+   stacking products that share the wide operand would run at.
 
 With ``--vmap``: the 256 vmapped ridge problems of the scaling suite against
 a loop of 256 jitted calls, the same vmapped against a hand-written vmapped
