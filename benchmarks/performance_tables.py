@@ -492,6 +492,40 @@ def flop_rate_section() -> str:
   )
 
 
+def vmap_profile_section() -> str:
+  """Where the vmapped ridge program's time goes (`python -m benchmarks.flop_rate --vmap`)."""
+  name = "vmap_profile_cpu_cpu.json"
+  d = _load(name)
+  if d is None:
+    return ""
+  t = {k: v["median_s"] for k, v in d["timings"].items()}
+  num = d["problem"].split(" ")[0]
+  rows = [
+    [
+      impl.replace("_", " "),
+      _ms(t[f"{impl}_vmap"]),
+      _ms(t[f"{impl}_loop"]),
+      _x(t[f"{impl}_loop"] / t[f"{impl}_vmap"]),
+    ]
+    for impl in ("library", "by_hand")
+  ]
+  ops = [[k, f"{v:.2f}"] for k, v in d["op_in_loop_us"].items()]
+  load = d["load_average"]
+  m = d["machine"]
+  return (
+    f"**Profile of the {num} vmapped ridge problems** (`python -m benchmarks.flop_rate --vmap` → "
+    f"`benchmarks/results/{name}`, {m['device']}, JAX {m['jax']}, commit {m['commit']}; load "
+    f"average {load['start'][0]:.1f}–{load['end'][0]:.1f}: a shared machine). The library "
+    "against the same BDA written by hand (one `lax.scan`, no library), each vmapped and as "
+    f"a loop of {num} jitted calls; XLA's cost analysis gives "
+    f"{d['xla_flops_vmapped'] / 1e6:.0f} MFLOP for the vmapped call "
+    f"({d['gflops_vmapped_library']:.1f} GFLOP/s):\n\n"
+    + _table(["implementation", "vmapped ms", "loop ms", "loop ÷ vmapped"], rows)
+    + "\n\nOne operation of the vmapped program inside a compiled loop (µs per iteration, "
+    f"{num} instances of a 20 × 10 matrix unless named):\n\n" + _table(["operation", "µs"], ops)
+  )
+
+
 def render() -> str:
   parts = [
     compile_section(),
@@ -501,6 +535,7 @@ def render() -> str:
     jaxopt_section(),
     cvxpy_section(),
     vmap_section(),
+    vmap_profile_section(),
     k_section(),
     flop_rate_section(),
     memory_section(),

@@ -563,7 +563,8 @@ def pairs(m: dict) -> list[tuple[str, str]]:
 
 
 def _sweep(cfg, ctx, problem, y0, data_path, python, threads, batches=None):
-  """Alternates ours and BOAT per K, ``repeats`` times over the Ks.
+  """Alternates ours and BOAT per K (ours first in even sweeps, BOAT first in
+  odd ones), ``repeats`` times over the Ks.
 
   Returns (our runs, BOAT runs, BOAT's versions, a status line if BOAT failed).
   """
@@ -571,26 +572,37 @@ def _sweep(cfg, ctx, problem, y0, data_path, python, threads, batches=None):
   ours = {(meth, var, K): [] for K in m["K"] for meth, var in pairs(m)}
   boat = {(meth, var, K): [] for K in m["K"] for meth, var in pairs(m)}
   meta, failure, cache = {}, "", {}
+
+  def run_ours_at(rep, K):
+    for meth, var in pairs(m):
+      ctx.log(
+        f"[hypercleaning_peers] sweep {rep + 1}/{t['repeats']}: bilevel_jax {meth} {var} K={K}"
+      )
+      stream = batches if var == "minibatch" else None
+      ours[(meth, var, K)].append(run_ours(problem, meth, K, y0, cfg, cache, var, stream))
+
+  def run_boat_at(rep, K):
+    nonlocal meta, failure
+    if python is None or failure:
+      return
+    ctx.log(f"[hypercleaning_peers] sweep {rep + 1}/{t['repeats']}: BOAT K={K}")
+    try:
+      out = run_boat(python, data_path, boat_settings(cfg, K, threads), cfg["boat"]["timeout_s"])
+    except (OSError, ValueError, subprocess.SubprocessError) as err:
+      failure = f"failed at K={K}: {err}"
+      ctx.log(f"[hypercleaning_peers] BOAT {failure}")
+      return
+    meta = {k: v for k, v in out.items() if k != "results"}
+    for res in out["results"]:
+      boat[(res["method"], res.get("variant", "full"), res["K"])].append(res)
+
   for rep in range(t["repeats"]):
     for K in m["K"]:
-      for meth, var in pairs(m):
-        ctx.log(
-          f"[hypercleaning_peers] sweep {rep + 1}/{t['repeats']}: bilevel_jax {meth} {var} K={K}"
-        )
-        stream = batches if var == "minibatch" else None
-        ours[(meth, var, K)].append(run_ours(problem, meth, K, y0, cfg, cache, var, stream))
-      if python is None or failure:
-        continue
-      ctx.log(f"[hypercleaning_peers] sweep {rep + 1}/{t['repeats']}: BOAT K={K}")
-      try:
-        out = run_boat(python, data_path, boat_settings(cfg, K, threads), cfg["boat"]["timeout_s"])
-      except (OSError, ValueError, subprocess.SubprocessError) as err:
-        failure = f"failed at K={K}: {err}"
-        ctx.log(f"[hypercleaning_peers] BOAT {failure}")
-        continue
-      meta = {k: v for k, v in out.items() if k != "results"}
-      for res in out["results"]:
-        boat[(res["method"], res.get("variant", "full"), res["K"])].append(res)
+      # Odd sweeps run BOAT first, so that a slow phase of a shared machine
+      # does not always fall on the same side.
+      first, second = (run_ours_at, run_boat_at) if rep % 2 == 0 else (run_boat_at, run_ours_at)
+      first(rep, K)
+      second(rep, K)
   return ours, boat, meta, failure
 
 
