@@ -396,7 +396,13 @@ def boat_long_section() -> str:
     d = _load(name)
     if d is None:
       continue
-    sources.append(_source(d, name))
+    sweeps = d["settings"]["timing"]["repeats"]
+    load = d.get("load_average")
+    sources.append(
+      _source(d, name)
+      + f", {sweeps} sweep{'s' if sweeps > 1 else ''}"
+      + (f", load average {load['start'][0]:.1f}–{load['end'][0]:.1f}" if load else "")
+    )
     peer = {(r["method"], r["size"]): r for r in d["rows"] if r["impl"] != "bilevel_jax"}
     for o in d["rows"]:
       if o["impl"] != "bilevel_jax":
@@ -419,7 +425,7 @@ def boat_long_section() -> str:
     "**BOAT at long horizons and other lower levels** (the comparison above at K up to 800, "
     "fewer upper iterations at large K, the same on both sides; minibatch SGD with 200 rows "
     "per lower step, the same rows on both sides; Adam as the lower optimizer, RHG only); "
-    "time per upper iteration, median; one sweep on a shared machine; "
+    "time per upper iteration, median, on a shared machine; "
     + "; ".join(sources)
     + ":\n\n"
     + _table(
