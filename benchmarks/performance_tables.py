@@ -545,16 +545,165 @@ def reweighting_section() -> str:
   return "\n\n".join(parts)
 
 
+def boat_long_section() -> str:
+  """BOAT at K = 50 ... 800 and with minibatch / Adam lower levels."""
+  rows, sources = [], []
+  for name in (
+    "hypercleaning_peers_long_cpu_cpu.json",
+    "hypercleaning_peers_variants_cpu_cpu.json",
+  ):
+    d = _load(name)
+    if d is None:
+      continue
+    sweeps = d["settings"]["timing"]["repeats"]
+    load = d.get("load_average")
+    sources.append(
+      _source(d, name)
+      + f", {sweeps} sweep{'s' if sweeps > 1 else ''}"
+      + (f", load average {load['start'][0]:.1f}–{load['end'][0]:.1f}" if load else "")
+    )
+    peer = {(r["method"], r["size"]): r for r in d["rows"] if r["impl"] != "bilevel_jax"}
+    for o in d["rows"]:
+      if o["impl"] != "bilevel_jax":
+        continue
+      p = peer.get((o["method"], o["size"]))
+      rows.append(
+        [
+          o["method"].split(" (")[0] + o["method"].split(")", 1)[1],
+          o["size"],
+          o["upper_iterations"],
+          _ms(o["median_s"]),
+          _ms(p and p["median_s"]),
+          _x(p and p["median_s"] / o["median_s"]),
+          f"{o['metric']:.2f} / {p['metric']:.2f}" if p else f"{o['metric']:.2f} / –",
+        ]
+      )
+  if not rows:
+    return ""
+  return (
+    "**BOAT at long horizons and other lower levels** (the comparison above at K up to 800, "
+    "fewer upper iterations at large K, the same on both sides; minibatch SGD with 200 rows "
+    "per lower step, the same rows on both sides; Adam as the lower optimizer, RHG only); "
+    "time per upper iteration, median, on a shared machine; "
+    + "; ".join(sources)
+    + ":\n\n"
+    + _table(
+      [
+        "method",
+        "K",
+        "upper iterations",
+        "ours ms",
+        "BOAT ms",
+        "speedup",
+        "test acc % ours / BOAT",
+      ],
+      rows,
+    )
+  )
+
+
+def flop_rate_section() -> str:
+  """The measured FLOP rate of the hyper-cleaning hypergradient against the
+  matmul rate of the same process (`python -m benchmarks.flop_rate`)."""
+  name = "flop_rate_cpu_cpu.json"
+  d = _load(name)
+  if d is None:
+    return ""
+  mm = d["matmul"]
+  rows = [
+    [
+      r["method"],
+      r["K"],
+      _ms(r["median_s"]),
+      f"{r['flops'] / 1e9:.1f}",
+      f"{r['gflops']:.0f}",
+      f"{100 * r['fraction_of_matmul_limit']:.0f}%",
+      _ms(r["dot_time_s"]),
+      f"{100 * r['fraction_of_program_limit']:.0f}%",
+    ]
+    for r in d["rows"]
+  ]
+  shapes = "; ".join(
+    f"`{k.split(' (')[0]}` {v:.0f}" for k, v in sorted(mm["program_shape_gflops"].items())
+  )
+  check = max(abs(c["check_relative_error"]["flops"]) for c in d["costs"].values())
+  load = d["load_average"]
+  m = d["machine"]
+  return (
+    "**FLOP rate of the unrolled hypergradient** (hyper-cleaning as in the BOAT comparison: "
+    f"{d['problem']['dataset']}, {d['problem']['n_train']} × {d['problem']['features']}, "
+    "float32; time per hypergradient, compile apart), FLOPs from XLA's cost analysis "
+    "(extrapolated from 4 and 8 unrolled steps; "
+    f"{check:.0e} relative to a fully unrolled K = 16), beside a matmul microbenchmark "
+    f"run in the same process: best square rate {mm['limit_gflops']:.0f} GFLOP/s "
+    f"({mm['limit_shape'].split(' ')[0]}), the program's own GEMM shapes (GFLOP/s) {shapes}. "
+    "'GEMM limit' is the time the program's products take at those measured rates. "
+    f"`python -m benchmarks.flop_rate` → `benchmarks/results/{name}` ({m['device']}, "
+    f"JAX {m['jax']}, commit {m['commit']}; load average {load['start'][0]:.1f} at the "
+    f"start, {load['end'][0]:.1f} at the end: a shared machine):\n\n"
+    + _table(
+      [
+        "method",
+        "K",
+        "ms",
+        "GFLOP",
+        "GFLOP/s",
+        "of square matmul",
+        "GEMM limit ms",
+        "of GEMM limit",
+      ],
+      rows,
+    )
+  )
+
+
+def vmap_profile_section() -> str:
+  """Where the vmapped ridge program's time goes (`python -m benchmarks.flop_rate --vmap`)."""
+  name = "vmap_profile_cpu_cpu.json"
+  d = _load(name)
+  if d is None:
+    return ""
+  t = {k: v["median_s"] for k, v in d["timings"].items()}
+  num = d["problem"].split(" ")[0]
+  rows = [
+    [
+      impl.replace("_", " "),
+      _ms(t[f"{impl}_vmap"]),
+      _ms(t[f"{impl}_loop"]),
+      _x(t[f"{impl}_loop"] / t[f"{impl}_vmap"]),
+    ]
+    for impl in ("library", "by_hand")
+  ]
+  ops = [[k, f"{v:.2f}"] for k, v in d["op_in_loop_us"].items()]
+  load = d["load_average"]
+  m = d["machine"]
+  return (
+    f"**Profile of the {num} vmapped ridge problems** (`python -m benchmarks.flop_rate --vmap` → "
+    f"`benchmarks/results/{name}`, {m['device']}, JAX {m['jax']}, commit {m['commit']}; load "
+    f"average {load['start'][0]:.1f}–{load['end'][0]:.1f}: a shared machine). The library "
+    "against the same BDA written by hand (one `lax.scan`, no library), each vmapped and as "
+    f"a loop of {num} jitted calls; XLA's cost analysis gives "
+    f"{d['xla_flops_vmapped'] / 1e6:.0f} MFLOP for the vmapped call "
+    f"({d['gflops_vmapped_library']:.1f} GFLOP/s):\n\n"
+    + _table(["implementation", "vmapped ms", "loop ms", "loop ÷ vmapped"], rows)
+    + "\n\nOne operation of the vmapped program inside a compiled loop (µs per iteration, "
+    f"{num} instances of a 20 × 10 matrix unless named):\n\n" + _table(["operation", "µs"], ops)
+  )
+
+
 def render() -> str:
   parts = [
     compile_section(),
     reweighting_section(),
     boat_section(),
+    boat_long_section(),
     jaxopt_section(),
     jaxopt_run_section(),
     cvxpy_section(),
     vmap_section(),
+    vmap_profile_section(),
     k_section(),
+    flop_rate_section(),
     memory_section(),
   ]
   return "\n\n".join(p for p in parts if p)

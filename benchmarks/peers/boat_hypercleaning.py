@@ -5,11 +5,20 @@ boat_torch and the standard library; it does not import bilevel_jax):
 
     python boat_hypercleaning.py DATA.npz SETTINGS.json
 
-DATA.npz holds x_train, y_train (noisy labels), x_val, y_val, x_test, y_test
-and the initial lower model W0 (d, c), b0 (c,). SETTINGS.json holds
-``methods`` (of "bda", "rhg"), ``K`` (list), ``upper_iterations``,
-``lower_lr``, ``upper_lr``, ``alpha_init``, ``alpha_decay``, ``threads`` and
-``warmup``. One JSON object goes to stdout.
+DATA.npz holds x_train, y_train (noisy labels), x_val, y_val, x_test, y_test,
+the initial lower model W0 (d, c), b0 (c,) and, for the minibatch variant,
+``batches`` (steps, batch) of training-row indices. SETTINGS.json holds
+``methods`` (of "bda", "rhg"), ``variants`` (of "full", "minibatch", "adam";
+default ["full"]), ``skip`` ((method, variant) pairs not run), ``batch_size``,
+``adam_lr``, ``K`` (list), ``upper_iterations``, ``lower_lr``, ``upper_lr``,
+``alpha_init``, ``alpha_decay``, ``threads`` and ``warmup``. One JSON object
+goes to stdout.
+
+Variants: ``minibatch``: lower step k of upper iteration t evaluates f on the
+rows ``batches[t K + k]`` (``ll_loss`` indexes them through a step counter in
+the feed dict, reset before each ``run_iter``; BOAT itself feeds one dict to
+all K steps); ``adam``: ``lower_level_opt`` is torch.optim.Adam(adam_lr),
+which ``higher`` makes differentiable.
 
 The problem is BOAT's own hyper-cleaning example (examples/data_hyper_cleaning
 in its repository): x are per-sample logits, the lower model is a linear
@@ -60,6 +69,16 @@ def ul_loss(ul_feed_dict, upper_model, lower_model, **kwargs):
 
 
 def ll_loss(ll_feed_dict, upper_model, lower_model, **kwargs):
+  if "batches" in ll_feed_dict:  # variant minibatch: the rows of this lower step
+    counter = ll_feed_dict["counter"]
+    rows = ll_feed_dict["batches"][counter[0] % ll_feed_dict["batches"].shape[0]]
+    counter[0] += 1
+    losses = tf.cross_entropy(
+      lower_model(ll_feed_dict["data"][rows], **kwargs),
+      ll_feed_dict["target"][rows],
+      reduction="none",
+    )
+    return (torch.sigmoid(upper_model.x[rows]) * losses).mean()
   return upper_model(
     tf.cross_entropy(
       lower_model(ll_feed_dict["data"], **kwargs), ll_feed_dict["target"], reduction="none"
@@ -81,7 +100,7 @@ LOSS_CONFIG = {
 }
 
 
-def build(method, K, data, settings, log_path):
+def build(method, K, data, settings, log_path, variant="full"):
   """A fresh BOAT problem at the initial point: (problem, x model, y model)."""
   x_model = Weights(data["x_train"].shape[0])
   y_model = torch.nn.Linear(data["W0"].shape[0], data["W0"].shape[1])
@@ -105,7 +124,11 @@ def build(method, K, data, settings, log_path):
     "upper_level_model": x_model,
     "lower_level_var": list(y_model.parameters()),
     "upper_level_var": list(x_model.parameters()),
-    "lower_level_opt": torch.optim.SGD(y_model.parameters(), lr=settings["lower_lr"]),
+    "lower_level_opt": (
+      torch.optim.Adam(y_model.parameters(), lr=settings["adam_lr"])
+      if variant == "adam"
+      else torch.optim.SGD(y_model.parameters(), lr=settings["lower_lr"])
+    ),
     "upper_level_opt": torch.optim.Adam(x_model.parameters(), lr=settings["upper_lr"]),
   }
   problem = boat.Problem(cfg, copy.deepcopy(LOSS_CONFIG))
@@ -114,18 +137,27 @@ def build(method, K, data, settings, log_path):
   return problem, x_model, y_model
 
 
-def run_one(method, K, data, feeds, settings, tmp):
+def lower_feed(ll_feed, variant, data, K, t):
+  """The lower feed dict of upper iteration t: with the minibatch variant,
+  the (K, batch) rows of its K steps and a fresh step counter."""
+  if variant != "minibatch":
+    return dict(ll_feed)
+  return dict(ll_feed, batches=data["t_batches"][t * K : (t + 1) * K], counter=[0])
+
+
+def run_one(method, K, data, feeds, settings, tmp, variant="full"):
   """Warm-up iterations on a throwaway problem, then the timed run."""
   ll_feed, ul_feed = feeds
-  log_path = os.path.join(tmp, f"loss_{method}_{K}.json")
+  log_path = os.path.join(tmp, f"loss_{method}_{variant}_{K}.json")
   for _ in range(settings["warmup"]):
-    problem, _, _ = build(method, K, data, settings, log_path)
-    problem.run_iter(dict(ll_feed), dict(ul_feed), current_iter=0)
-  problem, x_model, y_model = build(method, K, data, settings, log_path)
+    problem, _, _ = build(method, K, data, settings, log_path, variant)
+    problem.run_iter(lower_feed(ll_feed, variant, data, K, 0), dict(ul_feed), current_iter=0)
+  problem, x_model, y_model = build(method, K, data, settings, log_path, variant)
   wall, reported = [], []
   for t in range(settings["upper_iterations"]):
+    feed = lower_feed(ll_feed, variant, data, K, t)
     tic = time.perf_counter()
-    _, run_time = problem.run_iter(dict(ll_feed), dict(ul_feed), current_iter=t)
+    _, run_time = problem.run_iter(feed, dict(ul_feed), current_iter=t)
     wall.append(time.perf_counter() - tic)
     reported.append(run_time)
   with torch.no_grad():
@@ -135,6 +167,7 @@ def run_one(method, K, data, feeds, settings, tmp):
   x = x_model.x.detach().numpy().astype(np.float64)
   return {
     "method": method,
+    "variant": variant,
     "K": K,
     "times_s": wall,
     "boat_run_time_s": reported,
@@ -159,24 +192,30 @@ def main(data_path, settings_path):
   t = {k: torch.from_numpy(data[k]) for k in ("x_train", "x_val", "x_test")}
   labels = {k: torch.from_numpy(data[k].astype(np.int64)) for k in ("y_train", "y_val", "y_test")}
   data["t_x_test"], data["t_y_test"] = t["x_test"], labels["y_test"]
+  if "batches" in data:
+    data["t_batches"] = torch.from_numpy(data["batches"].astype(np.int64))
   feeds = (
     {"data": t["x_train"], "target": labels["y_train"]},
     {"data": t["x_val"], "target": labels["y_val"]},
   )
   results = []
   with tempfile.TemporaryDirectory() as tmp:
+    skip = {tuple(pair) for pair in settings.get("skip", [])}
     for K in settings["K"]:
-      for method in settings["methods"]:
-        if method not in METHODS:
-          raise ValueError(
-            f"settings `methods`: unknown method {method!r}; choose from {sorted(METHODS)}."
+      for variant in settings.get("variants", ["full"]):
+        for method in settings["methods"]:
+          if method not in METHODS:
+            raise ValueError(
+              f"settings `methods`: unknown method {method!r}; choose from {sorted(METHODS)}."
+            )
+          if (method, variant) in skip:
+            continue
+          print(
+            f"[boat] {method} {variant} K={K}: {settings['upper_iterations']} upper iterations",
+            file=sys.stderr,
+            flush=True,
           )
-        print(
-          f"[boat] {method} K={K}: {settings['upper_iterations']} upper iterations",
-          file=sys.stderr,
-          flush=True,
-        )
-        results.append(run_one(method, K, data, feeds, settings, tmp))
+          results.append(run_one(method, K, data, feeds, settings, tmp, variant))
   versions = {
     name: importlib.metadata.version(name) for name in ("torch", "boat-torch", "higher", "numpy")
   }

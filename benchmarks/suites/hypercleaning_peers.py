@@ -45,6 +45,13 @@ from bilevel_jax._src.problems import hypercleaning as hc
 F = config.Field
 TITLE = "Data hyper-cleaning: bilevel_jax against BOAT (GDA = BDA, NGD + RAD = RHG)"
 METHODS = {"bda": "BDA (BOAT: GDA+NGD, RAD)", "rhg": "RHG (BOAT: NGD, RAD)"}
+VARIANTS = {
+  "full": "",
+  "minibatch": ", minibatch SGD",
+  "adam": ", Adam lower",
+}
+# (method, variant) pairs that are the same algorithm on both sides.
+PAIRS_SKIPPED = {("bda", "adam"): "BOAT's GDA runs Adam on alpha F + (1 - alpha) f, ours on f"}
 SCRIPT = os.path.join(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "peers", "boat_hypercleaning.py"
 )
@@ -83,6 +90,25 @@ SCHEMA = {
     "K": F("list[int]", [50, 100, 200], config.positive),
     "methods": F("list[str]", ["bda", "rhg"], config.one_of(*METHODS)),
     "upper_iterations": F("int", 100, config.positive),
+    "max_lower_steps": F(
+      "int",
+      0,
+      lambda v: None if v >= 0 else "must be >= 0",
+      "0: no cap; else at most max(min_upper_iterations, max_lower_steps // K) upper "
+      "iterations at K (BOAT takes seconds per iteration at K = 800)",
+    ),
+    "min_upper_iterations": F("int", 10, config.positive),
+    "variants": F(
+      "list[str]",
+      ["full"],
+      config.one_of(*VARIANTS),
+      "full: SGD on the whole training set (BOAT's example); minibatch: SGD on "
+      "`batch_size` rows drawn per lower step; adam: Adam(`adam_lr`) as the lower "
+      "optimizer (RHG only: BOAT's GDA feeds Adam the aggregated loss, our BDA "
+      "feeds it grad f alone, so only alpha = 0 is the same method on both sides)",
+    ),
+    "batch_size": F("int", 200, config.positive, "rows per lower step (variant minibatch)"),
+    "adam_lr": F("float", 0.001, config.positive, "lower Adam learning rate (variant adam)"),
     "lower_lr": F("float", 0.01, config.positive, "BOAT's lower SGD learning rate"),
     "upper_lr": F("float", 0.01, config.positive, "Adam learning rate on x"),
     "alpha_init": F("float", 0.5, _open_unit),
@@ -139,11 +165,17 @@ def initial_lower(features: int, classes: int, std: float, seed: int) -> dict:
   }
 
 
-def write_data(path: str, split: hc.CleaningData, y0: dict) -> None:
-  """The .npz the BOAT script reads: the split and the initial lower model."""
+def write_data(path: str, split: hc.CleaningData, y0: dict, batches=None) -> None:
+  """The .npz the BOAT script reads: the split, the initial lower model and
+  (variant minibatch) the `batch_stream`."""
+  extra = {} if batches is None else {"batches": np.asarray(batches)}
   np.savez(
-    path, **{k: np.asarray(v) for k, v in split._asdict().items()}, W0=y0["W"].T, b0=y0["b"]
-  )  # the script reads W0 as (d, c)
+    path,
+    **{k: np.asarray(v) for k, v in split._asdict().items()},
+    W0=y0["W"].T,  # the script reads W0 as (d, c)
+    b0=y0["b"],
+    **extra,
+  )
 
 
 def alpha_for(method: str, alpha_init: float, alpha_decay: float):
@@ -155,6 +187,19 @@ def alpha_for(method: str, alpha_init: float, alpha_decay: float):
   raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}.")
 
 
+def minibatch_lower(problem: hc.HyperCleaning):
+  """f(x, y; B) = mean_{i in B} sigmoid(x_i) CE_i(y), B a vector of training
+  row indices (drawn with replacement): the lower objective of one minibatch
+  step, BOAT's ``ll_loss`` on the rows ``B``."""
+  data = problem.data
+
+  def lower(x, params, idx):
+    losses = hc.cross_entropy(params, data.x_train[idx], data.y_train[idx])
+    return jnp.mean(jax.nn.sigmoid(x[idx]) * losses)
+
+  return lower
+
+
 def matched_hypergradient(
   problem: hc.HyperCleaning,
   method: str,
@@ -163,23 +208,39 @@ def matched_hypergradient(
   lower_lr: float,
   alpha_init: float,
   alpha_decay: float,
+  variant: str = "full",
+  adam_lr: float = 0.001,
+  unroll: int | bool = 1,
 ):
-  """``fn(x, y0) -> (F(y_K), grad_x F(y_K(x)), y_K)`` in BOAT's formulation.
+  """``fn(x, y0, **batches) -> (F(y_K), grad_x F(y_K(x)), y_K)`` in BOAT's
+  formulation (``unroll``: `lax.scan`'s, ``True`` for straight-line code, as
+  XLA's cost analysis needs).
 
   K steps y_{k+1} = y_k - lr [alpha_k grad_y F + (1 - alpha_k) grad_y f] with
   one learning rate ``lr = lower_lr`` (BDA eq. 10 with s_u = s_l = lr) and
   alpha_k = alpha_init * alpha_decay^(k-1) (BOAT's GDA) or 0 (NGD), then
-  reverse mode through the K steps (BOAT's RAD).
+  reverse mode through the K steps (BOAT's RAD). ``variant="minibatch"``:
+  step k uses grad_y f(x, y_k; B_k) (`minibatch_lower`), the K index vectors
+  passed per call as ``lower_batches`` (shape (K, batch)); F stays the whole
+  validation set. ``variant="adam"``: the lower step is
+  ``optax.adam(adam_lr)`` on grad_y f (torch.optim.Adam made differentiable
+  by ``higher`` on BOAT's side; with alpha = 0 the two are the same
+  iteration). ``eps_root = 1e-16`` keeps the derivative of sqrt(nu) finite at
+  the always-zero border pixels of MNIST (their gradient is exactly 0);
+  ``higher`` masks those instead.
   """
   alpha = alpha_for(method, alpha_init, alpha_decay)
+  if variant not in VARIANTS:
+    raise ValueError(f"`variant` must be one of {list(VARIANTS)}, got {variant!r}.")
+  kwargs = {"upper_lr": lower_lr, "lower_lr": lower_lr}
+  lower = problem.lower
+  if variant == "adam":
+    kwargs["lower_lr"] = None
+    kwargs["lower_optimizer"] = optax.adam(adam_lr, eps_root=1e-16)
+  elif variant == "minibatch":
+    lower = minibatch_lower(problem)
   return unrolled.make_hypergradient(
-    problem.upper,
-    problem.lower,
-    jit=False,
-    steps=K,
-    upper_lr=lower_lr,
-    lower_lr=lower_lr,
-    alpha=alpha,
+    problem.upper, lower, jit=False, steps=K, alpha=alpha, unroll=unroll, **kwargs
   )
 
 
@@ -192,21 +253,32 @@ def make_step(
   upper_lr: float,
   alpha_init: float,
   alpha_decay: float,
+  variant: str = "full",
+  adam_lr: float = 0.001,
 ):
   """One upper iteration in BOAT's formulation, to be jitted.
 
-  Returns ``(step, optimizer)`` with ``step(x, opt_state, y0) -> (x_next,
-  opt_state, y_K, F(y_K))``: `matched_hypergradient`, then one Adam step
-  (``optax.adam(upper_lr)``, torch.optim.Adam's defaults). Feeding y_K back
-  as the next y0 is BOAT's ``copy_last_param``.
+  Returns ``(step, optimizer)`` with ``step(x, opt_state, y0[, batches]) ->
+  (x_next, opt_state, y_K, F(y_K))``: `matched_hypergradient`, then one Adam
+  step (``optax.adam(upper_lr)``, torch.optim.Adam's defaults). Feeding y_K
+  back as the next y0 is BOAT's ``copy_last_param``. ``batches`` (variant
+  minibatch): the (K, batch) row indices of this iteration's lower steps.
   """
   optimizer = optax.adam(upper_lr)
   hypergradient = matched_hypergradient(
-    problem, method, K, lower_lr=lower_lr, alpha_init=alpha_init, alpha_decay=alpha_decay
+    problem,
+    method,
+    K,
+    lower_lr=lower_lr,
+    alpha_init=alpha_init,
+    alpha_decay=alpha_decay,
+    variant=variant,
+    adam_lr=adam_lr,
   )
 
-  def step(x, opt_state, y0):
-    value, grad, solution = hypergradient(x, y0)
+  def step(x, opt_state, y0, batches=None):
+    extra = {} if batches is None else {"lower_batches": batches}
+    value, grad, solution = hypergradient(x, y0, **extra)
     y_K = solution.y
     updates, opt_state = optimizer.update(grad, opt_state, x)
     x_next = tree_ops.tree_cast_like(optax.apply_updates(x, updates), x)
@@ -215,8 +287,25 @@ def make_step(
   return step, optimizer
 
 
-def run_ours(problem, method, K, y0, cfg, compiled_cache) -> dict:
-  """Compiles (once per method and K), warms up, then times the upper iterations."""
+def upper_iterations_at(m: dict, K: int) -> int:
+  """Upper iterations at K: ``upper_iterations``, capped by ``max_lower_steps
+  // K`` (at least ``min_upper_iterations``) when ``max_lower_steps`` > 0."""
+  iterations = m["upper_iterations"]
+  if m.get("max_lower_steps"):
+    iterations = min(iterations, max(m["min_upper_iterations"], m["max_lower_steps"] // K))
+  return iterations
+
+
+def batch_stream(n_train: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
+  """(steps, batch_size) int32 training-row indices, drawn with replacement;
+  lower step k of upper iteration t (K steps each) uses row t K + k on both
+  sides."""
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, n_train, size=(steps, batch_size)).astype(np.int32)
+
+
+def run_ours(problem, method, K, y0, cfg, compiled_cache, variant="full", batches=None) -> dict:
+  """Compiles (once per method, variant and K), warms up, then times the upper iterations."""
   m = cfg["method"]
   x = problem.init_weights()
   step, optimizer = make_step(
@@ -227,19 +316,24 @@ def run_ours(problem, method, K, y0, cfg, compiled_cache) -> dict:
     upper_lr=m["upper_lr"],
     alpha_init=m["alpha_init"],
     alpha_decay=m["alpha_decay"],
+    variant=variant,
+    adam_lr=m.get("adam_lr", 0.001),
   )
+  iterations = upper_iterations_at(m, K)
+  per_iter = (lambda t: ()) if batches is None else (lambda t: (batches[t * K : (t + 1) * K],))
   state = (x, optimizer.init(x), y0)
-  key = (method, K)
+  key = (method, variant, K)
   if key not in compiled_cache:
-    compiled, seconds = timing.compile_timed(step, *state)
+    compiled, seconds = timing.compile_timed(step, *state, *per_iter(0))
     compiled_cache[key] = (compiled, seconds, timing.compiled_memory(compiled)["compiled_mib"])
   compiled, compile_s, compiled_mib = compiled_cache[key]
   for _ in range(cfg["timing"]["warmup"]):
-    timing.time_call(compiled, *state)
+    timing.time_call(compiled, *state, *per_iter(0))
   times, values = [], []
-  for _ in range(m["upper_iterations"]):
+  for t in range(iterations):
+    args = per_iter(t)
     tic = time.perf_counter()
-    x, opt_state, y, value = jax.block_until_ready(compiled(*state))
+    x, opt_state, y, value = jax.block_until_ready(compiled(*state, *args))
     times.append(time.perf_counter() - tic)
     state = (x, opt_state, y)
     values.append(float(value))  # F(y_K), as BOAT's loss history records it
@@ -260,8 +354,12 @@ def boat_settings(cfg: dict, K: int, threads: int) -> dict:
   m = cfg["method"]
   return {
     "methods": list(m["methods"]),
+    "variants": list(m.get("variants", ["full"])),
+    "skip": [list(pair) for pair in PAIRS_SKIPPED],
+    "batch_size": m.get("batch_size", 200),
+    "adam_lr": m.get("adam_lr", 0.001),
     "K": [K],
-    "upper_iterations": m["upper_iterations"],
+    "upper_iterations": upper_iterations_at(m, K),
     "lower_lr": m["lower_lr"],
     "upper_lr": m["upper_lr"],
     "alpha_init": m["alpha_init"],
@@ -280,13 +378,14 @@ def run_boat(python: str, data_path: str, settings: dict, timeout: float) -> dic
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _row(impl: str, method: str, K: int, runs: list[dict], cfg: dict) -> dict:
+def _row(impl: str, method: str, variant: str, K: int, runs: list[dict], cfg: dict) -> dict:
   """A result row: times pooled over the sweeps, accuracy and loss of the first."""
   times = [s for r in runs for s in r["times_s"]]
   row = {
     "problem": "hypercleaning",
     "impl": impl,
-    "method": METHODS[method],
+    "method": METHODS[method] + VARIANTS[variant],
+    "variant": variant,
     "size_name": "K",
     "size": K,
     "per": "upper_iteration",
@@ -294,7 +393,7 @@ def _row(impl: str, method: str, K: int, runs: list[dict], cfg: dict) -> dict:
     "metric_name": "test_acc_percent",
     "metric": 100 * runs[0]["test_acc"],
     "val_loss": runs[0]["val_loss"],
-    "upper_iterations": cfg["method"]["upper_iterations"],
+    "upper_iterations": upper_iterations_at(cfg["method"], K),
   }
   if impl == "bilevel_jax":
     row["compile_s"], row["compiled_mib"] = runs[0]["compile_s"], runs[0]["compiled_mib"]
@@ -326,7 +425,14 @@ def _notes(cfg, dataset, split, threads, cores, boat_status) -> list[str]:
     "sides (optax.adam, torch.optim.Adam); y_0 of each upper iteration is y_K of the "
     "previous one on both sides (BOAT: copy_last_param; ours: warm start). "
     "test_acc is the accuracy of y_K of the last upper iteration on the test set.",
-    f"Timing: time per upper iteration over {m['upper_iterations']} iterations x "
+    f"Timing: time per upper iteration over {m['upper_iterations']} iterations"
+    + (
+      f" (at most max({m['min_upper_iterations']}, {m['max_lower_steps']} // K) at K, "
+      "the same on both sides; column upper_iterations)"
+      if m.get("max_lower_steps")
+      else ""
+    )
+    + " x "
     f"{cfg['timing']['repeats']} sweeps over K, after {cfg['timing']['warmup']} "
     "warm-up iteration(s). Ours: one jitted call (K lower steps, hypergradient, "
     "Adam update) until block_until_ready; compile time apart. BOAT: the wall time "
@@ -336,6 +442,29 @@ def _notes(cfg, dataset, split, threads, cores, boat_status) -> list[str]:
     f"Threads: torch.set_num_threads({threads}); XLA's CPU thread pool spans the "
     f"{cores} core(s) this process may use.",
   ]
+  variants = [v for v in m.get("variants", ["full"]) if v != "full"]
+  if variants:
+    notes.append(
+      "Variants: "
+      + "; ".join(
+        {
+          "minibatch": f"minibatch: lower step k of upper iteration t uses grad_y f on "
+          f"{m['batch_size']} training rows drawn with replacement (row t K + k of one "
+          "index stream written to the data file, the same on both sides; ours: "
+          "bda.hypergradient(..., lower_batches=(K, batch) indices), BOAT: its ll_loss "
+          "indexes the rows of the current step, counted per run_iter), F on the whole "
+          "validation set",
+          "adam": f"adam: the lower step is Adam(lr = {m['adam_lr']:g}) on grad_y f "
+          "(ours: lower_optimizer=optax.adam(lr, eps_root=1e-16); BOAT: "
+          "lower_level_opt=torch.optim.Adam, made differentiable by `higher`), RHG "
+          "only: "
+          + PAIRS_SKIPPED[("bda", "adam")]
+          + ", so BDA with Adam is a different method on the two sides",
+        }[v]
+        for v in variants
+      )
+      + "."
+    )
   if boat_status:
     notes.append(f"BOAT: {boat_status}")
   return notes
@@ -350,10 +479,11 @@ def _draw(rows, histories):
 
   def draw(plt):
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for color, method in enumerate(METHODS):
+    labels = list(dict.fromkeys(r["method"] for r in rows))
+    for color, method in enumerate(labels):
       for impl, (line, marker) in styles.items():
         sel = sorted(
-          (r for r in rows if r["impl"] == impl and r["method"] == METHODS[method]),
+          (r for r in rows if r["impl"] == impl and r["method"] == method),
           key=lambda r: r["size"],
         )
         if not sel:
@@ -370,7 +500,7 @@ def _draw(rows, histories):
           linestyle=line,
           marker=marker,
           capsize=3,
-          label=f"{impl} {method.upper()}",
+          label=f"{impl} {method.split(' (')[0]}{method.split(')', 1)[1]}",
         )
     ks = sorted({r["size"] for r in rows})
     ax_t.set_xscale("log")
@@ -421,56 +551,87 @@ def _boat_python(cfg, ctx) -> tuple[str | None, str]:
   return python, ""
 
 
-def _sweep(cfg, ctx, problem, y0, data_path, python, threads):
-  """Alternates ours and BOAT per K, ``repeats`` times over the Ks.
+def pairs(m: dict) -> list[tuple[str, str]]:
+  """The (method, variant) pairs a config runs: every variant for every
+  method, less those that are not the same algorithm on both sides."""
+  return [
+    (meth, var)
+    for var in m.get("variants", ["full"])
+    for meth in m["methods"]
+    if (meth, var) not in PAIRS_SKIPPED
+  ]
+
+
+def _sweep(cfg, ctx, problem, y0, data_path, python, threads, batches=None):
+  """Alternates ours and BOAT per K (ours first in even sweeps, BOAT first in
+  odd ones), ``repeats`` times over the Ks.
 
   Returns (our runs, BOAT runs, BOAT's versions, a status line if BOAT failed).
   """
   m, t = cfg["method"], cfg["timing"]
-  ours = {(meth, K): [] for K in m["K"] for meth in m["methods"]}
-  boat = {(meth, K): [] for K in m["K"] for meth in m["methods"]}
+  ours = {(meth, var, K): [] for K in m["K"] for meth, var in pairs(m)}
+  boat = {(meth, var, K): [] for K in m["K"] for meth, var in pairs(m)}
   meta, failure, cache = {}, "", {}
+
+  def run_ours_at(rep, K):
+    for meth, var in pairs(m):
+      ctx.log(
+        f"[hypercleaning_peers] sweep {rep + 1}/{t['repeats']}: bilevel_jax {meth} {var} K={K}"
+      )
+      stream = batches if var == "minibatch" else None
+      ours[(meth, var, K)].append(run_ours(problem, meth, K, y0, cfg, cache, var, stream))
+
+  def run_boat_at(rep, K):
+    nonlocal meta, failure
+    if python is None or failure:
+      return
+    ctx.log(f"[hypercleaning_peers] sweep {rep + 1}/{t['repeats']}: BOAT K={K}")
+    try:
+      out = run_boat(python, data_path, boat_settings(cfg, K, threads), cfg["boat"]["timeout_s"])
+    except (OSError, ValueError, subprocess.SubprocessError) as err:
+      failure = f"failed at K={K}: {err}"
+      ctx.log(f"[hypercleaning_peers] BOAT {failure}")
+      return
+    meta = {k: v for k, v in out.items() if k != "results"}
+    for res in out["results"]:
+      boat[(res["method"], res.get("variant", "full"), res["K"])].append(res)
+
   for rep in range(t["repeats"]):
     for K in m["K"]:
-      for meth in m["methods"]:
-        ctx.log(f"[hypercleaning_peers] sweep {rep + 1}/{t['repeats']}: bilevel_jax {meth} K={K}")
-        ours[(meth, K)].append(run_ours(problem, meth, K, y0, cfg, cache))
-      if python is None or failure:
-        continue
-      ctx.log(f"[hypercleaning_peers] sweep {rep + 1}/{t['repeats']}: BOAT K={K}")
-      try:
-        out = run_boat(python, data_path, boat_settings(cfg, K, threads), cfg["boat"]["timeout_s"])
-      except (OSError, ValueError, subprocess.SubprocessError) as err:
-        failure = f"failed at K={K}: {err}"
-        ctx.log(f"[hypercleaning_peers] BOAT {failure}")
-        continue
-      meta = {k: v for k, v in out.items() if k != "results"}
-      for res in out["results"]:
-        boat[(res["method"], res["K"])].append(res)
+      # Odd sweeps run BOAT first, so that a slow phase of a shared machine
+      # does not always fall on the same side.
+      first, second = (run_ours_at, run_boat_at) if rep % 2 == 0 else (run_boat_at, run_ours_at)
+      first(rep, K)
+      second(rep, K)
   return ours, boat, meta, failure
 
 
 def _compare(cfg, ours, boat):
   """Rows (ours, then BOAT's, with the speedup on both), loss histories, and
   the largest relative gap between the two validation-loss histories."""
-  rows, histories, gap = [], {}, 0.0
+  rows, histories, gaps = [], {}, {}
   for K in cfg["method"]["K"]:
-    for meth in cfg["method"]["methods"]:
-      mine = _row("bilevel_jax", meth, K, ours[(meth, K)], cfg)
+    for meth, var in pairs(cfg["method"]):
+      key = (meth, var, K)
+      label = meth + VARIANTS[var]
+      mine = _row("bilevel_jax", meth, var, K, ours[key], cfg)
       rows.append(mine)
-      histories[("bilevel_jax", meth, K)] = ours[(meth, K)][0]["val_loss_history"]
-      if not boat[(meth, K)]:
+      histories[("bilevel_jax", label, K)] = ours[key][0]["val_loss_history"]
+      if not boat[key]:
         continue
-      theirs = _row("boat", meth, K, boat[(meth, K)], cfg)
+      theirs = _row("boat", meth, var, K, boat[key], cfg)
       mine["speedup"] = theirs["speedup"] = theirs["median_s"] / mine["median_s"]
       rows.append(theirs)
-      histories[("boat", meth, K)] = hist = boat[(meth, K)][0]["val_loss_history"]
-      a, b = np.asarray(histories[("bilevel_jax", meth, K)]), np.asarray(hist)
-      gap = max(gap, float(np.max(np.abs(a - b) / np.abs(b))))
-  return rows, histories, gap
+      histories[("boat", label, K)] = hist = boat[key][0]["val_loss_history"]
+      a, b = np.asarray(histories[("bilevel_jax", label, K)]), np.asarray(hist)
+      gap = float(np.max(np.abs(a - b) / np.abs(b)))
+      mine["history_gap"] = theirs["history_gap"] = gap
+      gaps[var] = max(gaps.get(var, 0.0), gap)
+  return rows, histories, gaps
 
 
 def run(cfg: dict, ctx: runner.Context) -> runner.SuiteResult:
+  load_start = os.getloadavg()
   dataset, split = load_split(cfg)
   classes = int(max(split.y_train.max(), split.y_val.max(), split.y_test.max())) + 1
   y0_np = initial_lower(
@@ -483,9 +644,14 @@ def run(cfg: dict, ctx: runner.Context) -> runner.SuiteResult:
   python, status = _boat_python(cfg, ctx)
   with tempfile.TemporaryDirectory() as tmp:
     data_path = os.path.join(tmp, "hypercleaning.npz")
-    write_data(data_path, split, y0_np)
-    ours, boat, meta, failure = _sweep(cfg, ctx, problem, y0, data_path, python, threads)
-  rows, histories, gap = _compare(cfg, ours, boat)
+    m = cfg["method"]
+    batches = None
+    if "minibatch" in m.get("variants", ["full"]):
+      steps = max(upper_iterations_at(m, K) * K for K in m["K"])
+      batches = batch_stream(split.y_train.size, m["batch_size"], steps, cfg["data"]["seed"] + 1)
+    write_data(data_path, split, y0_np, batches)
+    ours, boat, meta, failure = _sweep(cfg, ctx, problem, y0, data_path, python, threads, batches)
+  rows, histories, gaps = _compare(cfg, ours, boat)
   if failure:
     status = failure
   elif meta:
@@ -494,11 +660,13 @@ def run(cfg: dict, ctx: runner.Context) -> runner.SuiteResult:
       f"boat-torch {v['boat-torch']}, torch {v['torch']}, higher {v['higher']}, "
       f"numpy {v['numpy']}, torch threads {meta['torch_threads']}, Python "
       f"{meta['python']}. Largest relative gap between BOAT's and our "
-      f"validation-loss histories: {gap:.2g} (float32 on both sides)."
+      "validation-loss histories (float32 on both sides): "
+      + ", ".join(f"{v} {g:.2g}" for v, g in gaps.items())
+      + "."
     )
   runs = [
-    {"impl": "bilevel_jax", "method": meth, "K": K, **r}
-    for (meth, K), rs in ours.items()
+    {"impl": "bilevel_jax", "method": meth, "variant": var, "K": K, **r}
+    for (meth, var, K), rs in ours.items()
     for r in rs
   ]
   runs += [{"impl": "boat", **r} for rs in boat.values() for r in rs]
@@ -514,6 +682,7 @@ def run(cfg: dict, ctx: runner.Context) -> runner.SuiteResult:
     "metric",
     "val_loss",
     "speedup",
+    "upper_iterations",
   ]
   return runner.SuiteResult(
     title=TITLE,
@@ -521,5 +690,10 @@ def run(cfg: dict, ctx: runner.Context) -> runner.SuiteResult:
     rows=rows,
     notes=_notes(cfg, dataset, split, threads, cores, status),
     figures={"time_vs_K.png": _draw(rows, histories)},
-    extra={"dataset": dataset, "peer": {"boat": {"status": status, **meta}}, "runs": runs},
+    extra={
+      "dataset": dataset,
+      "peer": {"boat": {"status": status, **meta}},
+      "runs": runs,
+      "load_average": {"start": list(load_start), "end": list(os.getloadavg())},
+    },
   )
