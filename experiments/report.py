@@ -39,11 +39,33 @@ def git_commit() -> str:
     return "unknown"
 
 
+def cpu_model() -> str:
+  """The CPU's model name, family and model numbers and its widest vector
+  extension (Linux's /proc/cpuinfo; "" elsewhere): two runs on machines of
+  one name but other CPUs are not comparable."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as handle:
+      text = handle.read()
+  except OSError:
+    return ""
+  fields: dict = {}
+  for line in text.splitlines():
+    key, _, value = line.partition(":")
+    fields.setdefault(key.strip(), value.strip())
+  flags = set(fields.get("flags", "").split())
+  vector = next((f for f in ("amx_tile", "avx512f", "avx2", "sse4_2") if f in flags), "")
+  return (
+    f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, "
+    f"model {fields.get('model', '?')}, {vector or 'no AVX'})"
+  )
+
+
 def machine_info() -> dict:
   device = jax.devices()[0]
   return {
     "platform": platform.platform(),
     "processor": platform.processor() or platform.machine(),
+    "cpu_model": cpu_model(),
     "cpu_count": os.cpu_count(),
     "python": platform.python_version(),
     "jax": jax.__version__,
