@@ -91,6 +91,8 @@ EXTENDED = {
   "tests/test_unrolled.py::test_bda_agrees_with_closed_form_and_rhg_for_large_K",
   "bilevel_jax/_src/composite/solver.py::bilevel_jax._src.composite.solver.solve",
   "tests/test_composite.py::test_nonfinite_h_data",
+  # the ipm case runs by default and checks the same separable J^T Q J
+  "tests/test_composite.py::test_separable_G_matches_the_dense_path[warm]",
 }
 
 
