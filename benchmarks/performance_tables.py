@@ -402,7 +402,7 @@ def compile_section() -> str:
 
 
 def realistic_compile_section(d, name: str) -> str:
-  """The compile-time rows of what a new user compiles first (issue 15)."""
+  """The compile-time rows of what a new user compiles first."""
   by_entry: dict = {}
   for r in d["rows"]:
     if r.get("group") == "realistic":
@@ -440,7 +440,7 @@ def realistic_compile_section(d, name: str) -> str:
       " shared with other jobs: wall times are noisy, CPU seconds less so."
     )
   return (
-    "\n\n**Compile time of what a new user compiles first** (issue 15; the elastic net of "
+    "\n\n**Compile time of what a new user compiles first** (the elastic net of "
     "Solla & Royset 6.1 with 10 features, Algorithm 1 with N_sam = 5 around it, an Adam "
     "step of `upper.make_step` around it, an implicit hypergradient of a 64-feature, "
     "10-class logistic regression, a BDA hypergradient of a 784-32-10 MLP with K = 50; "
@@ -727,7 +727,7 @@ def _compile_target():
     else ""
   )
   return [
-    "First call ≤ 3 s per solver on a small problem, ≤ 10 s for gradient sampling (issue 15)",
+    "First call ≤ 3 s per solver on a small problem, ≤ 10 s for gradient sampling",
     measured,
     _met(all(r["meets_target"] for r in small + heavy)),
     limit,
@@ -753,7 +753,7 @@ def _jaxopt_run_target():
   )
   return [
     "Implicit hypergradients ≥ 2× less time per upper step than jaxopt at matched error, "
-    "over a full upper run, with the same lower warm start (issue 15)",
+    "over a full upper run, with the same lower warm start",
     "best exact option per setting: " + measured,
     _met(min(best.values()) >= 2.0),
     "Both sides do the same lower work from the same start; only the adjoint solve can "
@@ -770,7 +770,7 @@ def _cvxpy_target():
   s = d["summary"]
   return [
     "Composite elastic net ≥ 100× less time per instance than the cvxpy reference, "
-    "equal validation error (issue 15)",
+    "equal validation error",
     f"median {_x(s['speedup_median'])} (per instance "
     + ", ".join(_x(v) for v in s["speedup_per_instance"])
     + f"); validation error {s['ours_mean_validation_error_same_instances']:.3f} ours, "
@@ -793,7 +793,7 @@ def _flop_target():
     for r in at100
   )
   return [
-    "Hyper-cleaning hypergradient at K = 100 ≥ 70% of this CPU's measured matmul rate (issue 15)",
+    "Hyper-cleaning hypergradient at K = 100 ≥ 70% of this CPU's measured matmul rate",
     measured,
     _met(all(r["fraction_of_matmul_limit"] >= 0.7 for r in at100)),
     "Nearly all FLOPs are thin GEMMs (2000 × 784 by 784 × 10 and transposes), which "
@@ -854,7 +854,7 @@ def _boat_targets():
   if ratios:
     rows.append(
       [
-        "≥ 3× BOAT at every K from 50 to 800, also with minibatch and Adam lower levels (issue 15)",
+        "≥ 3× BOAT at every K from 50 to 800, also with minibatch and Adam lower levels",
         f"{_ratio_range(ratios)} over K, methods and lower levels ({', '.join(sources)})",
         _met(min(ratios) >= 3),
         _gemm_bound_note()
@@ -891,7 +891,7 @@ def _vmap_target():
     )
   return [
     "256 vmapped ridge problems ≥ 15× faster than a loop of 256 calls on this CPU, if the "
-    "cause is ours (issue 15)",
+    "cause is ours",
     measured,
     "**no** (cause not ours)" if prof is not None and speedup and speedup < 15 else "–",
     limit,

@@ -1,4 +1,4 @@
-"""Before/after of the composite solver (issue 15): compile and run time of
+"""Before/after of the composite solver: compile and run time of
 `composite.make_hypergradient` and `upper.gradient_sampling` on a 10-feature
 elastic net, and Algorithm 1 on the first instances of the composite_peers
 problem (d = 100) with the count of lower solves, interior-point fallbacks
@@ -129,7 +129,7 @@ def write_md(result: dict, path: str) -> None:
   """The before/after table of a result of `main` (medians over rounds)."""
   med = statistics.median
   lines = [
-    "# Composite solver before/after (issue 15)",
+    "# Composite solver before/after",
     "",
     f"Before {result['base'][:7]}, after {result['head'][:7]}; machine "
     f"{result['machine'].get('processor', '')} {result['machine'].get('cpu_affinity')} CPUs "

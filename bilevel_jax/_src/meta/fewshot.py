@@ -206,10 +206,6 @@ def task_hypergradient(
     >>> value, grad, y_k = hypergradient(x, head, task)
     >>> grad[0]["w"].shape, y_k["w"].shape        # grad is shaped like x
     ((4, 3), (3, 2))
-    >>> _, _, solution = meta.task_hypergradient(x, head, task, l2=0.1, steps=5, upper_lr=0.5,
-    ...                                          lower_lr=0.5, alpha=0.5, return_info=True)
-    >>> int(solution.info.status)                   # 0: Status.SUCCESS
-    0
   """
   value, grad, solution = unrolled.hypergradient(
     lambda x, y: task_upper(x, y, task),
