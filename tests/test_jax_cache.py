@@ -15,22 +15,24 @@ from experiments import jax_cache
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One process: import bilevel_jax (the cache must still be off), then enable
-# the cache and run a gradient-sampling solve whose compile is cached.
+# the cache and compute a BDA hypergradient whose compile is cached.
 SCRIPT = """
 import json, os, sys
 import jax, jax.numpy as jnp
 import bilevel_jax
-from bilevel_jax import upper
+from bilevel_jax import bda
 before = jax.config.jax_compilation_cache_dir
 hits = []
 jax.monitoring.register_event_listener(
   lambda event, **kw: hits.append(event) if event.endswith("/cache_hits") else None)
 from experiments import jax_cache
 path = jax_cache.enable()
-fun = lambda x, alpha, beta: jnp.sum(jnp.abs(x - 1.0)) + 0.1 * jnp.sum(x ** 2)
-sol = jax.jit(lambda x0: upper.gradient_sampling(
-  fun, x0, key=jax.random.PRNGKey(0), num_samples=3, max_steps=50))(jnp.array([2.0, -1.0]))
-print(json.dumps({"before": before, "path": path, "x": [float(v) for v in sol.x], "hits": len(hits),
+upper_fn = lambda x, y: jnp.sum((y - 1.0) ** 2)
+lower_fn = lambda x, y: 0.5 * jnp.sum((y - x) ** 2)
+_, grad = jax.jit(lambda x: bda.hypergradient(
+  upper_fn, lower_fn, x, jnp.zeros(2), steps=20, upper_lr=0.5, lower_lr=0.5, alpha=0.5))(
+  jnp.array([2.0, -1.0]))
+print(json.dumps({"before": before, "path": path, "x": [float(v) for v in grad], "hits": len(hits),
                   "entries": sorted(os.listdir(path)) if path else []}))
 """
 
