@@ -33,8 +33,9 @@ def _broadcast_like(bound, tree, name: str):
   """A bound is one number or array (applied to every leaf) or a pytree like ``tree``."""
   if _is_single_bound(bound):
     return jax.tree_util.tree_map(lambda _: bound, tree)
-  bound_def, tree_def = jax.tree_util.tree_structure(bound), jax.tree_util.tree_structure(tree)
-  if bound_def != tree_def:
+  bound_def = jax.tree_util.tree_structure(bound)
+  tree_def = jax.tree_util.tree_structure(tree)
+  if bound_def != tree_def:  # type: ignore[operator]  # PyTreeDef stubs lack __ne__
     raise ValueError(
       f"`{name}` must be a number, an array or a pytree with the structure of the projected "
       f"value: got {bound_def} for a value with structure {tree_def}."
@@ -74,8 +75,9 @@ def _check_ordered(lower, upper) -> None:
     lower = jax.tree_util.tree_map(lambda _: lower, upper)
   elif _is_single_bound(upper) and not _is_single_bound(lower):
     upper = jax.tree_util.tree_map(lambda _: upper, lower)
-  lo_def, hi_def = jax.tree_util.tree_structure(lower), jax.tree_util.tree_structure(upper)
-  if lo_def != hi_def:
+  lo_def = jax.tree_util.tree_structure(lower)
+  hi_def = jax.tree_util.tree_structure(upper)
+  if lo_def != hi_def:  # type: ignore[operator]  # PyTreeDef stubs lack __ne__
     raise ValueError(
       f"`lower` and `upper` must be numbers, arrays or pytrees of one structure: got {lo_def} and {hi_def}."
     )
