@@ -95,11 +95,16 @@ EXTENDED = {
   # active-set test runs warm solves on a separable G against a cold solve
   "tests/test_composite.py::test_separable_G_matches_the_dense_path[warm]",
   "tests/test_composite.py::test_separable_G_matches_the_dense_path[ipm]",
-  # the new implicit options under jit/vmap/grad, and degree 1 of the
-  # extrapolation (degree 2 runs by default)
+  # the new implicit options under jit/vmap/grad, the extrapolation's exact
+  # starting points and the preconditioner's savings
   "tests/test_implicit_reuse.py::test_transformations_and_no_retrace",
   "tests/test_implicit_reuse.py::test_adjoint_has_the_structure_of_the_float_leaves_of_y",
   "tests/test_implicit_reuse.py::test_make_step_extrapolates_both_starts[1]",
+  "tests/test_implicit_reuse.py::test_make_step_extrapolates_both_starts[2]",
+  "tests/test_implicit_reuse.py::test_lbfgs_preconditioner_saves_cg_iterations",
+  # the carry through make_step: by default test_optimize_carries_... checks
+  # the same iterates, extrapolation and a resume through upper.optimize
+  "tests/test_implicit_reuse.py::test_make_step_carries_the_adjoint_with_optax",
 }
 
 

@@ -423,14 +423,15 @@ def optimize(
     steps: number of upper iterations.
     y0: initial lower iterate, passed to ``hypergradient_fn``.
     warm_start: feed the lower solution of each step back as the next y0.
-    warm_start_adjoint, extrapolate: as in `bilevel_jax.upper.make_step`:
-      start each adjoint solve from the previous adjoint (a
-      ``hypergradient_fn`` that takes ``v0=`` and returns
-      ``solution.adjoint``, as `bilevel_jax.implicit.make_hypergradient`
-      does), and start the lower (and adjoint) solves from the polynomial
-      extrapolation of degree 1 or 2 of the last solutions. They change the
-      starting points only. A resumed run restarts both from the restored
-      lower solution (the adjoint from zeros).
+    warm_start_adjoint: as in `bilevel_jax.upper.make_step`: start each
+      adjoint solve from the previous adjoint (a ``hypergradient_fn`` that
+      takes ``v0=`` and returns ``solution.adjoint``, as
+      `bilevel_jax.implicit.make_hypergradient` does). A resumed run
+      restarts it from zeros.
+    extrapolate: as in `bilevel_jax.upper.make_step`: 0, 1 or 2; start the
+      lower (and adjoint) solves from the polynomial extrapolation of that
+      degree of the last solutions. It changes the starting points only; a
+      resumed run restarts it from the restored lower solution.
     projection: ``P_X(x) -> x`` applied after each update (see
       `bilevel_jax.projections`).
     metrics_fn: ``fn(x, y) -> dict of scalars`` recorded every step, inside
