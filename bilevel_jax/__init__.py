@@ -19,6 +19,7 @@ Namespaces:
   bilevel_jax.meta         few-shot meta-learning: episodes, datasets, the bilevel model.
 """
 
+from bilevel_jax._src.checkpointing import CheckpointError
 from bilevel_jax._src.status import SolverError
 from bilevel_jax._src.status import Status
 from bilevel_jax._src.status import status_message
@@ -39,6 +40,7 @@ from bilevel_jax import value
 __version__ = "0.2.0"
 
 __all__ = [
+  "CheckpointError",
   "SolverError",
   "Status",
   "status_message",

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+import bilevel_jax
 from bilevel_jax import upper
 from bilevel_jax._src import checkpointing
 from bilevel_jax._src import upper_loop
@@ -315,7 +316,7 @@ def _write(path, raw):
 
 def _rejected(path, match, **kw):
   with pytest.raises(
-    checkpointing.CheckpointError, match=f"{path}' is not a checkpoint of this run: {match}"
+    bilevel_jax.CheckpointError, match=f"{path}' is not a checkpoint of this run: {match}"
   ):
     _run(checkpoint_path=path, **kw)
 

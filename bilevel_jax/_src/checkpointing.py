@@ -40,7 +40,17 @@ _DEFERRED_SIGNALS = tuple(
 
 
 class CheckpointError(ValueError):
-  """A checkpoint file that cannot be used by this run (the message says why)."""
+  """A checkpoint file that cannot be used by this run (the message says why).
+
+  A `ValueError`, raised by `upper.optimize(checkpoint_path=...)` before any
+  step runs when the file is unreadable, truncated, foreign, of another
+  structure or dtype, or records a negative step.
+
+  Examples:
+    >>> import bilevel_jax
+    >>> issubclass(bilevel_jax.CheckpointError, ValueError)
+    True
+  """
 
 
 def not_this_run(path: str, why: str) -> CheckpointError:

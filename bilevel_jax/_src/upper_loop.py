@@ -474,7 +474,7 @@ def optimize(
       dict of scalars (or reusing a history name); ``projection`` changing
       x's structure or shapes; ``steps`` beyond the bound above; an
       unwritable ``checkpoint_path``.
-    bilevel_jax._src.checkpointing.CheckpointError: (a ValueError) the file
+    bilevel_jax.CheckpointError: (a ValueError) the file
       at ``checkpoint_path`` is not a checkpoint of this run (unreadable,
       truncated, foreign, another structure or dtype, a negative step).
     SolverError: with ``throw=True``, when ``info.status`` is not SUCCESS.
