@@ -115,3 +115,62 @@ def test_poisoning_lambda_must_be_concrete_for_folding(reformulated):
   # lambda_1 is folded into h's slopes (concrete), so h carries no traced scale
   low = regression.elastic_net_lower(_data(), reformulated, lam=LAM)
   assert getattr(low.h, "scale", None) is None
+
+
+def test_timed_instances_times_each_instance_of_one_program():
+  # The per-instance clock of the Table 2 runs: outputs as a plain lax.map
+  # (the zero added by the start stamp changes nothing), one positive time
+  # per instance, inside the program's run time.  (No timing comparisons.)
+  from experiments import poisoning
+
+  data = regression.make_instances(0, 3, dim=4, n_train=6, n_val=3, n_test=3)
+  trips = jnp.array([1, 5, 50])
+
+  def fn(d, k):
+    def body(i, y):
+      return jnp.sin(y) + d.a_train @ d.a_train.T @ y * 1e-3
+
+    y = jax.lax.fori_loop(0, k, body, d.b_train)
+    return {"y": y, "k": k}
+
+  out, compile_s, run_s, times = poisoning.timed_instances(fn, data, trips)
+  expected = jax.lax.map(lambda args: fn(*args), (data, trips))
+  np.testing.assert_allclose(out["y"], expected["y"], rtol=1e-12)
+  assert times.shape == (3,) and np.all(times > 0) and compile_s > 0
+  assert np.sum(times) <= run_s
+
+
+def test_spread_and_gap_to_the_paper():
+  from experiments import poisoning
+
+  s = poisoning.spread([1.0, 2.0, 3.0, 6.0])
+  assert s["n"] == 4 and s["mean"] == 3.0
+  np.testing.assert_allclose(s["se"], np.std([1.0, 2.0, 3.0, 6.0], ddof=1) / 2)
+  assert np.isnan(poisoning.spread([2.0])["se"])
+  gap = poisoning._gap(s, 3.0 + 1.5 * s["se"])
+  assert gap["inside_2se"] and np.isclose(gap["gap_in_se"], -1.5)
+  assert not poisoning._gap(s, 3.0 + 2.5 * s["se"])["inside_2se"]
+
+
+@pytest.mark.slow
+def test_poisoning_tiny_config_runs(tmp_path):
+  # The experiment end to end on configs/poisoning_tiny.toml (2 instances,
+  # 10 iterations): every instance has a time, the summaries have their
+  # spreads, and nothing is reported as reduced.
+  import json
+  import os
+
+  from experiments import cli
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "tiny"
+  config = os.path.join(repo, "configs", "poisoning_tiny.toml")
+  assert cli.main(["run", config, "--out", str(out), "--quiet", "--no-plot"]) == 0
+  payload = json.loads((out / "results.json").read_text())
+  summary = payload["summary"]
+  assert set(summary) == {"clean", "2", "2R", "random"}
+  for method in ("2", "2R", "random"):
+    assert summary[method]["n"] == 2 and len(payload["histories"][method]["time_s"]) == 2
+    assert summary[method]["time_s"]["min"] > 0
+  assert len(payload["histories"]["random"]["val_error"]) == 2
+  assert payload["reductions"] == []
