@@ -16,9 +16,19 @@ in the form g + h(G) of (1.2):
     g = |A (y+ - y-) - b|^2 + exp(lambda_2)/2 |y+ - y-|^2,
     G = (exp(lambda_1) (y+ + y-), -y+, -y-),  h = sum z_lin + indicator{z <= 0}
                                                               ("1R")
-* data poisoning (6.3), x = w in R^{n_tr}: the same with b + w, fixed
-  lambda_1 = e^3, lambda_2 = e^2, and upper level max |A_val y - b_val|^2 /
-  n_val subject to |w|^2 <= c.
+* data poisoning (6.3), x = w in R^{n_tr}, fixed lambda_1 = e^3,
+  lambda_2 = e^2, upper level max |A_val y - b_val|^2 / n_val subject to
+  |w|^2 <= c, and the lower level exactly as the paper writes it (Section
+  6.2, after (6.3)):
+    g = |A y - b - w|^2 + lambda_2/2 |y|^2,  G = (y, -y),
+    h = lambda_1 sum_i max(z1_i, z2_i)                        ("2")
+  The weight lambda_1 sits in h, not in G: the smoothed problem (3.1) uses
+  e_alpha h, and e_alpha (lambda_1 h_1)(z) = lambda_1 e_{alpha lambda_1}
+  h_1(z), whereas e_alpha h_1(lambda_1 z) = lambda_1 e_{alpha / lambda_1}
+  h_1(z): the two placements agree at alpha = 0 only.  Reformulated ("2R"),
+  y = (y+, y-) >= 0:
+    g = |A (y+ - y-) - b - w|^2 + lambda_2/2 |y+ - y-|^2,
+    G = (y+ + y-, -y+, -y-),  h = lambda_1 sum z_lin + indicator{z <= 0}.
 """
 
 from __future__ import annotations
@@ -96,9 +106,14 @@ def elastic_net_lower(
 ) -> CompositeLowerLevel:
   """The elastic-net lower level of (6.1) ("1") or (6.2) ("1R").
 
-  By default x = (lambda_1, lambda_2) with the exp reparametrization.  For
-  data poisoning pass ``lam`` = fixed (l1, l2) weights; x is then w, the
-  perturbation of the training responses.
+  By default x = (lambda_1, lambda_2) with the exp reparametrization and
+  G = exp(lambda_1) (y, -y), h = sum max, as the paper writes (6.1).  For
+  data poisoning (6.3) pass ``lam`` = the fixed (lambda_1, lambda_2); x is
+  then w, the perturbation of the training responses, and lambda_1 goes into
+  h = lambda_1 sum max with G = (y, -y), as the paper writes it for (6.3)
+  (this changes Y_{alpha,beta} for alpha > 0; see the module docstring).
+  Pass ``lam`` as concrete numbers (Python or NumPy floats) so that
+  lambda_1 is folded into h's slopes.
   """
   a, b = data.a_train, data.b_train
   d = a.shape[1]
@@ -116,6 +131,15 @@ def elastic_net_lower(
       r = a @ y - target
       return jnp.vdot(r, r) + 0.5 * l2 * jnp.vdot(y, y)
 
+    if lam is not None:  # data poisoning: h = lambda_1 sum max (paper, after (6.3))
+      return CompositeLowerLevel(
+        g,
+        lambda x, y: jnp.concatenate([y, -y]),
+        poly.l1(d, scale=lam[0]),
+        jnp.zeros(d, dtype),
+        lambda y: y,
+      )
+
     def G(x, y):
       l1, _, _ = weights(x)
       return l1 * jnp.concatenate([y, -y])
@@ -128,9 +152,18 @@ def elastic_net_lower(
     r = a @ coef - target
     return jnp.vdot(r, r) + 0.5 * l2 * jnp.vdot(coef, coef)
 
-  def G_split(x, y):
-    l1, _, _ = weights(x)
-    return jnp.concatenate([l1 * (y[:d] + y[d:]), -y])
+  if lam is not None:  # data poisoning: lambda_1 in h, as in "2"
 
-  h = poly.separable(poly.linear(jnp.ones(d, dtype)), poly.nonpositive(2 * d))
+    def G_split(x, y):
+      return jnp.concatenate([y[:d] + y[d:], -y])
+
+    slopes = lam[0] * jnp.ones(d, dtype)
+  else:
+
+    def G_split(x, y):
+      l1, _, _ = weights(x)
+      return jnp.concatenate([l1 * (y[:d] + y[d:]), -y])
+
+    slopes = jnp.ones(d, dtype)
+  h = poly.separable(poly.linear(slopes), poly.nonpositive(2 * d))
   return CompositeLowerLevel(g_split, G_split, h, jnp.zeros(2 * d, dtype), lambda y: y[:d] - y[d:])
