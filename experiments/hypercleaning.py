@@ -105,7 +105,7 @@ def load_problem(cfg: dict, seed: int | None = None) -> hc.HyperCleaning:
     corruption=d["corruption"],
     seed=d["seed"] if seed is None else seed,
   )
-  if d["pca_dims"]:
+  if d.get("pca_dims", 0):
     split = pca_project(split, d["pca_dims"])
   return hc.HyperCleaning(jax.tree_util.tree_map(jnp.asarray, split), l2=cfg["model"]["l2"])
 

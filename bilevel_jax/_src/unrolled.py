@@ -630,11 +630,18 @@ def solve(
     if prox is None and opt is None:
       if rhg:
         return tree_ops.tree_scale(s_l, jax.grad(lower_fn, argnums=1)(x, y, batch_f)), state
-      # One backward pass for both directions.
-      combined = lambda yy: (
-        a * s_u * upper_fn(x, yy, batch_F) + (1 - a) * s_l * lower_fn(x, yy, batch_f)
-      )
-      return jax.grad(combined)(y), state
+      if jnp.ndim(s_u) == 0 and jnp.ndim(s_l) == 0:
+        # One backward pass for both directions.
+        combined = lambda yy: (
+          a * s_u * upper_fn(x, yy, batch_F) + (1 - a) * s_l * lower_fn(x, yy, batch_f)
+        )
+        return jax.grad(combined)(y), state
+      # Per-coordinate steps: scale each gradient before aggregating.
+      g_F = jax.grad(upper_fn, argnums=1)(x, y, batch_F)
+      g_f = jax.grad(lower_fn, argnums=1)(x, y, batch_f)
+      return jax.tree_util.tree_map(
+        lambda gF, gf: a * s_u * gF + (1 - a) * s_l * gf, g_F, g_f
+      ), state
     g_f = jax.grad(lower_fn, argnums=1)(x, y, batch_f)
     if opt is None:
       forward = tree_ops.tree_axpy(-s_l, g_f, y)
