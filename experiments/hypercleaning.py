@@ -177,6 +177,16 @@ def mean_se(values) -> dict:
   return {"mean": float(v.mean()), "se": se, "n": int(v.size)}
 
 
+def excludes_zero(stats: dict, level: float = 0.95) -> bool:
+  """Whether the Student-t interval mean +- t_{n-1} se at ``level`` excludes 0."""
+  from scipy import stats as scipy_stats
+
+  if stats["n"] < 2:
+    return False
+  t = float(scipy_stats.t.ppf(0.5 + level / 2, stats["n"] - 1))
+  return abs(stats["mean"]) > t * stats["se"]
+
+
 def _pm(stats: dict) -> str:
   return f"{stats['mean']:.2f} ± {stats['se']:.2f}"
 
@@ -337,7 +347,8 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
       accs = [s["runs"][key]["test_acc"] for s in per_seed]
       stats = mean_se(accs)
       paper = PAPER_TABLE2.get(name, {}).get(K)
-      summary_acc[name][str(K)] = {**stats, "paper": paper}
+      f1 = mean_se([s["runs"][key]["f1"] for s in per_seed])
+      summary_acc[name][str(K)] = {**stats, "paper": paper, "f1": f1["mean"], "f1_se": f1["se"]}
       wide[f"K = {K}"] = _pm(stats)
       paper_row[f"K = {K}"] = f"{paper:.2f}" if paper is not None else "-"
       statuses = sorted({s["runs"][key]["status"] for s in per_seed})
@@ -392,6 +403,12 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
       stats = mean_se(diffs)
       paired[label][str(K)] = {**stats, "per_seed": diffs}
       row[f"K = {K}"] = _pm(stats)
+    # K at which the 95% Student-t interval of the mean paired difference
+    # (n - 1 degrees of freedom) excludes 0.
+    row["95% t-interval excludes 0 at K"] = (
+      ", ".join(str(K) for K in low["K"] if excludes_zero(paired[label][str(K)])) or "none"
+    )
+    paired[label]["excludes_zero"] = row["95% t-interval excludes 0 at K"]
     paired_rows.append(row)
   base_row = {
     "baseline": "test accuracy",

@@ -303,3 +303,12 @@ def test_experiment_mean_and_standard_error():
   assert stats["n"] == 4 and stats["mean"] == 3.0
   assert stats["se"] == pytest.approx(np.std([1, 2, 4, 5], ddof=1) / 2)
   assert exp.mean_se([2.5]) == {"mean": 2.5, "se": 0.0, "n": 1}
+
+
+def test_experiment_t_interval_excludes_zero():
+  from experiments import hypercleaning as exp
+
+  # n = 5: t_4 = 2.776; 2.5 SE is inside, 3 SE outside.
+  assert not exp.excludes_zero({"mean": 2.5, "se": 1.0, "n": 5})
+  assert exp.excludes_zero({"mean": -3.0, "se": 1.0, "n": 5})
+  assert not exp.excludes_zero({"mean": 3.0, "se": 0.0, "n": 1})
