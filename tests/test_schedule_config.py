@@ -90,3 +90,22 @@ def test_theorem2_step_too_large_for_the_experiment_is_named():
   with pytest.raises(config.ConfigError, match=r"theorem2.*`upper_lr` must be <= 2 / "):
     config.alpha_schedule(table, upper_lr=0.7)  # 2 / (3 + 1) = 0.5 < 0.7
   assert float(config.alpha_schedule(table, upper_lr=0.5)(jnp.array(1))) == pytest.approx(0.99)
+
+
+def test_example1_with_theorem2_schedule_from_a_config(tmp_path, capsys):
+  """Example 1 at K = 16: Theorem 2's schedule (sigma = L_F = 1, exact for
+  F = (x - y_2)^2/2 + (y_1 - 1)^2/2) reaches x* = 1; 0.5/k stops short."""
+  import json
+
+  path = tmp_path / "ex1.toml"
+  path.write_text(
+    'experiment = "example1"\n[lower]\nK = [16]\n'
+    'alphas = ["0.5/k", { schedule = "theorem2", sigma = 1.0, smoothness = 1.0, gamma = 1.0 }]\n'
+    "[upper]\nsteps = 200\n[figures]\nenabled = false\n"
+  )
+  out = tmp_path / "out"
+  assert cli.main(["run", str(path), "--out", str(out), "--quiet", "--no-plot"]) == 0
+  summary = json.loads((out / "results.json").read_text())["summary"]["K16"]
+  assert abs(summary["theorem2"]["x"] - 1.0) < 1e-3 and summary["theorem2"]["F_gap"] < 1e-6
+  assert abs(summary["0p5_k"]["x"] - 1.0) > 0.05
+  capsys.readouterr()
