@@ -30,8 +30,9 @@ class Field:
   """One config key: its type, default and an optional check.
 
   ``kind`` is one of "int", "float", "str", "bool", "list[int]",
-  "list[float]", "list[str]", "alpha" (a number in [0, 1] or "c/k"), or
-  "list[alpha]".
+  "list[float]", "list[str]", "alpha" (a number in [0, 1], "c/k", or an
+  inline table naming any schedule of `bilevel_jax.schedules`, see
+  `parse_schedule`), or "list[alpha]".
   """
 
   kind: str
@@ -71,10 +72,115 @@ def parse_alpha(value) -> tuple[str, float]:
   elif isinstance(value, str):
     kind, c = "constant", float(value)
   else:
-    raise ValueError(f"cannot read {value!r} as alpha")
+    raise ValueError(
+      f"cannot read {value!r} as alpha (a number in [0, 1], 'c/k', or an inline "
+      "table { schedule = ..., ... })"
+    )
   if not 0 <= c <= 1:
     raise ValueError(f"alpha constant {c} must lie in [0, 1]")
   return kind, c
+
+
+# Inline-table schedules: name -> (required keys, optional keys), the
+# keyword arguments of the factory in `bilevel_jax.schedules`.
+SCHEDULES = {
+  "constant": (("value",), ()),
+  "harmonic": (("c",), ()),
+  "geometric": (("alpha0", "decay"), ()),
+  "theorem2": (("sigma", "smoothness"), ("gamma", "epsilon", "upper_lr")),
+}
+
+
+def parse_schedule(value: dict) -> dict:
+  """Checks an inline-table alpha such as ``{ schedule = "theorem2", sigma
+  = 1.0, smoothness = 1.0, gamma = 1.0 }`` and returns a copy.
+
+  ``schedule`` names a factory of `bilevel_jax.schedules` ("constant",
+  "harmonic", "geometric", "theorem2"); the other keys are its keyword
+  arguments. Theorem 2's ``upper_lr`` (s_u) may be left out: the experiment
+  then passes its own s_u (see `alpha_schedule`). Raises ValueError naming
+  the bad key.
+  """
+  if "schedule" not in value:
+    raise ValueError(
+      f"schedule table needs the key `schedule` (one of {sorted(SCHEDULES)}); got keys "
+      f"{sorted(value)}"
+    )
+  name = value["schedule"]
+  if name not in SCHEDULES:
+    raise ValueError(f"`schedule` = {name!r} must be one of {sorted(SCHEDULES)}")
+  required, optional = SCHEDULES[name]
+  params = {k: v for k, v in value.items() if k != "schedule"}
+  for key in params:
+    if key not in required + optional:
+      raise ValueError(
+        f"unknown key `{key}` for schedule {name!r}; known keys: {sorted(required + optional)}"
+      )
+  for key in required:
+    if key not in params:
+      raise ValueError(f"schedule {name!r} needs the key `{key}`")
+  for key, v in params.items():
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+      raise ValueError(f"schedule {name!r}: `{key}` = {v!r} must be a finite number")
+  # Build it once so that out-of-range values fail here, naming their key
+  # (Theorem 2 without upper_lr: checked with the largest s_u it allows).
+  try:
+    _build(name, params, None)
+  except ValueError as err:
+    raise ValueError(f"schedule {name!r}: {err}") from None
+  return {"schedule": name, **params}
+
+
+def _build(name: str, params: dict, upper_lr):
+  from bilevel_jax._src import schedules
+
+  if name == "theorem2":
+    params = dict(params)
+    if "upper_lr" not in params:
+      if upper_lr is None:  # validation only: the largest s_u Theorem 2 allows
+        sigma, smooth = float(params["sigma"]), float(params["smoothness"])
+        upper_lr = 2.0 / (smooth + sigma) if sigma > 0 and smooth > 0 else 1.0
+      params["upper_lr"] = upper_lr
+  return getattr(schedules, name)(**params)
+
+
+def alpha_schedule(value, upper_lr: float | None = None):
+  """A config alpha as the ``alpha`` argument of `bilevel_jax.bda.solve`:
+  a number for a constant ("0.5", 0.5), `schedules.harmonic` for "c/k", and
+  the named factory for an inline table. ``upper_lr`` is the experiment's
+  s_u, used by a "theorem2" table that does not give its own. Raises
+  ConfigError naming the key when the schedule's constants are invalid for
+  this s_u (Theorem 2 needs s_u <= 2 / (smoothness + sigma))."""
+  if isinstance(value, dict):
+    params = parse_schedule(value)
+    name = params.pop("schedule")
+    try:
+      return _build(name, params, upper_lr)
+    except ValueError as err:
+      raise ConfigError(f"alpha schedule {name!r} with s_u = {upper_lr}: {err}") from None
+  from bilevel_jax._src import schedules
+
+  kind, c = parse_alpha(value)
+  return schedules.harmonic(c) if kind == "harmonic" else c
+
+
+def alpha_label(value) -> str:
+  """Short label: "0.5/k", "0.5", or "theorem2(sigma=1, smoothness=1, ...)"."""
+  if isinstance(value, dict):
+    params = parse_schedule(value)
+    name = params.pop("schedule")
+    return f"{name}(" + ", ".join(f"{k}={v:g}" for k, v in params.items()) + ")"
+  kind, c = parse_alpha(value)
+  return f"{c:g}/k" if kind == "harmonic" else f"{c:g}"
+
+
+def alpha_is_zero(value) -> bool:
+  """True when the config alpha is the constant 0 (RHG)."""
+  if isinstance(value, dict):
+    params = parse_schedule(value)
+    return params["schedule"] == "constant" and params["value"] == 0
+  kind, c = parse_alpha(value)
+  return kind == "constant" and c == 0
 
 
 def _coerce(kind: str, value):
@@ -102,6 +208,8 @@ def _coerce(kind: str, value):
       raise ValueError("must be a string")
     return value
   if kind == "alpha":
+    if isinstance(value, dict):
+      return parse_schedule(value)
     parse_alpha(value)
     return value
   raise AssertionError(f"unknown field kind {kind}")

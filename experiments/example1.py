@@ -23,13 +23,19 @@ SCHEMA = {
     "upper_lr": F("float", 0.7, config.positive, "s_u"),
     "lower_lr": F("float", 0.2, config.positive, "s_l"),
     "K": F("list[int]", [8, 16, 64], config.positive),
-    "alphas": F("list[alpha]", ["0.5/k", "0.9/k", 0.5, 0]),
+    "alphas": F(
+      "list[alpha]",
+      ["0.5/k", "0.9/k", 0.5, 0],
+      doc="numbers, 'c/k' strings or schedule tables such as "
+      "{ schedule = 'theorem2', sigma = 1.0, smoothness = 1.0 } (s_u from upper_lr)",
+    ),
   },
   "upper": common.upper_schema(optimizer="sgd", learning_rate=0.5, steps=100),
   "figures": {
     "enabled": F("bool", True),
     "K": F("int", 16, config.positive),
     "alpha": F("alpha", "0.5/k"),
+    "k_alphas": F("list[alpha]", [0], doc="schedules drawn beside `alpha` in Figure 2 (0: RHG)"),
     "init_x": F("list[float]", [0.0, 0.0, 2.0]),
     "init_y": F("list[list[float]]", [[0.0, 0.0], [2.0, 2.0], [2.0, 2.0]]),
   },
@@ -43,6 +49,17 @@ METRICS = [
 ]
 
 
+def method_name(alpha) -> str:
+  return "RHG" if config.alpha_is_zero(alpha) else "BDA"
+
+
+def alpha_key(alpha) -> str:
+  """A key without dots for the results summary: '0p5_k', '0', 'theorem2'."""
+  if isinstance(alpha, dict):
+    return alpha["schedule"]
+  return config.alpha_label(alpha).replace(".", "p").replace("/", "_")
+
+
 def _run(cfg, K, alpha, x0, y0):
   hg = unrolled.make_hypergradient(
     ex1.upper,
@@ -50,7 +67,7 @@ def _run(cfg, K, alpha, x0, y0):
     steps=K,
     upper_lr=cfg["lower"]["upper_lr"],
     lower_lr=cfg["lower"]["lower_lr"],
-    alpha=common.make_alpha(alpha),
+    alpha=config.alpha_schedule(alpha, upper_lr=cfg["lower"]["upper_lr"]),
   )
   up = cfg["upper"]
   result = upper_loop.optimize(
@@ -73,7 +90,7 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
 
   def get(K, alpha, init=default_init):
     """Runs (K, alpha, init) once; the table and all three figures share runs."""
-    name = f"{common.method_name(alpha)} K={K} alpha={common.alpha_label(alpha)}"
+    name = f"{method_name(alpha)} K={K} alpha={config.alpha_label(alpha)}"
     if init != default_init:
       name += f" x0={init[0]:g} y0=({init[1][0]:g},{init[1][1]:g})"
     if name not in results:
@@ -88,9 +105,9 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
       result, hist = get(K, alpha)
       rows.append(
         {
-          "method": common.method_name(alpha),
+          "method": method_name(alpha),
           "K": K,
-          "alpha": common.alpha_label(alpha),
+          "alpha": config.alpha_label(alpha),
           "x": float(result.x),
           "y": [round(float(v), 6) for v in np.asarray(result.y)],
           **{key: hist[key][-1] for key, _ in METRICS},
@@ -105,14 +122,18 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
       raise config.ConfigError("[figures] `init_x` and `init_y` must have the same length.")
     pair = (figs["alpha"], 0)  # BDA with the figure's schedule, and RHG
     init_runs = {
-      f"{common.method_name(a)} x0={x0:g} y0=({y0[0]:g},{y0[1]:g})": get(
-        figs["K"], a, (x0, tuple(y0))
-      )[1]
+      f"{method_name(a)} x0={x0:g} y0=({y0[0]:g},{y0[1]:g})": get(figs["K"], a, (x0, tuple(y0)))[1]
       for x0, y0 in zip(figs["init_x"], figs["init_y"])
       for a in pair
     }
-    k_runs = {f"{common.method_name(a)} K={K}": get(K, a)[1] for K in low["K"] for a in pair}
-    a_runs = {f"alpha={common.alpha_label(a)}": get(figs["K"], a)[1] for a in low["alphas"]}
+    k_alphas = [figs["alpha"]] + [a for a in figs["k_alphas"] if a != figs["alpha"]]
+    k_runs = {
+      f"{method_name(a)} K={K}"
+      + ("" if config.alpha_is_zero(a) else f" alpha={config.alpha_label(a)}"): get(K, a)[1]
+      for K in low["K"]
+      for a in k_alphas
+    }
+    a_runs = {f"alpha={config.alpha_label(a)}": get(figs["K"], a)[1] for a in low["alphas"]}
     dashed = lambda name: {"linestyle": "--" if name.startswith("RHG") else "-"}
     figures = {
       "figure1_initialization.png": common.plot_metric_grid(
@@ -126,6 +147,15 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
       ),
     }
 
+  # Placeholder-friendly copy for docs/results.md: summary.K16.theorem2.x etc.
+  summary: dict = {}
+  for alpha in low["alphas"]:
+    key = alpha_key(alpha)
+    for K in low["K"]:
+      row = next(r for r in rows if r["K"] == K and r["alpha"] == config.alpha_label(alpha))
+      summary.setdefault(f"K{K}", {})[key] = {
+        k: row[k] for k in ("x", "F_gap", "f_gap", "x_err", "y_err")
+      }
   bda_rows = [r for r in rows if r["method"] == "BDA"]
   rhg_rows = [r for r in rows if r["method"] == "RHG"]
   notes = ["x* = 1, y* = (1, 1), F* = 0; |f - f*(x)| is the lower optimality gap at the current x."]
@@ -153,4 +183,8 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
     histories=histories,
     figures=figures,
     notes=notes,
+    extra={
+      "summary": summary,
+      "schedules": {alpha_key(a): config.alpha_label(a) for a in low["alphas"]},
+    },
   )

@@ -45,7 +45,9 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
   exact = problem.hypergradient(x)
   s_l = float(1.0 / problem.lower_smoothness())
   alphas = {
-    f"{common.method_name(a)} alpha={common.alpha_label(a)}": common.make_alpha(a)
+    f"{'RHG' if config.alpha_is_zero(a) else 'BDA'} alpha={config.alpha_label(a)}": (
+      config.alpha_schedule(a, upper_lr=low["upper_lr"])
+    )
     for a in low["alphas"]
   }
   if low["theorem2"]:

@@ -275,3 +275,40 @@ def test_cleaning_beats_uniform_weights_on_digits():
   acc_uniform = float(accuracy(uniform, prob.data.x_test, prob.data.y_test))
   assert float(detection_f1(res.x, prob.data.corrupted)) > 0.8
   assert acc_clean > acc_uniform + 0.02, (acc_clean, acc_uniform)
+
+
+def test_experiment_pca_is_fitted_on_training_inputs_only():
+  from experiments import hypercleaning as exp
+
+  rng = np.random.default_rng(0)
+  feats, labels = rng.normal(size=(60, 8)) * np.arange(1, 9), np.arange(60) % 3
+  split = data.hypercleaning_split(feats, labels, n_train=30, n_val=15, seed=0)
+  reduced = exp.pca_project(split, 3)
+  assert reduced.x_train.shape == (30, 3) and reduced.x_test.shape == (15, 3)
+  np.testing.assert_allclose(reduced.x_train.mean(axis=0), 0, atol=1e-4)
+  # Variances of the components are sorted and equal the top eigenvalues.
+  var = reduced.x_train.var(axis=0)
+  assert np.all(np.diff(var) <= 1e-6)
+  top = np.sort(np.linalg.eigvalsh(np.cov(split.x_train.T, bias=True)))[::-1][:3]
+  np.testing.assert_allclose(var, top, rtol=1e-4)
+  # Other validation or test inputs do not change the map.
+  moved = split._replace(x_val=split.x_val + 100.0, x_test=split.x_test * 0)
+  np.testing.assert_allclose(exp.pca_project(moved, 3).x_train, reduced.x_train)
+
+
+def test_experiment_mean_and_standard_error():
+  from experiments import hypercleaning as exp
+
+  stats = exp.mean_se([1.0, 2.0, 4.0, 5.0])
+  assert stats["n"] == 4 and stats["mean"] == 3.0
+  assert stats["se"] == pytest.approx(np.std([1, 2, 4, 5], ddof=1) / 2)
+  assert exp.mean_se([2.5]) == {"mean": 2.5, "se": 0.0, "n": 1}
+
+
+def test_experiment_t_interval_excludes_zero():
+  from experiments import hypercleaning as exp
+
+  # n = 5: t_4 = 2.776; 2.5 SE is inside, 3 SE outside.
+  assert not exp.excludes_zero({"mean": 2.5, "se": 1.0, "n": 5})
+  assert exp.excludes_zero({"mean": -3.0, "se": 1.0, "n": 5})
+  assert not exp.excludes_zero({"mean": 3.0, "se": 0.0, "n": 1})

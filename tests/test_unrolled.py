@@ -328,3 +328,94 @@ def test_scalar_schedule_and_numpy_int_checkpoint(quad):
     quad.upper, quad.lower, X, jnp.zeros(6), **dict(kw, alpha=lambda k: 0.5, checkpoint=np.int64(3))
   )
   np.testing.assert_allclose(got[1], ref[1], rtol=1e-12)
+
+
+def _lower_quadratic(x, y):
+  """f = sum_i c_i (y_i - x)^2 / 2 with c = (1, 2, 3): L_f = 3."""
+  return 0.5 * jnp.sum(jnp.array([1.0, 2.0, 3.0]) * (y - x) ** 2)
+
+
+def _upper_quadratic(x, y):
+  return 0.5 * jnp.sum((y - 1.0) ** 2) + 0.5 * x**2
+
+
+@pytest.mark.parametrize(
+  "lower_lr, exceeds",
+  [(0.1, False), (1 / 3, False), (0.5, True), (jnp.array([0.1, 0.1, 0.4]), True)],
+)
+def test_lower_lr_exceeds_bound_flags_s_l_above_one_over_smoothness(lower_lr, exceeds):
+  kw = dict(steps=30, upper_lr=0.5, lower_lr=lower_lr, alpha=schedules.harmonic(0.5))
+  sol = bda.solve(_upper_quadratic, _lower_quadratic, 1.0, jnp.zeros(3), smoothness=3.0, **kw)
+  assert sol.info.lower_lr_exceeds_bound.dtype == jnp.bool_
+  assert bool(sol.info.lower_lr_exceeds_bound) == exceeds
+  # 1/3 < s_l < 2/3 is outside Theorem 2's range but still converges: SUCCESS.
+  assert int(sol.info.status) == Status.SUCCESS
+  assert bda.solve(_upper_quadratic, _lower_quadratic, 1.0, jnp.zeros(3), **kw).info[-1] is None
+
+
+def test_smoothness_may_be_traced_and_is_validated():
+  kw = dict(steps=10, upper_lr=0.5, lower_lr=0.5, alpha=0.0)
+  flag = jax.jit(
+    lambda L: (
+      bda.solve(
+        _upper_quadratic, _lower_quadratic, 1.0, jnp.zeros(3), smoothness=L, **kw
+      ).info.lower_lr_exceeds_bound
+    )
+  )
+  assert bool(flag(3.0)) and not bool(flag(1.5))
+  with pytest.raises(ValueError, match="`smoothness` must be > 0"):
+    bda.solve(_upper_quadratic, _lower_quadratic, 1.0, jnp.zeros(3), smoothness=-1.0, **kw)
+  with pytest.raises(ValueError, match="`smoothness` must be a scalar"):
+    bda.solve(_upper_quadratic, _lower_quadratic, 1.0, jnp.zeros(3), smoothness=jnp.ones(2), **kw)
+  import optax
+
+  with pytest.raises(ValueError, match="`smoothness` bounds the gradient step"):
+    bda.solve(
+      _upper_quadratic,
+      _lower_quadratic,
+      1.0,
+      jnp.zeros(3),
+      steps=5,
+      upper_lr=0.5,
+      alpha=0.0,
+      lower_optimizer=optax.sgd(0.1),
+      smoothness=3.0,
+    )
+
+
+@pytest.mark.parametrize("alpha", [0.0, schedules.harmonic(0.5)], ids=["rhg", "bda"])
+def test_step_size_blow_up_is_diverged_not_success(alpha):
+  """s_l = 1e4 on a convex quadratic (L_f = 3): the iterates grow like
+  (1 - 3e4)^k while staying finite for K = 4 (f ~ 1e35), so only the
+  blow-up test can flag them; the same run with s_l = 0.3 succeeds."""
+  kw = dict(steps=4, upper_lr=0.5, alpha=alpha)
+  bad = bda.solve(_upper_quadratic, _lower_quadratic, 1.0, jnp.zeros(3), lower_lr=1e4, **kw)
+  assert np.isfinite(float(bad.info.lower_value)) and float(bad.info.lower_value) > 1e20
+  assert int(bad.info.status) == Status.DIVERGED
+  ok = bda.solve(_upper_quadratic, _lower_quadratic, 1.0, jnp.zeros(3), lower_lr=0.3, **kw)
+  assert int(ok.info.status) == Status.SUCCESS
+  # Just beyond the stability limit 2 / L_f (|1 - 0.7 * 3| = 1.1 per step)
+  # the residual grows slowly; once it exceeds r_0 the run is flagged.
+  slow = bda.solve(
+    _upper_quadratic, _lower_quadratic, 1.0, jnp.zeros(3), lower_lr=0.7, **{**kw, "steps": 100}
+  )
+  assert int(slow.info.status) == Status.DIVERGED
+
+
+def test_bda_compromise_from_the_lower_solution_is_not_diverged():
+  """BDA started at the lower solution moves away from it (r_K > r_0 = 0 and
+  f grows) by design; with s_l <= 1 / L_f the blow-up test must not fire."""
+  y0 = jnp.ones(3) * 2.0  # argmin f at x = 2
+  for lower_lr in (0.1, 1 / 3):
+    sol = bda.solve(
+      _upper_quadratic,
+      _lower_quadratic,
+      2.0,
+      y0,
+      steps=50,
+      upper_lr=1.0,
+      lower_lr=lower_lr,
+      alpha=0.5,
+    )
+    assert float(sol.info.residual) > 0.1
+    assert int(sol.info.status) == Status.SUCCESS

@@ -90,13 +90,23 @@ class BDAInfo(NamedTuple):
       NaN or infinity; DIVERGED when the lower iterations did not settle
       (K >= 2; from y_0 to y_K the lower residual did not shrink, and f does
       not curve up between them: a lower level unbounded below, such as
-      f = sum(y) or f = -|y|^2 / 2); SUCCESS otherwise.
+      f = sum(y) or f = -|y|^2 / 2), or blew up through too large a lower
+      step (the residual did not shrink and the secant curvature of f
+      between y_0 and y_K exceeds the stability limit 2 / s_l of gradient
+      descent, so s_l > 2 / L_f; e.g. s_l = 1e4 on a convex quadratic);
+      SUCCESS otherwise.
     residual: norm of the lower gradient mapping at y_K,
       ||y_K - prox(y_K - s_l grad_y f)|| / s_l (= ||grad_y f|| without prox).
     upper_value: F(x, y_K).
     lower_value: f(x, y_K) (without the nonsmooth part g).
     upper_history: F(x, y_k) for k = 0..K-1 when ``record_history``, else None.
     lower_history: f(x, y_k) for k = 0..K-1 when ``record_history``, else None.
+    lower_lr_exceeds_bound: with ``smoothness`` = L_f given, the boolean
+      s_l > 1 / L_f (any coordinate of a per-coordinate s_l): the lower step
+      is outside the range s_l <= 1 / L_f that Theorem 2 (and the descent
+      lemma behind eq. 10) assume, so the run carries no convergence
+      guarantee (it may still converge: L_f is often a loose bound). None
+      when ``smoothness`` is not given.
   """
 
   num_steps: jax.Array
@@ -106,6 +116,7 @@ class BDAInfo(NamedTuple):
   lower_value: jax.Array
   upper_history: jax.Array | None = None
   lower_history: jax.Array | None = None
+  lower_lr_exceeds_bound: jax.Array | None = None
 
 
 class BDASolution(NamedTuple):
@@ -396,7 +407,7 @@ def _check_schedule_range(schedule, steps: int) -> None:
       )
 
 
-def _diverged(lower_grad, lower_step, y0, y_final, grad_final, residual):
+def _diverged(lower_grad, lower_step, y0, y_final, grad_final, residual, lower_lr=None):
   """True when the lower iterations did not settle: the lower residual
   r = |d| (d = grad_y f, or the gradient mapping) did not shrink from y_0 to
   y_K (r_K >= r_0 up to sqrt(eps), r_K > 0), y moved, and f has no positive
@@ -405,8 +416,16 @@ def _diverged(lower_grad, lower_step, y0, y_final, grad_final, residual):
   for a lower level unbounded below (f = sum(y): 0; f = -|y|^2 / 2:
   -|y_K - y_0|^2). A run that converges shrinks r; a strictly convex f has a
   positive secant curvature (so BDA settling at a compromise between F and
-  f, with r_K > 0 by design, is not flagged). Costs one gradient at y_0 (the
-  status is never differentiated)."""
+  f, with r_K > 0 by design, is not flagged).
+
+  With ``lower_lr`` = s_l (plain gradient steps), a residual that did not
+  shrink is also flagged when the secant curvature exceeds the stability
+  limit of gradient descent, (grad f(y_K) - grad f(y_0))' (y_K - y_0) >
+  2 sum_i (y_K - y_0)_i^2 / s_l,i: the secant curvature is an average of the
+  Hessian along the segment, so it is <= L_f and the test implies
+  s_l > 2 / L_f, where gradient descent on a quadratic blows up
+  geometrically (|1 - s_l L_f| > 1). Within s_l <= 1 / L_f it never fires.
+  Costs one gradient at y_0 (the status is never differentiated)."""
   grad0 = lower_grad(y0)
   residual0 = tree_ops.tree_norm(lower_step(y0, grad0))
   leaves = lambda t: jax.tree_util.tree_leaves(t)
@@ -415,11 +434,12 @@ def _diverged(lower_grad, lower_step, y0, y_final, grad_final, residual):
     jnp.vdot(gk - g0, m) for gk, g0, m in zip(leaves(grad_final), leaves(grad0), leaves(moved))
   )
   rtol = 1 - jnp.sqrt(jnp.finfo(jnp.result_type(residual)).eps)
+  unstable = secant <= 0
+  if lower_lr is not None:
+    metric = sum(jnp.sum(jnp.broadcast_to(m**2 / lower_lr, jnp.shape(m))) for m in leaves(moved))
+    unstable = unstable | (secant > 2 * metric)
   return (
-    (residual >= rtol * residual0)
-    & (residual > 0)
-    & (tree_ops.tree_norm(moved) > 0)
-    & (secant <= 0)
+    (residual >= rtol * residual0) & (residual > 0) & (tree_ops.tree_norm(moved) > 0) & unstable
   )
 
 
@@ -444,6 +464,7 @@ def solve(
   upper_batches=None,
   upper_batch=None,
   key=None,
+  smoothness=None,
 ) -> BDASolution:
   """Runs K aggregated lower iterations (BDA eq. 10, or eq. 13 with ``prox``).
 
@@ -505,6 +526,10 @@ def solve(
       the validation minibatch of this upper step); not with
       ``upper_batches``.
     key: the PRNG key for the samplers (traced: may be vmapped over).
+    smoothness: optional L_f > 0, a Lipschitz constant of grad_y f(x, .)
+      that the problem supplies (may be traced). Theorem 2 assumes
+      s_l <= 1 / L_f; ``info.lower_lr_exceeds_bound`` reports
+      s_l > 1 / L_f. It changes nothing else.
 
   Returns:
     `BDASolution` with ``y`` = y_K(x), differentiable in ``x`` (and in the step
@@ -582,6 +607,15 @@ def solve(
   )
   if not isinstance(throw, (bool, np.bool_)):
     raise TypeError(f"`throw` must be a bool, got {throw!r}.")
+  if smoothness is not None:
+    if lower_optimizer is not None:
+      raise ValueError(
+        "`smoothness` bounds the gradient step s_l = `lower_lr`; a "
+        "`lower_optimizer` makes the lower step instead: drop `smoothness`."
+      )
+    validation.check_positive("smoothness", smoothness)
+    if jnp.shape(smoothness) != ():
+      raise ValueError(f"`smoothness` must be a scalar, got shape {jnp.shape(smoothness)}.")
   if not (
     isinstance(unroll, (bool, np.bool_)) or (isinstance(unroll, (int, np.integer)) and unroll >= 1)
   ):
@@ -596,11 +630,18 @@ def solve(
     if prox is None and opt is None:
       if rhg:
         return tree_ops.tree_scale(s_l, jax.grad(lower_fn, argnums=1)(x, y, batch_f)), state
-      # One backward pass for both directions.
-      combined = lambda yy: (
-        a * s_u * upper_fn(x, yy, batch_F) + (1 - a) * s_l * lower_fn(x, yy, batch_f)
-      )
-      return jax.grad(combined)(y), state
+      if jnp.ndim(s_u) == 0 and jnp.ndim(s_l) == 0:
+        # One backward pass for both directions.
+        combined = lambda yy: (
+          a * s_u * upper_fn(x, yy, batch_F) + (1 - a) * s_l * lower_fn(x, yy, batch_f)
+        )
+        return jax.grad(combined)(y), state
+      # Per-coordinate steps: scale each gradient before aggregating.
+      g_F = jax.grad(upper_fn, argnums=1)(x, y, batch_F)
+      g_f = jax.grad(lower_fn, argnums=1)(x, y, batch_f)
+      return jax.tree_util.tree_map(
+        lambda gF, gf: a * s_u * gF + (1 - a) * s_l * gf, g_F, g_f
+      ), state
     g_f = jax.grad(lower_fn, argnums=1)(x, y, batch_f)
     if opt is None:
       forward = tree_ops.tree_axpy(-s_l, g_f, y)
@@ -689,7 +730,15 @@ def solve(
   if steps >= 2:  # on the last batch at y_0 and y_K alike
     status = jnp.where(
       (status == status_lib.SUCCESS)
-      & _diverged(lower_grad, lower_step, y0_dyn, y_final, grad_final, residual),
+      & _diverged(
+        lower_grad,
+        lower_step,
+        y0_dyn,
+        y_final,
+        grad_final,
+        residual,
+        lower_lr if opt is None else None,
+      ),
       status_lib.DIVERGED,
       status,
     )
@@ -697,6 +746,9 @@ def solve(
   if lower_lr is not None:
     valid = valid & validation.is_positive(lower_lr)
   status = status_lib.unless_invalid(valid, status)
+  exceeds = None
+  if smoothness is not None and opt is None:
+    exceeds = jnp.any(jnp.asarray(lower_lr) * jnp.asarray(smoothness) > 1)
   info = BDAInfo(
     num_steps=jnp.asarray(steps, jnp.int32),
     status=status,
@@ -705,6 +757,7 @@ def solve(
     lower_value=lower_value,
     upper_history=history[0] if record_history else None,
     lower_history=history[1] if record_history else None,
+    lower_lr_exceeds_bound=exceeds,
   )
   status_lib.raise_if_failed(status, throw=throw, where="bda.solve")
   return BDASolution(y=as_y(y_final), info=info)
