@@ -10,7 +10,6 @@ from collections.abc import Callable
 import optax
 
 from experiments import config
-from bilevel_jax._src import schedules
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
@@ -47,22 +46,17 @@ def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformat
   raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")
 
 
-def make_alpha(value: Any):
-  """A config alpha ('0.5/k', 0.5, '0') as the ``alpha`` argument of bda.solve."""
-  kind, c = config.parse_alpha(value)
-  if kind == "harmonic":
-    return schedules.harmonic(c)
-  return c
+def make_alpha(value: Any, upper_lr: float | None = None):
+  """A config alpha ('0.5/k', 0.5, '0' or an inline schedule table) as the
+  ``alpha`` argument of bda.solve (`config.alpha_schedule`, the one reader)."""
+  return config.alpha_schedule(value, upper_lr=upper_lr)
 
 
-def alpha_label(value: Any) -> str:
-  kind, c = config.parse_alpha(value)
-  return f"{c:g}/k" if kind == "harmonic" else f"{c:g}"
+alpha_label = config.alpha_label
 
 
 def method_name(alpha_value: Any, truncate=None) -> str:
-  kind, c = config.parse_alpha(alpha_value)
-  if kind == "constant" and c == 0:
+  if config.alpha_is_zero(alpha_value):
     return "T-RHG" if truncate else "RHG"
   return "T-BDA" if truncate else "BDA"
 
