@@ -82,9 +82,10 @@ def _panels(width: float, mu: float, panel_width: float) -> int:
   return max(2, math.ceil(width / (panel_width * mu)))
 
 
-def _check(value_fn, x_bar, mu, num_directions):
-  """One `consistency_check` at a single mu (the rule depends on mu), with
-  v_mu(x_bar) and the info of the rule at x_bar."""
+def _case(g, x_bar, mu: float, num_directions: int, kwargs: dict) -> dict:
+  """One `consistency_check` at a single mu (the rule depends on mu) against
+  partial v(x_bar) = {0}, and v_mu(x_bar) with the rule's info (v(x_bar) = 0)."""
+  value_fn = lambda x, m: entropic.entropic(g, x, mu=m, pass_mu=True, **kwargs)
   check = consistency.consistency_check(
     value_fn,
     x_bar,
@@ -93,18 +94,11 @@ def _check(value_fn, x_bar, mu, num_directions):
     subdifferential=jnp.zeros((1, jnp.size(x_bar)), x_bar.dtype),
   )
   sol = jax.jit(value_fn)(x_bar, mu)
-  return check, sol
-
-
-def _row(case, y_mu, mu, r, check, sol, v_bar=0.0) -> dict:
   return {
-    "case": case,
-    "Y_mu": y_mu,
     "mu": mu,
-    "r_mu": r,
     "nodes": int(sol.info.num_points),
     "mu_log_volume": float(sol.info.mu_log_volume),
-    "bias": float(sol.value) - v_bar,
+    "bias": float(sol.value),  # v_mu(x_bar) - v(x_bar), v = 0
     "max_distance": float(check.max_distance[0]),
     "integration_error": float(sol.info.integration_error),
     "status": vc.status_label(check.info.status, check.info.inner_status),
@@ -126,18 +120,9 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
         r = float(radius(mu)) if callable(radius) else float(radius)
         panels = _panels(2 * r, mu, c1["panel_width"])
         common.progress(f"[value_unbounded] c = {shift:g}, {label}, mu = {mu:g}", quiet)
-        value_fn = lambda x, m, radius=radius, panels=panels, g=g: entropic.entropic(
-          g,
-          x,
-          mu=m,
-          box=real_line,
-          radius=radius,
-          order=c1["order"],
-          panels=panels,
-          pass_mu=True,
-        )
-        check, sol = _check(value_fn, jnp.asarray(0.0), mu, c1["num_directions"])
-        rows.append(_row(f"|y - x - {shift:g}|, m = 1", label, mu, r, check, sol))
+        kwargs = dict(box=real_line, radius=radius, order=c1["order"], panels=panels)
+        row = _case(g, jnp.asarray(0.0), mu, c1["num_directions"], kwargs)
+        rows.append({"case": f"abs(y - x - {shift:g}), m = 1", "Y_mu": label, "r_mu": r, **row})
 
   radius2 = entropic.log_radius(c2["r0"])
   plane = (jnp.full(2, -jnp.inf), jnp.full(2, jnp.inf))
@@ -151,20 +136,13 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
       else:
         panels = (_panels(r, mu, c2["panel_width"]), c2["angular_panels"])
       common.progress(f"[value_unbounded] m = 2, {truncation}, mu = {mu:g}", quiet)
-      value_fn = lambda x, m, panels=panels, truncation=truncation: entropic.entropic(
-        g2,
-        x,
-        mu=m,
-        box=plane,
-        radius=radius2,
-        truncation=truncation,
-        order=c2["order"],
-        panels=panels,
-        pass_mu=True,
-        batch_size=c2["batch_size"],
+      kwargs = dict(
+        box=plane, radius=radius2, truncation=truncation, order=c2["order"], panels=panels
       )
-      check, sol = _check(value_fn, jnp.zeros(2), mu, c2["num_directions"])
-      rows.append(_row("||y - x||, m = 2", truncation, mu, r, check, sol))
+      row = _case(
+        g2, jnp.zeros(2), mu, c2["num_directions"], dict(kwargs, batch_size=c2["batch_size"])
+      )
+      rows.append({"case": "norm(y - x), m = 2", "Y_mu": truncation, "r_mu": r, **row})
 
   def figure(plt):
     fig, ax = plt.subplots(figsize=(5.2, 3.6))

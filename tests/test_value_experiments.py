@@ -70,10 +70,10 @@ def test_value_unbounded_experiment(tmp_path, capsys, monkeypatch):
   assert cli.main(["run", str(path), "--out", str(out), "--quiet", "--no-plot", "--x64"]) == 0
   rows = json.loads((out / "results.json").read_text())["rows"]
   by = {(r["case"], r["Y_mu"], r["mu"]): r for r in rows}
-  assert by[("|y - x - 4|, m = 1", "log_radius", 0.1)]["max_distance"] > 0.9  # r = 3.4 < 4
-  assert by[("|y - x - 4|, m = 1", "log_radius", 0.01)]["max_distance"] < 1e-8  # r = 5.6 > 4
-  assert by[("|y - x - 4|, m = 1", "fixed r = 3", 0.01)]["max_distance"] > 0.9
+  assert by[("abs(y - x - 4), m = 1", "log_radius", 0.1)]["max_distance"] > 0.9  # r = 3.4 < 4
+  assert by[("abs(y - x - 4), m = 1", "log_radius", 0.01)]["max_distance"] < 1e-8  # r = 5.6 > 4
+  assert by[("abs(y - x - 4), m = 1", "fixed r = 3", 0.01)]["max_distance"] > 0.9
   assert all(r["status"] == "success" and r["mu_log_volume"] > 0 for r in rows)
-  box, ball = by[("||y - x||, m = 2", "box", 0.1)], by[("||y - x||, m = 2", "ball", 0.1)]
+  box, ball = by[("norm(y - x), m = 2", "box", 0.1)], by[("norm(y - x), m = 2", "ball", 0.1)]
   assert ball["mu_log_volume"] < box["mu_log_volume"] and ball["nodes"] < box["nodes"]
   capsys.readouterr()
