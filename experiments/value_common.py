@@ -196,7 +196,5 @@ def result(
     histories=records,
     figures={figure: kkt_figure(records, title.split(":")[0])},
     notes=notes,
-    # per_mu again as a list in run order: run names contain dots ("mu from
-    # 0.001"), which the dotted key paths of docs/results.md cannot name.
-    extra={"per_mu": records, "runs": [{"name": k, **v} for k, v in records.items()], **extra},
+    extra={"per_mu": records, **extra},
   )

@@ -148,7 +148,6 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
     notes=notes,
     extra={
       "per_mu": records,
-      "runs": [{"name": k, **v} for k, v in records.items()],
       "reference": {"x": x_ref.tolist(), "val_loss": f_ref},
       "summary": {
         "val_loss_vfp": f_vfp,
