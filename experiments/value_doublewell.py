@@ -140,4 +140,5 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
     "value_doublewell_kkt.png",
     notes,
     reference={"x": x_ref, "y": y_ref, "F": f_ref},
+    gibbs_seed={"x0": prob["x0"], "mu": ent["seed_mu"], "y": float(y_gibbs[0])},
   )

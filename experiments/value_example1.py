@@ -14,8 +14,10 @@ panel of two nodes along y_2, which integrates the constant exactly.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import optimize
 
 from experiments import config
 from bilevel_jax._src import projections
@@ -86,6 +88,29 @@ def _bda(cfg, x0, y0):
   )
 
 
+def _entropic_bias(cfg, value_fn, lo, hi) -> dict:
+  """v(x*) - v_mu(x*) (rule and closed form mu ln(sqrt(2 pi mu) (hi - lo))) and
+  mu ln vol(Y_mu) (``info.mu_log_volume``) at every mu of both schedules, and
+  the mu below which v - v_mu <= eps, i.e. below which (VFP^mu_eps) is feasible
+  (min_y g - v_mu = v - v_mu here, since g_mu = g)."""
+  eps = cfg["vfp"]["epsilon"]
+  mus = sorted(set(cfg["vfp"]["mus"]) | set(cfg["entropic"]["late_mus"]), reverse=True)
+  x_star = jnp.asarray(ex1.X_STAR)
+  v_star = -0.5 * ex1.X_STAR**2
+  sols = jax.jit(jax.vmap(lambda mu: value_fn(x_star, mu)))(jnp.asarray(mus))
+  closed = lambda mu: mu * np.log(np.sqrt(2 * np.pi * mu) * (hi - lo))
+  # closed(mu) - eps < 0 for mu <= 1/(2 pi (hi - lo)^2) and increasing above it.
+  threshold = optimize.brentq(lambda mu: closed(mu) - eps, 1.0 / (2 * np.pi * (hi - lo) ** 2), 1.0)
+  return {
+    "mus": mus,
+    "gap": (v_star - np.asarray(sols.value)).tolist(),
+    "gap_closed_form": [float(closed(mu)) for mu in mus],
+    "mu_log_volume": np.asarray(sols.info.mu_log_volume).tolist(),
+    "feasible": [bool(v_star - float(v) <= eps) for v in np.asarray(sols.value)],
+    "feasibility_threshold_mu": float(threshold),
+  }
+
+
 def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
   prob, ent = cfg["problem"], cfg["entropic"]
   lo, hi = prob["y_box"]
@@ -129,6 +154,7 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
         y=[round(float(v), 5) for v in np.asarray(sol.y)],
       )
     )
+  bias = _entropic_bias(cfg, value_fns["entropic"], lo, hi)
   common.progress("[value_example1] BDA", quiet)
   result = _bda(cfg, x0, y0)
   b = cfg["bda"]
@@ -156,4 +182,5 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
     "value_example1_kkt.png",
     notes,
     x_err_bound_sqrt_2eps=bound,
+    entropic_bias=bias,
   )

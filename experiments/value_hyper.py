@@ -146,5 +146,15 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
     histories=records,
     figures={"value_hyper_kkt.png": vc.kkt_figure(records, "(3.5): (VFP^mu_eps)")},
     notes=notes,
-    extra={"per_mu": records, "reference": {"x": x_ref.tolist(), "val_loss": f_ref}},
+    extra={
+      "per_mu": records,
+      "reference": {"x": x_ref.tolist(), "val_loss": f_ref},
+      "summary": {
+        "val_loss_vfp": f_vfp,
+        "val_loss_grid": f_ref,
+        "val_loss_excess_percent": 100.0 * (f_vfp / f_ref - 1.0),
+        "log10_x_err": log_err,
+        "val_loss_x0": f_init,
+      },
+    },
   )

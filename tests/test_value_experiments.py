@@ -49,3 +49,31 @@ def test_value_experiment_runs(tmp_path, capsys, name):
   if name == "value_nonsmooth":
     assert set(payload["value_error"]) == {"mus", "entropic", "quadratic"}
   capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_value_unbounded_experiment(tmp_path, capsys, monkeypatch):
+  """The unbounded-Y experiment (configs/value_unbounded.toml) on two mu_k:
+  distances to partial v(0) = {0} vanish once r_mu exceeds the shift, stay
+  near 1 for the fixed radius, and mu ln vol(Y_mu) is reported."""
+  from experiments import value_unbounded
+
+  known = cli._experiments()
+  if "value_unbounded" not in known:  # until cli.py lists it
+    monkeypatch.setattr(cli, "_experiments", lambda: {**known, "value_unbounded": value_unbounded})
+  path = tmp_path / "value_unbounded.toml"
+  path.write_text(
+    'experiment = "value_unbounded"\n[consistency]\nmus = [1e-1, 1e-2]\nnum_directions = 2\n'
+    "[ball]\nmus = [1e-1]\nnum_directions = 2\n"
+  )
+  out = tmp_path / "out"
+  assert cli.main(["run", str(path), "--out", str(out), "--quiet", "--no-plot", "--x64"]) == 0
+  rows = json.loads((out / "results.json").read_text())["rows"]
+  by = {(r["case"], r["Y_mu"], r["mu"]): r for r in rows}
+  assert by[("abs(y - x - 4), m = 1", "log_radius", 0.1)]["max_distance"] > 0.9  # r = 3.4 < 4
+  assert by[("abs(y - x - 4), m = 1", "log_radius", 0.01)]["max_distance"] < 1e-8  # r = 5.6 > 4
+  assert by[("abs(y - x - 4), m = 1", "fixed r = 3", 0.01)]["max_distance"] > 0.9
+  assert all(r["status"] == "success" and r["mu_log_volume"] > 0 for r in rows)
+  box, ball = by[("norm(y - x), m = 2", "box", 0.1)], by[("norm(y - x), m = 2", "ball", 0.1)]
+  assert ball["mu_log_volume"] < box["mu_log_volume"] and ball["nodes"] < box["nodes"]
+  capsys.readouterr()

@@ -31,10 +31,32 @@ Practical choices (the paper has no algorithm; these are ours):
   randomizations (standard error of the integral, times mu, by the delta
   method); user rules give NaN (no estimate).
 * Unbounded Y: Y_mu = Y cap [-r_mu, r_mu]^m, the ball of radius r_mu in the
-  max-norm (compact, increasing to Y), with a user schedule ``radius(mu)``.
+  max-norm (``truncation="box"``, the default), or, for Y = R^m, the
+  Euclidean ball B_{r_mu}(0) of the footnote to Theorem 4.13
+  (``truncation="ball"``), with a user schedule ``radius(mu)``. The ball has
+  its own rules (`rules.ball_gauss_legendre`: polar or spherical coordinates
+  for m <= 3; `rules.ball_from_cube`: Halton points mapped uniformly into the
+  ball for m > 3), not a box rule times an indicator. Y cap ball for a Y with
+  finite bounds is not a ball, so ``"ball"`` needs Y = R^m.
+  Why the box serves the same theorems: Proposition 4.11, Theorem 4.13 and
+  Lemmas 4.12-4.17 use of Y_mu only that it is compact, that Y_mu increases
+  to Y as mu decreases (so (4.22) holds: the minimizers near x_bar lie in
+  Y_mu0) and that mu ln vol(Y_mu) -> 0. With B_r the Euclidean ball,
+  Y cap B_r subset Y cap [-r, r]^m subset Y cap B_{sqrt(m) r}, so the box is
+  compact and increases to Y whenever r_mu increases to infinity, and
+  ln vol(Y cap [-r, r]^m) <= m ln(2 r) differs from ln vol(B_r) by the
+  constant m ln 2 - ln vol(B_1), which mu times sends to 0. The domination
+  hypothesis of Lemmas 4.15-4.17 is on alpha_mu over subsets of Y, not on
+  Y_mu. The ball only gives a smaller volume (ln vol(B_r) < m ln(2 r) for
+  m >= 2), hence a smaller bias term mu ln vol(Y_mu).
   `log_radius` gives r_mu = r0 (1 + ln(1 + 1/mu)), for which
   vol(Y_mu) <= (2 r_mu)^m grows like (ln 1/mu)^m, so mu ln vol(Y_mu) -> 0 and
   vol(Y_mu) <= mu^-p eventually for any p > 0, as the footnote asks.
+* ``info.mu_log_volume`` = mu ln vol(Y_mu) is the bias term of Theorem 4.13.
+  Since int_{Y_mu} exp(-g/mu) <= vol(Y_mu) exp(-min_{Y_mu} g/mu),
+  v_mu(x) >= min_{Y_mu} g_mu(x, .) - mu ln vol(Y_mu): the entropic value can
+  lie below the minimum by up to mu ln vol(Y_mu) (a large volume at a large
+  mu), which is what can make g_mu - v_mu <= eps infeasible in (VFP^mu_eps).
 * The gradient (4.2)-(4.3) is attached by `implicit_diff.solution_map` (the
   library's one custom rule; here with nothing to solve): the forward pass
   keeps only its inputs and v; the backward pass recomputes g at the nodes and
@@ -66,6 +88,7 @@ from bilevel_jax._src.value import common
 from bilevel_jax._src.value import rules
 
 RULES = ("auto", "gauss-legendre", "halton", "points")
+TRUNCATIONS = ("box", "ball")
 # Default (order, panels) of the Gauss-Legendre rule by dimension m.
 _GL_DEFAULTS = {1: (8, 32), 2: (6, 12), 3: (4, 6)}
 
@@ -85,7 +108,13 @@ class EntropicInfo(NamedTuple):
       for this mu.
     effective_points: 1 / sum alpha_i^2.
     mean_g: E_alpha[g(x, y)], the Gibbs average of g (>= v_mu).
-    log_volume: ln vol(Y_mu) of the integration box (0 for user rules).
+    log_volume: ln vol(Y_mu) of the integration region (the box, or the
+      ball with ``truncation="ball"``); for user rules ln sum_i w_i, the
+      volume the rule assigns to its domain.
+    mu_log_volume: mu ln vol(Y_mu), the term Theorem 4.13 requires to vanish
+      as mu -> 0 (with `log_radius` it does). v_mu(x) >= min_{Y_mu} g_mu(x, .)
+      - mu_log_volume, so a large mu ln vol(Y_mu) can put v_mu below every
+      g_mu(x, y) by more than eps (see the module doc).
   """
 
   num_steps: jax.Array
@@ -96,6 +125,7 @@ class EntropicInfo(NamedTuple):
   effective_points: jax.Array
   mean_g: jax.Array
   log_volume: jax.Array
+  mu_log_volume: jax.Array
 
 
 class EntropicSolution(NamedTuple):
@@ -243,6 +273,68 @@ def _per_axis(name, value, m):
   return tuple(validation.check_positive_int(name, v) for v in values)
 
 
+def _gl_sizes(m, order, panels):
+  d_order, d_panels = _GL_DEFAULTS.get(m, (3, 2))
+  orders = _per_axis("order", order if order is not None else d_order, m)
+  counts = _per_axis("panels", panels if panels is not None else d_panels, m)
+  if min(orders) < 2:
+    raise ValueError(f"`order` must be >= 2 (the error estimate halves it), got {order}.")
+  return orders, counts
+
+
+def _check_randomized(num_points, randomizations):
+  num_points = validation.check_positive_int("num_points", num_points)
+  randomizations = validation.check_positive_int("randomizations", randomizations)
+  if randomizations < 2:
+    raise ValueError(f"`randomizations` must be >= 2 for the error estimate, got {randomizations}.")
+  return num_points, randomizations
+
+
+def _ball_rule(box, mu, dtype, rule, order, panels, num_points, randomizations, key, radius):
+  """Y_mu = B_{r_mu}(0) for Y = R^m (footnote to Theorem 4.13): nodes, log-weights,
+  ln vol and the coarse GL rule, as `_box_rule`."""
+  lo, hi, _ = _check_box(box)
+  m = lo.shape[0]
+  clo, chi = validation.concrete_value(box[0]), validation.concrete_value(box[1])
+  if (
+    clo is not None
+    and chi is not None
+    and not (np.all(np.isneginf(clo)) and np.all(np.isposinf(chi)))
+  ):
+    raise ValueError(
+      "`truncation='ball'` needs Y = R^m (every `box` entry infinite): Y cap ball is "
+      "not a ball for a Y with finite bounds; use `truncation='box'` there."
+    )
+  if radius is None:
+    raise ValueError("`truncation='ball'` needs `radius` (a schedule such as `log_radius()`).")
+  r = radius(mu) if callable(radius) else radius
+  validation.check_positive("radius", r)
+  r = jnp.asarray(r, dtype)
+  log_vol = rules.log_ball_volume(m, jnp.log(r))
+  if rule == "auto":
+    rule = "gauss-legendre" if m <= 3 else "halton"
+  if rule == "gauss-legendre":
+    if m > 3:
+      raise ValueError(
+        f"`rule='gauss-legendre'` with `truncation='ball'` is for m <= 3, got m = {m}."
+      )
+    orders, counts = _gl_sizes(m, order, panels)
+    out = []
+    for qs in (orders, tuple(max(1, q // 2) for q in orders)):
+      u, w = rules.ball_gauss_legendre(qs, counts)
+      nodes = r * jnp.asarray(u, dtype)
+      out.append((nodes[None], (jnp.log(jnp.asarray(w, dtype)) + m * jnp.log(r))[None]))
+    return out[0], out[1], log_vol
+  if rule == "halton":
+    num_points, randomizations = _check_randomized(num_points, randomizations)
+    key = jax.random.PRNGKey(0) if key is None else key
+    u = rules.shifted_halton(key, m + 1, num_points, randomizations, dtype)
+    nodes = r * rules.ball_from_cube(u)
+    logw = jnp.full((randomizations, num_points), -math.log(num_points), dtype) + log_vol
+    return (nodes, logw), None, log_vol
+  raise ValueError(f"`rule` must be one of {RULES}, got {rule!r}.")
+
+
 def _box_rule(box, mu, dtype, rule, order, panels, num_points, randomizations, key, radius):
   """Nodes (R, n, m), log-weights (R, n), ln vol and the coarse GL rule."""
   lo, hi, unbounded = _check_box(box)
@@ -263,11 +355,7 @@ def _box_rule(box, mu, dtype, rule, order, panels, num_points, randomizations, k
   if rule == "auto":
     rule = "gauss-legendre" if m <= 3 else "halton"
   if rule == "gauss-legendre":
-    d_order, d_panels = _GL_DEFAULTS.get(m, (3, 2))
-    orders = _per_axis("order", order if order is not None else d_order, m)
-    counts = _per_axis("panels", panels if panels is not None else d_panels, m)
-    if min(orders) < 2:
-      raise ValueError(f"`order` must be >= 2 (the error estimate halves it), got {order}.")
+    orders, counts = _gl_sizes(m, order, panels)
     out = []
     for qs in (orders, tuple(max(1, q // 2) for q in orders)):
       u, w = rules.gauss_legendre(qs, counts)
@@ -275,12 +363,7 @@ def _box_rule(box, mu, dtype, rule, order, panels, num_points, randomizations, k
       out.append((nodes[None], (jnp.log(jnp.asarray(w, dtype)) + log_vol)[None]))
     return out[0], out[1], log_vol
   if rule == "halton":
-    num_points = validation.check_positive_int("num_points", num_points)
-    randomizations = validation.check_positive_int("randomizations", randomizations)
-    if randomizations < 2:
-      raise ValueError(
-        f"`randomizations` must be >= 2 for the error estimate, got {randomizations}."
-      )
+    num_points, randomizations = _check_randomized(num_points, randomizations)
     key = jax.random.PRNGKey(0) if key is None else key
     u = rules.shifted_halton(key, m, num_points, randomizations, dtype)
     nodes = lo[None, None] + width[None, None] * u
@@ -316,6 +399,7 @@ def entropic(
   points=None,
   weights=None,
   radius=None,
+  truncation: str = "box",
   pass_mu: bool = False,
   tol: float = 1e-4,
   batch_size: int | None = None,
@@ -347,6 +431,13 @@ def entropic(
     radius: schedule mu -> r_mu (or a number) for unbounded Y; see `log_radius`.
       When given, Y_mu = Y cap [-r_mu, r_mu]^m is used even if ``box`` is
       bounded (a box traced under jit cannot be inspected for infinities).
+    truncation: the shape of Y_mu when ``radius`` is given: "box",
+      Y cap [-r_mu, r_mu]^m (the max-norm ball), or "ball", the Euclidean
+      ball B_{r_mu}(0) of the footnote to Theorem 4.13, for Y = R^m only
+      (every ``box`` entry infinite; the entries of a box traced under jit are
+      not inspected). "ball" uses a polar/spherical Gauss-Legendre rule for
+      m <= 3 and Halton points mapped into the ball for m > 3. Both serve
+      Theorem 4.13 (see the module doc); the ball has the smaller volume.
     pass_mu: call g(x, y, mu).
     tol: ``info.status`` is INACCURATE when the error estimate exceeds tol.
     batch_size: evaluate g (and its VJP in the backward pass) on chunks of
@@ -381,11 +472,15 @@ def entropic(
   if rule == "points" or points is not None:
     if points is None or weights is None:
       raise ValueError("`rule='points'` needs both `points` and `weights`.")
-    (nodes, logw), coarse, log_vol = _user_rule(points, weights, dtype), None, jnp.zeros((), dtype)
+    (nodes, logw), coarse = _user_rule(points, weights, dtype), None
+    log_vol = logsumexp(logw)
   else:
     if box is None:
       raise ValueError("`box` is required unless `points` and `weights` are given.")
-    (nodes, logw), coarse, log_vol = _box_rule(
+    if truncation not in TRUNCATIONS:
+      raise ValueError(f"`truncation` must be one of {TRUNCATIONS}, got {truncation!r}.")
+    make_rule = _ball_rule if truncation == "ball" else _box_rule
+    (nodes, logw), coarse, log_vol = make_rule(
       box, mu, dtype, rule, order, panels, num_points, randomizations, key, radius
     )
   common.check_g(g3, x, nodes[0, 0], mu)
@@ -418,6 +513,7 @@ def entropic(
     effective_points=sg(ess),
     mean_g=sg(mean_g),
     log_volume=sg(log_vol),
+    mu_log_volume=sg(mu * log_vol),
   )
   status_lib.raise_if_failed(status, throw=throw, where="value.entropic")
   return EntropicSolution(value=v, y=sg(mean_y), info=info)

@@ -1,4 +1,4 @@
-"""Integration rules on the unit cube [0, 1]^m for the entropic value function.
+"""Integration rules on the unit cube [0, 1]^m and the unit ball for the entropic value function.
 
 * Composite tensor Gauss-Legendre: each axis is cut into ``panels`` equal
   panels with ``order`` Gauss-Legendre nodes each, and the m-dimensional rule
@@ -11,6 +11,10 @@
   spread of the R estimates gives an error estimate. Used for m > 3. We chose
   Halton over Sobol because it needs no table of direction numbers; for
   m > ~10 unscrambled Halton degrades, which the error estimate then shows.
+* The Euclidean ball B_r(0) (Y_mu of the footnote to Theorem 4.13): a
+  Gauss-Legendre rule in polar (m = 2) or spherical (m = 3) coordinates, or
+  shifted Halton points in m + 1 dimensions mapped uniformly into the ball
+  (`ball_from_cube`) for m > 3.
 
 Nodes are fixed arrays computed with NumPy when the program is traced (they
 depend only on static sizes); the random shift is a JAX operation.
@@ -19,9 +23,11 @@ depend only on static sizes); the random shift is a JAX operation.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.special
 import numpy as np
 
 _PRIMES = (
@@ -109,3 +115,54 @@ def shifted_halton(key, m: int, n: int, randomizations: int, dtype):
   base = jnp.asarray(halton(m, n), dtype)
   shifts = jax.random.uniform(key, (randomizations, 1, m), dtype)
   return jnp.mod(base[None] + shifts, 1.0)
+
+
+def log_ball_volume(m: int, log_r):
+  """ln vol(B_r(0)) in R^m = (m/2) ln pi - ln Gamma(m/2 + 1) + m ln r."""
+  return 0.5 * m * math.log(math.pi) - math.lgamma(0.5 * m + 1.0) + m * log_r
+
+
+def ball_gauss_legendre(orders: tuple, panels: tuple):
+  """Composite Gauss-Legendre rule on the unit ball of R^m, m = len(orders) <= 3,
+  in polar (m = 2) or spherical (m = 3) coordinates.
+
+  The tensor rule of `gauss_legendre` on [0, 1]^m is mapped by
+  s -> rho = s_0 (radius), m = 2: theta = 2 pi s_1, y = rho (cos theta, sin theta),
+  dy = 2 pi rho ds; m = 3: t = 2 s_1 - 1 (the cosine of the polar angle),
+  phi = 2 pi s_2, y = rho (sqrt(1 - t^2) cos phi, sqrt(1 - t^2) sin phi, t),
+  dy = 4 pi rho^2 ds; m = 1 is the interval [-1, 1] (dy = 2 ds). Each
+  coordinate integrand is smooth (polynomial in rho, trigonometric in the
+  angles), so the rule converges like the tensor rule; no indicator of the
+  ball is folded into a box rule. Axis 0 of ``orders``/``panels`` is the
+  radius. Returns NumPy ``(nodes (N, m), weights (N,))``; the weights sum to
+  vol(B_1) up to the rule's error in rho^{m-1} (exact when 2 order - 1 >= m - 1).
+  """
+  m = len(orders)
+  if m > 3:
+    raise ValueError(f"the Gauss-Legendre ball rule is for m <= 3, got m = {m}.")
+  s, w = gauss_legendre(orders, panels)
+  if m == 1:
+    return 2.0 * s - 1.0, 2.0 * w
+  rho = s[:, 0]
+  if m == 2:
+    theta = 2.0 * np.pi * s[:, 1]
+    nodes = rho[:, None] * np.stack([np.cos(theta), np.sin(theta)], axis=-1)
+    return nodes, w * 2.0 * np.pi * rho
+  t = 2.0 * s[:, 1] - 1.0
+  phi = 2.0 * np.pi * s[:, 2]
+  c = np.sqrt(1.0 - t * t)
+  nodes = rho[:, None] * np.stack([c * np.cos(phi), c * np.sin(phi), t], axis=-1)
+  return nodes, w * 4.0 * np.pi * rho * rho
+
+
+def ball_from_cube(u):
+  """Maps points u in [0, 1)^{m+1} (shape (..., m+1)) to the unit ball of R^m,
+  uniform to uniform: direction z / ||z|| with z_j = Phi^{-1}(u_j) (a standard
+  normal vector, so the direction is uniform on the sphere), radius
+  u_m^{1/m}. The map preserves the uniform measure, so randomly shifted
+  QMC points on the cube stay unbiased for the mean over the ball."""
+  m = u.shape[-1] - 1
+  tiny = jnp.finfo(u.dtype).eps
+  z = jax.scipy.special.ndtri(jnp.clip(u[..., :m], tiny, 1.0 - tiny))
+  direction = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+  return u[..., m:] ** (1.0 / m) * direction
