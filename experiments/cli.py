@@ -20,10 +20,11 @@ from experiments import report
 def _experiments():
   from experiments import example1, hypercleaning, quadratic
   from experiments import value_doublewell, value_example1, value_hyper, value_nonsmooth
+  from experiments import value_unbounded
 
   value_experiments = {
     m.__name__.rsplit(".", 1)[-1]: m
-    for m in (value_doublewell, value_example1, value_hyper, value_nonsmooth)
+    for m in (value_doublewell, value_example1, value_hyper, value_nonsmooth, value_unbounded)
   }
   from experiments import fewshot
   from experiments import elasticnet, poisoning

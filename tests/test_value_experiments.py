@@ -52,15 +52,10 @@ def test_value_experiment_runs(tmp_path, capsys, name):
 
 
 @pytest.mark.slow
-def test_value_unbounded_experiment(tmp_path, capsys, monkeypatch):
+def test_value_unbounded_experiment(tmp_path, capsys):
   """The unbounded-Y experiment (configs/value_unbounded.toml) on two mu_k:
   distances to partial v(0) = {0} vanish once r_mu exceeds the shift, stay
   near 1 for the fixed radius, and mu ln vol(Y_mu) is reported."""
-  from experiments import value_unbounded
-
-  known = cli._experiments()
-  if "value_unbounded" not in known:  # until cli.py lists it
-    monkeypatch.setattr(cli, "_experiments", lambda: {**known, "value_unbounded": value_unbounded})
   path = tmp_path / "value_unbounded.toml"
   path.write_text(
     'experiment = "value_unbounded"\n[consistency]\nmus = [1e-1, 1e-2]\nnum_directions = 2\n'
