@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from experiments import config
 from bilevel_jax._src import status as status_lib
@@ -117,3 +118,33 @@ def mean(values) -> float:
   if not jnp.issubdtype(values.dtype, jnp.floating):
     values = values.astype(float)
   return float(jnp.mean(values))
+
+
+def spread(values) -> dict:
+  """Mean, standard error (std with ddof=1 over sqrt(n)), median, min, max
+  and n of per-instance values, as Python floats (NaN SE for n = 1)."""
+  v = np.asarray(values, dtype=float).ravel()
+  n = v.size
+  se = float(np.std(v, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+  return {
+    "mean": float(np.mean(v)),
+    "se": se,
+    "median": float(np.median(v)),
+    "min": float(np.min(v)),
+    "max": float(np.max(v)),
+    "n": int(n),
+  }
+
+
+def ratio_of_means(num, den) -> dict:
+  """mean(num) / mean(den) over paired instances, with its standard error
+  by the delta method (the covariance of the pairs included)."""
+  a, b = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+  n = a.size
+  ma, mb = a.mean(), b.mean()
+  r = ma / mb
+  if n < 2:
+    return {"ratio": float(r), "se": float("nan"), "n": int(n)}
+  cov = np.cov(a, b, ddof=1)
+  var = r**2 * (cov[0, 0] / ma**2 + cov[1, 1] / mb**2 - 2 * cov[0, 1] / (ma * mb)) / n
+  return {"ratio": float(r), "se": float(np.sqrt(max(var, 0.0))), "n": int(n)}

@@ -170,6 +170,67 @@ def test_bad_arguments():
     )
 
 
+def test_fixed_radius_mu_eps_one():
+  # Theorem 5.7: mu_eps = 1 keeps eps = eps0; with eps_opt = eps0 the run
+  # stops once |w| <= eta_opt with alpha, beta at their targets, at an
+  # eps-stationary point: 0 in the hull of the gradients over B(x, eps),
+  # which for this f puts the minimizer (1, -0.5) within eps of x.
+  run = jax.jit(
+    lambda eps_opt: upper.gradient_sampling(
+      _nonsmooth,
+      jnp.array([3.0, 2.0]),
+      key=jax.random.PRNGKey(0),
+      num_samples=4,
+      eps0=0.1,
+      eps_opt=eps_opt,
+      mu_eps=1.0,
+      max_steps=400,
+    )
+  )
+  result = run(0.1)
+  assert int(result.info.status) == Status.SUCCESS
+  steps = int(result.info.num_steps)
+  np.testing.assert_array_equal(result.info.history.eps[:steps], 0.1)
+  assert float(result.info.eps) == 0.1
+  assert int(result.info.target_hits) >= 17  # alpha: 1 -> 1e-5 by halves
+  assert float(result.info.alpha) <= 1e-5 and float(result.info.stationarity) <= 1e-5
+  assert np.max(np.abs(np.asarray(result.x) - np.array([1.0, -0.5]))) <= 0.1
+  # eps_opt < eps0 with a fixed radius: the rule never holds, MAX_STEPS.
+  capped = run(0.01)
+  assert int(capped.info.status) == Status.MAX_STEPS and int(capped.info.num_steps) == 400
+  assert float(capped.info.eps) == 0.1
+
+
+@pytest.mark.parametrize("mu", [0.0, -0.5, 1.5, 1.0 + 1e-12])
+def test_mu_eps_outside_zero_one_closed_is_rejected(mu):
+  with pytest.raises(ValueError, match=r"`mu_eps` must lie in \(0, 1\]"):
+    upper.gradient_sampling(
+      _nonsmooth, jnp.zeros(2), key=jax.random.PRNGKey(0), num_samples=3, mu_eps=mu
+    )
+  # Traced: no iteration, INVALID_INPUT; 1 itself is valid.
+  traced = jax.jit(
+    lambda m: (
+      upper.gradient_sampling(
+        _nonsmooth, jnp.zeros(2), key=jax.random.PRNGKey(0), num_samples=3, mu_eps=m, max_steps=2
+      ).info
+    )
+  )
+  info = traced(mu)
+  assert int(info.status) == Status.INVALID_INPUT and int(info.num_steps) == 0
+  assert int(traced(1.0).status) != Status.INVALID_INPUT
+
+
+def test_mu_one_only_for_the_radius_of_algorithm_1():
+  key = jax.random.PRNGKey(0)
+  for name in ("mu_alpha", "mu_beta", "mu_eta"):
+    with pytest.raises(ValueError, match=rf"`{name}` must lie in \(0, 1\)"):
+      upper.gradient_sampling(_nonsmooth, jnp.zeros(2), key=key, num_samples=3, **{name: 1.0})
+  with pytest.raises(ValueError, match=r"`mu_eps` must lie in \(0, 1\)"):
+    upper.sqp_gradient_sampling(
+      _nonsmooth, lambda x: x[0] - 1.0, jnp.zeros(2), key=key, num_samples=3, mu_eps=1.0
+    )
+
+
 def _example_5_5_lower():
   h = composite.nonpositive(2)
   g = lambda x, y: y[0] ** 2 + x[0] * y[0]

@@ -113,7 +113,8 @@ Attributes:
     INNER_FAILED (the stopping rule was met, but an inner solve failed on
     the way; see inner_status), or INVALID_INPUT (a traced parameter out of
     range: eps0, alpha0, beta0, eta0 (rho0, theta0, eta) not > 0, or mu_*,
-    delta, gamma not in (0, 1); no iteration is run).
+    delta, gamma not in (0, 1) (mu_eps of Algorithm 1: not in (0, 1]); no
+    iteration is run).
   stationarity: |w^nu| at the end.
   eps, alpha, beta: sampling radius and regularization at the end.
   eta: stationarity target at the end.
@@ -356,8 +357,11 @@ def _setup(
   batching,
   alpha0,
   beta0,
+  closed=(),
 ) -> _Setup:
-  """Checks the arguments shared by both algorithms; wraps fun."""
+  """Checks the arguments shared by both algorithms; wraps fun.  ``mus``
+  (and gamma, delta) must lie in (0, 1), those named in ``closed`` in
+  (0, 1] (mu_eps = 1 of Theorem 5.7)."""
   if not callable(fun):
     raise TypeError(f"`fun` must be callable, got {type(fun).__name__}.")
   validation.check_prng_key("key", key)
@@ -378,10 +382,12 @@ def _setup(
     )
   valid = jnp.array(True)
   for name, value in (("gamma", gamma), ("delta", delta)) + tuple(mus.items()):
+    one = name in closed
     concrete = validation.concrete_value(value)
-    if concrete is not None and not (0 < float(concrete) < 1):
-      raise ValueError(f"`{name}` must lie in (0, 1), got {value!r}.")
-    valid = valid & (jnp.asarray(value) > 0) & (jnp.asarray(value) < 1)
+    if concrete is not None and not (0 < float(concrete) < 1 or (one and float(concrete) == 1)):
+      raise ValueError(f"`{name}` must lie in {'(0, 1]' if one else '(0, 1)'}, got {value!r}.")
+    below = (jnp.asarray(value) <= 1) if one else (jnp.asarray(value) < 1)
+    valid = valid & (jnp.asarray(value) > 0) & below
   for name, value in positives.items():
     validation.check_positive(name, value)
     valid = valid & validation.is_positive(value)
@@ -597,6 +603,20 @@ def gradient_sampling(
   f(x + t d) < f(x) - delta t |w|}.  The run stops when |w| <= eta_opt,
   eps <= eps_opt, alpha <= alpha_opt and beta <= beta_opt.
 
+  Fixed radius (Theorem 5.7).  With ``mu_eps=1`` eps stays at eps0 while
+  eta, alpha and beta shrink as above.  Theorem 5.7 takes eps0 = eps_opt =
+  eps with 0 < eps < eps* (the radius of Assumption 5.4 within which (SOSC)
+  holds) and alpha_opt = beta_opt = eta_opt = 0: with probability 1 the
+  run then never stops, and every cluster point x of the iterates in Lambda
+  (the iterations with |w| <= eta) is eps-stationary, 0 in the convex hull
+  of the Clarke subdifferentials of f(., Y(.)) over B(x, eps) (Clarke
+  stationarity of Theorem 5.6 needs eps -> 0).  With positive targets, as
+  run here, the eps part of the stopping rule holds from the start only
+  when eps_opt >= eps0 (pass eps_opt = eps0, as the theorem does); the run
+  then stops at the first |w| <= eta_opt once alpha <= alpha_opt and beta <=
+  beta_opt.  With eps_opt < eps0 and mu_eps = 1 the rule can never hold
+  and the run ends at max_steps with MAX_STEPS.
+
   Args:
     fun: fun(x, alpha, beta) -> scalar, the regularized hyper-objective, or
       -> (scalar, aux) with aux a solution whose ``info.status`` is read
@@ -614,7 +634,9 @@ def gradient_sampling(
       experiments; the default 1, with ``eta_opt`` = 1e-5 and ``mu_eta`` =
       0.5, mirrors the other parameters).
     eta_opt: target stationarity.
-    mu_eps: shrink factor of eps when the target is met.
+    mu_eps: shrink factor of eps when the target is met, in (0, 1]; 1
+      keeps eps = eps0 throughout, the fixed-radius variant of Theorem 5.7
+      (see below).
     mu_alpha: shrink factor of alpha.
     mu_beta: shrink factor of beta.
     mu_eta: shrink factor of eta.
@@ -661,6 +683,7 @@ def gradient_sampling(
     batching,
     alpha0,
     beta0,
+    closed=("mu_eps",),
   )
 
   def body(s, running, index):
