@@ -14,6 +14,8 @@ from experiments import jax_cache
 
 
 def _fmt(value: Any) -> str:
+  if isinstance(value, float) and value != value:  # NaN: no value (e.g. a row the paper lacks)
+    return "–"
   if isinstance(value, float):
     return f"{value:.4g}"
   if isinstance(value, list):
