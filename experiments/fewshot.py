@@ -356,6 +356,44 @@ def targets_of(cfg: dict) -> list[float]:
   return list(targets)
 
 
+def paired_table(summary: dict, dataset: str) -> list[dict]:
+  """Per setting, each method's difference to RHG on the same seeds (same x0,
+  class split and episodes): mean ± standard error across seeds of the
+  per-seed test-accuracy difference (points, from ``seed_acc``), and of the
+  per-seed difference in iterations to the target over the seeds where both
+  reached it. Pairing removes the seed-to-seed spread that the methods share.
+
+  Examples:
+    >>> entry = {"baseline": {"ways": 5, "shots": 1},
+    ...          "RHG": {"seed_acc": [70.0, 60.0], "seed_iters": [40, "not reached"]},
+    ...          "BDA": {"seed_acc": [71.0, 62.0], "seed_iters": [30, 50]}}
+    >>> paired_table({"w5s1": entry}, "synthetic")[0]["BDA - RHG acc"]
+    '1.50 ± 0.50'
+  """
+  out = []
+  for entry in summary.values():
+    if "RHG" not in entry:
+      continue
+    ref = entry["RHG"]
+    row = {"data": dataset, "ways": entry["baseline"]["ways"], "shots": entry["baseline"]["shots"]}
+    for name in [n for n in NAMES.values() if n in entry and n != "RHG"]:
+      diff = np.subtract(entry[name]["seed_acc"], ref["seed_acc"])
+      m, se = mean_se(diff)
+      row[f"{name} - RHG acc"] = pm(m, se, 2)
+      both = [
+        (a, b)
+        for a, b in zip(entry[name]["seed_iters"], ref["seed_iters"])
+        if not isinstance(a, str) and not isinstance(b, str)
+      ]
+      if both:
+        m, se = mean_se([a - b for a, b in both])
+        row[f"{name} - RHG iters"] = f"{pm(m, se, 0)} ({len(both)})"
+      else:
+        row[f"{name} - RHG iters"] = "-"
+    out.append(row)
+  return out
+
+
 def mean_se(values) -> tuple[float, float]:
   """Mean and standard error (std with ddof = 1 over sqrt(n); 0 for n = 1)."""
   v = np.asarray(values, dtype=float)
@@ -605,6 +643,7 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
     notes=notes,
     extra={
       "summary": summary,
+      "paired_table": paired_table(summary, d["dataset"]),
       "acc_table": acc_table,
       "iters_table": iters_table,
       "seeds": seeds,

@@ -379,6 +379,7 @@ def test_fewshot_experiment_runs_from_the_cli(tmp_path, capsys):
   assert len(hist["value"]) == 4 and hist["eval_step"] == [0, 2, 4]
   assert np.shape(hist["monitor_acc"]) == (3, 1)  # (evaluations, seeds)
   assert payload["summary"]["w3s1"]["BDA"]["test_acc"] == rows[2]["test_acc"]
+  assert payload["paired_table"] == []  # no RHG run: no differences to RHG
 
 
 @pytest.mark.extended  # two experiment runs (~18 s on 2 cores); CI runs -m extended
@@ -408,6 +409,9 @@ def test_vmapped_seeds_are_independent_runs(tmp_path, capsys):
   lowest = min(summary[m]["monitor_acc_final"] for m in ("RHG", "MAML"))
   base = summary["baseline"]["monitor_acc_x0"]
   np.testing.assert_allclose(summary["RHG"]["target"], base + 0.9 * (lowest - base), rtol=1e-9)
+  diff = np.subtract(summary["MAML"]["seed_acc"], summary["RHG"]["seed_acc"])
+  expected = f"{diff.mean():.2f} ± {diff.std(ddof=1) / np.sqrt(2):.2f}"
+  assert results["both"]["paired_table"][0]["MAML - RHG acc"] == expected
 
 
 @pytest.mark.parametrize(
