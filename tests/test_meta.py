@@ -309,14 +309,19 @@ def test_maml_adapts_every_parameter_and_evaluates_the_adapted_model():
   tasks = jax.tree_util.tree_map(jnp.asarray, _episodes(num_tasks=2))
   theta = meta.init_maml(_model(), ways=3)
   kw = dict(steps=4, lower_lr=0.5, l2=0.01)
-  acc = meta.maml_evaluate(theta, tasks, **kw)
-  for j in range(2):
-    task = jax.tree_util.tree_map(lambda a: a[j], tasks)
-    th = theta
-    for _ in range(4):  # plain gradient descent on f_j over (x, head)
+  acc = jax.jit(lambda th: meta.maml_evaluate(th, tasks, **kw))(theta)
+
+  @jax.jit
+  def by_hand(th, task):  # plain gradient descent on f_j over (x, head), unrolled
+    for _ in range(4):
       g = jax.grad(lambda t: meta.task_lower(t["x"], t["head"], task, 0.01))(th)
       th = jax.tree_util.tree_map(lambda p, d: p - 0.5 * d, th, g)
-    assert tree_allclose(meta.maml_adapt(theta, task, **kw), th, rtol=1e-12, atol=1e-14)
+    return th, meta.maml_adapt(theta, task, **kw)
+
+  for j in range(2):
+    task = jax.tree_util.tree_map(lambda a: a[j], tasks)
+    th, adapted = by_hand(theta, task)
+    assert tree_allclose(adapted, th, rtol=1e-12, atol=1e-14)
     assert not np.allclose(th["x"][0]["w"], theta["x"][0]["w"])  # x adapts (not ANIL)
     expected = meta.accuracy(
       th["x"],
