@@ -534,6 +534,9 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
         paper_iters=paper4[1] if paper4 else "-",
       )
       r["monitor_acc_final"] = 100 * float(np.mean(hist["monitor_acc"][-1]))
+      # before meta-training, with this method's test-time adaptation (MAML
+      # adapts every parameter, the others the head only)
+      r["monitor_acc_start"] = 100 * float(np.mean(hist["monitor_acc"][0]))
       trained.append((r, hist))
       rows.append(r)
       summary[f"w{ways}s{shots}"][name] = r

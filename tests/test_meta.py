@@ -414,6 +414,7 @@ def test_vmapped_seeds_are_independent_runs(tmp_path, capsys):
   lowest = min(summary[m]["monitor_acc_final"] for m in ("RHG", "MAML"))
   base = summary["baseline"]["monitor_acc_x0"]
   np.testing.assert_allclose(summary["RHG"]["target"], base + 0.9 * (lowest - base), rtol=1e-9)
+  np.testing.assert_allclose(summary["RHG"]["monitor_acc_start"], base, rtol=1e-6)  # same x0
   diff = np.subtract(summary["MAML"]["seed_acc"], summary["RHG"]["seed_acc"])
   expected = f"{diff.mean():.2f} ± {diff.std(ddof=1) / np.sqrt(2):.2f}"
   assert results["both"]["paired_table"][0]["MAML - RHG acc"] == expected
