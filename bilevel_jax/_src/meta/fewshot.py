@@ -210,9 +210,7 @@ def task_hypergradient(
   # every lower step and its adjoint) and d phi / dx = (dh/dx)^T d phi / dh:
   # the same hypergradient by the chain rule, at the cost of one network
   # pass per task instead of one per lower step.
-  features, pullback = jax.vjp(
-    lambda x: (represent(x, task.x_train), represent(x, task.x_val)), x
-  )
+  features, pullback = jax.vjp(lambda x: (represent(x, task.x_train), represent(x, task.x_val)), x)
   value, grad_h, solution = unrolled.hypergradient(
     lambda h, y: _feature_loss(h[1], y, task.y_val),
     lambda h, y: _feature_loss(h[0], y, task.y_train) + 0.5 * l2 * jnp.sum(y["w"] ** 2),
