@@ -3,7 +3,8 @@
 See `bilevel_jax._src.meta.fewshot` for the bilevel model (shared
 representation x, one logistic head y^j per task) and
 `bilevel_jax._src.meta.episodes` for N-way M-shot episodes from digits,
-MNIST, a synthetic task family or a local Omniglot folder.
+MNIST, a synthetic task family or a local Omniglot folder;
+`bilevel_jax._src.meta.maml` for second-order MAML on the same model.
 """
 
 from bilevel_jax._src.meta.episodes import Episodes
@@ -23,6 +24,11 @@ from bilevel_jax._src.meta.fewshot import represent
 from bilevel_jax._src.meta.fewshot import task_hypergradient
 from bilevel_jax._src.meta.fewshot import task_lower
 from bilevel_jax._src.meta.fewshot import task_upper
+from bilevel_jax._src.meta.maml import init_maml
+from bilevel_jax._src.meta.maml import maml_adapt
+from bilevel_jax._src.meta.maml import maml_batched_hypergradient
+from bilevel_jax._src.meta.maml import maml_evaluate
+from bilevel_jax._src.meta.maml import maml_task_loss
 
 __all__ = [
   "Episodes",
@@ -32,9 +38,14 @@ __all__ = [
   "cross_entropy",
   "evaluate",
   "init_heads",
+  "init_maml",
   "init_representation",
   "load_omniglot",
   "lower_smoothness",
+  "maml_adapt",
+  "maml_batched_hypergradient",
+  "maml_evaluate",
+  "maml_task_loss",
   "represent",
   "sample_episodes",
   "split_classes",

@@ -252,6 +252,86 @@ def test_adapted_heads_beat_chance_and_untrained_heads_do_not():
   np.testing.assert_allclose(untrained, 0.2)
 
 
+def test_adapt_on_features_equals_the_solve_on_x():
+  """`adapt` runs its K steps on precomputed features: the same heads as the
+  unrolled solve whose lower objective recomputes the network every step."""
+  from bilevel_jax._src import unrolled
+
+  tasks = jax.tree_util.tree_map(jnp.asarray, _episodes(num_tasks=3))
+  x, y0 = _model(), meta.init_heads(3, 3, 3, jnp.float64)
+  fitted = jax.jit(lambda x: meta.adapt(x, tasks, y0, steps=6, lower_lr=0.4, l2=0.01))(x)
+
+  @jax.jit
+  def reference(x, head0, task):
+    low = lambda a, y: meta.task_lower(a, y, task, 0.01)
+    return unrolled.solve(low, low, x, head0, steps=6, upper_lr=1.0, lower_lr=0.4, alpha=0.0).y
+
+  ref = jax.vmap(reference, in_axes=(None, 0, 0))(x, y0, tasks)
+  assert tree_allclose(fitted, ref, rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------------- MAML
+def test_maml_meta_gradient_matches_finite_differences():
+  """Second-order MAML: d F_j(theta_K(theta)) / d theta through the K steps,
+  Hessian terms included (a first-order MAML gradient fails this check)."""
+  task = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), _episodes(num_tasks=1))
+  theta = meta.init_maml(_model(), ways=3)
+  theta["head"]["w"] = 0.3 * jnp.ones_like(theta["head"]["w"])
+  kw = dict(steps=6, lower_lr=0.5, l2=0.01)
+  fn = jax.jit(meta.maml_batched_hypergradient(**kw))
+  tasks = jax.tree_util.tree_map(lambda a: a[None], task)
+  values, grads = fn(theta, tasks)
+  np.testing.assert_allclose(values[0], meta.maml_task_loss(theta, task, **kw), rtol=1e-12)
+  for path in (("x", 0, "w"), ("head", "w")):
+    leaf = theta[path[0]][path[1]][path[2]] if len(path) == 3 else theta["head"]["w"]
+
+    def put(flat, path=path, leaf=leaf):
+      new = jax.tree_util.tree_map(lambda a: a, theta)
+      if len(path) == 3:
+        new["x"] = [dict(layer) for layer in theta["x"]]
+        new["x"][path[1]]["w"] = flat.reshape(leaf.shape)
+      else:
+        new["head"] = {**theta["head"], "w": flat.reshape(leaf.shape)}
+      return new
+
+    phi = jax.jit(lambda flat, put=put: meta.maml_task_loss(put(flat), task, **kw))
+    g = grads["x"][0]["w"][0] if len(path) == 3 else grads["head"]["w"][0]
+    np.testing.assert_allclose(
+      g.ravel(), finite_difference_grad(phi, leaf.ravel()), rtol=1e-6, atol=1e-9
+    )
+  # first-order MAML (the gradient at theta_K, no Hessian terms) is different
+  theta_k = meta.maml_adapt(theta, task, **kw)
+  first = jax.grad(lambda th: meta.task_upper(th["x"], th["head"], task))(theta_k)
+  assert not np.allclose(first["x"][0]["w"], grads["x"][0]["w"][0], rtol=1e-3)
+
+
+def test_maml_adapts_every_parameter_and_evaluates_the_adapted_model():
+  tasks = jax.tree_util.tree_map(jnp.asarray, _episodes(num_tasks=2))
+  theta = meta.init_maml(_model(), ways=3)
+  kw = dict(steps=4, lower_lr=0.5, l2=0.01)
+  acc = jax.jit(lambda th: meta.maml_evaluate(th, tasks, **kw))(theta)
+
+  @jax.jit
+  def by_hand(th, task):  # plain gradient descent on f_j over (x, head), unrolled
+    for _ in range(4):
+      g = jax.grad(lambda t: meta.task_lower(t["x"], t["head"], task, 0.01))(th)
+      th = jax.tree_util.tree_map(lambda p, d: p - 0.5 * d, th, g)
+    return th, meta.maml_adapt(theta, task, **kw)
+
+  for j in range(2):
+    task = jax.tree_util.tree_map(lambda a: a[j], tasks)
+    th, adapted = by_hand(theta, task)
+    assert tree_allclose(adapted, th, rtol=1e-12, atol=1e-14)
+    assert not np.allclose(th["x"][0]["w"], theta["x"][0]["w"])  # x adapts (not ANIL)
+    expected = meta.accuracy(
+      th["x"],
+      jax.tree_util.tree_map(lambda a: a[None], th["head"]),
+      task.x_val[None],
+      task.y_val[None],
+    )[0]
+    np.testing.assert_allclose(acc[j], expected)
+
+
 def test_init_representation_checks_sizes():
   with pytest.raises(ValueError, match=r"`sizes` must list at least two positive widths"):
     meta.init_representation(jax.random.PRNGKey(0), [5])
@@ -263,7 +343,7 @@ experiment = "fewshot"
 [data]
 dataset = "synthetic"
 test_classes = 6
-ways = 3
+ways = [3]
 shots = [1]
 queries = 2
 [synthetic]
@@ -297,10 +377,47 @@ def test_fewshot_experiment_runs_from_the_cli(tmp_path, capsys):
   rows = payload["rows"]
   assert [r["method"] for r in rows] == ["no meta-training (x0)", "T-RHG", "BDA"]
   assert all(0 <= r["test_acc"] <= 100 for r in rows)
-  assert [r["iters_to_target"] for r in rows[1:]] == [0, 0]  # target 0: reached by x0
-  assert rows[1]["paper_acc"] == 98.74 and rows[2]["paper_iters"] == 2500
-  hist = payload["histories"]["BDA 1-shot"]
+  assert [r["seed_iters"] for r in rows[1:]] == [[0], [0]]  # target 0: reached by x0
+  assert rows[1]["iters"] == "0 ± 0 (1/1)" and rows[1]["se"] == 0.0  # one seed: no spread
+  assert rows[1]["paper_acc"] == "-"  # Table 3 is 5-way: no paper number for 3-way
+  hist = payload["histories"]["BDA 3-way 1-shot"]
   assert len(hist["value"]) == 4 and hist["eval_step"] == [0, 2, 4]
+  assert np.shape(hist["monitor_acc"]) == (3, 1)  # (evaluations, seeds)
+  assert payload["summary"]["w3s1"]["BDA"]["test_acc"] == rows[2]["test_acc"]
+  assert payload["paired_table"] == []  # no RHG run: no differences to RHG
+
+
+@pytest.mark.extended  # two experiment runs (~18 s on 2 cores); CI runs -m extended
+def test_vmapped_seeds_are_independent_runs(tmp_path, capsys):
+  """[data] seeds = 2 runs both seeds in one vmapped program on a stacked x:
+  seed 1's numbers equal those of a run with seed = 1 alone (Adam acts
+  coordinatewise), for an RHG-type method and for MAML; the relative target
+  lies between the untrained and the lowest final monitor accuracy."""
+  body = TINY.replace('methods = ["trhg", "bda"]', 'methods = ["rhg", "maml"]')
+  body = body.replace("target_accuracy = [0.0]", 'target_rule = "relative"')
+  results = {}
+  for name, data in [("both", "seeds = 2"), ("one", "seed = 1")]:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(body.replace("queries = 2\n", f"queries = 2\n{data}\n"))
+    out = tmp_path / name
+    assert cli.main(["run", str(path), "--out", str(out), "--quiet", "--no-plot"]) == 0
+    results[name] = json.loads((out / "results.json").read_text())
+  capsys.readouterr()
+  for both, one in zip(results["both"]["rows"], results["one"]["rows"]):
+    assert both["method"] == one["method"] and both["seeds"] == 2 and one["seeds"] == 1
+    np.testing.assert_allclose(both["seed_acc"][1], one["seed_acc"][0], atol=0.011)
+  for method in ("RHG", "MAML"):
+    h2 = np.asarray(results["both"]["histories"][f"{method} 3-way 1-shot"]["monitor_acc"])
+    h1 = np.asarray(results["one"]["histories"][f"{method} 3-way 1-shot"]["monitor_acc"])
+    np.testing.assert_allclose(h2[:, 1], h1[:, 0], atol=1e-5)
+  summary = results["both"]["summary"]["w3s1"]
+  lowest = min(summary[m]["monitor_acc_final"] for m in ("RHG", "MAML"))
+  base = summary["baseline"]["monitor_acc_x0"]
+  np.testing.assert_allclose(summary["RHG"]["target"], base + 0.9 * (lowest - base), rtol=1e-9)
+  np.testing.assert_allclose(summary["RHG"]["monitor_acc_start"], base, rtol=1e-6)  # same x0
+  diff = np.subtract(summary["MAML"]["seed_acc"], summary["RHG"]["seed_acc"])
+  expected = f"{diff.mean():.2f} ± {diff.std(ddof=1) / np.sqrt(2):.2f}"
+  assert results["both"]["paired_table"][0]["MAML - RHG acc"] == expected
 
 
 @pytest.mark.parametrize(
@@ -330,5 +447,5 @@ def test_fewshot_experiment_with_an_adam_inner_loop(tmp_path, capsys):
   capsys.readouterr()
   payload = json.loads((tmp_path / "out" / "results.json").read_text())
   assert payload["settings"]["lower"]["optimizer"] == "adam"
-  hist = payload["histories"]["BDA 1-shot"]
+  hist = payload["histories"]["BDA 3-way 1-shot"]
   assert len(hist["value"]) == 4 and all(np.isfinite(hist["value"]))
