@@ -32,6 +32,13 @@ jax_cache.enable(prune_first="PYTEST_XDIST_WORKER" not in os.environ)
 # (`python -m pytest -m extended`). Regenerate the list from
 # `python -m pytest -n 2 --durations=60` when the suite's profile changes.
 EXTENDED = {
+  # Reproduction-run additions whose property a default test also covers: the poisoning
+  # hypergradient's finite differences (the default test pins y and the
+  # hypergradient against a hand-built e_alpha h), and two more ball rules (the
+  # default suite checks the m = 2 polar rule's gradient and the consistency).
+  "tests/test_poisoning.py::test_poisoning_hypergradient_matches_finite_differences",
+  "tests/test_value_unbounded.py::test_ball_halton_wide_gaussian",
+  "tests/test_value_unbounded.py::test_ball_gauss_legendre_gaussian_integral[3]",
   "tests/test_meta.py::test_fewshot_experiment_with_an_adam_inner_loop",
   "tests/test_composite.py::test_l1_scale_is_differentiable",
   "tests/test_hypercleaning.py::test_hypergradient_matches_finite_differences",
