@@ -29,6 +29,27 @@ def problem_schema(dim: int, instances: bool = True) -> dict:
   }
 
 
+def warm_start_schema() -> dict:
+  """The [algorithm] fields that choose warm lower solves and how the N_sam
+  sampled hypergradients are batched (Algorithms 1 and 2 alike)."""
+  from bilevel_jax._src import gradient_sampling as gs
+
+  F = config.Field
+  return {
+    "warm_start": F(
+      "bool",
+      True,
+      doc="lower-level solves start from the previous solution (composite.solve method='warm')",
+    ),
+    "sample_batching": F(
+      "str",
+      "map",
+      config.one_of(*gs.BATCHINGS),
+      "the N_sam sampled hypergradients: lax.map or vmap",
+    ),
+  }
+
+
 def retrain(data, lower_fn, x, reg):
   """The model refit at x with alpha = beta = reg (the papers' 'retraining'),
   and its validation and test errors."""

@@ -74,17 +74,7 @@ SCHEMA = {
     "gamma": F("float", 0.5, config.unit_interval),
     "delta": F("float", 1e-4, config.unit_interval),
     "x0": F("list[float]", [0.0, 0.0], doc="starting (lambda_1, lambda_2)"),
-    "warm_start": F(
-      "bool",
-      True,
-      doc="lower-level solves start from the previous solution (composite.solve method='warm')",
-    ),
-    "sample_batching": F(
-      "str",
-      "map",
-      config.one_of(*gs.BATCHINGS),
-      "the N_sam sampled hypergradients: lax.map or vmap",
-    ),
+    **cc.warm_start_schema(),
     "max_backtracks": F("int", 30, config.positive, "Armijo trials before a null step"),
   },
   "reference": {

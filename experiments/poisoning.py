@@ -68,17 +68,7 @@ SCHEMA = {
       config.one_of(*cc.BATCHING),
       "instances in one jitted call: lax.map or vmap (lockstep)",
     ),
-    "warm_start": F(
-      "bool",
-      True,
-      doc="lower-level solves start from the previous solution (composite.solve method='warm')",
-    ),
-    "sample_batching": F(
-      "str",
-      "map",
-      config.one_of(*gs.BATCHINGS),
-      "the N_sam sampled hypergradients: lax.map or vmap",
-    ),
+    **cc.warm_start_schema(),
     "num_samples": F("int", 101, config.positive, "N_sam >= n + 1"),
     "max_steps": F("int", 300, config.positive, "safety cap, not given in the paper"),
     "eps0": F("float", 0.1, config.positive),
@@ -182,21 +172,6 @@ def timed_instances(fn, data, keys):
   return out, compile_s, run_s, ends - starts
 
 
-def spread(values) -> dict:
-  """mean, standard error of the mean (sample sd / sqrt(n); nan for n = 1),
-  min, max and n of a per-instance array."""
-  values = np.asarray(values, dtype=float)
-  n = values.size
-  se = float(np.std(values, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
-  return {
-    "mean": float(np.mean(values)),
-    "se": se,
-    "min": float(np.min(values)),
-    "max": float(np.max(values)),
-    "n": int(n),
-  }
-
-
 def _gap(stats: dict, paper: float) -> dict:
   """Our mean minus the paper's, in standard errors; 'inside' when within 2."""
   if math.isnan(paper) or math.isnan(stats["se"]) or stats["se"] == 0:
@@ -219,10 +194,10 @@ def _summarize(name, val, test, infeas, times, paper, extra=None) -> dict:
   summary = {
     "method": name,
     "n": int(np.asarray(val).size),
-    "val": spread(val),
-    "test": spread(test),
-    "infeasibility": spread(infeas),
-    "time_s": spread(times) if times is not None else None,
+    "val": cc.spread(val),
+    "test": cc.spread(test),
+    "infeasibility": cc.spread(infeas),
+    "time_s": cc.spread(times) if times is not None else None,
     "time_median_s": float(np.median(times)) if times is not None else float("nan"),
     "paper": {"time_s": paper[0], "val": paper[1], "test": paper[2], "infeasibility": paper[3]},
   }
@@ -315,7 +290,7 @@ def run(cfg: dict, quiet: bool = False) -> common.ExperimentResult:
       times,
       PAPER_TABLE2[method],
       {
-        "iterations": spread(steps),
+        "iterations": cc.spread(steps),
         "stopped": stopped,
         "hit_max_steps": int(np.sum(steps >= a["max_steps"])),
         "compile_s": compile_s,
