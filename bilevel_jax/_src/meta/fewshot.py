@@ -136,7 +136,7 @@ def task_lower(x: list, head: dict, task, l2: float) -> jax.Array:
     >>> round(float(meta.task_lower(x, head, task, l2=0.1)), 4)   # ln 2 at y = 0
     0.6931
   """
-  return cross_entropy(x, head, task.x_train, task.y_train) + 0.5 * l2 * jnp.sum(head["w"] ** 2)
+  return _feature_lower(represent(x, task.x_train), head, task.y_train, l2)
 
 
 def task_upper(x: list, head: dict, task) -> jax.Array:
@@ -213,7 +213,7 @@ def task_hypergradient(
   features, pullback = jax.vjp(lambda x: (represent(x, task.x_train), represent(x, task.x_val)), x)
   value, grad_h, solution = unrolled.hypergradient(
     lambda h, y: _feature_loss(h[1], y, task.y_val),
-    lambda h, y: _feature_loss(h[0], y, task.y_train) + 0.5 * l2 * jnp.sum(y["w"] ** 2),
+    lambda h, y: _feature_lower(h[0], y, task.y_train, l2),
     features,
     y0,
     return_info=True,
@@ -228,6 +228,11 @@ def _feature_loss(features: jax.Array, head: dict, labels: jax.Array) -> jax.Arr
   z = _affine(features, head["w"], head["b"])
   picked = jnp.take_along_axis(z, labels[:, None], axis=-1)[:, 0]
   return jnp.mean(jax.nn.logsumexp(z, axis=-1) - picked)
+
+
+def _feature_lower(features: jax.Array, head: dict, labels: jax.Array, l2: float) -> jax.Array:
+  """f_j on precomputed features: cross-entropy plus (l2 / 2) ||W||^2."""
+  return _feature_loss(features, head, labels) + 0.5 * l2 * jnp.sum(head["w"] ** 2)
 
 
 def batched_hypergradient(*, l2: float, return_info: bool = False, **solve_kwargs):
@@ -285,7 +290,7 @@ def adapt(x: list, tasks, y0: dict, *, steps: int, lower_lr: float, l2: float) -
   """
 
   def one(y0, task):  # the features are computed once, outside the K steps
-    lower = lambda h, y: _feature_loss(h, y, task.y_train) + 0.5 * l2 * jnp.sum(y["w"] ** 2)
+    lower = lambda h, y: _feature_lower(h, y, task.y_train, l2)
     h = represent(x, task.x_train)
     return unrolled.solve(
       lower, lower, h, y0, steps=steps, upper_lr=1.0, lower_lr=lower_lr, alpha=0.0
