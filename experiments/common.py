@@ -7,6 +7,7 @@ import sys
 from typing import Any
 from collections.abc import Callable
 
+import numpy as np
 import optax
 
 from experiments import config
@@ -59,6 +60,29 @@ def method_name(alpha_value: Any, truncate=None) -> str:
   if config.alpha_is_zero(alpha_value):
     return "T-RHG" if truncate else "RHG"
   return "T-BDA" if truncate else "BDA"
+
+
+def spread(values) -> dict:
+  """Mean, standard error (std with ddof=1 over sqrt(n)), median, min, max
+  and n of per-seed or per-instance values, as Python floats. The standard
+  error of one value is undefined: NaN, never 0.
+
+  Examples:
+    >>> s = spread([1.0, 2.0, 3.0, 6.0])
+    >>> s["mean"], round(s["se"], 4), s["n"]
+    (3.0, 1.0801, 4)
+  """
+  v = np.asarray(values, dtype=float).ravel()
+  n = v.size
+  se = float(np.std(v, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+  return {
+    "mean": float(np.mean(v)),
+    "se": se,
+    "median": float(np.median(v)),
+    "min": float(np.min(v)),
+    "max": float(np.max(v)),
+    "n": int(n),
+  }
 
 
 def progress(message: str, quiet: bool = False) -> None:

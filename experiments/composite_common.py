@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import config
+from experiments.common import spread  # noqa: F401  (the Section 6 experiments' cc.spread)
 from bilevel_jax._src import status as status_lib
 from bilevel_jax._src.composite import solver
 from bilevel_jax._src.problems import regression
@@ -139,22 +140,6 @@ def mean(values) -> float:
   if not jnp.issubdtype(values.dtype, jnp.floating):
     values = values.astype(float)
   return float(jnp.mean(values))
-
-
-def spread(values) -> dict:
-  """Mean, standard error (std with ddof=1 over sqrt(n)), median, min, max
-  and n of per-instance values, as Python floats (NaN SE for n = 1)."""
-  v = np.asarray(values, dtype=float).ravel()
-  n = v.size
-  se = float(np.std(v, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
-  return {
-    "mean": float(np.mean(v)),
-    "se": se,
-    "median": float(np.median(v)),
-    "min": float(np.min(v)),
-    "max": float(np.max(v)),
-    "n": int(n),
-  }
 
 
 def ratio_of_means(num, den) -> dict:

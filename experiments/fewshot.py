@@ -395,12 +395,12 @@ def paired_table(summary: dict, dataset: str) -> list[dict]:
 
 
 def mean_se(values) -> tuple[float, float]:
-  """Mean and standard error (std with ddof = 1 over sqrt(n); 0 for n = 1)."""
-  v = np.asarray(values, dtype=float)
-  if v.size == 0:
+  """Mean and standard error from `common.spread` (NaN for no values; one
+  value's standard error is reported as 0, no spread measured)."""
+  if np.asarray(values).size == 0:
     return float("nan"), float("nan")
-  se = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else 0.0
-  return float(v.mean()), se
+  s = common.spread(values)
+  return s["mean"], s["se"] if s["n"] > 1 else 0.0
 
 
 def pm(mean: float, se: float, digits: int = 1) -> str:

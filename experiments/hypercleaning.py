@@ -171,10 +171,10 @@ def baselines(problem: hc.HyperCleaning, cfg: dict, params0) -> dict[str, float]
 
 
 def mean_se(values) -> dict:
-  """Mean, standard error (sample std / sqrt(n); 0 for n = 1) and n."""
-  v = np.asarray(values, np.float64)
-  se = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else 0.0
-  return {"mean": float(v.mean()), "se": se, "n": int(v.size)}
+  """Mean, standard error and n from `common.spread`; one seed's standard
+  error is reported as 0 (no spread measured) for the tables."""
+  s = common.spread(values)
+  return {"mean": s["mean"], "se": s["se"] if s["n"] > 1 else 0.0, "n": s["n"]}
 
 
 def excludes_zero(stats: dict, level: float = 0.95) -> bool:
